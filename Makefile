@@ -1,0 +1,38 @@
+# pairsieve developer commands. Everything installs itself into .venv on first use.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pairsieve with pinned dependencies
+
+test: $(STAMP) ## run all tests (unit, component, integration)
+	$(BIN)/python -m pytest -q
+
+test-unit: $(STAMP) ## fast pure-core tests only
+	$(BIN)/python -m pytest -q tests/unit
+
+bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~25 min on 2 cores)
+	$(BIN)/pairsieve bench-quality --seeds 5 --out-dir reports
+
+bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md
+	$(BIN)/pairsieve bench-stream-cost --items 1000000 --out reports/stream-cost.md
+
+clean: ## remove caches (keeps .venv)
+	rm -rf .pytest_cache .hypothesis build dist *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+.PHONY: help install test test-unit bench-quality bench-stream-cost clean

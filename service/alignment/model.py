@@ -1,0 +1,127 @@
+"""The alignment model: one affine projection head per modality into a shared, L2-normalised space.
+
+A head is ``z = normalize(W^T (x - mu))``. Heads are plain ``torch.nn.Linear`` layers so the scorer
+can run them batched on CPU or CUDA; the trainer builds them in closed form (PCA whitening + CCA)
+and may fine-tune them with a contrastive loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.core.validation import as_matrix, check_dims, check_modality
+
+
+class AlignmentModel(nn.Module):
+    """Per-modality projection heads into a shared ``dim_out``-dimensional space.
+
+    Parameters
+    ----------
+    dims : mapping of str to int
+        Input dimension of each of the two modalities, e.g. ``{"image": 512, "text": 384}``.
+    dim_out : int
+        Dimension ``k`` of the shared space.
+    version : int
+        Monotonic model version; 0 means "not trained on any pair yet".
+
+    Shape
+    -----
+    embed(modality, x): (n, d_modality) -> (n, dim_out), rows of unit norm.
+    """
+
+    def __init__(self, dims: dict[str, int], dim_out: int, version: int = 0):
+        super().__init__()
+        self.dims = check_dims(dims)
+        self.modalities: tuple[str, str] = tuple(self.dims)  # type: ignore[assignment]
+        if dim_out <= 0:
+            raise ValueError(f"dim_out must be positive, got {dim_out}")
+        self.dim_out = int(dim_out)
+        self.version = int(version)
+        self.n_pairs = 0
+        self.heads = nn.ModuleDict(
+            {self._key(m): nn.Linear(d, self.dim_out) for m, d in self.dims.items()}
+        )
+
+    @staticmethod
+    def _key(modality: str) -> str:
+        # ModuleDict keys may not contain dots; modality names are user strings.
+        return "m_" + modality.replace(".", "_")
+
+    def head(self, modality: str) -> nn.Linear:
+        check_modality(modality, self.modalities)
+        return self.heads[self._key(modality)]
+
+    def other(self, modality: str) -> str:
+        """The other modality's name."""
+        check_modality(modality, self.modalities)
+        a, b = self.modalities
+        return b if modality == a else a
+
+    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Project and L2-normalise. Shape: (n, d_modality) -> (n, dim_out)."""
+        z = self.head(modality)(x)
+        return nn.functional.normalize(z, dim=1)
+
+    def set_affine(self, modality: str, mean: np.ndarray, weight: np.ndarray) -> None:
+        """Load ``z = weight^T (x - mean)`` into a head. weight: (d_modality, dim_out)."""
+        head = self.head(modality)
+        w = torch.as_tensor(np.asarray(weight, dtype=np.float32).T.copy())
+        if tuple(w.shape) != tuple(head.weight.shape):
+            raise ValueError(
+                f"weight for {modality!r} has shape {tuple(weight.shape)}, expected "
+                f"{(head.in_features, head.out_features)}"
+            )
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(-(w @ torch.as_tensor(np.asarray(mean, dtype=np.float32))))
+
+    def embed(self, modality: str, x, device: torch.device | str | None = None) -> np.ndarray:
+        """Validated numpy convenience wrapper. Shape: (n, d_modality) -> (n, dim_out) float32."""
+        arr = as_matrix(x, self.dims[check_modality(modality, self.modalities)], name=modality)
+        dev = torch.device(device) if device is not None else next(self.parameters()).device
+        with torch.inference_mode():
+            z = self.forward(modality, torch.from_numpy(arr).to(dev))
+        return z.cpu().numpy()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``model-v{version:06d}.pt`` (+ ``.json`` metadata) and point ``LATEST`` at it.
+
+        Writes go to a temporary name first and are renamed, so a reader never sees a half file.
+        """
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        stem = f"model-v{self.version:06d}"
+        meta = {"dims": self.dims, "dim_out": self.dim_out, "version": self.version,
+                "n_pairs": self.n_pairs, "modalities": list(self.modalities)}
+        tmp = d / f".{stem}.pt.tmp"
+        torch.save({"meta": meta, "state": self.state_dict()}, tmp)
+        os.replace(tmp, d / f"{stem}.pt")
+        (d / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+        tmp_latest = d / ".LATEST.tmp"
+        tmp_latest.write_text(stem + "\n")
+        os.replace(tmp_latest, d / "LATEST")
+        return d / f"{stem}.pt"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AlignmentModel":
+        """Load a checkpoint file, or the ``LATEST`` one when ``path`` is a directory."""
+        p = Path(path)
+        if p.is_dir():
+            latest = p / "LATEST"
+            if not latest.exists():
+                raise ValueError(f"no LATEST checkpoint in {p}")
+            p = p / (latest.read_text().strip() + ".pt")
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        meta = blob["meta"]
+        model = cls({m: meta["dims"][m] for m in meta["modalities"]}, meta["dim_out"],
+                    version=meta["version"])
+        model.load_state_dict(blob["state"])
+        model.n_pairs = int(meta.get("n_pairs", 0))
+        return model.eval()

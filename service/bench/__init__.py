@@ -1,0 +1,1 @@
+"""Offline active-learning benchmark: built-in two-view datasets and their tooling."""

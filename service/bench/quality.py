@@ -1,0 +1,236 @@
+"""``make bench-quality``: strategies x datasets x seeds x modes, and the report.
+
+Runs every combination with :func:`service.bench.simulator.simulate` in worker processes (one
+BLAS thread each), adds a second, independent random run per seed (``random-replicate``, same
+split, other strategy randomness) as the noise floor, and writes ``reports/quality.md``, learning
+curve PNGs and the raw results (``reports/quality-results.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.bench import metrics
+from service.bench.datasets import BUILTIN, describe, get_dataset
+from service.bench.simulator import SimConfig, simulate
+
+REPLICATE = "random-replicate"
+
+DEFAULT_DATASETS = ("digits", "digits-lr", "synthetic", "synthetic-imbalanced",
+                    "synthetic-longtail-dup", "synthetic-missing", "synthetic-unique",
+                    "synthetic-synergy")
+DEFAULT_STRATEGIES = {
+    "pool": ("random", REPLICATE, "default", "mmal", "entropy", "margin", "coreset", "badge",
+             "bmmal", "vecaf"),
+    "stream": ("random", REPLICATE, "default", "entropy", "margin", "diversity"),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    mode: str
+    strategy: str
+    seed: int
+    budget: int
+
+
+def _run_job(job: Job) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    ds = get_dataset(job.dataset, seed=job.seed)
+    replicate = job.strategy == REPLICATE
+    cfg = SimConfig(strategy="random" if replicate else job.strategy, mode=job.mode,
+                    budget=job.budget, seed=job.seed,
+                    strategy_seed=job.seed + 10_000 if replicate else None)
+    res = simulate(ds, cfg)
+    res["strategy"] = job.strategy
+    return res
+
+
+def run_matrix(datasets, modes, strategies: dict, seeds: int, budget: int, jobs: int,
+               log=print) -> list[dict]:
+    todo = [Job(d, m, s, seed, budget) for d in datasets for m in modes
+            for s in strategies[m] for seed in range(seeds)]
+    for d in datasets:
+        if d not in BUILTIN:
+            raise ValueError(f"unknown dataset {d!r}; known: {sorted(BUILTIN)}")
+    results = []
+    t0 = time.perf_counter()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    os.environ.update(env)
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        futs = {ex.submit(_run_job, j): j for j in todo}
+        for i, f in enumerate(as_completed(futs), 1):
+            j = futs[f]
+            res = f.result()
+            results.append(res)
+            el = time.perf_counter() - t0
+            eta = el / i * (len(todo) - i)
+            log(f"[{i:4d}/{len(todo)}] {j.dataset:24s} {j.mode:6s} {j.strategy:17s} seed {j.seed}"
+                f"  r1={res['curve'][-1]['r1']:.3f}  ({res['wall_seconds']:.1f}s, "
+                f"elapsed {el/60:.1f} min, eta {eta/60:.1f} min)")
+    return results
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (dataset, mode, strategy): savings, AUC, final R@1, modality fraction."""
+    rows = []
+    keys = sorted({(r["dataset"], r["mode"]) for r in results})
+    for dataset, mode in keys:
+        group = [r for r in results if r["dataset"] == dataset and r["mode"] == mode]
+        rand = [r for r in group if r["strategy"] == "random"]
+        if not rand:
+            raise ValueError(f"no random runs for {dataset}/{mode}: cannot compute savings")
+        budget = rand[0]["budget"]
+        grid = np.unique(np.concatenate([metrics.curve_xy(r["curve"])[0] for r in rand]))
+        grid = grid[grid <= budget]
+        ref = np.array([np.nanmean([metrics.on_grid(r["curve"], np.array([g]))[0] for r in rand])
+                        for g in grid])
+        for strategy in sorted({r["strategy"] for r in group}):
+            runs = [r for r in group if r["strategy"] == strategy]
+            sv = np.array([metrics.savings(r["curve"], grid, ref, budget) for r in runs])
+            au = np.array([metrics.auc(r["curve"], budget) for r in runs])
+            fin = np.array([r["curve"][-1]["r1"] for r in runs])
+            mods = list(runs[0]["acquisitions_per_modality"])
+            frac0 = np.mean([r["acquisitions_per_modality"][mods[0]]
+                             / max(1, sum(r["acquisitions_per_modality"].values())) for r in runs])
+            rows.append({"dataset": dataset, "mode": mode, "strategy": strategy,
+                         "seeds": len(runs), "savings_mean": float(sv.mean()),
+                         "savings_std": float(sv.std(ddof=1)) if len(sv) > 1 else 0.0,
+                         "auc_mean": float(au.mean()), "final_r1_mean": float(fin.mean()),
+                         "frac_first_modality": float(frac0), "first_modality": mods[0],
+                         "budget": budget, "target_r1": float(ref[-1]),
+                         "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs]))})
+    return rows
+
+
+def plot_curves(results: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for mode in sorted({r["mode"] for r in results}):
+        dsets = sorted({r["dataset"] for r in results if r["mode"] == mode})
+        cols = 4
+        rows_n = (len(dsets) + cols - 1) // cols
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+        for ax, d in zip(axes.ravel(), dsets):
+            group = [r for r in results if r["mode"] == mode and r["dataset"] == d]
+            budget = group[0]["budget"]
+            grid = np.linspace(0, budget, 61)
+            for s in sorted({r["strategy"] for r in group}):
+                cs = [r["curve"] for r in group if r["strategy"] == s]
+                y = metrics.mean_curve(cs, grid)
+                style = dict(lw=2.4, color="k") if s == "default" else \
+                    dict(lw=1.6, color="0.5", ls="--") if s.startswith("random") else dict(lw=1.0)
+                ax.plot(grid, y, label=s, **style)
+            ax.set_title(d, fontsize=10)
+            ax.set_xlabel("pairs acquired")
+            ax.set_ylabel("R@1 (held out)")
+            ax.grid(alpha=0.3)
+        for ax in axes.ravel()[len(dsets):]:
+            ax.axis("off")
+        handles, labels = axes.ravel()[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+        fig.suptitle(f"pairsieve quality benchmark, {mode} mode: mean R@1 over seeds")
+        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+        p = out_dir / f"quality-{mode}.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dict) -> Path:
+    learnable = {d: describe(get_dataset(d)).get("learnable", True)
+                 for d in sorted({r["dataset"] for r in results})}
+    lines = ["# pairsieve quality benchmark", "",
+             f"Generated by `{meta['command']}` on {meta['machine']} in {meta['minutes']:.1f} min "
+             f"({meta['runs']} runs, {meta['seeds']} seeds, budget {meta['budget']} acquisitions).",
+             "",
+             "**% pairs saved vs random** = 1 - (acquisitions the strategy needs to reach the R@1 "
+             "that random reaches at the full budget) / budget; mean ± std over seeds. Negative = "
+             "never reached it (the shortfall read off the random curve). `random-replicate` is a "
+             "second, independent random run on the same splits: the noise floor. AUC = mean R@1 "
+             "over the budget. `a-share` = fraction of acquisitions that picked an item of the "
+             "first modality.", ""]
+    for mode in sorted({r["mode"] for r in rows}):
+        lines += [f"## {mode} mode", ""]
+        dsets = sorted({r["dataset"] for r in rows if r["mode"] == mode})
+        strategies = sorted({r["strategy"] for r in rows if r["mode"] == mode},
+                            key=lambda s: (s != "default", not s.startswith("random"), s))
+        head = "| strategy | " + " | ".join(
+            f"{d}{'' if learnable[d] else ' (control)'}" for d in dsets) + " | mean |"
+        lines += ["### % pairs saved vs random (mean ± std)", "", head,
+                  "|" + "---|" * (len(dsets) + 2)]
+        for s in strategies:
+            cells, vals = [], []
+            for d in dsets:
+                r = next((x for x in rows if x["mode"] == mode and x["dataset"] == d
+                          and x["strategy"] == s), None)
+                if r is None:
+                    cells.append("–")
+                    continue
+                vals.append(r["savings_mean"]) if learnable[d] else None
+                cells.append(f"{100*r['savings_mean']:+.0f} ± {100*r['savings_std']:.0f}")
+            mean = f"{100*np.mean(vals):+.1f}" if vals else "–"
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {mean} |")
+        lines += ["", "### AUC of R@1 / final R@1 / a-share", "", head.replace(" mean |", ""),
+                  "|" + "---|" * (len(dsets) + 1)]
+        for s in strategies:
+            cells = []
+            for d in dsets:
+                r = next((x for x in rows if x["mode"] == mode and x["dataset"] == d
+                          and x["strategy"] == s), None)
+                cells.append("–" if r is None else
+                             f"{r['auc_mean']:.3f} / {r['final_r1_mean']:.3f} / "
+                             f"{r['frac_first_modality']:.2f}")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines += ["", f"![learning curves, {mode} mode](quality-{mode}.png)", ""]
+    lines += ["## Datasets", ""]
+    for d in sorted(learnable):
+        info = describe(get_dataset(d))
+        lines.append(f"- **{d}** ({info['n']} rows, d_a={info['d_a']}, d_b={info['d_b']}, "
+                     f"paired {info['n_paired']}): {info['description']}")
+    lines.append("")
+    p = out_dir / "quality.md"
+    p.write_text("\n".join(lines) + meta.get("notes", ""))
+    return p
+
+
+def main(argv_datasets=None, modes=("pool", "stream"), seeds=5, budget=300, jobs=2,
+         out_dir="reports", strategies=None, command="make bench-quality", log=print) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = tuple(argv_datasets or DEFAULT_DATASETS)
+    strategies = strategies or DEFAULT_STRATEGIES
+    t0 = time.perf_counter()
+    results = run_matrix(datasets, modes, strategies, seeds, budget, jobs, log)
+    rows = summarize(results)
+    (out / "quality-results.json").write_text(json.dumps({"rows": rows, "runs": results}))
+    plot_curves(results, out)
+    notes_file = out / "quality-notes.md"
+    meta = {"command": command, "machine": _machine(), "minutes": (time.perf_counter() - t0) / 60,
+            "runs": len(results), "seeds": seeds, "budget": budget,
+            "notes": ("\n" + notes_file.read_text()) if notes_file.exists() else ""}
+    p = write_report(results, rows, out, meta)
+    log(f"wrote {p}")
+    return p
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()} Linux, {os.cpu_count()} cores, Python {sys.version.split()[0]}"

@@ -1,0 +1,297 @@
+"""Offline active-learning simulator (``pairsieve simulate``): hides the pairing, reveals on acquisition.
+
+A dataset's rows are true pairs. The simulator shuffles them, holds out ``test_size`` paired rows
+for evaluation, and turns the rest into a pool of *unimodal* items (each row's ``a`` and ``b``).
+A strategy acquires items; acquiring an item reveals its partner (the pair) if it has one, else it
+is a NO_MATCH (budget spent, no pair). Acquisitions are the budget unit and the x axis of the
+learning curve; the model is retrained after each round (pool) or every ``retrain_every``
+acquisitions (stream) and evaluated by cross-modal recall@1/@5 on the held-out pairs.
+
+All randomness comes from ``seed``: the split, the warm-up picks and the stream order are shared
+by every strategy for the same seed, so curves of different strategies are paired comparisons.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
+from service.bench.datasets import Dataset
+from service.core.acquisition import AcquisitionConfig
+from service.core.budget import BudgetConfig
+from service.core.pool import STRATEGIES as POOL_BASELINES
+from service.core.pool.base import PoolState
+from service.core.pool.hybrid import HybridStrategy
+from service.core.selector import SelectorConfig, StreamingSelector
+from service.core.types import FeatureItem
+
+MODES = ("pool", "stream")
+
+
+def _pool_strategies() -> dict[str, Callable[[], object]]:
+    out: dict[str, Callable[[], object]] = {name: cls for name, cls in POOL_BASELINES.items()}
+    out["hybrid"] = HybridStrategy
+    out["hybrid-entropy"] = lambda: HybridStrategy(uncertainty="entropy")
+    out["hybrid-rank"] = lambda: HybridStrategy(normalization="rank")
+    out["hybrid-w5"] = lambda: HybridStrategy(weight=0.5)
+    out["hybrid-entropy-rank"] = lambda: HybridStrategy(uncertainty="entropy", normalization="rank")
+    out["default"] = HybridStrategy
+    return out
+
+
+def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | None]:
+    def cfg(uw, dw, cw=0.1, unc="entropy", norm="zscore", quotas=False):
+        return lambda b: SelectorConfig(
+            uncertainty=unc, budget=b,
+            acquisition=AcquisitionConfig(uncertainty_weight=uw, diversity_weight=dw,
+                                          coverage_weight=cw, normalization=norm, quotas=quotas))
+    return {
+        "random": None,
+        "default": cfg(0.7, 0.3),
+        "entropy": cfg(1.0, 0.0, 0.0),
+        "margin": cfg(1.0, 0.0, 0.0, unc="margin"),
+        "diversity": cfg(0.0, 1.0, 0.0),
+        "margin-rank": cfg(0.7, 0.3, unc="margin", norm="rank"),
+        "quota": cfg(0.7, 0.3, quotas=True),
+    }
+
+
+def list_strategies() -> dict[str, list[str]]:
+    """Strategy names per mode (``random`` and ``default`` always included)."""
+    pool = sorted(set(_pool_strategies()) | {"random"})
+    return {"pool": pool, "stream": sorted(_stream_configs())}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Settings of one simulation run."""
+
+    strategy: str = "default"
+    mode: str = "pool"
+    budget: int = 300
+    seed: int = 0
+    strategy_seed: int | None = None  # randomness of the strategy only (None: = seed)
+    test_size: int = 500
+    round_size: int = 25  # pool: acquisitions per round
+    warmup: int = 50  # random acquisitions before any strategy acts (both modes)
+    retrain_every: int = 25  # stream: acquisitions between retrains
+    batch_size: int = 32  # stream: micro-batch size
+    explore: float = 0.05
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        names = list_strategies()[self.mode]
+        if self.strategy not in names:
+            raise ValueError(f"unknown {self.mode} strategy {self.strategy!r}; known: {names}")
+        for name in ("budget", "round_size", "retrain_every", "batch_size", "test_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+class _Oracle:
+    """Holds the hidden pairing of the pool; answers acquisitions."""
+
+    def __init__(self, ds: Dataset, rows: np.ndarray):
+        self.ds = ds
+        self.rows = rows
+        paired = ds.paired if ds.paired is not None else np.ones(len(ds.a), dtype=bool)
+        self.paired = paired
+        self.revealed_rows: list[int] = []
+        self.open = {0: np.ones(len(rows), dtype=bool), 1: np.ones(len(rows), dtype=bool)}
+        self.spent = 0
+        self.no_match = 0
+        self.wasted = 0
+        self.per_modality = {0: 0, 1: 0}
+
+    def acquire(self, side: int, k: int) -> int | None:
+        """Acquire item k (position in ``rows``) of modality ``side``; return the row if paired.
+
+        An item whose pair was already revealed (its partner was acquired in the same round or
+        micro-batch: the selector cannot know they are partners) costs an acquisition and
+        reveals nothing new.
+        """
+        if not self.open[side][k]:
+            self.spent += 1
+            self.per_modality[side] += 1
+            self.wasted += 1
+            return None
+        self.spent += 1
+        self.per_modality[side] += 1
+        self.open[side][k] = False
+        row = int(self.rows[k])
+        if self.paired[row]:
+            self.open[1 - side][k] = False
+            self.revealed_rows.append(row)
+            return row
+        self.no_match += 1
+        return None
+
+
+def _split(ds: Dataset, cfg: SimConfig, rng: np.random.Generator):
+    n = len(ds.a)
+    paired = ds.paired if ds.paired is not None else np.ones(n, dtype=bool)
+    perm = rng.permutation(n)
+    paired_perm = perm[paired[perm]]
+    test_size = min(cfg.test_size, len(paired_perm) // 4)
+    if test_size < 10:
+        raise ValueError(f"dataset {ds.name!r} has too few paired rows ({len(paired_perm)}) for a test split")
+    test = paired_perm[:test_size]
+    pool = np.setdiff1d(perm, test, assume_unique=False)
+    pool = pool[rng.permutation(len(pool))]
+    return test, pool
+
+
+def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Run one strategy on one dataset; return the result dict (see ``pairsieve simulate``)."""
+    t0 = time.perf_counter()
+    cfg = config
+    rng = np.random.default_rng(cfg.seed)
+    test, pool = _split(ds, cfg, rng)
+    if cfg.budget > len(pool):
+        raise ValueError(f"budget {cfg.budget} exceeds the pool of {len(pool)} rows")
+    ma, mb = ds.modality_a, ds.modality_b
+    trainer = AlignmentTrainer({ma: ds.a.shape[1], mb: ds.b.shape[1]}, cfg.trainer, seed=cfg.seed)
+    trainer.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
+    oracle = _Oracle(ds, pool)
+    run = _run_pool if cfg.mode == "pool" else _run_stream
+    sseed = cfg.seed if cfg.strategy_seed is None else cfg.strategy_seed
+    curve = run(ds, cfg, trainer, oracle, test, np.random.default_rng([cfg.seed, 1]),
+                np.random.default_rng([sseed, 2]), progress)
+    return {
+        "dataset": ds.name, "strategy": cfg.strategy, "mode": cfg.mode, "seed": cfg.seed,
+        "budget": cfg.budget, "curve": curve,
+        "acquisitions_per_modality": {ma: oracle.per_modality[0], mb: oracle.per_modality[1]},
+        "no_match": oracle.no_match, "wasted": oracle.wasted, "unique_pairs": len(oracle.revealed_rows),
+        "test_size": int(len(test)), "pool_rows": int(len(pool)),
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _evaluate(trainer, model, ds, oracle, test, prev):
+    rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
+    model = trainer.fit(ds.a[rows], ds.b[rows], init=prev) if len(rows) else prev
+    rec = retrieval_recall(model, ds.a[test], ds.b[test])
+    point = {"pairs": oracle.spent, "unique_pairs": int(len(rows)),
+             "r1": round(rec["r1"], 5), "r5": round(rec["r5"], 5)}
+    return model, point
+
+
+def _warmup_picks(oracle: _Oracle, n: int, rng: np.random.Generator) -> None:
+    for _ in range(n):
+        open_items = np.concatenate([np.flatnonzero(oracle.open[0]) * 2,
+                                     np.flatnonzero(oracle.open[1]) * 2 + 1])
+        if len(open_items) == 0:
+            return
+        it = int(rng.choice(open_items))
+        oracle.acquire(it % 2, it // 2)
+
+
+def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress):
+    mods = (ds.modality_a, ds.modality_b)
+    strategy = _pool_strategies()[cfg.strategy]()
+    _warmup_picks(oracle, min(cfg.warmup, cfg.budget), rng)
+    rng = srng
+    model, point = _evaluate(trainer, trainer.cold_model(), ds, oracle, test, None)
+    curve = [point]
+    while oracle.spent < cfg.budget:
+        k = min(cfg.round_size, cfg.budget - oracle.spent)
+        cand = {s: np.flatnonzero(oracle.open[s]) for s in (0, 1)}
+        raws = {0: ds.a, 1: ds.b}
+        rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
+        state = PoolState(
+            modalities=mods,
+            raw={mods[s]: raws[s][oracle.rows[cand[s]]] for s in (0, 1)},
+            embedded={mods[s]: model.embed(mods[s], raws[s][oracle.rows[cand[s]]]) for s in (0, 1)},
+            selected={mods[s]: model.embed(mods[s], raws[s][rows]) if len(rows)
+                      else np.zeros((0, model.dim_out), np.float32) for s in (0, 1)},
+            model=model,
+            acquired_per_modality={mods[s]: oracle.per_modality[s] for s in (0, 1)},
+        )
+        picks = strategy.select(state, k, rng)
+        if not picks:
+            break
+        for m, j in picks:
+            s = mods.index(m)
+            oracle.acquire(s, cand[s][j])
+        model, point = _evaluate(trainer, model, ds, oracle, test, model)
+        curve.append(point)
+        if progress:
+            progress(f"{cfg.strategy}/{cfg.mode} seed {cfg.seed}: {oracle.spent}/{cfg.budget} "
+                     f"r1={point['r1']:.3f}")
+    return curve
+
+
+def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
+    mods = (ds.modality_a, ds.modality_b)
+    n = len(oracle.rows)
+    stream = rng.permutation(2 * n)  # item = 2*k + side
+    # Items whose partner was already acquired are not offered, so about `budget` fewer arrive.
+    rate = min(1.0, cfg.budget / max(1, len(stream) - cfg.budget))
+    rng = srng
+    factory = _stream_configs()[cfg.strategy]
+    model = trainer.cold_model()
+    _, point = _evaluate(trainer, model, ds, oracle, test, model)
+    point["pairs"] = 0
+    curve = [point]
+    next_retrain = cfg.retrain_every
+    raws = (ds.a, ds.b)
+    if factory is None:  # random: accept each item with probability `rate`
+        u = rng.random(len(stream))
+        for it, ui in zip(stream, u):
+            if oracle.spent >= cfg.budget:
+                break
+            s, k = int(it % 2), int(it // 2)
+            if ui < rate and oracle.open[s][k]:
+                oracle.acquire(s, k)
+                if oracle.spent >= next_retrain:
+                    model, point = _evaluate(trainer, model, ds, oracle, test, model)
+                    curve.append(point)
+                    next_retrain += cfg.retrain_every
+    else:
+        bcfg = BudgetConfig(total=cfg.budget, target_rate=rate, warmup_accepts=cfg.warmup,
+                            explore=cfg.explore, window=1024)
+        selector = StreamingSelector(model, factory(bcfg), seed=int(srng.integers(2**31)),
+                                     device="cpu")
+        pos = 0
+        while pos < len(stream) and oracle.spent < cfg.budget:
+            batch, pos = [], pos
+            while len(batch) < cfg.batch_size and pos < len(stream):
+                it = int(stream[pos])
+                pos += 1
+                s, k = it % 2, it // 2
+                if oracle.open[s][k]:  # already-aligned items are known to the service: not offered
+                    batch.append(FeatureItem(str(it), mods[s], raws[s][oracle.rows[k]]))
+            if not batch:
+                break
+            proposal = selector.propose(batch)
+            selector.commit(proposal)  # the simulator "publishes" instantly
+            for d in proposal.accepted:
+                it = int(d.item_id)
+                s, k = it % 2, it // 2
+                row = oracle.acquire(s, k)
+                if row is not None:
+                    selector.reveal_partner(mods[1 - s], raws[1 - s][row])
+            if oracle.spent >= next_retrain:
+                model, point = _evaluate(trainer, model, ds, oracle, test, model)
+                curve.append(point)
+                selector.set_model(model)
+                next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
+                if progress:
+                    progress(f"{cfg.strategy}/stream seed {cfg.seed}: {oracle.spent}/{cfg.budget} "
+                             f"r1={point['r1']:.3f}")
+    if curve[-1]["pairs"] != oracle.spent:
+        model, point = _evaluate(trainer, model, ds, oracle, test, model)
+        curve.append(point)
+    return curve
+
+
+def with_overrides(cfg: SimConfig, **kw) -> SimConfig:
+    return replace(cfg, **kw)

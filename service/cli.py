@@ -1,0 +1,115 @@
+"""The ``pairsieve`` console script (also ``python -m service``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_simulate(args) -> int:
+    from service.bench.datasets import get_dataset, load_npz
+    from service.bench.simulator import SimConfig, list_strategies, simulate
+
+    if args.list:
+        for mode, names in list_strategies().items():
+            print(f"{mode}: {' '.join(names)}")
+        return 0
+    if not args.data and not args.dataset:
+        raise SystemExit("simulate: give --data FILE.npz or --dataset NAME (or --list)")
+    ds = load_npz(args.data) if args.data else get_dataset(args.dataset, seed=args.seed)
+    cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
+                    test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
+                    retrain_every=args.retrain_every)
+    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = simulate(ds, cfg, progress)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        last = result["curve"][-1]
+        print(f"wrote {args.out}: {result['strategy']}/{result['mode']} on {result['dataset']}, "
+              f"{last['pairs']} acquisitions, R@1 {last['r1']:.3f}, R@5 {last['r5']:.3f}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from service.bench.datasets import BUILTIN, describe, get_dataset
+
+    if args.action == "list":
+        for name in sorted(BUILTIN):
+            info = describe(get_dataset(name))
+            print(f"{name:24s} n={info['n']:5d} d_a={info['d_a']:3d} d_b={info['d_b']:3d}  "
+                  f"{info['description']}")
+        return 0
+    if not args.name or not args.out:
+        raise SystemExit("datasets export: give NAME and --out FILE.npz")
+    ds = get_dataset(args.name, seed=args.seed)
+    ds.to_npz(args.out)
+    print(f"wrote {args.out}: {len(ds.a)} rows, a {ds.a.shape[1]}-d, b {ds.b.shape[1]}-d")
+    return 0
+
+
+def _cmd_bench_quality(args) -> int:
+    from service.bench import quality
+
+    strategies = None
+    if args.strategies:
+        names = tuple(args.strategies.split(","))
+        strategies = {m: tuple(s for s in names if s in quality.DEFAULT_STRATEGIES[m]
+                               or s in ("random", quality.REPLICATE)) for m in args.modes}
+    quality.main(args.datasets.split(",") if args.datasets else None, tuple(args.modes),
+                 args.seeds, args.budget, args.jobs, args.out_dir, strategies,
+                 command="pairsieve " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pairsieve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="offline active-learning simulation on one dataset")
+    s.add_argument("--data", help="dataset file (.npz with a, b; see README)")
+    s.add_argument("--dataset", help="a built-in dataset name instead of --data")
+    s.add_argument("--strategy", default="default")
+    s.add_argument("--mode", choices=("pool", "stream"), default="pool")
+    s.add_argument("--budget", type=int, default=300, help="acquisitions (default 300)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="result JSON path (default: print to stdout)")
+    s.add_argument("--list", action="store_true", help="list strategy names per mode and exit")
+    s.add_argument("--test-size", type=int, default=500)
+    s.add_argument("--round-size", type=int, default=25)
+    s.add_argument("--warmup", type=int, default=50)
+    s.add_argument("--retrain-every", type=int, default=25)
+    s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    s.set_defaults(func=_cmd_simulate)
+
+    d = sub.add_parser("datasets", help="list or export the built-in datasets")
+    d.add_argument("action", choices=("list", "export"))
+    d.add_argument("name", nargs="?")
+    d.add_argument("--out")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_datasets)
+
+    q = sub.add_parser("bench-quality", help="strategies x datasets x seeds; writes reports/quality.md")
+    q.add_argument("--seeds", type=int, default=5)
+    q.add_argument("--budget", type=int, default=300)
+    q.add_argument("--jobs", type=int, default=2)
+    q.add_argument("--datasets", help="comma-separated subset of built-in datasets")
+    q.add_argument("--strategies", help="comma-separated subset of strategies")
+    q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
+    q.add_argument("--out-dir", default="reports")
+    q.set_defaults(func=_cmd_bench_quality)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"pairsieve: error: {exc}", file=sys.stderr)
+        return 2

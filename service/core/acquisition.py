@@ -1,0 +1,191 @@
+"""Modality-aware acquisition: turn raw uncertainty and diversity into one comparable utility.
+
+Raw scores are not comparable across modalities (one modality's similarity softmax may be
+flatter everywhere, its embeddings more spread), and an un-normalised combination lets one
+modality take most picks. So each component is normalised **per modality** against that
+modality's own recent history, then combined::
+
+    utility = w_u · norm_m(uncertainty) + w_d · norm_m(diversity) + w_c · coverage_bonus(m)
+
+* ``norm`` is either ``"zscore"`` (exponentially weighted mean/variance) or ``"rank"`` (the
+  empirical CDF over a sliding window, in [0, 1]; robust to heavy tails such as margin scores).
+* ``coverage_bonus(m)`` prefers the under-covered modality (paper 000, step 1): a modality whose
+  arrivals are on average farther from its selected set (an EW mean of raw diversity) gets a
+  positive bonus, scaled to [-1, 1].
+* Optional **quotas** (paper 004, DUS): a cumulative modality-discrepancy signal (how much more
+  uncertain the model is on one modality than the other, accumulated) sets each modality's share
+  of acquisitions; an accept that would push a modality above its share (plus a tolerance) is
+  vetoed.
+
+Statistics change only in :meth:`ModalityAwareAcquisition.commit`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.validation import check_fraction
+
+
+class EWNormalizer:
+    """z-score against an exponentially weighted mean/variance (factor ``alpha`` per item)."""
+
+    def __init__(self, alpha: float = 0.01):
+        self.alpha = float(alpha)
+        self.mean = 0.0
+        self.var = 1.0
+        self.n = 0
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        if self.n < 2:
+            return np.zeros_like(x, dtype=np.float64)
+        return (x - self.mean) / np.sqrt(self.var + 1e-12)
+
+    def update(self, x: np.ndarray) -> None:
+        for v in np.asarray(x, dtype=np.float64).ravel():
+            self.n += 1
+            a = max(self.alpha, 1.0 / self.n)
+            d = v - self.mean
+            self.mean += a * d
+            self.var = (1 - a) * (self.var + a * d * d)
+
+
+class RankNormalizer:
+    """Empirical CDF over the last ``window`` values, in [0, 1] (0.5 before any history).
+
+    A sorted copy of the window is kept with ``bisect``: O(log w) comparisons per item plus one
+    memmove of at most ``w`` floats, negligible for the window sizes used (<= 10^4).
+    """
+
+    def __init__(self, window: int = 2048):
+        self.window = int(window)
+        self._fifo: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        n = len(self._sorted)
+        if n == 0:
+            return np.full(np.shape(x), 0.5)
+        arr = np.asarray(self._sorted)
+        lo = np.searchsorted(arr, x, side="left")
+        hi = np.searchsorted(arr, x, side="right")
+        return (lo + hi) / (2.0 * n)
+
+    def update(self, x: np.ndarray) -> None:
+        for v in np.asarray(x, dtype=np.float64).ravel():
+            self._fifo.append(float(v))
+            bisect.insort(self._sorted, float(v))
+            if len(self._fifo) > self.window:
+                old = self._fifo.popleft()
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+
+@dataclass(frozen=True)
+class AcquisitionConfig:
+    """Weights and normalisation of :class:`ModalityAwareAcquisition`."""
+
+    uncertainty_weight: float = 0.7
+    diversity_weight: float = 0.3
+    coverage_weight: float = 0.1
+    normalization: str = "zscore"  # or "rank"
+    zscore_alpha: float = 0.01
+    rank_window: int = 2048
+    coverage_alpha: float = 0.02
+    quotas: bool = False
+    quota_gamma: float = 5.0
+    quota_min_share: float = 0.2
+    quota_tolerance: float = 0.05
+    quota_min_accepts: int = 10
+
+    def __post_init__(self):
+        if self.normalization not in ("zscore", "rank"):
+            raise ValueError(f"normalization must be 'zscore' or 'rank', got {self.normalization!r}")
+        for name in ("uncertainty_weight", "diversity_weight", "coverage_weight"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        check_fraction(self.quota_min_share, "quota_min_share")
+        if self.quota_min_share > 0.5:
+            raise ValueError(f"quota_min_share must be <= 0.5, got {self.quota_min_share}")
+
+
+class ModalityAwareAcquisition:
+    """Per-modality normalisation, coverage preference and optional quotas (see module doc)."""
+
+    def __init__(self, modalities: tuple[str, str], config: AcquisitionConfig | None = None):
+        self.modalities = tuple(modalities)
+        self.config = cfg = config or AcquisitionConfig()
+        make = (lambda: RankNormalizer(cfg.rank_window)) if cfg.normalization == "rank" \
+            else (lambda: EWNormalizer(cfg.zscore_alpha))
+        self._norm = {(m, c): make() for m in self.modalities for c in ("u", "d")}
+        self._gap = {m: None for m in self.modalities}  # EW mean of raw diversity
+        self._unc = {m: None for m in self.modalities}  # EW mean of raw uncertainty
+        self.discrepancy = 0.0  # cumulative: > 0 means modalities[0] is the harder one
+        self.accepts = {m: 0 for m in self.modalities}
+
+    # ------------------------------------------------------------- scoring (pure)
+    def coverage_bonus(self) -> dict[str, float]:
+        """Per-modality bonus in [-1, 1]; positive for the modality farther from its selected set."""
+        gaps = self._gap
+        if any(g is None for g in gaps.values()):
+            return {m: 0.0 for m in self.modalities}
+        mean = sum(gaps.values()) / len(gaps)
+        return {m: float(np.clip((g - mean) / (mean + 1e-9), -1.0, 1.0)) for m, g in gaps.items()}
+
+    def normalized(self, modality: str, uncertainty: np.ndarray, diversity: np.ndarray):
+        """Return (norm_u, norm_d) for one modality's raw scores, arrays of shape (n,)."""
+        return (self._norm[(modality, "u")].transform(np.asarray(uncertainty, dtype=np.float64)),
+                self._norm[(modality, "d")].transform(np.asarray(diversity, dtype=np.float64)))
+
+    def utility(self, norm_u, norm_d, bonus: float) -> np.ndarray:
+        cfg = self.config
+        return (cfg.uncertainty_weight * norm_u + cfg.diversity_weight * norm_d
+                + cfg.coverage_weight * bonus)
+
+    def quota_shares(self) -> dict[str, float]:
+        """Each modality's target share of acquisitions (0.5/0.5 without quotas)."""
+        cfg = self.config
+        if not cfg.quotas:
+            return {m: 0.5 for m in self.modalities}
+        # softmax over +/- discrepancy: the harder modality (more uncertain) gets more.
+        x = np.clip(cfg.quota_gamma * self.discrepancy, -30, 30)
+        s0 = 1.0 / (1.0 + np.exp(-x))
+        s0 = float(np.clip(s0, cfg.quota_min_share, 1 - cfg.quota_min_share))
+        a, b = self.modalities
+        return {a: s0, b: 1.0 - s0}
+
+    def quota_allows(self, modality: str, extra: dict[str, int] | None = None) -> bool:
+        """Would one more accept of ``modality`` stay within its share (+ tolerance)?"""
+        cfg = self.config
+        if not cfg.quotas:
+            return True
+        counts = dict(self.accepts)
+        for m, k in (extra or {}).items():
+            counts[m] += k
+        total = sum(counts.values()) + 1
+        if total <= cfg.quota_min_accepts:
+            return True
+        share = (counts[modality] + 1) / total
+        return share <= self.quota_shares()[modality] + cfg.quota_tolerance
+
+    # ------------------------------------------------------------- state (commit)
+    def commit(self, modality: str, uncertainty, diversity, accepted: int) -> None:
+        """Fold one modality's committed raw scores (shape (n,)) and accept count into the stats."""
+        u = np.asarray(uncertainty, dtype=np.float64)
+        d = np.asarray(diversity, dtype=np.float64)
+        if len(u) == 0:
+            return
+        self._norm[(modality, "u")].update(u)
+        self._norm[(modality, "d")].update(d)
+        cfg = self.config
+        a = 1.0 - (1.0 - cfg.coverage_alpha) ** len(d)
+        for store, vals in ((self._gap, d), (self._unc, u)):
+            m_ = float(vals.mean())
+            store[modality] = m_ if store[modality] is None else (1 - a) * store[modality] + a * m_
+        self.accepts[modality] += int(accepted)
+        m0, m1 = self.modalities
+        if self._unc[m0] is not None and self._unc[m1] is not None:
+            self.discrepancy += (self._unc[m0] - self._unc[m1]) * len(u) * cfg.coverage_alpha

@@ -1,0 +1,202 @@
+"""Budget controller: decide accept/skip against a running utility threshold, propose then commit.
+
+* **Threshold**: the ``1 - rate`` quantile of the last ``window`` committed utilities (a
+  :class:`~service.core.quantile.SlidingQuantile`), so about ``rate`` of a stationary stream
+  clears it whatever the utilities' scale.
+* **Estimated-spend gate** (pacing): the spend expected so far is ``rate · seen``. Ahead of it by
+  more than ``slack`` items, nothing is accepted (``skip:pacing``); behind it by more than
+  ``slack``, the catch-up threshold (the ``1 - 2·rate`` quantile) applies instead.
+* **Exploration**: each item is, with probability ``explore · rate``, accepted whatever its
+  utility (``accept:explore``), so the model keeps seeing what the utility under-rates.
+* **Warm-up**: until ``warmup_accepts`` items have been accepted (or fewer than ``min_history``
+  utilities were seen), items are accepted at random with probability ``rate`` (cold start: the
+  model's scores mean nothing before it has pairs).
+
+``begin()`` returns a :class:`BudgetDraft` that decides item by item on *tentative* counters;
+the controller itself changes only in :meth:`BudgetController.commit`, called after the decisions
+were published, so a batch that is redelivered (never committed) spends nothing.
+
+Randomness is counter-based (Philox keyed by the seed, counter = items seen), so a redelivered
+batch draws the same numbers and no generator state is mutated by proposing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.quantile import SlidingQuantile
+from service.core.validation import check_fraction
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Settings of :class:`BudgetController`.
+
+    Attributes
+    ----------
+    total : int or None
+        Absolute budget (acquisitions); None = unlimited.
+    target_rate : float
+        Target acceptance rate in (0, 1].
+    window : int
+        Number of recent utilities the threshold quantile is taken over.
+    explore : float
+        Fraction of the target rate spent on random exploration, in [0, 1].
+    warmup_accepts : int
+        Accepts made at random before utilities are trusted (cold start).
+    min_history : int
+        Utilities needed before a threshold exists.
+    slack : float
+        Items of spend the pacing gate tolerates ahead of / behind the expected spend.
+    """
+
+    total: int | None = None
+    target_rate: float = 0.1
+    window: int = 2048
+    explore: float = 0.05
+    warmup_accepts: int = 0
+    min_history: int = 32
+    slack: float = 8.0
+
+    def __post_init__(self):
+        if self.total is not None and self.total < 0:
+            raise ValueError(f"budget total must be >= 0 or None, got {self.total}")
+        if not (0.0 < self.target_rate <= 1.0):
+            raise ValueError(f"target_rate must be in (0, 1], got {self.target_rate!r}")
+        check_fraction(self.explore, "explore")
+        if self.window < 1 or self.min_history < 1:
+            raise ValueError(f"window and min_history must be >= 1, got {self.window}, {self.min_history}")
+        if self.warmup_accepts < 0 or self.slack < 0:
+            raise ValueError("warmup_accepts and slack must be >= 0")
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    accept: bool
+    threshold: float
+    reason: str
+
+
+class BudgetDraft:
+    """Tentative, item-by-item decisions for one batch. Never touches the controller."""
+
+    def __init__(self, ctl: "BudgetController", n: int):
+        self._ctl = ctl
+        self.spent = ctl.spent
+        self.seen = ctl.seen
+        self.accepted = 0
+        self.utilities: list[float] = []
+        gen = np.random.Generator(np.random.Philox(key=ctl.seed, counter=ctl.seen))
+        self._u = gen.random((max(n, 1), 2))
+        self._i = 0
+        self._thr = ctl.threshold()
+        self._thr_lo = ctl.catch_up_threshold()
+
+    def decide(self, utility: float) -> BudgetDecision:
+        """Decide one item with utility ``utility`` (NaN is rejected)."""
+        if math.isnan(utility):
+            raise ValueError("utility is NaN")
+        ctl, cfg = self._ctl, self._ctl.config
+        if self._i >= len(self._u):
+            raise ValueError(f"draft was begun for {len(self._u)} items; got more")
+        u_explore, u_warm = self._u[self._i]
+        self._i += 1
+        self.seen += 1
+        self.utilities.append(float(utility))
+        rate = cfg.target_rate
+        thr = self._thr
+        if cfg.total is not None and self.spent >= cfg.total:
+            return BudgetDecision(False, thr, "skip:budget_exhausted")
+        expected = rate * self.seen
+        if self.spent - expected > cfg.slack:
+            return BudgetDecision(False, thr, "skip:pacing")
+        if self.spent < cfg.warmup_accepts or math.isnan(thr):
+            return self._take(u_warm < rate, thr, "accept:warmup", "skip:warmup")
+        if u_explore < cfg.explore * rate:
+            return self._take(True, thr, "accept:explore", "")
+        if expected - self.spent > cfg.slack and not math.isnan(self._thr_lo):
+            thr = self._thr_lo
+        return self._take(utility >= thr, thr, "accept:utility", "skip:below_threshold")
+
+    def skip(self, utility: float, reason: str) -> BudgetDecision:
+        """Record an item vetoed by a rule outside the budget (e.g. a modality quota)."""
+        if self._i >= len(self._u):
+            raise ValueError(f"draft was begun for {len(self._u)} items; got more")
+        self._i += 1
+        self.seen += 1
+        self.utilities.append(float(utility))
+        return BudgetDecision(False, self._thr, reason)
+
+    def _take(self, ok: bool, thr: float, yes: str, no: str) -> BudgetDecision:
+        if ok:
+            self.spent += 1
+            self.accepted += 1
+            return BudgetDecision(True, thr, yes)
+        return BudgetDecision(False, thr, no)
+
+
+class BudgetController:
+    """Absolute budget and target acceptance rate. See the module docstring.
+
+    Parameters
+    ----------
+    config : BudgetConfig
+    seed : int
+        Key of the counter-based generator used for exploration and warm-up draws.
+    """
+
+    def __init__(self, config: BudgetConfig | None = None, seed: int = 0):
+        self.config = config or BudgetConfig()
+        self.seed = int(seed)
+        self.spent = 0
+        self.seen = 0
+        rate = self.config.target_rate
+        self._q = SlidingQuantile(1.0 - rate, self.config.window)
+        self._q_lo = SlidingQuantile(max(0.0, 1.0 - 2.0 * rate), self.config.window)
+
+    @property
+    def remaining(self) -> int | None:
+        total = self.config.total
+        return None if total is None else max(0, total - self.spent)
+
+    def exhausted(self) -> bool:
+        return self.config.total is not None and self.spent >= self.config.total
+
+    def threshold(self) -> float:
+        """Current utility threshold; NaN until ``min_history`` utilities were committed."""
+        return self._q.value() if len(self._q) >= self.config.min_history else math.nan
+
+    def catch_up_threshold(self) -> float:
+        return self._q_lo.value() if len(self._q_lo) >= self.config.min_history else math.nan
+
+    def acceptance_rate(self) -> float:
+        return self.spent / self.seen if self.seen else 0.0
+
+    def begin(self, n: int) -> BudgetDraft:
+        """Start deciding a batch of ``n`` items (no state change)."""
+        return BudgetDraft(self, n)
+
+    def commit(self, draft: BudgetDraft, accepted: int | None = None) -> None:
+        """Apply a draft's decisions after they were published.
+
+        ``accepted`` overrides the draft's accept count (e.g. when some accepts were vetoed
+        after the draft, such as by a quota); it may not exceed the draft's count.
+        """
+        if draft._ctl is not self:
+            raise ValueError("draft belongs to another controller")
+        if draft.seen - len(draft.utilities) != self.seen:
+            raise ValueError("stale draft: the controller was committed since it was begun")
+        n_acc = draft.accepted if accepted is None else int(accepted)
+        if not 0 <= n_acc <= draft.accepted:
+            raise ValueError(f"accepted={accepted} outside [0, {draft.accepted}]")
+        total = self.config.total
+        if total is not None and self.spent + n_acc > total:
+            raise ValueError(f"commit would spend {self.spent + n_acc} > budget {total}")
+        self.spent += n_acc
+        self.seen += len(draft.utilities)
+        for u in draft.utilities:
+            self._q.add(u)
+            self._q_lo.add(u)

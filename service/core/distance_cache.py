@@ -1,0 +1,237 @@
+"""Bounded per-modality cache of selected items, for k-center style diversity.
+
+The diversity of a candidate is its distance to the nearest already-selected item of the same
+modality in the shared embedding space. The cache keeps at most ``capacity`` vectors, so that cost
+is O(C·k) per candidate, computed for a whole batch in one matmul.
+
+Eviction keeps coverage: when full, the most *redundant* point goes (the one with the smallest
+distance to its nearest neighbour in the cache, the new point included). Removing point ``e`` can
+raise a candidate's min-distance by at most ``nn_dist(e)`` (triangle inequality), the smallest such
+loss available; plain FIFO would drop the oldest outliers, which are exactly what coverage needs.
+
+The cache also keeps the raw (pre-projection) vectors, tagged with the model version that embedded
+them, so a new alignment model re-projects the cache instead of comparing across spaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from service.core.validation import as_matrix
+
+
+def pairwise_sq_dist(x: torch.Tensor, c: torch.Tensor, c_sqnorm: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances in one matmul. x: (B, k), c: (C, k) -> (B, C), clamped >= 0."""
+    d = (x * x).sum(dim=1, keepdim=True) + c_sqnorm[None, :] - 2.0 * (x @ c.T)
+    return d.clamp_min_(0.0)
+
+
+def min_distances(x: torch.Tensor, c: torch.Tensor, empty_value: float) -> torch.Tensor:
+    """Distance of each row of x to its nearest row of c. (B, k), (C, k) -> (B,)."""
+    if c.shape[0] == 0:
+        return torch.full((x.shape[0],), float(empty_value), dtype=x.dtype, device=x.device)
+    return pairwise_sq_dist(x, c, (c * c).sum(dim=1)).min(dim=1).values.sqrt_()
+
+
+class DistanceCache:
+    """The selected set of one modality, capped at ``capacity`` vectors.
+
+    Parameters
+    ----------
+    dim : int
+        Embedding dimension ``k``.
+    capacity : int
+        Maximum number of cached vectors ``C``.
+    raw_dim : int or None
+        Dimension of the raw vectors kept for re-projection (None: keep none; then a model change
+        can only :meth:`invalidate`). Shorter raw vectors are zero-padded; each cached row also
+        keeps an integer ``tag`` (e.g. which modality's encoder produced it) so a re-projection
+        can embed every row with the right head.
+    empty_value : float
+        The distance reported while the cache is empty (2.0 = the diameter of the unit sphere).
+    model_version : int
+        Version of the model whose space the cached embeddings live in.
+    device : str or torch.device
+    """
+
+    def __init__(self, dim: int, capacity: int, raw_dim: int | None = None, *,
+                 empty_value: float = 2.0, model_version: int = 0,
+                 device: str | torch.device = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim, self.capacity, self.raw_dim = int(dim), int(capacity), raw_dim
+        self.empty_value = float(empty_value)
+        self.model_version = int(model_version)
+        self.device = torch.device(device)
+        self._emb = torch.zeros((capacity, dim), dtype=torch.float32, device=self.device)
+        self._sq = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+        self._raw = np.zeros((capacity, raw_dim), dtype=np.float32) if raw_dim else None
+        self._raw_len = np.zeros(capacity, dtype=np.int64)
+        self._tag = np.zeros(capacity, dtype=np.int64)
+        self._nn = np.full(capacity, np.inf)  # distance of each cached point to its nearest other
+        self._nn_idx = np.full(capacity, -1, dtype=np.int64)
+        self.size = 0
+        self.evictions = 0
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The cached embeddings, shape (size, k) (a view; do not modify)."""
+        return self._emb[: self.size]
+
+    def fill(self) -> float:
+        """Fraction of the capacity in use."""
+        return self.size / self.capacity
+
+    def min_distance(self, x) -> np.ndarray:
+        """Distance of each row to the nearest cached vector. x: (B, k) -> (B,) float64."""
+        t = self._as_tensor(x)
+        with torch.inference_mode():
+            return min_distances(t, self.embeddings, self.empty_value).double().cpu().numpy()
+
+    def _as_tensor(self, x) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            if x.ndim != 2 or x.shape[1] != self.dim:
+                raise ValueError(f"embeddings: expected shape (n, {self.dim}), got {tuple(x.shape)}")
+            return x.to(self.device, torch.float32)
+        return torch.from_numpy(as_matrix(x, self.dim, name="embeddings")).to(self.device)
+
+    # ---------------------------------------------------------------- updates
+    def add(self, x, raw=None, tag: int = 0) -> int:
+        """Insert rows of x (n, k); returns the number of evictions made.
+
+        raw : (n, d) with d <= raw_dim, required when the cache keeps raw vectors.
+        tag : int stored with every inserted row (see :meth:`reproject`).
+        """
+        t = self._as_tensor(x)
+        r = None
+        if self._raw is not None:
+            if raw is None:
+                raise ValueError("this cache keeps raw vectors: pass raw=(n, d)")
+            r = as_matrix(raw, None, name="raw")
+            if len(r) != len(t) or r.shape[1] > self.raw_dim:
+                raise ValueError(f"raw has shape {r.shape}; expected ({len(t)}, <= {self.raw_dim})")
+        before = self.evictions
+        with torch.inference_mode():
+            if self.size + t.shape[0] <= self.capacity:
+                self._add_bulk(t, r, int(tag))
+            else:
+                for i in range(t.shape[0]):
+                    self._add_one(t[i], None if r is None else r[i], int(tag))
+        return self.evictions - before
+
+    def _add_bulk(self, x: torch.Tensor, raw: np.ndarray | None, tag: int) -> None:
+        """Insert rows that all fit (no eviction): two matmuls instead of n sequential updates."""
+        n, m = x.shape[0], self.size
+        if n == 0:
+            return
+        sq = (x * x).sum(dim=1)
+        d_xx = pairwise_sq_dist(x, x, sq)
+        d_xx.fill_diagonal_(float("inf"))
+        new_nn, new_idx = d_xx.min(dim=1)
+        new_idx = new_idx + m
+        if m:
+            d_xe = pairwise_sq_dist(x, self._emb[:m], self._sq[:m])  # (n, m)
+            best_e, best_e_idx = d_xe.min(dim=1)
+            use_e = best_e < new_nn
+            new_nn = torch.where(use_e, best_e, new_nn)
+            new_idx = torch.where(use_e, best_e_idx, new_idx)
+            col_min, col_idx = d_xe.min(dim=0)  # for existing points
+            col_min = col_min.sqrt().double().cpu().numpy()
+            closer = col_min < self._nn[:m]
+            self._nn[:m][closer] = col_min[closer]
+            self._nn_idx[:m][closer] = col_idx.cpu().numpy()[closer] + m
+        self._emb[m:m + n] = x
+        self._sq[m:m + n] = sq
+        self._nn[m:m + n] = new_nn.sqrt().double().cpu().numpy()
+        self._nn_idx[m:m + n] = new_idx.cpu().numpy()
+        self._tag[m:m + n] = tag
+        if self._raw is not None and raw is not None:
+            self._raw[m:m + n, : raw.shape[1]] = raw
+            self._raw[m:m + n, raw.shape[1]:] = 0.0
+            self._raw_len[m:m + n] = raw.shape[1]
+        self.size += n
+
+    def _add_one(self, v: torch.Tensor, raw: np.ndarray | None, tag: int = 0) -> None:
+        n = self.size
+        if n:
+            d_new = pairwise_sq_dist(v[None, :], self._emb[:n], self._sq[:n])[0].sqrt().double().cpu().numpy()
+            j = int(np.argmin(d_new))
+            nn_new, nn_new_idx = float(d_new[j]), j
+        else:
+            d_new, nn_new, nn_new_idx = np.zeros(0), np.inf, -1
+        if n < self.capacity:
+            slot = n
+            self.size += 1
+        else:
+            # Evict the most redundant point of cache ∪ {new}; the new point may be it.
+            e = int(np.argmin(self._nn[:n]))
+            if nn_new <= self._nn[e]:
+                self.evictions += 1
+                return
+            slot = e
+            self.evictions += 1
+            d_new = d_new.copy()
+            d_new[e] = np.inf  # the evicted point is gone
+            j = int(np.argmin(d_new))
+            nn_new, nn_new_idx = float(d_new[j]), j
+        self._emb[slot] = v
+        self._sq[slot] = (v * v).sum()
+        self._tag[slot] = tag
+        if self._raw is not None and raw is not None:
+            self._raw[slot, : len(raw)] = raw
+            self._raw[slot, len(raw):] = 0.0
+            self._raw_len[slot] = len(raw)
+        m = self.size
+        closer = np.zeros(m, dtype=bool)
+        if len(d_new):
+            closer[: len(d_new)] = d_new < self._nn[: len(d_new)]
+            closer[slot] = False
+        idx = np.flatnonzero(closer)
+        self._nn[idx] = d_new[idx]
+        self._nn_idx[idx] = slot
+        self._nn[slot], self._nn_idx[slot] = nn_new, nn_new_idx
+        # Points whose nearest neighbour was the evicted one need a fresh nearest neighbour.
+        stale = np.flatnonzero((self._nn_idx[:m] == slot) & ~closer)
+        stale = stale[stale != slot]
+        if len(stale):
+            self._recompute_nn(stale)
+
+    def _recompute_nn(self, rows: np.ndarray) -> None:
+        m = self.size
+        sel = torch.as_tensor(rows, device=self.device)
+        d = pairwise_sq_dist(self._emb[sel], self._emb[:m], self._sq[:m])
+        d[torch.arange(len(rows), device=self.device), sel] = float("inf")
+        vals, idx = d.min(dim=1)
+        self._nn[rows] = vals.sqrt().double().cpu().numpy()
+        self._nn_idx[rows] = idx.cpu().numpy()
+
+    # ---------------------------------------------------------------- model changes
+    def invalidate(self, model_version: int) -> None:
+        """Drop everything (the old embedding space is meaningless under the new model)."""
+        self.size = 0
+        self._nn[:] = np.inf
+        self._nn_idx[:] = -1
+        self.model_version = int(model_version)
+
+    def reproject(self, embed: Callable[[np.ndarray, int], np.ndarray], model_version: int) -> None:
+        """Re-embed the cached raw vectors with a new model and rebuild the neighbour cache.
+
+        ``embed(raw, tag)`` maps the raw rows (n, d) of one tag to (n, k); ``d`` is the length
+        they were inserted with. Raises ``ValueError`` if no raw vectors are kept.
+        """
+        if self._raw is None:
+            raise ValueError("cache keeps no raw vectors; use invalidate() on a model change")
+        n = self.size
+        raw, lens, tags = self._raw[:n].copy(), self._raw_len[:n].copy(), self._tag[:n].copy()
+        self.invalidate(model_version)
+        # All rows fit again (same count), so re-inserting evicts nothing.
+        for tag in np.unique(tags):
+            for d in np.unique(lens[tags == tag]):
+                sel = (tags == tag) & (lens == d)
+                self.add(embed(raw[sel, :d], int(tag)), raw[sel, :d], tag=int(tag))

@@ -1,0 +1,145 @@
+"""Batched uncertainty scorer: owns the alignment model, the device and the recent-item index.
+
+For an item of modality m, the scorer embeds it with the current model and compares it with a
+bounded ring buffer (``index_size`` = K) of recent items of the OTHER modality. One matmul per
+batch gives the (B, K) similarity matrix; margin, entropy and least-confidence come from it.
+All torch work runs under ``torch.inference_mode()`` on CUDA when available, else CPU.
+
+The index keeps raw vectors too, so a hot-swapped model re-embeds it (see :meth:`set_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.alignment.model import AlignmentModel
+from service.core.uncertainty import all_uncertainties
+from service.core.validation import as_matrix, check_modality
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class UncertaintyScores:
+    """Per-item scores of one batch, each of shape (B,) float64 (NaN-free).
+
+    ``valid`` is False while the other modality's index holds fewer than 2 items; the scores are
+    then 0.5 placeholders and must not be trusted.
+    """
+
+    margin: np.ndarray
+    entropy: np.ndarray
+    least_confidence: np.ndarray
+    valid: bool
+
+    def get(self, kind: str) -> np.ndarray:
+        return {"margin": self.margin, "entropy": self.entropy,
+                "least_confidence": self.least_confidence}[kind]
+
+
+class _RingIndex:
+    def __init__(self, size: int, raw_dim: int, dim: int, device: torch.device):
+        self.size = size
+        self.raw = np.zeros((size, raw_dim), dtype=np.float32)
+        self.emb = torch.zeros((size, dim), dtype=torch.float32, device=device)
+        self.count = 0  # total ever pushed
+        self.pos = 0
+
+    @property
+    def filled(self) -> int:
+        return min(self.count, self.size)
+
+    def push(self, raw: np.ndarray, emb: torch.Tensor) -> None:
+        n = len(raw)
+        if n >= self.size:
+            raw, emb, n = raw[-self.size:], emb[-self.size:], self.size
+        end = self.pos + n
+        first = min(end, self.size) - self.pos
+        self.raw[self.pos:self.pos + first] = raw[:first]
+        self.emb[self.pos:self.pos + first] = emb[:first]
+        if first < n:
+            self.raw[: n - first] = raw[first:]
+            self.emb[: n - first] = emb[first:]
+        self.pos = end % self.size
+        self.count += n
+
+
+class UncertaintyScorer:
+    """See module docstring.
+
+    Parameters
+    ----------
+    model : AlignmentModel
+    index_size : int
+        K, the number of recent items of each modality kept to score the other modality against.
+    tau : float
+        Softmax temperature over cosine similarities.
+    device : str or torch.device or None
+        None picks CUDA when available, else CPU.
+    """
+
+    def __init__(self, model: AlignmentModel, index_size: int = 4096, tau: float = 0.05,
+                 device: str | torch.device | None = None):
+        if index_size < 2:
+            raise ValueError(f"index_size must be >= 2, got {index_size}")
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.tau = float(tau)
+        self.index_size = int(index_size)
+        self.model = model.to(self.device).eval()
+        self._index = {m: _RingIndex(index_size, d, model.dim_out, self.device)
+                       for m, d in model.dims.items()}
+
+    @property
+    def modalities(self) -> tuple[str, str]:
+        return self.model.modalities
+
+    @property
+    def model_version(self) -> int:
+        return self.model.version
+
+    def index_fill(self, modality: str) -> int:
+        return self._index[check_modality(modality, self.modalities)].filled
+
+    def embed(self, modality: str, x) -> torch.Tensor:
+        """Validated raw (B, d_m) -> embeddings (B, k) on the scorer's device."""
+        arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)], name=modality)
+        with torch.inference_mode():
+            return self.model(modality, torch.from_numpy(arr).to(self.device))
+
+    def score(self, modality: str, z: torch.Tensor) -> UncertaintyScores:
+        """Scores of embedded items (B, k) of ``modality`` against the other modality's index."""
+        idx = self._index[self.model.other(modality)]
+        b = z.shape[0]
+        if idx.filled < 2:
+            half = np.full(b, 0.5)
+            return UncertaintyScores(half, half, half, valid=False)
+        with torch.inference_mode():
+            sims = z @ idx.emb[: idx.filled].T
+            out = {k: v.double().cpu().numpy()
+                   for k, v in all_uncertainties(sims, self.tau).items()}
+        return UncertaintyScores(out["margin"], out["entropy"], out["least_confidence"], valid=True)
+
+    def observe(self, modality: str, raw: np.ndarray, z: torch.Tensor) -> None:
+        """Add items to ``modality``'s recent index (called at commit time)."""
+        self._index[check_modality(modality, self.modalities)].push(
+            np.asarray(raw, dtype=np.float32), z.detach().to(self.device))
+
+    def set_model(self, model: AlignmentModel) -> None:
+        """Hot-swap the model and re-embed the recent-item index in the new space."""
+        if model.dims != self.model.dims or model.dim_out != self.model.dim_out:
+            raise ValueError(
+                f"new model has dims {model.dims}->{model.dim_out}, scorer expects "
+                f"{self.model.dims}->{self.model.dim_out}")
+        self.model = model.to(self.device).eval()
+        with torch.inference_mode():
+            for m, idx in self._index.items():
+                n = idx.filled
+                if n:
+                    idx.emb[:n] = self.model(m, torch.from_numpy(idx.raw[:n]).to(self.device))

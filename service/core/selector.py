@@ -1,0 +1,253 @@
+"""The streaming selector: events in, decisions out, propose then commit.
+
+Per micro-batch of B items (any mix of the two modalities), in arrival order:
+
+1. embed each modality's items with the current model (one matmul per modality);
+2. uncertainty against the OTHER modality's recent index (one (B, K) matmul) and raw diversity =
+   distance to the same modality's selected-set cache (one (B, C) matmul);
+3. normalise per modality, add the coverage bonus -> utility;
+4. decide item by item with a :class:`~service.core.budget.BudgetDraft`; an accept immediately
+   lowers the diversity of the *remaining* items of the batch (distance to the accepted vector),
+   so two near-duplicates in one batch are not both accepted. With ``cross_insert`` an accepted
+   item also counts for the other modality (its partner will lie near it in the shared space).
+
+Cost per item is O(C·k + K·k) plus O(d·k) to embed; memory is bounded by C, K and the windows.
+
+:meth:`StreamingSelector.propose` changes nothing; :meth:`StreamingSelector.commit` applies a
+proposal (budget spend, cache inserts, normaliser/threshold history, recent index) and must be
+called once the accepted items were published. Proposals must be committed in order; a proposal
+made before another commit is rejected as stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from service.alignment.model import AlignmentModel
+from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
+from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
+from service.core.distance_cache import DistanceCache, pairwise_sq_dist
+from service.core.scorer import UncertaintyScorer
+from service.core.types import Decision, FeatureItem
+from service.core.validation import as_matrix, check_modality
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """Settings of :class:`StreamingSelector`."""
+
+    uncertainty: str = "entropy"  # margin | entropy | least_confidence
+    tau: float = 0.05
+    index_size: int = 4096  # K
+    cache_capacity: int = 4096  # C
+    cross_insert: bool = True
+    cache_on_model_change: str = "reproject"  # or "invalidate"
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+
+    def __post_init__(self):
+        if self.uncertainty not in ("margin", "entropy", "least_confidence"):
+            raise ValueError(f"unknown uncertainty {self.uncertainty!r}; expected margin, entropy "
+                             "or least_confidence")
+        if self.cache_on_model_change not in ("reproject", "invalidate"):
+            raise ValueError("cache_on_model_change must be 'reproject' or 'invalidate', got "
+                             f"{self.cache_on_model_change!r}")
+
+
+@dataclass
+class Proposal:
+    """Decisions for one batch plus what :meth:`StreamingSelector.commit` needs to apply them."""
+
+    decisions: list[Decision]
+    _draft: BudgetDraft
+    _raw: dict[str, np.ndarray]
+    _emb: dict[str, torch.Tensor]
+    _rows: dict[str, np.ndarray]  # batch positions of each modality's rows
+    _unc: dict[str, np.ndarray]
+    _div: dict[str, np.ndarray]
+    _epoch: int
+
+    @property
+    def accepted(self) -> list[Decision]:
+        return [d for d in self.decisions if d.accept]
+
+
+class StreamingSelector:
+    """Composes scorer, per-modality distance caches, acquisition and budget. See module doc.
+
+    Parameters
+    ----------
+    model : AlignmentModel
+        Initial model (version 0 = cold start).
+    config : SelectorConfig
+    seed : int
+        Seed of the budget's counter-based randomness.
+    device : str or torch.device or None
+    """
+
+    def __init__(self, model: AlignmentModel, config: SelectorConfig | None = None, seed: int = 0,
+                 device: str | torch.device | None = None):
+        self.config = cfg = config or SelectorConfig()
+        self.scorer = UncertaintyScorer(model, cfg.index_size, cfg.tau, device)
+        self.modalities = model.modalities
+        raw_dim = max(model.dims.values())
+        self.caches = {m: DistanceCache(model.dim_out, cfg.cache_capacity, raw_dim=raw_dim,
+                                        model_version=model.version, device=self.scorer.device)
+                       for m in self.modalities}
+        self.acquisition = ModalityAwareAcquisition(self.modalities, cfg.acquisition)
+        self.budget = BudgetController(cfg.budget, seed)
+        self._epoch = 0
+        self.items_seen = {m: 0 for m in self.modalities}
+
+    @property
+    def model(self) -> AlignmentModel:
+        return self.scorer.model
+
+    @property
+    def model_version(self) -> int:
+        return self.scorer.model_version
+
+    # ------------------------------------------------------------------ propose
+    def propose(self, items: Sequence[FeatureItem]) -> Proposal:
+        """Decide a batch without changing any state. Raises ``ValueError`` on bad input.
+
+        Shape: ``items[i].vector`` is (d_{items[i].modality},).
+        """
+        if len(items) == 0:
+            raise ValueError("empty batch: propose() needs at least one item")
+        mods = [check_modality(it.modality, self.modalities) for it in items]
+        rows = {m: np.array([i for i, mm in enumerate(mods) if mm == m], dtype=np.int64)
+                for m in self.modalities}
+        raw, emb, unc, div, scores, norm = {}, {}, {}, {}, {}, {}
+        kind = self.config.uncertainty
+        for m in self.modalities:
+            if len(rows[m]) == 0:
+                continue
+            try:
+                raw[m] = as_matrix(np.stack([np.asarray(items[i].vector) for i in rows[m]]),
+                                   self.model.dims[m], name=f"{m} vectors")
+            except ValueError as exc:
+                raise ValueError(f"{exc} (item ids {[items[i].item_id for i in rows[m][:3]]}...)") from None
+            emb[m] = self.scorer.embed(m, raw[m])
+            scores[m] = self.scorer.score(m, emb[m])
+            unc[m] = scores[m].get(kind)
+            div[m] = self.caches[m].min_distance(emb[m])
+        bonus = self.acquisition.coverage_bonus()
+        cur_div = {m: div[m].copy() for m in div}
+        for m in div:
+            norm[m] = list(self.acquisition.normalized(m, unc[m], div[m]))
+        pos_in_mod = np.empty(len(items), dtype=np.int64)
+        for m in rows:
+            pos_in_mod[rows[m]] = np.arange(len(rows[m]))
+        draft = self.budget.begin(len(items))
+        extra = {m: 0 for m in self.modalities}
+        decisions: list[Decision] = []
+        version = self.model_version
+        for i, it in enumerate(items):
+            m, j = mods[i], int(pos_in_mod[i])
+            utility = float(self.acquisition.utility(norm[m][0][j], norm[m][1][j], bonus[m]))
+            if self.acquisition.quota_allows(m, extra):
+                bd = draft.decide(utility)
+            else:
+                bd = draft.skip(utility, "skip:quota")
+            dec_accept, thr, reason = bd.accept, bd.threshold, bd.reason
+            if dec_accept:
+                extra[m] += 1
+                for t in self._lower_remaining(emb, cur_div, rows, i, m, j):
+                    norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
+            s = scores[m]
+            decisions.append(Decision(
+                item_id=it.item_id, modality=m, accept=dec_accept, utility=utility,
+                uncertainty=float(unc[m][j]), diversity=float(cur_div[m][j]),
+                coverage_bonus=float(bonus[m]), margin=float(s.margin[j]),
+                entropy=float(s.entropy[j]), least_confidence=float(s.least_confidence[j]),
+                threshold=float(thr), model_version=version, reason=reason))
+        return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch)
+
+    def _lower_remaining(self, emb, cur_div, rows, i, m, j) -> list[str]:
+        """After accepting item (modality m, row j at batch position i), shrink later items'
+        diversity; returns the modalities whose diversity changed."""
+        v = emb[m][j:j + 1]
+        targets = self.modalities if self.config.cross_insert else (m,)
+        changed = []
+        with torch.inference_mode():
+            for t in targets:
+                if t not in emb:
+                    continue
+                later = rows[t] > i
+                if not later.any():
+                    continue
+                changed.append(t)
+                idx = np.flatnonzero(later)
+                e = emb[t][torch.as_tensor(idx, device=emb[t].device)]
+                d = pairwise_sq_dist(e, v, (v * v).sum(dim=1))[:, 0].sqrt().double().cpu().numpy()
+                cur_div[t][idx] = np.minimum(cur_div[t][idx], d)
+        return changed
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, proposal: Proposal) -> None:
+        """Apply a proposal after its accepted items were safely published."""
+        if proposal._epoch != self._epoch:
+            raise ValueError("stale proposal: another proposal was committed or the model changed")
+        n_acc = sum(d.accept for d in proposal.decisions)
+        self.budget.commit(proposal._draft, accepted=n_acc)
+        for m, r in proposal._rows.items():
+            if len(r) == 0:
+                continue
+            acc = np.array([proposal.decisions[i].accept for i in r])
+            self.acquisition.commit(m, proposal._unc[m], proposal._div[m], int(acc.sum()))
+            self.scorer.observe(m, proposal._raw[m], proposal._emb[m])
+            self.items_seen[m] += len(r)
+            if acc.any():
+                sel = torch.as_tensor(np.flatnonzero(acc), device=proposal._emb[m].device)
+                z = proposal._emb[m][sel]
+                raw = proposal._raw[m][acc]
+                targets = self.modalities if self.config.cross_insert else (m,)
+                for t in targets:
+                    self.caches[t].add(z, raw, tag=self._tag(m))
+        self._epoch += 1
+
+    def _tag(self, modality: str) -> int:
+        return self.modalities.index(modality)
+
+    def reveal_partner(self, modality: str, raw) -> None:
+        """An annotator revealed a partner item of ``modality``: cache it (diversity knows it now).
+
+        raw: (n, d_modality).
+        """
+        check_modality(modality, self.modalities)
+        arr = as_matrix(raw, self.model.dims[modality], name=f"partner {modality}")
+        self.caches[modality].add(self.scorer.embed(modality, arr), arr, tag=self._tag(modality))
+        self._epoch += 1
+
+    # ------------------------------------------------------------------ model swap
+    def set_model(self, model: AlignmentModel) -> None:
+        """Hot-swap the alignment model; caches follow the new space (re-projected or dropped)."""
+        self.scorer.set_model(model)
+        for cache in self.caches.values():
+            if self.config.cache_on_model_change == "invalidate":
+                cache.invalidate(model.version)
+            else:
+                cache.reproject(lambda raw, tag: self.scorer.embed(self.modalities[tag], raw),
+                                model.version)
+        self._epoch += 1
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        """Budget, per-modality counts, model version and cache fill (plain data)."""
+        return {
+            "spent": self.budget.spent,
+            "remaining": self.budget.remaining,
+            "seen": self.budget.seen,
+            "acceptance_rate": self.budget.acceptance_rate(),
+            "threshold": self.budget.threshold(),
+            "accepted_per_modality": dict(self.acquisition.accepts),
+            "seen_per_modality": dict(self.items_seen),
+            "model_version": self.model_version,
+            "cache_fill": {m: c.fill() for m, c in self.caches.items()},
+            "cache_evictions": {m: c.evictions for m, c in self.caches.items()},
+        }

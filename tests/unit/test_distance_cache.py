@@ -1,0 +1,126 @@
+"""Distance cache invariants: bounded size, exact distances, monotone coverage, coverage-keeping eviction."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.core.distance_cache import DistanceCache
+
+
+def _unit(rng, n, k):
+    x = rng.normal(size=(n, k)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_min(x, c, empty=2.0):
+    if len(c) == 0:
+        return np.full(len(x), empty)
+    return np.sqrt(((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), cap=st.integers(1, 12), n_add=st.integers(1, 40),
+       chunk=st.integers(1, 7))
+def test_never_exceeds_capacity_and_matches_brute_force(seed, cap, n_add, chunk):
+    rng = np.random.default_rng(seed)
+    cache = DistanceCache(dim=4, capacity=cap)
+    pts = _unit(rng, n_add, 4)
+    probe = _unit(rng, 9, 4)
+    for i in range(0, n_add, chunk):
+        cache.add(pts[i:i + chunk])
+        assert cache.size <= cap
+        cached = cache.embeddings.numpy()
+        np.testing.assert_allclose(cache.min_distance(probe), _brute_min(probe, cached), atol=1e-4)
+        # the neighbour cache is exact
+        if cache.size >= 2:
+            d = np.sqrt(((cached[:, None] - cached[None]) ** 2).sum(-1))
+            np.fill_diagonal(d, np.inf)
+            np.testing.assert_allclose(cache._nn[: cache.size], d.min(1), atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 30))
+def test_min_distance_never_increases_while_below_capacity(seed, n):
+    rng = np.random.default_rng(seed)
+    cache = DistanceCache(dim=3, capacity=64)
+    probe = _unit(rng, 20, 3)
+    prev = cache.min_distance(probe)
+    for p in _unit(rng, n, 3):
+        cache.add(p[None])
+        cur = cache.min_distance(probe)
+        assert np.all(cur <= prev + 1e-6)
+        prev = cur
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_eviction_loses_at_most_the_evicted_points_nn_distance(seed):
+    rng = np.random.default_rng(seed)
+    cache = DistanceCache(dim=3, capacity=6)
+    cache.add(_unit(rng, 6, 3))
+    probe = _unit(rng, 30, 3)
+    before = cache.min_distance(probe)
+    worst_nn = cache._nn[: cache.size].min()
+    cache.add(_unit(rng, 1, 3))
+    after = cache.min_distance(probe)
+    # triangle inequality: removing e raises any distance by at most nn_dist(e)
+    assert np.all(after <= before + worst_nn + 1e-5)
+
+
+def test_eviction_keeps_outliers_not_fifo():
+    cache = DistanceCache(dim=2, capacity=3)
+    far = np.array([[10.0, 0.0]], np.float32)
+    cache.add(far)
+    cache.add(np.array([[0.0, 0.0], [0.01, 0.0]], np.float32))
+    cache.add(np.array([[0.0, 5.0]], np.float32))  # full: one of the two near-duplicates goes
+    kept = cache.embeddings.numpy()
+    assert cache.size == 3 and cache.evictions == 1
+    assert any(np.allclose(k, far[0]) for k in kept)  # the oldest point (an outlier) survives
+    assert any(np.allclose(k, [0.0, 5.0]) for k in kept)
+
+
+def test_redundant_new_point_is_dropped_when_full():
+    cache = DistanceCache(dim=2, capacity=2)
+    cache.add(np.array([[0.0, 0.0], [1.0, 0.0]], np.float32))
+    cache.add(np.array([[0.0, 0.001]], np.float32))
+    assert cache.size == 2 and cache.evictions == 1
+    assert cache.min_distance(np.array([[1.0, 0.0]]))[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reproject_uses_raw_and_tags_and_sets_version():
+    cache = DistanceCache(dim=2, capacity=8, raw_dim=3)
+    cache.add(np.array([[1.0, 0.0]], np.float32), raw=np.array([[1.0, 2.0, 3.0]]), tag=0)
+    cache.add(np.array([[0.0, 1.0]], np.float32), raw=np.array([[5.0, 6.0]]), tag=1)
+    seen = []
+
+    def embed(raw, tag):
+        seen.append((tag, raw.shape))
+        return np.tile(np.array([[0.6, 0.8]], np.float32), (len(raw), 1))
+
+    cache.reproject(embed, model_version=7)
+    assert sorted(seen) == [(0, (1, 3)), (1, (1, 2))]
+    assert cache.model_version == 7 and cache.size == 2
+    np.testing.assert_allclose(cache.embeddings.numpy(), [[0.6, 0.8], [0.6, 0.8]], atol=1e-6)
+
+
+def test_bad_input_raises_clear_errors():
+    cache = DistanceCache(dim=4, capacity=4)
+    with pytest.raises(ValueError, match="wrong dimension 3, expected 4"):
+        cache.min_distance(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        cache.add(np.array([[np.nan, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="empty batch"):
+        cache.add(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="capacity must be"):
+        DistanceCache(dim=4, capacity=0)
+    with pytest.raises(ValueError, match="keeps no raw"):
+        cache.reproject(lambda r, t: r, 1)
+    with pytest.raises(ValueError, match="expected shape"):
+        cache.min_distance(torch.zeros(2, 5))
+
+
+def test_empty_cache_reports_empty_value():
+    cache = DistanceCache(dim=2, capacity=2, empty_value=2.0)
+    np.testing.assert_array_equal(cache.min_distance(np.ones((3, 2))), [2.0, 2.0, 2.0])
