@@ -67,6 +67,17 @@ def _cmd_bench_quality(args) -> int:
     return 0
 
 
+def _cmd_bench_stream_cost(args) -> int:
+    from service.bench import stream_cost
+
+    res = stream_cost.run(items=args.items, segment=args.segment, batch=args.batch,
+                          capacity=args.capacity, index_size=args.index_size, seed=args.seed)
+    p = stream_cost.write_report(res, args.out, "pairsieve " + " ".join(sys.argv[1:]))
+    print(f"wrote {p}: last/first segment throughput {res['last_over_first']:.3f}, "
+          f"median {res['median_items_per_s']:.0f} items/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairsieve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
     q.add_argument("--out-dir", default="reports")
     q.set_defaults(func=_cmd_bench_quality)
+    c = sub.add_parser("bench-stream-cost", help="per-item selector cost over a long stream")
+    c.add_argument("--items", type=int, default=1_000_000)
+    c.add_argument("--segment", type=int, default=50_000)
+    c.add_argument("--batch", type=int, default=256)
+    c.add_argument("--capacity", type=int, default=4096, help="distance cache size C")
+    c.add_argument("--index-size", type=int, default=4096, help="other-modality index size K")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="reports/stream-cost.md")
+    c.set_defaults(func=_cmd_bench_stream_cost)
     return p
 
 

@@ -44,18 +44,16 @@ class AlignmentModel(nn.Module):
         self.dim_out = int(dim_out)
         self.version = int(version)
         self.n_pairs = 0
-        self.heads = nn.ModuleDict(
-            {self._key(m): nn.Linear(d, self.dim_out) for m, d in self.dims.items()}
-        )
-
-    @staticmethod
-    def _key(modality: str) -> str:
-        # ModuleDict keys may not contain dots; modality names are user strings.
-        return "m_" + modality.replace(".", "_")
+        # Heads are keyed by position ("0", "1"): modality names are user strings and may hold
+        # characters ModuleDict keys cannot. Their default init would draw from the global torch
+        # RNG; the weights are always overwritten (trainer or checkpoint), so fork it away.
+        with torch.random.fork_rng(devices=[]):
+            self.heads = nn.ModuleDict(
+                {str(i): nn.Linear(d, self.dim_out) for i, d in enumerate(self.dims.values())})
 
     def head(self, modality: str) -> nn.Linear:
         check_modality(modality, self.modalities)
-        return self.heads[self._key(modality)]
+        return self.heads[str(self.modalities.index(modality))]
 
     def other(self, modality: str) -> str:
         """The other modality's name."""

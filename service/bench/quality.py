@@ -28,9 +28,10 @@ DEFAULT_DATASETS = ("digits", "digits-lr", "synthetic", "synthetic-imbalanced",
                     "synthetic-longtail-dup", "synthetic-missing", "synthetic-unique",
                     "synthetic-synergy")
 DEFAULT_STRATEGIES = {
-    "pool": ("random", REPLICATE, "default", "mmal", "entropy", "margin", "coreset", "badge",
-             "bmmal", "vecaf"),
-    "stream": ("random", REPLICATE, "default", "entropy", "margin", "diversity"),
+    "pool": ("random", REPLICATE, "default", "hybrid-zscore", "mmal", "entropy", "margin",
+             "coreset", "badge", "bmmal", "vecaf"),
+    "stream": ("random", REPLICATE, "default", "entropy", "margin", "diversity", "margin-rank",
+               "quota"),
 }
 
 

@@ -34,12 +34,12 @@ MODES = ("pool", "stream")
 
 def _pool_strategies() -> dict[str, Callable[[], object]]:
     out: dict[str, Callable[[], object]] = {name: cls for name, cls in POOL_BASELINES.items()}
-    out["hybrid"] = HybridStrategy
-    out["hybrid-entropy"] = lambda: HybridStrategy(uncertainty="entropy")
-    out["hybrid-rank"] = lambda: HybridStrategy(normalization="rank")
-    out["hybrid-w5"] = lambda: HybridStrategy(weight=0.5)
-    out["hybrid-entropy-rank"] = lambda: HybridStrategy(uncertainty="entropy", normalization="rank")
-    out["default"] = HybridStrategy
+    # default: margin + diversity, rank-normalised per modality (margin scores are heavy-tailed;
+    # z-scoring them let one modality's tail dominate in early experiments). The z-score and
+    # entropy variants stay available as ablations.
+    out["default"] = lambda: HybridStrategy(uncertainty="margin", normalization="rank")
+    out["hybrid-zscore"] = lambda: HybridStrategy(uncertainty="margin", normalization="zscore")
+    out["hybrid-entropy"] = lambda: HybridStrategy(uncertainty="entropy", normalization="rank")
     return out
 
 
@@ -198,12 +198,14 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress):
     mods = (ds.modality_a, ds.modality_b)
     strategy = _pool_strategies()[cfg.strategy]()
     _warmup_picks(oracle, min(cfg.warmup, cfg.budget), rng)
-    rng = srng
+    order_rng, rng = rng, srng
     model, point = _evaluate(trainer, trainer.cold_model(), ds, oracle, test, None)
     curve = [point]
     while oracle.spent < cfg.budget:
         k = min(cfg.round_size, cfg.budget - oracle.spent)
-        cand = {s: np.flatnonzero(oracle.open[s]) for s in (0, 1)}
+        # Each modality's candidates in an independent random order: row j of one modality must
+        # not be the partner of row j of the other (that would leak the hidden pairing).
+        cand = {s: order_rng.permutation(np.flatnonzero(oracle.open[s])) for s in (0, 1)}
         raws = {0: ds.a, 1: ds.b}
         rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
         state = PoolState(
@@ -232,7 +234,11 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress):
 def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
     mods = (ds.modality_a, ds.modality_b)
     n = len(oracle.rows)
-    stream = rng.permutation(2 * n)  # item = 2*k + side
+    stream = rng.permutation(2 * n)  # item = 2*k + side (never shown to the selector)
+    # Opaque ids: partners' ids must not be related (2k and 2k+1 would leak the pairing).
+    opaque = rng.permutation(2 * n)
+    item_of = np.empty(2 * n, dtype=np.int64)
+    item_of[opaque] = np.arange(2 * n)
     # Items whose partner was already acquired are not offered, so about `budget` fewer arrive.
     rate = min(1.0, cfg.budget / max(1, len(stream) - cfg.budget))
     rng = srng
@@ -268,13 +274,13 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
                 pos += 1
                 s, k = it % 2, it // 2
                 if oracle.open[s][k]:  # already-aligned items are known to the service: not offered
-                    batch.append(FeatureItem(str(it), mods[s], raws[s][oracle.rows[k]]))
+                    batch.append(FeatureItem(f"item-{opaque[it]}", mods[s], raws[s][oracle.rows[k]]))
             if not batch:
                 break
             proposal = selector.propose(batch)
             selector.commit(proposal)  # the simulator "publishes" instantly
             for d in proposal.accepted:
-                it = int(d.item_id)
+                it = int(item_of[int(d.item_id.removeprefix("item-"))])
                 s, k = it % 2, it // 2
                 row = oracle.acquire(s, k)
                 if row is not None:

@@ -1,0 +1,333 @@
+"""Component tests: the offline simulator (``service.bench.simulator``) and the ``pairsieve`` CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.bench import simulator as sim_mod
+from service.bench.datasets import BUILTIN, load_npz, make_synthetic
+from service.bench.simulator import SimConfig, list_strategies, simulate
+from service.cli import main
+from service.core.pool import STRATEGIES as POOL_REGISTRY
+from service.core.pool.base import PoolState
+from service.core.pool.random import RandomStrategy
+
+SMALL = dict(budget=60, round_size=20, warmup=20, retrain_every=20, test_size=50)
+CASES = [(s, m) for m in ("pool", "stream") for s in ("random", "default")]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine: intra-op threads only add contention."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_synthetic(n=300, d_a=16, d_b=12, latent_dim=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_missing():
+    return make_synthetic(n=300, d_a=16, d_b=12, latent_dim=8, missing_rate=0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def results(tiny):
+    return {(s, m): simulate(tiny, SimConfig(strategy=s, mode=m, **SMALL)) for s, m in CASES}
+
+
+def check_contract(res: dict, *, strategy: str, mode: str, seed: int, budget: int) -> None:
+    assert res["strategy"] == strategy and res["mode"] == mode
+    assert res["seed"] == seed and res["budget"] == budget
+    curve = res["curve"]
+    assert isinstance(curve, list) and curve
+    for p in curve:
+        assert type(p["pairs"]) is int
+        for key in ("r1", "r5"):
+            assert isinstance(p[key], float) and 0.0 <= p[key] <= 1.0
+        assert p["r5"] >= p["r1"]
+    pairs = [p["pairs"] for p in curve]
+    assert all(x <= y for x, y in zip(pairs, pairs[1:])), pairs
+    assert pairs[-1] <= budget
+
+
+# --- simulate: result format -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy,mode", CASES)
+def test_result_follows_contract(results, strategy, mode):
+    res = results[(strategy, mode)]
+    check_contract(res, strategy=strategy, mode=mode, seed=0, budget=60)
+    final = res["curve"][-1]["pairs"]
+    if mode == "pool":
+        assert final == 60
+    assert sum(res["acquisitions_per_modality"].values()) == final
+    assert set(res["acquisitions_per_modality"]) == {"a", "b"}
+    assert res["unique_pairs"] + res["no_match"] + res["wasted"] == final
+    assert res["test_size"] == 50 and res["pool_rows"] == 250
+    assert json.loads(json.dumps(res)) == res  # JSON-serialisable as is
+
+
+@pytest.mark.parametrize("strategy,mode", CASES)
+def test_learning_happens(results, strategy, mode):
+    curve = results[(strategy, mode)]["curve"]
+    # 50 held-out pairs: chance R@1 is 0.02; ~60 pairs on the easy synthetic set do much better.
+    assert curve[-1]["r1"] > 0.15
+
+
+# --- simulate: determinism ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy,mode", CASES)
+def test_same_config_same_result(tiny, results, strategy, mode):
+    again = simulate(tiny, SimConfig(strategy=strategy, mode=mode, **SMALL))
+    first = results[(strategy, mode)]
+    assert again["curve"] == first["curve"]
+    drop = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}  # noqa: E731
+    assert drop(again) == drop(first)
+
+
+def test_other_seed_other_result(tiny, results):
+    other = simulate(tiny, SimConfig(strategy="random", mode="pool", seed=1, **SMALL))
+    assert other["curve"] != results[("random", "pool")]["curve"]
+
+
+def test_warmup_shared_across_strategies(results):
+    # Same seed: same test split and same random warm-up, so the first point (after warm-up,
+    # before any strategy acted) is identical.
+    first_random = results[("random", "pool")]["curve"][0]
+    first_default = results[("default", "pool")]["curve"][0]
+    assert first_random == first_default
+    assert first_random["pairs"] == SMALL["warmup"]
+
+
+# --- simulate: the strategy never sees the pairing ---------------------------------------
+
+
+class Recorder:
+    """A random strategy that keeps a copy of every PoolState it is shown."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.rounds: list[dict] = []
+        self._inner = RandomStrategy()
+
+    def select(self, state: PoolState, budget, rng):
+        picks = self._inner.select(state, budget, rng)
+        self.rounds.append({
+            "fields": {f.name for f in dataclasses.fields(state)},
+            "raw": {m: state.raw[m].copy() for m in state.modalities},
+            "embedded": {m: state.embedded[m].shape for m in state.modalities},
+            "selected": {m: state.selected[m].shape for m in state.modalities},
+            "acquired": dict(state.acquired_per_modality),
+            "picks": list(picks),
+        })
+        return picks
+
+
+@pytest.fixture
+def recorded(tiny, monkeypatch):
+    rec = Recorder()
+    monkeypatch.setitem(POOL_REGISTRY, "recorder", lambda: rec)
+    test_sets = []
+    real_recall = sim_mod.retrieval_recall
+
+    def spy(model, xa, xb, ks=(1, 5)):
+        test_sets.append(np.asarray(xa).copy())
+        return real_recall(model, xa, xb, ks)
+
+    monkeypatch.setattr(sim_mod, "retrieval_recall", spy)
+    res = simulate(tiny, SimConfig(strategy="recorder", mode="pool", budget=80, round_size=20,
+                                   warmup=20, test_size=50))
+    return rec, res, test_sets
+
+
+def _row_ids(x: np.ndarray, lookup: dict[bytes, int]) -> list[int]:
+    return [lookup[r.tobytes()] for r in x]
+
+
+def test_strategy_sees_only_open_pool_items(tiny, recorded):
+    rec, res, test_sets = recorded
+    assert len(rec.rounds) == 3  # (80 - 20 warm-up) / 20
+    look_a = {r.tobytes(): i for i, r in enumerate(tiny.a)}
+    look_b = {r.tobytes(): i for i, r in enumerate(tiny.b)}
+    assert len(look_a) == len(look_b) == tiny.n  # rows are distinct, so lookup is exact
+    test_rows = set(_row_ids(test_sets[0], look_a))
+    assert len(test_rows) == 50
+    assert all(np.array_equal(t, test_sets[0]) for t in test_sets)  # one fixed test split
+    for i, rnd in enumerate(rec.rounds):
+        assert rnd["fields"] == {"modalities", "raw", "embedded", "selected", "model",
+                                 "acquired_per_modality"}
+        ids = {"a": _row_ids(rnd["raw"]["a"], look_a), "b": _row_ids(rnd["raw"]["b"], look_b)}
+        revealed = res["curve"][i]["unique_pairs"]  # pairs known when this round started
+        for m in ("a", "b"):
+            assert len(set(ids[m])) == len(ids[m])  # no duplicates
+            assert not set(ids[m]) & test_rows  # held-out pairs are never candidates
+            # fully paired data: each revealed pair closed one item of each modality
+            assert len(ids[m]) == res["pool_rows"] - revealed
+            assert rnd["embedded"][m] == (len(ids[m]), 32)
+            assert rnd["selected"][m] == (revealed, 32)
+        assert sum(rnd["acquired"].values()) == res["curve"][i]["pairs"]
+        if i + 1 < len(rec.rounds):
+            nxt = rec.rounds[i + 1]
+            nxt_ids = {"a": set(_row_ids(nxt["raw"]["a"], look_a)),
+                       "b": set(_row_ids(nxt["raw"]["b"], look_b))}
+            for m, j in rnd["picks"]:
+                row = ids[m][j]
+                # the picked item and (the pairing being revealed) its partner are gone
+                assert row not in nxt_ids["a"] and row not in nxt_ids["b"]
+
+
+def test_candidate_order_does_not_reveal_pairing(tiny, recorded):
+    rec, _, _ = recorded
+    look_a = {r.tobytes(): i for i, r in enumerate(tiny.a)}
+    look_b = {r.tobytes(): i for i, r in enumerate(tiny.b)}
+    rnd = rec.rounds[0]
+    ids_a = np.array(_row_ids(rnd["raw"]["a"], look_a))
+    ids_b = np.array(_row_ids(rnd["raw"]["b"], look_b))
+    aligned = np.mean(ids_a == ids_b)  # row i of a and row i of b are partners in `tiny`
+    # independent orders would give ~1/230; allow a generous margin
+    assert aligned < 0.1
+
+
+# --- simulate: missing modality ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy,mode", CASES)
+def test_missing_modality_accounting(tiny_missing, strategy, mode):
+    res = simulate(tiny_missing, SimConfig(strategy=strategy, mode=mode, **SMALL))
+    final = res["curve"][-1]["pairs"]
+    assert res["no_match"] > 0
+    assert res["unique_pairs"] + res["no_match"] + res["wasted"] == final
+    assert res["curve"][-1]["unique_pairs"] == res["unique_pairs"]
+    assert sum(res["acquisitions_per_modality"].values()) == final <= 60
+
+
+# --- SimConfig / simulate errors ---------------------------------------------------------
+
+
+def test_unknown_strategy_lists_known_names():
+    with pytest.raises(ValueError, match=r"unknown pool strategy 'nope'; known: \[.*'default'.*'random'"):
+        SimConfig(strategy="nope", mode="pool")
+    with pytest.raises(ValueError, match=r"unknown stream strategy 'coreset'; known: \["):
+        SimConfig(strategy="coreset", mode="stream")  # a pool-only name
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match=r"mode must be one of \('pool', 'stream'\), got 'batch'"):
+        SimConfig(mode="batch")
+
+
+@pytest.mark.parametrize("field,value", [("budget", 0), ("round_size", 0), ("test_size", 0)])
+def test_bad_sizes(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be >= 1, got {value}"):
+        SimConfig(**{field: value})
+    with pytest.raises(ValueError, match="warmup must be >= 0, got -1"):
+        SimConfig(warmup=-1)
+
+
+def test_budget_larger_than_pool(tiny):
+    with pytest.raises(ValueError, match=r"budget 251 exceeds the pool of 250 rows"):
+        simulate(tiny, SimConfig(**{**SMALL, "budget": 251}))
+
+
+def test_too_few_pairs_for_test_split():
+    ds = make_synthetic(n=30, d_a=4, d_b=3, latent_dim=2, seed=0)
+    with pytest.raises(ValueError, match=r"too few paired rows \(30\) for a test split"):
+        simulate(ds, SimConfig(**{**SMALL, "budget": 5}))
+
+
+def test_list_strategies_has_baselines():
+    names = list_strategies()
+    assert set(names) == {"pool", "stream"}
+    for mode in names:
+        assert {"random", "default"} <= set(names[mode])
+        assert names[mode] == sorted(names[mode])
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_simulate_list(capsys):
+    assert main(["simulate", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    parsed = dict(line.split(": ", 1) for line in out)
+    assert set(parsed) == {"pool", "stream"}
+    for mode, names in list_strategies().items():
+        assert parsed[mode].split() == names
+        assert "random" in names and "default" in names
+
+
+@pytest.mark.slow
+def test_cli_datasets_list(capsys):
+    assert main(["datasets", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(BUILTIN)
+
+
+@pytest.mark.slow
+def test_cli_export_then_simulate(tmp_path, capsys):
+    npz = tmp_path / "tmp.npz"
+    assert main(["datasets", "export", "synthetic", "--out", str(npz)]) == 0
+    assert f"wrote {npz}: 2000 rows" in capsys.readouterr().out
+    assert load_npz(npz).n == 2000
+    out = tmp_path / "res" / "res.json"
+    argv = ["simulate", "--data", str(npz), "--strategy", "random", "--mode", "pool",
+            "--budget", "40", "--seed", "1", "--out", str(out), "--quiet", "--test-size", "50",
+            "--round-size", "20", "--warmup", "20"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress lines
+    assert f"wrote {out}: random/pool on tmp, 40 acquisitions" in captured.out
+    res = json.loads(out.read_text())
+    check_contract(res, strategy="random", mode="pool", seed=1, budget=40)
+    assert res["dataset"] == "tmp"
+    assert res["curve"][-1]["pairs"] == 40
+    assert [p["pairs"] for p in res["curve"]] == [20, 40]
+
+
+def test_cli_simulate_to_stdout_with_progress(tmp_path, tiny, capsys):
+    npz = tmp_path / "tiny.npz"
+    tiny.to_npz(npz)
+    argv = ["simulate", "--data", str(npz), "--strategy", "random", "--mode", "stream",
+            "--budget", "40", "--test-size", "50", "--warmup", "20", "--retrain-every", "20"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    check_contract(json.loads(captured.out), strategy="random", mode="stream", seed=0, budget=40)
+    argv[4] = "default"
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    check_contract(json.loads(captured.out), strategy="default", mode="stream", seed=0, budget=40)
+    assert "default/stream seed 0: " in captured.err  # progress lines without --quiet
+
+
+def test_cli_unknown_strategy_returns_2(tmp_path, tiny, capsys):
+    npz = tmp_path / "tiny.npz"
+    tiny.to_npz(npz)
+    assert main(["simulate", "--data", str(npz), "--strategy", "nope", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "pairsieve: error: unknown pool strategy 'nope'" in captured.err
+    assert captured.out == ""
+
+
+def test_cli_malformed_npz_returns_2(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, a=np.zeros((5, 3), np.float32), b=np.zeros((4, 3), np.float32))
+    assert main(["simulate", "--data", str(bad), "--strategy", "random", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pairsieve: error:" in err and "a has 5 rows but b has 4" in err
+
+
+def test_cli_simulate_needs_data():
+    with pytest.raises(SystemExit, match="give --data FILE.npz or --dataset NAME"):
+        main(["simulate"])

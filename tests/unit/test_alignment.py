@@ -1,0 +1,339 @@
+"""Unit tests for the alignment model, its trainer and retrieval recall (``service.alignment``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.alignment.evaluate import recall_at_k, retrieval_recall
+from service.alignment.model import AlignmentModel
+from service.alignment.trainer import AlignmentTrainer, TrainerConfig, cca
+
+DIMS = {"a": 10, "b": 8}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The test machine is shared: tiny matmuls are far faster without intra-op threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def linear_pairs():
+    """b = a @ M + small noise: n=300, d_a=10, d_b=8. First 200 rows train, last 100 test."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 10))
+    m = rng.standard_normal((10, 8))
+    b = a @ m + 0.05 * rng.standard_normal((300, 8))
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def make_trainer(a, b, **cfg) -> AlignmentTrainer:
+    tr = AlignmentTrainer(DIMS, TrainerConfig(**cfg), seed=0)
+    tr.fit_unpaired({"a": a, "b": b})
+    return tr
+
+
+# --- recall_at_k -------------------------------------------------------------------------
+
+
+def test_recall_identity_pairs_is_perfect():
+    z = np.eye(6, dtype=np.float32)
+    r = recall_at_k(z, z, ks=(1, 5))
+    assert r["r1"] == r["r1_ab"] == r["r1_ba"] == 1.0
+    assert r["r5"] == 1.0
+    assert r["n"] == 6
+
+
+def test_recall_known_permutation_gives_exact_fraction():
+    # za = identity; zb row i is the unit vector of perm[i]. Row i's true partner is zb[i], but
+    # za[i] matches zb[j] with perm[j] == i best; the pair is found iff perm[i] == i.
+    n = 8
+    perm = np.array([0, 1, 2, 4, 3, 6, 7, 5])  # 3 fixed points
+    za = np.eye(n, dtype=np.float32)
+    zb = np.eye(n, dtype=np.float32)[perm]
+    r = recall_at_k(za, zb, ks=(1,))
+    assert r["r1_ab"] == pytest.approx(3 / 8)
+    assert r["r1_ba"] == pytest.approx(3 / 8)
+    assert r["r1"] == pytest.approx(3 / 8)
+
+
+def test_recall_rank_counts_strictly_higher_scores():
+    # Row 0 of zb scores 0.9 with za[0] but za[0]·zb[1] = 1.0 > 0.9: rank 1, so miss at k=1, hit at k=2.
+    za = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    zb = np.array([[0.9, 0.0], [1.0, 1.0]], dtype=np.float32)
+    r = recall_at_k(za, zb, ks=(1, 2))
+    assert r["r1_ab"] == pytest.approx(0.5)  # row 1 (score 1.0 vs 0.0) is found
+    assert r["r2_ab"] == pytest.approx(1.0)
+
+
+def test_recall_r5_at_least_r1():
+    rng = np.random.default_rng(1)
+    za, zb = rng.standard_normal((40, 4)), rng.standard_normal((40, 4))
+    r = recall_at_k(za, zb)
+    assert r["r5"] >= r["r1"]
+    assert r["r5_ab"] >= r["r1_ab"] and r["r5_ba"] >= r["r1_ba"]
+
+
+def test_recall_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match=r"same non-zero number of rows.*\(4, 3\).*\(5, 3\)"):
+        recall_at_k(np.zeros((4, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="same non-zero number of rows"):
+        recall_at_k(np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+# --- trainer: learning -------------------------------------------------------------------
+
+
+def test_fit_beats_cold_model_and_chance(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b)
+    cold = tr.cold_model()
+    assert cold.version == 0
+    model = tr.fit(a[:200], b[:200])
+    r_cold = retrieval_recall(cold, a[200:], b[200:])["r1"]
+    r_fit = retrieval_recall(model, a[200:], b[200:])["r1"]
+    chance = 1 / 100
+    assert r_fit >= 0.9
+    assert r_fit > r_cold + 0.5
+    assert r_fit > 20 * chance
+    assert model.n_pairs == 200
+
+
+def test_fit_bumps_version(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b)
+    m1 = tr.fit(a[:50], b[:50])
+    assert m1.version == 1
+    m2 = tr.fit(a[:60], b[:60], init=m1)
+    assert m2.version == 2
+    init = AlignmentModel(DIMS, 32, version=41)
+    assert tr.fit(a[:60], b[:60], init=init).version == 42
+
+
+def _states_equal(m1: AlignmentModel, m2: AlignmentModel) -> bool:
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    return s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_fit_below_min_pairs_keeps_cold_heads(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b, min_pairs=4)
+    model = tr.fit(a[:3], b[:3])
+    assert model.version == 1
+    assert model.n_pairs == 3
+    assert _states_equal(model, tr.cold_model())
+
+
+def test_fit_below_min_pairs_keeps_init_heads(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b, min_pairs=10)
+    trained = tr.fit(a[:200], b[:200])
+    model = tr.fit(a[:5], b[:5], init=trained)
+    assert model.version == trained.version + 1
+    assert _states_equal(model, trained)
+    assert model is not trained
+
+
+def test_fit_rejects_mismatched_rows(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b)
+    with pytest.raises(ValueError, match=r"pairs: 5 rows of 'a' but 4 rows of 'b'"):
+        tr.fit(a[:5], b[:4])
+
+
+def test_fit_rejects_wrong_dims(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b)
+    with pytest.raises(ValueError, match=r"pairs\['a'\]: wrong dimension 9, expected 10"):
+        tr.fit(a[:20, :9], b[:20])
+    with pytest.raises(ValueError, match=r"pairs\['b'\]: wrong dimension 10, expected 8"):
+        tr.fit(a[:20], a[:20])
+
+
+def test_fit_rejects_nan(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b)
+    bad = b[:20].copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"pairs\['b'\]: 1 row\(s\) contain NaN or inf \(first bad row index 7\)"):
+        tr.fit(a[:20], bad)
+
+
+def test_fit_unpaired_validation(linear_pairs):
+    a, b = linear_pairs
+    tr = AlignmentTrainer(DIMS)
+    with pytest.raises(ValueError, match=r"fit_unpaired: missing modality 'b'"):
+        tr.fit_unpaired({"a": a})
+    with pytest.raises(ValueError, match=r"need >= 2 items of 'a', got 1"):
+        tr.fit_unpaired({"a": a[:1], "b": b})
+    with pytest.raises(ValueError, match="cold_model needs fit_unpaired"):
+        AlignmentTrainer(DIMS).cold_model()
+
+
+def test_trainer_config_validation():
+    with pytest.raises(ValueError, match="pca_dim must be >= 1, got 0"):
+        TrainerConfig(pca_dim=0)
+    with pytest.raises(ValueError, match="cca_reg must be >= 0, got -0.1"):
+        TrainerConfig(cca_reg=-0.1)
+
+
+# --- CCA ---------------------------------------------------------------------------------
+
+
+def test_cca_recovers_shared_directions():
+    rng = np.random.default_rng(3)
+    n = 2000
+    shared = rng.standard_normal((n, 3))
+    # a: 3 shared + 2 private dims, mixed; b: the 3 shared (noisy) + 3 private dims, mixed.
+    ha = np.hstack([shared, rng.standard_normal((n, 2))]) @ rng.standard_normal((5, 5))
+    hb = np.hstack([shared + 0.05 * rng.standard_normal((n, 3)),
+                    rng.standard_normal((n, 3))]) @ rng.standard_normal((6, 6))
+    pa, pb, rho, ma, mb = cca(ha, hb, k=5, reg=1e-4)
+    assert pa.shape == (5, 5) and pb.shape == (6, 5) and rho.shape == (5,)
+    assert np.all(np.diff(rho) <= 1e-12)  # sorted, strongest first
+    assert np.all(rho[:3] > 0.98)
+    assert np.all(rho[3:] < 0.15)
+    # The canonical variates really are that correlated.
+    ua, ub = (ha - ma) @ pa, (hb - mb) @ pb
+    for j in range(3):
+        assert np.corrcoef(ua[:, j], ub[:, j])[0, 1] == pytest.approx(rho[j], abs=0.01)
+
+
+def test_cca_caps_k_at_smaller_dimension():
+    rng = np.random.default_rng(4)
+    pa, pb, rho, *_ = cca(rng.standard_normal((50, 4)), rng.standard_normal((50, 2)), k=10, reg=0.1)
+    assert rho.shape == (2,) and pa.shape == (4, 2) and pb.shape == (2, 2)
+
+
+# --- fine-tuning -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harder_pairs():
+    """Like ``linear_pairs`` but noisier, so CCA-only recall is not saturated at 1."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((300, 10))
+    b = a @ rng.standard_normal((10, 8)) + 1.0 * rng.standard_normal((300, 8))
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+@pytest.mark.parametrize("data", ["linear_pairs", "harder_pairs"])
+def test_finetune_does_not_collapse(data, request):
+    a, b = request.getfixturevalue(data)
+    base = make_trainer(a, b).fit(a[:200], b[:200])
+    tuned = make_trainer(a, b, finetune_steps=40).fit(a[:200], b[:200])
+    r_base = retrieval_recall(base, a[200:], b[200:])["r1"]
+    r_tuned = retrieval_recall(tuned, a[200:], b[200:])["r1"]
+    assert r_tuned >= 0.8 * r_base
+    assert not _states_equal(base, tuned)  # fine-tuning actually changed the heads
+
+
+def test_finetune_is_seeded_by_trainer_not_global_rng(linear_pairs):
+    a, b = linear_pairs
+    torch.manual_seed(1)
+    m1 = make_trainer(a, b, finetune_steps=10).fit(a[:200], b[:200])
+    torch.manual_seed(2)
+    m2 = make_trainer(a, b, finetune_steps=10).fit(a[:200], b[:200])
+    assert _states_equal(m1, m2)
+
+
+def test_finetune_draws_nothing_from_global_rng(linear_pairs):
+    # Fine-tuning itself must not consume the global torch RNG: fitting with 0 or 10 steps from
+    # the same global state leaves the same global state behind.
+    a, b = linear_pairs
+    after = []
+    for steps in (0, 10):
+        tr = make_trainer(a, b, finetune_steps=steps)
+        torch.manual_seed(123)
+        tr.fit(a[:200], b[:200])
+        after.append(torch.random.get_rng_state())
+    assert torch.equal(after[0], after[1])
+
+
+def test_fit_leaves_global_torch_rng_untouched(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b, finetune_steps=5)
+    before = torch.random.get_rng_state()
+    tr.fit(a[:200], b[:200])
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+# --- model: checkpoints and embedding ----------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path, linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a, b)
+    m1 = tr.fit(a[:100], b[:100])
+    m2 = tr.fit(a[:200], b[:200], init=m1)
+    p1 = m1.save(tmp_path)
+    p2 = m2.save(tmp_path)
+    assert p1.name == "model-v000001.pt" and p2.name == "model-v000002.pt"
+    assert (tmp_path / "LATEST").read_text().strip() == "model-v000002"
+    latest = AlignmentModel.load(tmp_path)
+    assert latest.version == 2 and latest.n_pairs == 200
+    np.testing.assert_array_equal(latest.embed("a", a[200:]), m2.embed("a", a[200:]))
+    np.testing.assert_array_equal(latest.embed("b", b[200:]), m2.embed("b", b[200:]))
+    old = AlignmentModel.load(p1)
+    assert old.version == 1 and old.n_pairs == 100
+    np.testing.assert_array_equal(old.embed("a", a[:10]), m1.embed("a", a[:10]))
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_load_dir_without_latest_raises(tmp_path):
+    with pytest.raises(ValueError, match="no LATEST checkpoint in"):
+        AlignmentModel.load(tmp_path)
+
+
+def test_embed_validation():
+    model = AlignmentModel(DIMS, 4)
+    z = model.embed("a", np.ones((3, 10)))
+    assert z.shape == (3, 4) and z.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"a: wrong dimension 8, expected 10"):
+        model.embed("a", np.ones((3, 8)))
+    with pytest.raises(ValueError, match=r"unknown modality 'c'; expected one of \['a', 'b'\]"):
+        model.embed("c", np.ones((3, 10)))
+
+
+def test_model_constructor_validation():
+    with pytest.raises(ValueError, match="dim_out must be positive, got 0"):
+        AlignmentModel(DIMS, 0)
+    with pytest.raises(ValueError, match="exactly two modalities"):
+        AlignmentModel({"a": 3}, 2)
+
+
+def test_set_affine_rejects_wrong_shape():
+    model = AlignmentModel(DIMS, 4)
+    with pytest.raises(ValueError, match=r"weight for 'a' has shape \(10, 3\), expected \(10, 4\)"):
+        model.set_affine("a", np.zeros(10), np.zeros((10, 3)))
+
+
+def test_dotted_modality_names(tmp_path):
+    dims = {"image.clip": 5, "text.v2": 3}
+    rng = np.random.default_rng(0)
+    xa, xb = rng.standard_normal((50, 5)), rng.standard_normal((50, 3))
+    tr = AlignmentTrainer(dims, TrainerConfig(dim_out=3))
+    tr.fit_unpaired({"image.clip": xa, "text.v2": xb})
+    model = tr.fit(xa, xb)
+    assert model.embed("image.clip", xa[:4]).shape == (4, 3)
+    assert model.other("image.clip") == "text.v2"
+    model.save(tmp_path)
+    back = AlignmentModel.load(tmp_path)
+    assert back.modalities == ("image.clip", "text.v2")
+    np.testing.assert_array_equal(back.embed("text.v2", xb), model.embed("text.v2", xb))
+
+
+def test_colliding_modality_keys_are_rejected_or_kept_apart():
+    try:
+        model = AlignmentModel({"x.y": 4, "x_y": 3}, 2)
+    except ValueError:
+        return  # refusing the ambiguous names is an acceptable behaviour
+    assert model.head("x.y").in_features == 4
+    assert model.head("x_y").in_features == 3
+    assert model.embed("x.y", np.ones((1, 4))).shape == (1, 2)
