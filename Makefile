@@ -31,8 +31,11 @@ bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~
 bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md
 	$(BIN)/pairsieve bench-stream-cost --items 1000000 --out reports/stream-cost.md
 
+proto: $(STAMP) ## regenerate service/wire/gen from protos/ (committed; never edit by hand)
+	$(BIN)/python scripts/gen_proto.py
+
 clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install test test-unit bench-quality bench-stream-cost clean
+.PHONY: help install test test-unit bench-quality bench-stream-cost proto clean

@@ -63,7 +63,7 @@ def _cmd_bench_quality(args) -> int:
                                or s in ("random", quality.REPLICATE)) for m in args.modes}
     quality.main(args.datasets.split(",") if args.datasets else None, tuple(args.modes),
                  args.seeds, args.budget, args.jobs, args.out_dir, strategies,
-                 command="pairsieve " + " ".join(sys.argv[1:]))
+                 command="pairsieve " + " ".join(sys.argv[1:]), first_seed=args.first_seed)
     return 0
 
 
@@ -71,11 +71,27 @@ def _cmd_bench_stream_cost(args) -> int:
     from service.bench import stream_cost
 
     res = stream_cost.run(items=args.items, segment=args.segment, batch=args.batch,
-                          capacity=args.capacity, index_size=args.index_size, seed=args.seed)
+                          capacity=args.capacity, index_size=args.index_size, seed=args.seed,
+                          warmup_items=args.warmup_items)
     p = stream_cost.write_report(res, args.out, "pairsieve " + " ".join(sys.argv[1:]))
-    print(f"wrote {p}: last/first segment throughput {res['last_over_first']:.3f}, "
+    print(f"wrote {p}: last/first segment throughput (medians) "
+          f"{res['median_last_over_first']:.3f}, "
           f"median {res['median_items_per_s']:.0f} items/s")
     return 0
+
+
+def _cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from service.runtime import serve_forever
+    from service.settings import Settings
+
+    overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve_forever(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("bench-quality", help="strategies x datasets x seeds; writes reports/quality.md")
     q.add_argument("--seeds", type=int, default=5)
+    q.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     q.add_argument("--budget", type=int, default=300)
     q.add_argument("--jobs", type=int, default=2)
     q.add_argument("--datasets", help="comma-separated subset of built-in datasets")
@@ -114,9 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
     q.add_argument("--out-dir", default="reports")
     q.set_defaults(func=_cmd_bench_quality)
+    from service.settings import Settings
+
+    v = sub.add_parser("serve", help="run the service: Kafka stream processor + gRPC + metrics")
+    Settings.add_arguments(v)
+    v.set_defaults(func=_cmd_serve)
+
     c = sub.add_parser("bench-stream-cost", help="per-item selector cost over a long stream")
     c.add_argument("--items", type=int, default=1_000_000)
     c.add_argument("--segment", type=int, default=50_000)
+    c.add_argument("--warmup-items", type=int, default=150_000,
+                   help="items streamed before measuring (fills the caches)")
     c.add_argument("--batch", type=int, default=256)
     c.add_argument("--capacity", type=int, default=4096, help="distance cache size C")
     c.add_argument("--index-size", type=int, default=4096, help="other-modality index size K")

@@ -23,10 +23,10 @@ def curve_xy(curve: list[dict], key: str = "r1") -> tuple[np.ndarray, np.ndarray
 
 
 def on_grid(curve: list[dict], grid: np.ndarray, key: str = "r1") -> np.ndarray:
-    """Linear interpolation of a curve on ``grid``; NaN beyond the curve's last point."""
+    """Linear interpolation of a curve on ``grid``; NaN outside the curve's first..last point."""
     x, y = curve_xy(curve, key)
     out = np.interp(grid, x, y)
-    out[grid > x[-1] + 1e-9] = np.nan
+    out[(grid > x[-1] + 1e-9) | (grid < x[0] - 1e-9)] = np.nan
     return out
 
 

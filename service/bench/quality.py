@@ -59,9 +59,9 @@ def _run_job(job: Job) -> dict:
 
 
 def run_matrix(datasets, modes, strategies: dict, seeds: int, budget: int, jobs: int,
-               log=print) -> list[dict]:
+               log=print, first_seed: int = 0) -> list[dict]:
     todo = [Job(d, m, s, seed, budget) for d in datasets for m in modes
-            for s in strategies[m] for seed in range(seeds)]
+            for s in strategies[m] for seed in range(first_seed, first_seed + seeds)]
     for d in datasets:
         if d not in BUILTIN:
             raise ValueError(f"unknown dataset {d!r}; known: {sorted(BUILTIN)}")
@@ -212,13 +212,14 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
 
 
 def main(argv_datasets=None, modes=("pool", "stream"), seeds=5, budget=300, jobs=2,
-         out_dir="reports", strategies=None, command="make bench-quality", log=print) -> Path:
+         out_dir="reports", strategies=None, command="make bench-quality", log=print,
+         first_seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = tuple(argv_datasets or DEFAULT_DATASETS)
     strategies = strategies or DEFAULT_STRATEGIES
     t0 = time.perf_counter()
-    results = run_matrix(datasets, modes, strategies, seeds, budget, jobs, log)
+    results = run_matrix(datasets, modes, strategies, seeds, budget, jobs, log, first_seed)
     rows = summarize(results)
     (out / "quality-results.json").write_text(json.dumps({"rows": rows, "runs": results}))
     plot_curves(results, out)

@@ -55,7 +55,13 @@ class _Stream:
 
 
 def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=4096, seed=0,
-        log=print) -> dict:
+        warmup_items=150_000, log=print) -> dict:
+    """Stream ``warmup_items`` (reported, not measured), then ``items`` measured in segments.
+
+    The warm-up fills the bounded structures (C-vector caches, K-item indexes, windows) so that
+    the measured segments all run at steady state: before the caches are full a batch costs less
+    (fewer cached vectors, no evictions), which says nothing about growth with stream length.
+    """
     torch.set_num_threads(1)
     stream = _Stream(seed=seed)
     a, b = stream.pairs(4000)
@@ -66,6 +72,19 @@ def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=40
     cfg = SelectorConfig(index_size=index_size, cache_capacity=capacity,
                          budget=BudgetConfig(total=None, target_rate=0.05, window=2048))
     sel = StreamingSelector(model, cfg, seed=seed, device="cpu")
+    warm = 0
+    t_w = time.perf_counter()
+    while warm < warmup_items:
+        xa, xb = stream.pairs(batch)
+        side = stream.rng.random(batch) < 0.5
+        sel.commit(sel.propose([FeatureItem(f"w{warm + i}", "image", xa[i]) if side[i]
+                                else FeatureItem(f"w{warm + i}", "text", xb[i])
+                                for i in range(batch)]))
+        warm += batch
+    st = sel.status()
+    log(f"warm-up: {warm:,d} items in {time.perf_counter() - t_w:.1f}s, cache fill "
+        f"{min(st['cache_fill'].values()):.2f}, evictions {sum(st['cache_evictions'].values())}, "
+        f"rss {_rss_mib():.0f} MiB")
     segments = []
     done = 0
     seg_n, seg_time = 0, 0.0  # selector time only: generating the stream is not counted
@@ -91,27 +110,35 @@ def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=40
                 f"cache fill {s['cache_fill']:.2f}  evictions {s['evictions']}  "
                 f"accept {s['acceptance_rate']:.3f}")
             seg_n, seg_time = 0, 0.0
-    first, last = segments[0]["items_per_s"], segments[-1]["items_per_s"]
-    warm = segments[len(segments) // 4:] if len(segments) >= 4 else segments
+    rates = [s["items_per_s"] for s in segments]
+    k = max(1, min(5, len(rates) // 4))
     return {"items": items, "segment": segment, "batch": batch, "capacity": capacity,
-            "index_size": index_size, "segments": segments, "last_over_first": last / first,
-            "median_items_per_s": float(np.median([s["items_per_s"] for s in segments])),
-            "rss_growth_after_warmup_mib": warm[-1]["rss_mib"] - warm[0]["rss_mib"]}
+            "index_size": index_size, "warmup_items": warm, "segments": segments,
+            "last_over_first": rates[-1] / rates[0],
+            "median_last_over_first": float(np.median(rates[-k:]) / np.median(rates[:k])),
+            "median_window": k,
+            "median_items_per_s": float(np.median(rates)),
+            "rss_growth_mib": segments[-1]["rss_mib"] - segments[0]["rss_mib"]}
 
 
 def write_report(res: dict, path: str | os.PathLike, command: str) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    ok = "meets" if res["last_over_first"] >= 0.9 else "does NOT meet"
+    ok = "meets" if res["median_last_over_first"] >= 0.9 else "does NOT meet"
     lines = ["# Streaming selector: cost vs stream length", "",
              f"Command: `{command}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), "
              f"torch {torch.__version__} CPU, 1 thread.  ",
              f"Setup: d = 384 / 256, k = 64, K = {res['index_size']}, C = {res['capacity']}, "
-             f"micro-batch {res['batch']}, target rate 5%, no total budget (caches fill and evict).",
-             "", f"**last / first segment throughput = {res['last_over_first']:.3f}** ({ok} the "
-             f">= 0.9 target); median {res['median_items_per_s']:.0f} items/s; RSS change after "
-             f"warm-up {res['rss_growth_after_warmup_mib']:+.1f} MiB.", "",
+             f"micro-batch {res['batch']}, target rate 5%, no total budget (caches fill and evict). "
+             f"A {res['warmup_items']:,}-item warm-up fills the caches first (not measured: a "
+             f"half-empty cache is cheaper and says nothing about growth).", "",
+             f"**last / first segment throughput: median of {res['median_window']} segments each "
+             f"= {res['median_last_over_first']:.3f}** ({ok} the >= 0.9 target); single segments "
+             f"{res['last_over_first']:.3f}. Median {res['median_items_per_s']:.0f} items/s. "
+             f"RSS change over the measured 1M items: {res['rss_growth_mib']:+.1f} MiB.", "",
+             "The machine is shared (2 cores, other jobs running), so single segments vary by "
+             "+-20%; compare medians.", "",
              "| items | items/s (segment) | RSS MiB | cache fill | evictions | acceptance |",
              "|---:|---:|---:|---:|---:|---:|"]
     for s in res["segments"]:

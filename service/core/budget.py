@@ -86,6 +86,7 @@ class BudgetDraft:
     def __init__(self, ctl: "BudgetController", n: int):
         self._ctl = ctl
         self.spent = ctl.spent
+        self.own_spent = ctl.spent - ctl.external
         self.seen = ctl.seen
         self.accepted = 0
         self.utilities: list[float] = []
@@ -111,13 +112,13 @@ class BudgetDraft:
         if cfg.total is not None and self.spent >= cfg.total:
             return BudgetDecision(False, thr, "skip:budget_exhausted")
         expected = rate * self.seen
-        if self.spent - expected > cfg.slack:
+        if self.own_spent - expected > cfg.slack:
             return BudgetDecision(False, thr, "skip:pacing")
         if self.spent < cfg.warmup_accepts or math.isnan(thr):
             return self._take(u_warm < rate, thr, "accept:warmup", "skip:warmup")
         if u_explore < cfg.explore * rate:
             return self._take(True, thr, "accept:explore", "")
-        if expected - self.spent > cfg.slack and not math.isnan(self._thr_lo):
+        if expected - self.own_spent > cfg.slack and not math.isnan(self._thr_lo):
             thr = self._thr_lo
         return self._take(utility >= thr, thr, "accept:utility", "skip:below_threshold")
 
@@ -133,6 +134,7 @@ class BudgetDraft:
     def _take(self, ok: bool, thr: float, yes: str, no: str) -> BudgetDecision:
         if ok:
             self.spent += 1
+            self.own_spent += 1
             self.accepted += 1
             return BudgetDecision(True, thr, yes)
         return BudgetDecision(False, thr, no)
@@ -153,6 +155,7 @@ class BudgetController:
         self.seed = int(seed)
         self.spent = 0
         self.seen = 0
+        self.external = 0  # acquisitions by other workers (see record_external)
         rate = self.config.target_rate
         self._q = SlidingQuantile(1.0 - rate, self.config.window)
         self._q_lo = SlidingQuantile(max(0.0, 1.0 - 2.0 * rate), self.config.window)
@@ -173,7 +176,19 @@ class BudgetController:
         return self._q_lo.value() if len(self._q_lo) >= self.config.min_history else math.nan
 
     def acceptance_rate(self) -> float:
-        return self.spent / self.seen if self.seen else 0.0
+        """This worker's accepts / items it decided (external acquisitions excluded)."""
+        return (self.spent - self.external) / self.seen if self.seen else 0.0
+
+    def record_external(self, n: int) -> None:
+        """Count ``n`` acquisitions made elsewhere (other workers) against the shared budget.
+
+        They raise ``spent`` (and so the exhaustion check) but not the pacing baseline's ``seen``
+        share of this worker, which only counts items this worker decided.
+        """
+        if n < 0:
+            raise ValueError(f"external acquisitions must be >= 0, got {n}")
+        self.spent += int(n)
+        self.external += int(n)
 
     def begin(self, n: int) -> BudgetDraft:
         """Start deciding a batch of ``n`` items (no state change)."""

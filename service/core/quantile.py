@@ -3,7 +3,10 @@
 Two heaps split the window at the q-quantile: ``low`` (a max-heap) holds the smallest
 ``floor(q·(n-1)) + 1`` values, ``high`` (a min-heap) the rest, so the quantile is the top of
 ``low``. Values leaving the window are deleted lazily (marked, then dropped when they surface at a
-heap top), and the heaps are re-balanced after every change: each operation is O(log w) amortised.
+heap top), and the heaps are re-balanced after every change. Marked entries that never surface
+would pile up over a long stream, so once the heaps hold more than twice the window's live
+entries they are rebuilt from the window (O(w), at most once every w additions): each operation
+is O(log w) amortised and memory stays O(w).
 The value reported equals ``numpy.quantile(window, q, method="lower")``.
 """
 
@@ -100,7 +103,17 @@ class SlidingQuantile:
                 self._n_low -= 1
             else:
                 self._n_high -= 1
+        if len(self._low) + len(self._high) > 2 * len(self._fifo) + 64:
+            self._compact()
         self._rebalance()
+
+    def _compact(self) -> None:
+        """Rebuild both heaps from the live window, dropping every lazily deleted entry."""
+        side = self._side
+        self._low = [(-v, s) for v, s in self._fifo if side[s] == 0]
+        self._high = [(v, s) for v, s in self._fifo if side[s] == 1]
+        heapq.heapify(self._low)
+        heapq.heapify(self._high)
 
     def extend(self, values) -> None:
         for v in values:

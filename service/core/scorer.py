@@ -47,6 +47,7 @@ class _RingIndex:
         self.size = size
         self.raw = np.zeros((size, raw_dim), dtype=np.float32)
         self.emb = torch.zeros((size, dim), dtype=torch.float32, device=device)
+        self.ids: list[str | None] = [None] * size
         self.count = 0  # total ever pushed
         self.pos = 0
 
@@ -54,10 +55,13 @@ class _RingIndex:
     def filled(self) -> int:
         return min(self.count, self.size)
 
-    def push(self, raw: np.ndarray, emb: torch.Tensor) -> None:
+    def push(self, raw: np.ndarray, emb: torch.Tensor, ids=None) -> None:
         n = len(raw)
+        ids = list(ids) if ids is not None else [None] * n
         if n >= self.size:
-            raw, emb, n = raw[-self.size:], emb[-self.size:], self.size
+            raw, emb, ids, n = raw[-self.size:], emb[-self.size:], ids[-self.size:], self.size
+        for i, item_id in enumerate(ids):
+            self.ids[(self.pos + i) % self.size] = item_id
         end = self.pos + n
         first = min(end, self.size) - self.pos
         self.raw[self.pos:self.pos + first] = raw[:first]
@@ -126,10 +130,27 @@ class UncertaintyScorer:
                    for k, v in all_uncertainties(sims, self.tau).items()}
         return UncertaintyScores(out["margin"], out["entropy"], out["least_confidence"], valid=True)
 
-    def observe(self, modality: str, raw: np.ndarray, z: torch.Tensor) -> None:
-        """Add items to ``modality``'s recent index (called at commit time)."""
+    def observe(self, modality: str, raw: np.ndarray, z: torch.Tensor, ids=None) -> None:
+        """Add items (with optional item ids) to ``modality``'s recent index (at commit time)."""
         self._index[check_modality(modality, self.modalities)].push(
-            np.asarray(raw, dtype=np.float32), z.detach().to(self.device))
+            np.asarray(raw, dtype=np.float32), z.detach().to(self.device), ids)
+
+    def top_partners(self, modality: str, z: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """The ``k`` most similar recent items of the OTHER modality for each row of z (B, k_dim).
+
+        Returns, per row, ``[(item_id, cosine similarity), ...]`` best first (items pushed without
+        an id are left out).
+        """
+        idx = self._index[self.model.other(modality)]
+        n = idx.filled
+        if n == 0 or k <= 0:
+            return [[] for _ in range(z.shape[0])]
+        with torch.inference_mode():
+            sims = z @ idx.emb[:n].T
+            vals, pos = torch.topk(sims, min(k, n), dim=1)
+        vals, pos = vals.cpu().numpy(), pos.cpu().numpy()
+        return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr) if idx.ids[p] is not None]
+                for vr, pr in zip(vals, pos)]
 
     def set_model(self, model: AlignmentModel) -> None:
         """Hot-swap the model and re-embed the recent-item index in the new space."""

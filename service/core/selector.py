@@ -200,7 +200,8 @@ class StreamingSelector:
                 continue
             acc = np.array([proposal.decisions[i].accept for i in r])
             self.acquisition.commit(m, proposal._unc[m], proposal._div[m], int(acc.sum()))
-            self.scorer.observe(m, proposal._raw[m], proposal._emb[m])
+            self.scorer.observe(m, proposal._raw[m], proposal._emb[m],
+                                [proposal.decisions[i].item_id for i in r])
             self.items_seen[m] += len(r)
             if acc.any():
                 sel = torch.as_tensor(np.flatnonzero(acc), device=proposal._emb[m].device)
@@ -213,6 +214,31 @@ class StreamingSelector:
 
     def _tag(self, modality: str) -> int:
         return self.modalities.index(modality)
+
+    def partner_candidates(self, proposal: Proposal, k: int) -> dict[str, list[tuple[str, float]]]:
+        """Top-k likely partners (other modality, recent index) of each ACCEPTED item, by item id."""
+        out: dict[str, list[tuple[str, float]]] = {}
+        for m, r in proposal._rows.items():
+            acc = [j for j, i in enumerate(r) if proposal.decisions[i].accept]
+            if not acc:
+                continue
+            z = proposal._emb[m][torch.as_tensor(acc, device=proposal._emb[m].device)]
+            for j, cands in zip(acc, self.scorer.top_partners(m, z, k)):
+                out[proposal.decisions[r[j]].item_id] = cands
+        return out
+
+    def observe_external(self, modality: str, raw, count_budget: bool = True) -> None:
+        """An item selected by ANOTHER worker: its diversity counts here, and (by default) its
+        spend counts against this worker's view of the shared budget. raw: (n, d_modality)."""
+        check_modality(modality, self.modalities)
+        arr = as_matrix(raw, self.model.dims[modality], name=f"external {modality}")
+        z = self.scorer.embed(modality, arr)
+        targets = self.modalities if self.config.cross_insert else (modality,)
+        for t in targets:
+            self.caches[t].add(z, arr, tag=self._tag(modality))
+        if count_budget:
+            self.budget.record_external(len(arr))
+        self._epoch += 1
 
     def reveal_partner(self, modality: str, raw) -> None:
         """An annotator revealed a partner item of ``modality``: cache it (diversity knows it now).

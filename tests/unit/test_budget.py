@@ -32,20 +32,23 @@ def test_commits_never_exceed_budget_and_propose_never_mutates(seed, total, rate
         ctl.commit(draft)
         assert ctl.spent == before[0] + sum(d.accept for d in decisions)
         assert ctl.spent <= total
-        if ctl.spent >= total:
-            assert all(not d.accept or True for d in decisions)
+        if before[0] >= total:  # exhausted before the batch: nothing more is accepted
+            assert not any(d.accept for d in decisions)
+            assert all(d.reason == "skip:budget_exhausted" for d in decisions)
 
 
-def test_same_draft_twice_gives_identical_decisions():
+def test_redelivered_batch_gets_identical_decisions():
     ctl = BudgetController(BudgetConfig(target_rate=0.3, explore=0.5, min_history=4), seed=3)
     d0 = ctl.begin(5)
-    ctl.commit(d0) if [d0.decide(u) for u in np.linspace(0, 1, 5)] else None
+    for u in np.linspace(0, 1, 5):
+        d0.decide(float(u))
+    ctl.commit(d0)
     u = np.random.default_rng(1).normal(size=20)
-    a = [ctl.begin(20).decide(x) for x in u[:1]]
-    d1, d2 = ctl.begin(20), ctl.begin(20)
+    d1, d2 = ctl.begin(20), ctl.begin(20)  # the same batch proposed twice, never committed
     r1 = [d1.decide(x) for x in u]
     r2 = [d2.decide(x) for x in u]
-    assert r1 == r2 and a[0] == r1[0]
+    assert r1 == r2
+    assert any(d.reason == "accept:explore" for d in r1)  # the random draws were exercised
 
 
 def test_acceptance_rate_tracks_target_on_a_stationary_stream():
@@ -102,3 +105,19 @@ def test_commit_errors():
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         BudgetConfig(**kw)
+
+
+def test_external_spend_counts_against_the_budget_but_not_pacing():
+    ctl = BudgetController(BudgetConfig(total=10, target_rate=0.5, min_history=1, explore=0.0),
+                           seed=0)
+    ctl.record_external(8)
+    assert ctl.spent == 8 and ctl.remaining == 2 and ctl.acceptance_rate() == 0.0
+    d = ctl.begin(6)
+    out = [d.decide(1.0) for _ in range(6)]
+    # only 2 left; this worker's own pacing is not blocked by the other workers' spend
+    assert sum(o.accept for o in out) == 2
+    assert out[-1].reason == "skip:budget_exhausted"
+    ctl.commit(d)
+    assert ctl.spent == 10
+    with pytest.raises(ValueError, match=">= 0"):
+        ctl.record_external(-1)

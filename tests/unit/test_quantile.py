@@ -34,6 +34,17 @@ def test_many_duplicates_and_long_stream():
     assert len(f._side) == 257
 
 
+def test_memory_stays_bounded_over_a_long_stream():
+    # Lazily deleted entries stuck inside a heap must not accumulate (found by the 1M-item run).
+    rng = np.random.default_rng(1)
+    f = SlidingQuantile(0.95, 128)
+    vals = rng.normal(size=20_000)
+    for v in vals:
+        f.add(v)
+        assert len(f._low) + len(f._high) <= 2 * 128 + 65
+    assert f.value() == np.quantile(vals[-128:], 0.95, method="lower")
+
+
 def test_empty_is_nan_and_bad_args_raise():
     assert math.isnan(SlidingQuantile(0.5, 3).value())
     with pytest.raises(ValueError, match="q must be in"):

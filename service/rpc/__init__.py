@@ -1,0 +1,1 @@
+"""gRPC adapter: server and servicer (wire codecs live in ``service.wire``)."""

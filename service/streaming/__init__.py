@@ -1,0 +1,1 @@
+"""Kafka adapter: faust app, agents, embedded broker."""

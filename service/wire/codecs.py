@@ -1,0 +1,443 @@
+"""Converters between the protobuf wire messages and the domain dataclasses.
+
+This is the only module that knows both worlds: ``service.handlers`` / ``service.core`` never see
+a protobuf message, and the Kafka (``service.streaming``) and gRPC (``service.rpc``) adapters
+never pick a message apart themselves.
+
+Every decoding problem raises :class:`WireError` (a ``ValueError``) whose ``reason`` is one of
+the dead-letter reason codes (:data:`REASONS`) and whose message names the bad value (dimension,
+modality, field, sizes), so it can go to the dead-letter topic or into an ``INVALID_ARGUMENT``
+status unchanged.
+
+Vectors travel packed: little-endian float32, ``dim`` values (``4 * dim`` bytes).
+
+Feature records on Kafka
+------------------------
+A record value of ``pairsieve.features.v1`` is a ``FeatureEvent`` or a ``FeatureBatch``.
+Producers SHOULD set the header ``pairsieve-message`` to ``FeatureEvent`` or ``FeatureBatch``
+(:data:`FEATURE_HEADER_EVENT`, :data:`FEATURE_HEADER_BATCH`). Without the header the value is
+parsed as a ``FeatureEvent`` first; when that parse fails or yields an event without a vector
+(a ``FeatureBatch`` read as a ``FeatureEvent`` only sets field 1, ``event_id``, so it never has
+one), it is parsed as a ``FeatureBatch``; when that fails or is empty too, the ``FeatureEvent``
+reading is validated and its error (e.g. ``missing_field: vector``) is reported. A batch is
+all-or-nothing: one bad event rejects the whole record, naming the event's index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.core.types import Decision
+from service.handlers import (
+    LABEL_STATUSES,
+    AlignmentRequestOut,
+    IncomingEvent,
+    Label,
+    LabelResult,
+    Outcome,
+)
+from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
+
+__all__ = [
+    "REASONS", "WireError", "pb", "FEATURE_HEADER", "FEATURE_HEADER_EVENT", "FEATURE_HEADER_BATCH",
+    "encode_vector", "decode_vector", "event_from_proto", "event_to_proto", "events_from_protos",
+    "decode_feature_record", "encode_feature_event", "encode_feature_batch",
+    "decision_to_proto", "request_to_proto", "request_from_proto",
+    "label_from_proto", "label_to_proto", "label_result_to_proto",
+    "submit_request_from_proto", "submit_response_to_proto", "pool_request_from_proto",
+    "status_to_proto", "dead_letter_bytes", "timestamp", "seconds",
+]
+
+REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
+           "oversized", "empty_batch")
+
+FEATURE_HEADER = "pairsieve-message"
+FEATURE_HEADER_EVENT: tuple[str, bytes] = (FEATURE_HEADER, b"FeatureEvent")
+FEATURE_HEADER_BATCH: tuple[str, bytes] = (FEATURE_HEADER, b"FeatureBatch")
+
+_LE_F32 = np.dtype("<f4")
+_STATUS_TO_PB = {"MATCH": pb.MATCH, "NO_MATCH": pb.NO_MATCH, "UNSURE": pb.UNSURE}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+
+class WireError(ValueError):
+    """A wire message that cannot become a domain object.
+
+    Attributes
+    ----------
+    reason : str
+        One of :data:`REASONS` (the dead-letter reason code).
+    """
+
+    def __init__(self, reason: str, message: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown wire error reason {reason!r}; expected one of {REASONS}")
+        super().__init__(message)
+        self.reason = reason
+
+    def prefixed(self, prefix: str) -> WireError:
+        """The same error with ``prefix`` in front of the message (e.g. the batch index)."""
+        return WireError(self.reason, f"{prefix}{self}")
+
+
+# --------------------------------------------------------------------------- small helpers
+def timestamp(t: float | None):
+    """Seconds since the epoch -> ``google.protobuf.Timestamp`` (``None`` -> ``None``)."""
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(round(float(t) * 1e9)))
+    return ts
+
+
+def seconds(msg, field: str) -> float | None:
+    """The ``Timestamp`` field ``field`` of ``msg`` as float seconds, or ``None`` when unset."""
+    if not msg.HasField(field):
+        return None
+    ts = getattr(msg, field)
+    return ts.seconds + ts.nanos * 1e-9
+
+
+def _require(msg, fields: Iterable[str], what: str) -> None:
+    for f in fields:
+        if not getattr(msg, f):
+            raise WireError("missing_field", f"{what}: missing field {f!r}")
+
+
+def _check_modality(modality: str, dims: Mapping[str, int], what: str) -> int:
+    if modality not in dims:
+        raise WireError("unknown_modality",
+                        f"{what}: unknown modality {modality!r}; expected one of {sorted(dims)}")
+    return int(dims[modality])
+
+
+# --------------------------------------------------------------------------- vectors
+def encode_vector(v) -> bytes:
+    """Pack a vector as little-endian float32.
+
+    Shape: ``v`` (d,) (any real dtype; cast to float32) -> ``4 * d`` bytes.
+    """
+    arr = np.asarray(v)
+    if arr.ndim != 1:
+        raise ValueError(f"encode_vector: expected shape (d,), got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=_LE_F32).tobytes()
+
+
+def decode_vector(data: bytes, dim: int, *, what: str = "vector") -> np.ndarray:
+    """Unpack ``dim`` little-endian float32 values; raise :class:`WireError` on a bad size or
+    a NaN/inf.
+
+    Shape: ``4 * dim`` bytes -> (dim,) native float32, C-contiguous, writable.
+    """
+    n = len(data)
+    if n % 4:
+        raise WireError("undecodable",
+                        f"{what}: {n} bytes is not a whole number of float32 values "
+                        f"(expected 4 * dim = {4 * dim} bytes for dim {dim})")
+    if n != 4 * dim:
+        raise WireError("wrong_dimension",
+                        f"{what}: {n} bytes = {n // 4} float32 values, but dim is {dim} "
+                        f"(expected {4 * dim} bytes)")
+    vec = np.frombuffer(data, dtype=_LE_F32).astype(np.float32)  # copy: native order, writable
+    bad = ~np.isfinite(vec)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        raise WireError("non_finite",
+                        f"{what}: {len(idx)} value(s) are NaN or inf (first at index {int(idx[0])}: "
+                        f"{vec[idx[0]]!r})")
+    return vec
+
+
+# --------------------------------------------------------------------------- feature events
+def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingEvent:
+    """Validate a ``FeatureEvent`` against ``dims`` ({modality: dimension}) and decode it."""
+    what = f"event {msg.event_id!r}" if msg.event_id else "event"
+    _require(msg, ("event_id", "item_id", "modality"), what)
+    expected = _check_modality(msg.modality, dims, what)
+    if not msg.vector:
+        raise WireError("missing_field", f"{what}: missing field 'vector'")
+    if msg.dim != expected:
+        raise WireError("wrong_dimension",
+                        f"{what}: dim {msg.dim} but modality {msg.modality!r} has dimension "
+                        f"{expected}")
+    vec = decode_vector(msg.vector, expected, what=f"{what} vector")
+    return IncomingEvent(event_id=msg.event_id, item_id=msg.item_id, modality=msg.modality,
+                         vector=vec, event_time=seconds(msg, "event_time"), source=msg.source,
+                         metadata=dict(msg.metadata))
+
+
+def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
+                       ) -> list[IncomingEvent]:
+    """Decode a batch, all-or-nothing: the first bad event raises, naming its index."""
+    if not msgs:
+        raise WireError("empty_batch", "empty batch: at least one event is needed")
+    out = []
+    for i, m in enumerate(msgs):
+        try:
+            out.append(event_from_proto(m, dims))
+        except WireError as exc:
+            raise exc.prefixed(f"batch event {i} of {len(msgs)}: ") from None
+    return out
+
+
+def event_to_proto(ev: IncomingEvent) -> pb.FeatureEvent:
+    vec = np.asarray(ev.vector).reshape(-1)
+    return pb.FeatureEvent(event_id=ev.event_id, item_id=ev.item_id, modality=ev.modality,
+                           vector=encode_vector(vec), dim=len(vec), source=ev.source,
+                           event_time=timestamp(ev.event_time), metadata=dict(ev.metadata))
+
+
+def encode_feature_event(ev: IncomingEvent) -> bytes:
+    """A ``FeatureEvent`` record value (send it with :data:`FEATURE_HEADER_EVENT`)."""
+    return event_to_proto(ev).SerializeToString()
+
+
+def encode_feature_batch(events: Iterable[IncomingEvent]) -> bytes:
+    """A ``FeatureBatch`` record value (send it with :data:`FEATURE_HEADER_BATCH`)."""
+    return pb.FeatureBatch(events=[event_to_proto(e) for e in events]).SerializeToString()
+
+
+def _header_kind(headers) -> str | None:
+    for key, value in headers or ():
+        if str(key).lower() != FEATURE_HEADER:
+            continue
+        kind = value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
+        kind = kind.strip()
+        if kind not in ("FeatureEvent", "FeatureBatch"):
+            raise WireError("undecodable",
+                            f"header {FEATURE_HEADER}={kind!r}: expected 'FeatureEvent' or "
+                            f"'FeatureBatch'")
+        return kind
+    return None
+
+
+def _parse(cls, value: bytes):
+    try:
+        return cls.FromString(value)
+    except (DecodeError, ValueError) as exc:
+        raise WireError("undecodable",
+                        f"cannot parse {len(value)} bytes as {cls.__name__}: {exc}") from None
+
+
+def decode_feature_record(value: bytes, headers: Sequence[tuple[str, bytes]] | None,
+                          dims: Mapping[str, int], max_bytes: int) -> list[IncomingEvent]:
+    """Decode one ``pairsieve.features.v1`` record value into its events (see module docstring).
+
+    Raises :class:`WireError`: ``oversized`` (``len(value) > max_bytes``, checked before
+    parsing), ``undecodable``, ``empty_batch``, or any event-level reason.
+    """
+    value = bytes(value or b"")
+    if len(value) > max_bytes:
+        raise WireError("oversized", f"record value is {len(value)} bytes, limit {max_bytes}")
+    kind = _header_kind(headers)
+    if kind == "FeatureEvent":
+        return [event_from_proto(_parse(pb.FeatureEvent, value), dims)]
+    if kind == "FeatureBatch":
+        return events_from_protos(_parse(pb.FeatureBatch, value).events, dims)
+    if not value:
+        raise WireError("undecodable", "empty record value (0 bytes)")
+    try:
+        ev = pb.FeatureEvent.FromString(value)
+    except (DecodeError, ValueError):
+        ev = None
+    if ev is not None and ev.vector:
+        return [event_from_proto(ev, dims)]
+    try:
+        batch = pb.FeatureBatch.FromString(value)
+    except (DecodeError, ValueError):
+        batch = None
+    if batch is not None and len(batch.events):
+        return events_from_protos(batch.events, dims)
+    if ev is not None:
+        return [event_from_proto(ev, dims)]  # raises: it has no vector
+    raise WireError("undecodable",
+                    f"cannot parse {len(value)} bytes as FeatureEvent or FeatureBatch "
+                    f"(no {FEATURE_HEADER} header)")
+
+
+# --------------------------------------------------------------------------- decisions, requests
+def decision_to_proto(o: Outcome) -> pb.Decision:
+    d = o.decision
+    return pb.Decision(
+        event_id=o.event_id, item_id=d.item_id, modality=d.modality, accept=bool(d.accept),
+        utility=float(d.utility),
+        components=pb.ScoreComponents(
+            uncertainty=float(d.uncertainty), diversity=float(d.diversity),
+            coverage_bonus=float(d.coverage_bonus), margin=float(d.margin),
+            entropy=float(d.entropy), least_confidence=float(d.least_confidence)),
+        threshold=float(d.threshold), model_version=int(d.model_version), reason=d.reason,
+        duplicate=bool(o.duplicate), worker_id=o.worker_id)
+
+
+def decision_from_proto(msg: pb.Decision) -> Outcome:
+    c = msg.components
+    dec = Decision(item_id=msg.item_id, modality=msg.modality, accept=msg.accept,
+                   utility=msg.utility, uncertainty=c.uncertainty, diversity=c.diversity,
+                   coverage_bonus=c.coverage_bonus, margin=c.margin, entropy=c.entropy,
+                   least_confidence=c.least_confidence, threshold=msg.threshold,
+                   model_version=msg.model_version, reason=msg.reason)
+    return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
+
+
+def request_to_proto(r: AlignmentRequestOut) -> pb.AlignmentRequest:
+    vec = np.asarray(r.vector).reshape(-1)
+    return pb.AlignmentRequest(
+        request_id=r.request_id, item_id=r.item_id, modality=r.modality,
+        vector=encode_vector(vec), dim=len(vec),
+        candidates=[pb.PartnerCandidate(item_id=i, similarity=float(s)) for i, s in r.candidates],
+        decision=decision_to_proto(r.outcome), worker_id=r.outcome.worker_id,
+        requested_at=timestamp(r.requested_at), metadata=dict(r.metadata))
+
+
+def request_from_proto(msg: pb.AlignmentRequest) -> tuple[Outcome, np.ndarray]:
+    """Rebuild the accepted :class:`Outcome` and the item's vector (for the selection follower).
+
+    The request's own ``request_id`` / ``item_id`` / ``modality`` / ``worker_id`` fill in the
+    decision's when those are empty. Shape: vector (dim,) float32.
+    """
+    what = f"alignment request {msg.request_id!r}" if msg.request_id else "alignment request"
+    _require(msg, ("request_id", "item_id", "modality", "vector"), what)
+    if not msg.HasField("decision"):
+        raise WireError("missing_field", f"{what}: missing field 'decision'")
+    out = decision_from_proto(msg.decision)
+    d = out.decision
+    if (d.item_id and d.item_id != msg.item_id) or (d.modality and d.modality != msg.modality):
+        raise WireError("undecodable",
+                        f"{what}: decision is for {d.item_id!r}/{d.modality!r} but the request "
+                        f"is for {msg.item_id!r}/{msg.modality!r}")
+    out = Outcome(out.event_id or msg.request_id,
+                  replace(d, item_id=msg.item_id, modality=msg.modality),
+                  out.duplicate, out.worker_id or msg.worker_id)
+    return out, decode_vector(msg.vector, msg.dim, what=f"{what} vector")
+
+
+# --------------------------------------------------------------------------- labels
+def label_from_proto(msg: pb.AlignmentLabel, dims: Mapping[str, int]) -> Label:
+    """Validate and decode an annotator's answer.
+
+    ``status`` UNSPECIFIED -> ``missing_field``; ``partner_vector`` (optional) must have
+    ``partner_dim`` == the dimension of the other modality. ``cost`` 0 (unset) reads as 1.0.
+    """
+    what = f"label for {msg.item_id!r}" if msg.item_id else "label"
+    _require(msg, ("item_id", "modality"), what)
+    _check_modality(msg.modality, dims, what)
+    if msg.status == pb.ALIGNMENT_STATUS_UNSPECIFIED:
+        raise WireError("missing_field",
+                        f"{what}: missing field 'status' (expected one of {list(LABEL_STATUSES)})")
+    if msg.status not in _STATUS_FROM_PB:
+        raise WireError("undecodable", f"{what}: unknown status value {msg.status}")
+    partner = None
+    if msg.partner_vector:
+        others = [m for m in dims if m != msg.modality]
+        if len(others) != 1:
+            raise WireError("unknown_modality",
+                            f"{what}: cannot tell the partner modality of {msg.modality!r} "
+                            f"among {sorted(dims)}")
+        expected = int(dims[others[0]])
+        if msg.partner_dim != expected:
+            raise WireError("wrong_dimension",
+                            f"{what}: partner_dim {msg.partner_dim} but the partner modality "
+                            f"{others[0]!r} has dimension {expected}")
+        partner = decode_vector(msg.partner_vector, expected, what=f"{what} partner_vector")
+    if not math.isfinite(msg.cost):
+        raise WireError("non_finite", f"{what}: cost must be finite, got {msg.cost!r}")
+    return Label(item_id=msg.item_id, modality=msg.modality, partner_item_id=msg.partner_item_id,
+                 status=_STATUS_FROM_PB[msg.status], request_id=msg.request_id,
+                 annotator=msg.annotator, cost=msg.cost or 1.0, partner_vector=partner)
+
+
+def label_to_proto(label: Label, labeled_at: float | None = None) -> pb.AlignmentLabel:
+    if label.status not in _STATUS_TO_PB:
+        raise ValueError(f"label for {label.item_id!r}: unknown status {label.status!r}; "
+                         f"expected one of {list(LABEL_STATUSES)}")
+    msg = pb.AlignmentLabel(request_id=label.request_id, item_id=label.item_id,
+                            modality=label.modality, partner_item_id=label.partner_item_id,
+                            status=_STATUS_TO_PB[label.status], annotator=label.annotator,
+                            cost=float(label.cost), labeled_at=timestamp(labeled_at))
+    if label.partner_vector is not None and len(label.partner_vector):
+        vec = np.asarray(label.partner_vector).reshape(-1)
+        msg.partner_vector = encode_vector(vec)
+        msg.partner_dim = len(vec)
+    return msg
+
+
+def label_result_to_proto(r: LabelResult) -> pb.ReportAlignmentResponse:
+    return pb.ReportAlignmentResponse(accepted=r.accepted, ignored=r.ignored,
+                                      model_version=r.model_version)
+
+
+# --------------------------------------------------------------------------- gRPC requests
+def submit_request_from_proto(msg: pb.SubmitRequest, dims: Mapping[str, int]
+                              ) -> list[IncomingEvent]:
+    """The events of a ``SubmitRequest`` (all-or-nothing, like a ``FeatureBatch``)."""
+    return events_from_protos(msg.events, dims)
+
+
+def submit_response_to_proto(outcomes: Iterable[Outcome]) -> pb.SubmitResponse:
+    return pb.SubmitResponse(decisions=[decision_to_proto(o) for o in outcomes])
+
+
+def pool_request_from_proto(msg: pb.SelectPoolRequest, dims: Mapping[str, int]
+                            ) -> tuple[list[str], list[str], list[np.ndarray]]:
+    """``(ids, modalities, vectors)`` of a ``SelectPoolRequest``'s candidates (all validated)."""
+    if not msg.candidates:
+        raise WireError("empty_batch", "select pool: no candidates")
+    ids, mods, vecs = [], [], []
+    for i, c in enumerate(msg.candidates):
+        what = f"pool candidate {i} ({c.item_id!r})" if c.item_id else f"pool candidate {i}"
+        _require(c, ("item_id", "modality", "vector"), what)
+        expected = _check_modality(c.modality, dims, what)
+        if c.dim != expected:
+            raise WireError("wrong_dimension", f"{what}: dim {c.dim} but modality "
+                                               f"{c.modality!r} has dimension {expected}")
+        vecs.append(decode_vector(c.vector, expected, what=f"{what} vector"))
+        ids.append(c.item_id)
+        mods.append(c.modality)
+    return ids, mods, vecs
+
+
+# --------------------------------------------------------------------------- status, dead letters
+def _count(v) -> int:
+    return -1 if v is None else int(v)
+
+
+def status_to_proto(status: Mapping, serving: bool = True) -> pb.ServiceStatus:
+    """``SelectionHandler.status()`` -> ``ServiceStatus`` (``None`` budget -> -1 = unlimited)."""
+    dims = status.get("dims", {})
+    seen = status.get("seen_per_modality", {})
+    acc = status.get("accepted_per_modality", {})
+    fill = status.get("cache_fill", {})
+    ev = status.get("cache_evictions", {})
+    names = list(dims) + [m for m in {**seen, **acc, **fill} if m not in dims]
+    return pb.ServiceStatus(
+        worker_id=status.get("worker_id", ""),
+        budget_total=_count(status.get("budget_total")),
+        budget_spent=int(status.get("spent", 0)),
+        budget_remaining=_count(status.get("remaining")),
+        acceptance_rate=float(status.get("acceptance_rate", 0.0)),
+        target_rate=float(status.get("target_rate", 0.0)),
+        threshold=float(status.get("threshold", math.nan)),
+        model_version=int(status.get("model_version", 0)),
+        pairs_acquired=int(status.get("pairs_acquired", 0)),
+        modalities=[pb.ModalityStatus(modality=m, dim=int(dims.get(m, 0)),
+                                      seen=int(seen.get(m, 0)), accepted=int(acc.get(m, 0)),
+                                      cache_fill=float(fill.get(m, 0.0)),
+                                      cache_evictions=int(ev.get(m, 0)))
+                    for m in names],
+        serving=bool(serving))
+
+
+def dead_letter_bytes(reason: str, detail: str, original: bytes, topic: str | None,
+                      partition: int | None, offset: int | None, now: float) -> bytes:
+    """A serialized ``DeadLetter`` (unknown partition/offset -> -1)."""
+    return pb.DeadLetter(reason=reason, detail=detail, original=bytes(original or b""),
+                         source_topic=topic or "",
+                         source_partition=-1 if partition is None else int(partition),
+                         source_offset=-1 if offset is None else int(offset),
+                         failed_at=timestamp(now)).SerializeToString()

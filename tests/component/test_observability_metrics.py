@@ -1,0 +1,445 @@
+"""Component tests: ``service.observability.metrics`` scraped through its real HTTP endpoint.
+
+Each test uses a fresh ``CollectorRegistry``; what ``/metrics`` exposes is parsed with
+``prometheus_client.parser.text_string_to_metric_families`` (STYLE.md item 7).
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.alignment import AlignmentTrainer
+from service.core.budget import BudgetConfig
+from service.core.selector import SelectorConfig, StreamingSelector
+from service.core.types import Decision, FeatureItem
+from service.handlers import Outcome
+from service.observability.metrics import (
+    PairsieveMetrics,
+    metric_names,
+    start_metrics_server,
+    stop_metrics_server,
+)
+
+DIMS = {"image": 12, "text": 8}
+MODALITIES = ("image", "text")
+
+EXPECTED_NAMES = {
+    "pairsieve_events_received_total", "pairsieve_decisions_total", "pairsieve_dead_letters_total",
+    "pairsieve_budget_spent", "pairsieve_budget_remaining", "pairsieve_budget_total",
+    "pairsieve_budget_unlimited", "pairsieve_acceptance_rate", "pairsieve_acceptance_rate_target",
+    "pairsieve_decision_latency_seconds_bucket", "pairsieve_scoring_duration_seconds_count",
+    "pairsieve_micro_batch_size_bucket", "pairsieve_cache_fill_ratio",
+    "pairsieve_cache_evictions_total", "pairsieve_model_version", "pairsieve_retrains_total",
+    "pairsieve_retrain_duration_seconds_sum", "pairsieve_model_last_update_timestamp_seconds",
+    "pairsieve_modality_share", "pairsieve_modality_imbalance", "pairsieve_threshold",
+    "pairsieve_utility_bucket", "pairsieve_score_bucket", "pairsieve_labels_received_total",
+    "pairsieve_pairs_acquired", "pairsieve_grpc_requests_total",
+    "pairsieve_grpc_request_duration_seconds_bucket", "pairsieve_scorer_device_info",
+    "pairsieve_scorer_gpu_fallback", "pairsieve_consumer_lag", "pairsieve_up",
+    "pairsieve_build_info",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def http_get_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def scrape_text(registry: CollectorRegistry) -> str:
+    """GET /metrics from a real server of its own on a free port (port 0)."""
+    server, thread = start_metrics_server(registry, 0, host="127.0.0.1")
+    try:
+        assert server.server_port > 0
+        return http_get_metrics(server.server_port)
+    finally:
+        stop_metrics_server(server, thread)
+
+
+class Scrape:
+    """A parsed exposition: ``s(name, **labels)`` is the sample's value."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.families = list(text_string_to_metric_families(self.text))
+        self.samples = {}
+        for fam in self.families:
+            for s in fam.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def __call__(self, name: str, **labels) -> float:
+        return self.samples[(name, frozenset(labels.items()))]
+
+    def has(self, name: str, **labels) -> bool:
+        return (name, frozenset(labels.items())) in self.samples
+
+    def bucket(self, name: str, le: str, **labels) -> float:
+        return self(f"{name}_bucket", le=le, **labels)
+
+
+def decision(item_id, modality, accept, reason, utility=0.5, unc=0.4, div=0.3, cov=0.0):
+    return Decision(item_id=item_id, modality=modality, accept=accept, utility=utility,
+                    uncertainty=unc, diversity=div, coverage_bonus=cov, margin=0.1, entropy=0.2,
+                    least_confidence=0.3, threshold=0.25, model_version=1, reason=reason)
+
+
+def fake_batch():
+    """Item ids / event ids like 'item-123' that must never reach a label value."""
+    return [
+        Outcome("evt-item-101",
+                decision("item-101", "image", True, "accept:utility", 1.2, 0.9, 0.7)),
+        Outcome("evt-item-102", decision("item-102", "image", False, "skip:below_threshold", -0.3)),
+        Outcome("evt-item-103",
+                decision("item-103", "text", True, "accept:explore", 0.1, 0.15, 1.6, 0.05)),
+        Outcome("evt-item-104", decision("item-104", "text", False, "skip:pacing", 0.2)),
+        Outcome("evt-item-105", decision("item-105", "text", False, "skip:pacing", 0.3)),
+        # redelivery of an accepted event: answered from the dedup memory
+        Outcome("evt-item-101", decision("item-101", "image", True, "accept:utility", 1.2), True),
+    ]
+
+
+def real_status(total=20):
+    """``SelectionHandler.status()`` shape: a real selector's status plus the handler's keys."""
+    rng = np.random.default_rng(0)
+    n = 120
+    z = rng.normal(size=(n, 6))
+    a = (z @ rng.normal(size=(6, 12)) + 0.1 * rng.normal(size=(n, 12))).astype(np.float32)
+    b = (z @ rng.normal(size=(6, 8)) + 0.1 * rng.normal(size=(n, 8))).astype(np.float32)
+    tr = AlignmentTrainer(DIMS, seed=0)
+    tr.fit_unpaired({"image": a, "text": b})
+    model = tr.fit(a[:40], b[:40])
+    budget = BudgetConfig(total=total, target_rate=0.3, min_history=8, window=64, explore=0.0)
+    sel = StreamingSelector(model, SelectorConfig(index_size=64, cache_capacity=8, budget=budget),
+                            seed=0, device="cpu")
+    for lo in range(40, n, 20):
+        items = [FeatureItem(f"item-{j}", "image", a[j]) if j % 2 == 0
+                 else FeatureItem(f"item-{j}", "text", b[j]) for j in range(lo, lo + 20)]
+        sel.commit(sel.propose(items))
+    st = sel.status()
+    st.update(worker_id="worker-item-7", pairs_acquired=3, budget_total=sel.budget.config.total,
+              target_rate=sel.budget.config.target_rate,
+              labels={"MATCH": 3, "NO_MATCH": 1, "UNSURE": 0}, dims=dict(DIMS))
+    return st
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def status():
+    return real_status()
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """One real metrics server for the module (stopping one costs its 0.5 s poll interval):
+    it serves a hub registry to which each test attaches its own fresh registry."""
+    hub = CollectorRegistry()
+    server, thread = start_metrics_server(hub, 0, host="127.0.0.1")
+    yield hub, server.server_port
+    stop_metrics_server(server, thread)
+
+
+@pytest.fixture
+def reg():
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def scrape(hub, reg):
+    """``scrape()`` -> :class:`Scrape` of ``reg`` through the real HTTP endpoint."""
+    registry, port = hub
+    registry.register(reg)
+    yield lambda: Scrape(http_get_metrics(port))
+    registry.unregister(reg)
+
+
+@pytest.fixture
+def m(reg):
+    return PairsieveMetrics(reg, modalities=MODALITIES, version="9.9.9", clock=lambda: 1234.5)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_batch_counts_events_decisions_and_histograms(reg, m, scrape):
+    m.batch_decided(fake_batch(), latencies_s=[0.0005, 0.02, 0.02, 3.0, 90.0, -1.0],
+                    scoring_s=0.004)
+    s = scrape()
+    ev = "pairsieve_events_received_total"
+    assert s(ev, modality="image", outcome="accepted") == 1
+    assert s(ev, modality="image", outcome="skipped") == 1
+    assert s(ev, modality="image", outcome="duplicate") == 1
+    assert s(ev, modality="text", outcome="accepted") == 1
+    assert s(ev, modality="text", outcome="skipped") == 2
+    assert not s.has(ev, modality="text", outcome="duplicate")
+
+    dec = "pairsieve_decisions_total"
+    assert s(dec, modality="image", decision="accept", reason="utility") == 1
+    assert s(dec, modality="image", decision="skip", reason="below_threshold") == 1
+    assert s(dec, modality="image", decision="skip", reason="duplicate") == 1
+    assert s(dec, modality="text", decision="accept", reason="explore") == 1
+    assert s(dec, modality="text", decision="skip", reason="pacing") == 2
+    accepts = sum(v for (n, lb), v in s.samples.items()
+                  if n == dec and ("decision", "accept") in lb)
+    assert accepts == 2  # a duplicate is never a second acquisition
+
+    lat = "pairsieve_decision_latency_seconds"
+    assert s(f"{lat}_count") == 6
+    assert s.bucket(lat, "0.001") == 2  # 0.5 ms and the clamped negative skew
+    assert s.bucket(lat, "0.025") == 4
+    assert s.bucket(lat, "60.0") == 5
+    assert s.bucket(lat, "+Inf") == 6
+    assert s("pairsieve_scoring_duration_seconds_count") == 1
+    assert s("pairsieve_scoring_duration_seconds_sum") == pytest.approx(0.004)
+    assert s("pairsieve_micro_batch_size_count") == 1
+    assert s("pairsieve_micro_batch_size_sum") == 6
+    assert s.bucket("pairsieve_micro_batch_size", "4.0") == 0
+    assert s.bucket("pairsieve_micro_batch_size", "8.0") == 1
+
+    # score distributions: fresh decisions only (the duplicate is not observed again)
+    assert s("pairsieve_utility_count", modality="image") == 2
+    assert s("pairsieve_utility_count", modality="text") == 3
+    assert s.bucket("pairsieve_utility", "-4.0", modality="image") == 0
+    assert s.bucket("pairsieve_utility", "0.0", modality="image") == 1
+    # buckets below 0: prometheus_client exports no _sum (OpenMetrics), count and buckets suffice
+    assert not s.has("pairsieve_utility_sum", modality="image")
+    for comp in ("uncertainty", "diversity", "coverage_bonus"):
+        assert s("pairsieve_score_count", component=comp, modality="text") == 3
+    assert s.bucket("pairsieve_score", "1.5", component="diversity", modality="text") == 2
+    assert s.bucket("pairsieve_score", "2.0", component="diversity", modality="text") == 3
+    cov = s("pairsieve_score_sum", component="coverage_bonus", modality="text")
+    assert cov == pytest.approx(0.05)
+
+
+def test_batch_of_duplicates_only_observes_no_scoring(reg, m, scrape):
+    dup = [Outcome("e1", decision("i1", "text", False, "skip:quota"), True)]
+    m.batch_decided(dup, [], scoring_s=0.0)
+    s = scrape()
+    assert s("pairsieve_scoring_duration_seconds_count") == 0
+    assert s("pairsieve_decision_latency_seconds_count") == 0
+    assert s("pairsieve_decisions_total", modality="text", decision="skip", reason="duplicate") == 1
+
+
+def test_unknown_reason_code_is_bounded(reg, m, scrape):
+    m.batch_decided([Outcome("e", decision("i", "image", True, "accept:item-9"))], [], 0.001)
+    m.batch_decided([Outcome("f", decision("j", "image", False, "accept:utility"))], [], 0.001)
+    s = scrape()
+    assert s("pairsieve_decisions_total", modality="image", decision="accept", reason="other") == 1
+    assert s("pairsieve_decisions_total", modality="image", decision="skip", reason="other") == 1
+
+
+def test_engine_state_from_real_handler_status(reg, m, status, scrape):
+    m.engine_state(status)
+    s = scrape()
+    assert s("pairsieve_budget_spent") == status["spent"]
+    assert s("pairsieve_budget_remaining") == status["remaining"] == 20 - status["spent"]
+    assert s("pairsieve_budget_total") == 20
+    assert s("pairsieve_budget_unlimited") == 0
+    assert s("pairsieve_acceptance_rate") == pytest.approx(status["acceptance_rate"])
+    assert s("pairsieve_acceptance_rate_target") == pytest.approx(0.3)
+    assert s("pairsieve_threshold") == pytest.approx(status["threshold"])
+    assert s("pairsieve_model_version") == status["model_version"]
+    assert s("pairsieve_pairs_acquired") == 3
+    for mod in MODALITIES:
+        fill = s("pairsieve_cache_fill_ratio", modality=mod)
+        assert fill == pytest.approx(status["cache_fill"][mod])
+        assert s("pairsieve_cache_evictions_total", modality=mod) == status["cache_evictions"][mod]
+    acc = status["accepted_per_modality"]
+    assert sum(acc.values()) > 0, "the fixture stream should have accepted something"
+    shares = {mod: acc[mod] / sum(acc.values()) for mod in MODALITIES}
+    for mod in MODALITIES:
+        assert s("pairsieve_modality_share", modality=mod) == pytest.approx(shares[mod])
+    assert s("pairsieve_modality_imbalance") == pytest.approx(abs(shares["image"] - shares["text"]))
+    assert sum(status["cache_evictions"].values()) > 0, "capacity 8 should have evicted"
+    assert "worker-item-7" not in s.text
+
+
+def test_unlimited_budget_and_warmup_are_nan(reg, m, scrape):
+    m.engine_state({"spent": 4, "remaining": None, "budget_total": None, "threshold": math.nan,
+                    "accepted_per_modality": {"image": 0, "text": 0}})
+    s = scrape()
+    assert s("pairsieve_budget_spent") == 4
+    assert math.isnan(s("pairsieve_budget_remaining"))
+    assert math.isnan(s("pairsieve_budget_total"))
+    assert s("pairsieve_budget_unlimited") == 1
+    assert math.isnan(s("pairsieve_threshold"))
+    assert math.isnan(s("pairsieve_modality_share", modality="image"))
+    assert math.isnan(s("pairsieve_modality_imbalance"))
+
+
+def test_eviction_counter_never_decreases(reg, m, scrape):
+    ev = "pairsieve_cache_evictions_total"
+    m.engine_state({"cache_evictions": {"image": 5, "text": 0}})
+    m.engine_state({"cache_evictions": {"image": 5, "text": 0}})  # same cumulative value twice
+    s = scrape()
+    assert s(ev, modality="image") == 5
+    assert s(ev, modality="text") == 0  # the series exists from the first report
+    m.engine_state({"cache_evictions": {"image": 7, "text": 2}})
+    s2 = scrape()
+    assert (s2(ev, modality="image"), s2(ev, modality="text")) == (7, 2)
+    m.engine_state({"cache_evictions": {"image": 3, "text": 2}})  # source reset: 3 new evictions
+    s3 = scrape()
+    assert s3(ev, modality="image") == 10
+    assert s3(ev, modality="image") >= s2(ev, modality="image")
+
+
+def test_labels_and_retrains(reg, m, scrape):
+    m.labels_received("MATCH")
+    m.labels_received("MATCH", 2)
+    m.labels_received("NO_MATCH")
+    m.labels_received("item-123")  # not a status: bounded
+    m.retrained(2, 1.5, True)
+    m.retrained(2, 0.2, False)
+    m.retrained(3, 40.0, True)
+    with pytest.raises(ValueError):
+        m.labels_received("MATCH", -1)
+    s = scrape()
+    lab = "pairsieve_labels_received_total"
+    assert (s(lab, status="MATCH"), s(lab, status="NO_MATCH"), s(lab, status="other")) == (3, 1, 1)
+    assert not s.has(lab, status="UNSURE")
+    assert s("pairsieve_retrains_total", outcome="ok") == 2
+    assert s("pairsieve_retrains_total", outcome="error") == 1
+    assert s("pairsieve_retrain_duration_seconds_count") == 3
+    assert s("pairsieve_retrain_duration_seconds_sum") == pytest.approx(41.7)
+    assert s.bucket("pairsieve_retrain_duration_seconds", "2.5") == 2
+    assert s("pairsieve_model_last_update_timestamp_seconds") == 1234.5
+
+
+def test_model_timestamp_untouched_by_failed_retrain(reg, scrape):
+    m = PairsieveMetrics(reg, clock=lambda: 99.0)
+    m.retrained(1, 0.1, False)
+    assert scrape()("pairsieve_model_last_update_timestamp_seconds") == 0
+
+
+def test_transport_hooks(reg, m, scrape):
+    m.batch_decided(fake_batch()[:1], [], 0.001)  # decided by the handler: batch size 1
+    m.micro_batch(64)  # from now on the adapter's raw sizes only
+    m.batch_decided(fake_batch(), [], 0.001)
+    m.micro_batch(512)
+    m.dead_lettered("invalid_vector", "image")
+    m.dead_lettered("invalid_vector", "audio")  # not a modality of this service
+    m.dead_lettered("bad vector for item-123", "item-123")  # free text: bounded
+    m.grpc_request("/pairsieve.v1.Selection/SubmitEvents", "OK", 0.003)
+    m.grpc_request("SubmitEvents", "INVALID_ARGUMENT", 0.001)
+    m.grpc_request("GetStatus", "NOT_A_CODE", 0.002)
+    m.consumer_lag("pairsieve.features.v1", 42)
+    m.consumer_lag("pairsieve.alignment-labels.v1", -3)
+    m.set_serving(True)
+    s = scrape()
+    assert s("pairsieve_micro_batch_size_count") == 3
+    assert s("pairsieve_micro_batch_size_sum") == 1 + 64 + 512
+    ev = "pairsieve_events_received_total"
+    assert s(ev, modality="image", outcome="dead_letter") == 1
+    assert s(ev, modality="unknown", outcome="dead_letter") == 2
+    assert s("pairsieve_dead_letters_total", reason="invalid_vector") == 2
+    assert s("pairsieve_dead_letters_total", reason="other") == 1
+    g = "pairsieve_grpc_requests_total"
+    assert s(g, method="SubmitEvents", code="OK") == 1
+    assert s(g, method="SubmitEvents", code="INVALID_ARGUMENT") == 1
+    assert s(g, method="GetStatus", code="UNKNOWN") == 1
+    assert s("pairsieve_grpc_request_duration_seconds_count", method="SubmitEvents") == 2
+    assert s("pairsieve_consumer_lag", topic="pairsieve.features.v1") == 42
+    assert s("pairsieve_consumer_lag", topic="pairsieve.alignment-labels.v1") == 0
+    assert s("pairsieve_up") == 1
+    assert s("pairsieve_build_info", version="9.9.9") == 1
+    m.set_serving(False)
+    assert scrape()("pairsieve_up") == 0
+
+
+def test_scorer_device_and_gpu_fallback(reg, m, scrape):
+    m.scorer_device("cuda:0", gpu_expected=True)
+    s = scrape()
+    assert s("pairsieve_scorer_device_info", device="cuda") == 1
+    assert s("pairsieve_scorer_gpu_fallback") == 0
+    m.scorer_device(torch.device("cpu"), gpu_expected=True)
+    s = scrape()
+    assert s("pairsieve_scorer_device_info", device="cpu") == 1
+    assert not s.has("pairsieve_scorer_device_info", device="cuda")
+    assert s("pairsieve_scorer_gpu_fallback") == 1
+    m.scorer_device("cpu")
+    assert scrape()("pairsieve_scorer_gpu_fallback") == 0
+
+
+def test_naming_contract_and_no_item_ids(reg, m, status, scrape):
+    m.batch_decided(fake_batch(), [0.1], 0.01)
+    m.engine_state(status)
+    m.labels_received("UNSURE")
+    m.retrained(1, 0.5, True)
+    m.dead_lettered("decode_error", "item-123")
+    m.grpc_request("item-123", "OK", 0.01)
+    m.scorer_device("cpu")
+    m.consumer_lag("pairsieve.features.v1", 1)
+    s = scrape()
+    assert s.families
+    for fam in s.families:
+        assert fam.name.startswith("pairsieve_"), fam.name
+        if fam.type == "counter":
+            assert fam.samples and all(x.name.endswith("_total") for x in fam.samples), fam.name
+        if fam.type == "histogram":
+            assert not fam.name.endswith("_total")
+        assert fam.documentation and fam.documentation != fam.name, f"{fam.name}: no help text"
+        for x in fam.samples:
+            for value in x.labels.values():
+                assert "item-" not in value and not value.startswith("evt"), (x.name, x.labels)
+    assert "item-" not in s.text and "evt-" not in s.text
+    names = metric_names(reg)
+    assert EXPECTED_NAMES <= names, EXPECTED_NAMES - names
+    assert all(n.startswith("pairsieve_") for n in names)
+    sample_names = {x.name for fam in s.families for x in fam.samples}
+    assert sample_names <= names
+
+
+def test_metric_names_list_labelled_metrics_before_first_series(reg, m):
+    names = metric_names(reg)
+    assert EXPECTED_NAMES <= names
+    assert "pairsieve_decisions" not in names  # a family name is not a queryable series
+
+
+def test_two_registries_do_not_interfere():
+    r1, r2 = CollectorRegistry(), CollectorRegistry()
+    before_default = {f.name for f in REGISTRY.collect()}
+    m1 = PairsieveMetrics(r1, modalities=MODALITIES, version="1")
+    m2 = PairsieveMetrics(r2, modalities=MODALITIES, version="2")
+    m1.batch_decided(fake_batch(), [0.1, 0.2], 0.01)
+    m1.engine_state({"spent": 7, "cache_evictions": {"image": 4}})
+    m2.engine_state({"spent": 1, "cache_evictions": {"image": 1}})
+    m2.labels_received("MATCH")
+    s1, s2 = Scrape(scrape_text(r1)), Scrape(scrape_text(r2))
+    assert s1("pairsieve_events_received_total", modality="text", outcome="skipped") == 2
+    assert not s2.has("pairsieve_events_received_total", modality="text", outcome="skipped")
+    assert s2("pairsieve_decision_latency_seconds_count") == 0
+    assert (s1("pairsieve_budget_spent"), s2("pairsieve_budget_spent")) == (7, 1)
+    assert s1("pairsieve_cache_evictions_total", modality="image") == 4
+    assert s2("pairsieve_cache_evictions_total", modality="image") == 1
+    assert s2("pairsieve_labels_received_total", status="MATCH") == 1
+    assert not s1.has("pairsieve_labels_received_total", status="MATCH")
+    assert s1.has("pairsieve_build_info", version="1")
+    assert not s1.has("pairsieve_build_info", version="2")
+    assert {f.name for f in REGISTRY.collect()} == before_default  # global registry untouched
+    assert not any(f.name.startswith("pairsieve_") for f in REGISTRY.collect())
+
+
+def test_registry_is_required_and_servers_use_distinct_ports(reg):
+    with pytest.raises(ValueError):
+        PairsieveMetrics(None)
+    PairsieveMetrics(reg)
+    a, ta = start_metrics_server(reg, 0, host="127.0.0.1")
+    b, tb = start_metrics_server(reg, 0, host="127.0.0.1")
+    try:
+        assert a.server_port != b.server_port and ta.is_alive() and tb.is_alive()
+    finally:
+        stop_metrics_server(a, ta)
+        stop_metrics_server(b, tb)
+    assert not ta.is_alive() and not tb.is_alive()

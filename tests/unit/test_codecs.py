@@ -1,0 +1,358 @@
+"""Wire codecs: round trips of every message, every WireError reason, record framing."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from service.core.types import Decision
+from service.handlers import AlignmentRequestOut, IncomingEvent, Label, LabelResult, Outcome
+from service.wire import codecs
+from service.wire.codecs import WireError
+from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
+
+DIMS = {"image": 12, "text": 8}
+MAX = 1 << 20
+
+
+def _ev(i=0, modality="image", **kw):
+    rng = np.random.default_rng(i)
+    base = dict(event_id=f"e{i}", item_id=f"it{i}", modality=modality,
+                vector=rng.normal(size=DIMS[modality]).astype(np.float32),
+                event_time=1_700_000_000.25 + i, source="test", metadata={"k": str(i)})
+    base.update(kw)
+    return IncomingEvent(**base)
+
+
+def _pb_ev(**kw):
+    base = dict(event_id="e1", item_id="i1", modality="text",
+                vector=codecs.encode_vector(np.ones(8, np.float32)), dim=8)
+    base.update(kw)
+    return pb.FeatureEvent(**base)
+
+
+def _same_event(a: IncomingEvent, b: IncomingEvent):
+    assert (a.event_id, a.item_id, a.modality, a.source, a.metadata) == \
+        (b.event_id, b.item_id, b.modality, b.source, b.metadata)
+    assert a.event_time == pytest.approx(b.event_time, abs=1e-6) if a.event_time else \
+        b.event_time is None
+    np.testing.assert_array_equal(a.vector, b.vector)
+    assert b.vector.dtype == np.float32 and b.vector.flags.c_contiguous
+
+
+def _decision(accept=True, threshold=0.4):
+    return Decision(item_id="it1", modality="image", accept=accept, utility=0.9, uncertainty=0.8,
+                    diversity=0.7, coverage_bonus=-0.1, margin=0.2, entropy=0.6,
+                    least_confidence=0.5, threshold=threshold, model_version=3,
+                    reason="accept:utility")
+
+
+# --------------------------------------------------------------------------- vectors
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(1, 64),
+                  elements=st.floats(allow_nan=False, allow_infinity=False, width=32)))
+def test_vector_round_trip_of_arbitrary_finite_float32(v):
+    data = codecs.encode_vector(v)
+    assert len(data) == 4 * len(v)
+    out = codecs.decode_vector(data, len(v), what="v")
+    np.testing.assert_array_equal(out, v)
+    assert out.dtype == np.float32 and out.flags.writeable
+
+
+def test_vector_is_little_endian():
+    assert codecs.encode_vector(np.array([1.0], np.float32)) == b"\x00\x00\x80\x3f"
+    big = np.array([1.0, 2.0], dtype=">f4")
+    np.testing.assert_array_equal(codecs.decode_vector(codecs.encode_vector(big), 2), [1.0, 2.0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_vector(bad):
+    v = np.zeros(5, np.float32)
+    v[3] = bad
+    with pytest.raises(WireError, match="first at index 3") as ei:
+        codecs.decode_vector(codecs.encode_vector(v), 5, what="v")
+    assert ei.value.reason == "non_finite"
+
+
+def test_vector_size_errors_name_the_sizes():
+    with pytest.raises(WireError, match="10 bytes is not a whole number") as ei:
+        codecs.decode_vector(b"\x00" * 10, 3)
+    assert ei.value.reason == "undecodable"
+    with pytest.raises(WireError, match="20 bytes = 5 float32 values, but dim is 12") as ei:
+        codecs.decode_vector(b"\x00" * 20, 12)
+    assert ei.value.reason == "wrong_dimension"
+
+
+# --------------------------------------------------------------------------- events
+def test_event_round_trip():
+    ev = _ev(1)
+    msg = pb.FeatureEvent.FromString(codecs.encode_feature_event(ev))
+    assert msg.dim == 12 and len(msg.vector) == 48
+    _same_event(ev, codecs.event_from_proto(msg, DIMS))
+
+
+def test_event_time_unset_is_none():
+    out = codecs.event_from_proto(_pb_ev(), DIMS)
+    assert out.event_time is None and out.metadata == {} and out.source == ""
+
+
+@pytest.mark.parametrize("headers", [[codecs.FEATURE_HEADER_EVENT], None, []])
+def test_decode_single_event_record_with_and_without_header(headers):
+    ev = _ev(2, "text")
+    (out,) = codecs.decode_feature_record(codecs.encode_feature_event(ev), headers, DIMS, MAX)
+    _same_event(ev, out)
+
+
+@pytest.mark.parametrize("headers", [[codecs.FEATURE_HEADER_BATCH], None,
+                                     [("Pairsieve-Message", "FeatureBatch")]])
+def test_decode_batch_record_with_and_without_header(headers):
+    evs = [_ev(i, "image" if i % 2 else "text") for i in range(5)]
+    out = codecs.decode_feature_record(codecs.encode_feature_batch(evs), headers, DIMS, MAX)
+    assert len(out) == 5
+    for a, b in zip(evs, out):
+        _same_event(a, b)
+
+
+def test_single_event_batch_without_header_is_still_a_batch():
+    ev = _ev(3)
+    (out,) = codecs.decode_feature_record(codecs.encode_feature_batch([ev]), None, DIMS, MAX)
+    _same_event(ev, out)
+
+
+def test_batch_that_also_parses_as_an_event_is_read_as_a_batch():
+    # all-ASCII nested bytes: the batch parses as a FeatureEvent whose event_id is the first
+    # event's bytes (valid UTF-8) and which has no vector; it must still be read as a batch
+    evs = [_ev(i, "text", vector=np.zeros(8, np.float32), event_time=None, metadata={})
+           for i in range(2)]
+    value = codecs.encode_feature_batch(evs)
+    assert pb.FeatureEvent.FromString(value).event_id  # the ambiguity is real
+    out = codecs.decode_feature_record(value, None, DIMS, MAX)
+    assert [e.event_id for e in out] == ["e0", "e1"]
+
+
+def test_unrelated_headers_are_ignored():
+    ev = _ev(4)
+    out = codecs.decode_feature_record(codecs.encode_feature_event(ev),
+                                       [("trace-id", b"x")], DIMS, MAX)
+    _same_event(ev, out[0])
+
+
+def _reason(fn, reason, match):
+    with pytest.raises(WireError, match=match) as ei:
+        fn()
+    assert ei.value.reason == reason
+    assert isinstance(ei.value, ValueError)
+    return ei.value
+
+
+@pytest.mark.parametrize("kw,reason,match", [
+    (dict(event_id=""), "missing_field", "missing field 'event_id'"),
+    (dict(item_id=""), "missing_field", "event 'e1': missing field 'item_id'"),
+    (dict(modality=""), "missing_field", "missing field 'modality'"),
+    (dict(vector=b"", dim=8), "missing_field", "missing field 'vector'"),
+    (dict(modality="audio"), "unknown_modality",
+     r"unknown modality 'audio'; expected one of \['image', 'text'\]"),
+    (dict(dim=5), "wrong_dimension", "dim 5 but modality 'text' has dimension 8"),
+    (dict(dim=0), "wrong_dimension", "dim 0 but modality 'text' has dimension 8"),
+    (dict(vector=b"\x00" * 20), "wrong_dimension", "20 bytes = 5 float32 values, but dim is 8"),
+    (dict(vector=b"\x00" * 30), "undecodable", "30 bytes is not a whole number"),
+    (dict(vector=codecs.encode_vector(np.array([0, 0, np.nan, 0, 0, 0, 0, 0], np.float32))),
+     "non_finite", "NaN or inf .first at index 2"),
+])
+def test_event_errors(kw, reason, match):
+    _reason(lambda: codecs.event_from_proto(_pb_ev(**kw), DIMS), reason, match)
+
+
+def test_record_errors():
+    good = codecs.encode_feature_event(_ev(0))
+    _reason(lambda: codecs.decode_feature_record(good, None, DIMS, len(good) - 1), "oversized",
+            f"record value is {len(good)} bytes, limit {len(good) - 1}")
+    _reason(lambda: codecs.decode_feature_record(b"\xff\xff\xff", None, DIMS, MAX),
+            "undecodable", "cannot parse 3 bytes as FeatureEvent or FeatureBatch")
+    _reason(lambda: codecs.decode_feature_record(b"\xff\xff\xff", [codecs.FEATURE_HEADER_BATCH],
+                                                 DIMS, MAX),
+            "undecodable", "cannot parse 3 bytes as FeatureBatch")
+    _reason(lambda: codecs.decode_feature_record(b"", None, DIMS, MAX), "undecodable",
+            "empty record value")
+    _reason(lambda: codecs.decode_feature_record(b"", [codecs.FEATURE_HEADER_BATCH], DIMS, MAX),
+            "empty_batch", "empty batch")
+    _reason(lambda: codecs.decode_feature_record(good, [("pairsieve-message", b"Nope")], DIMS, MAX),
+            "undecodable", "pairsieve-message='Nope'")
+    # no vector, no header: neither reading works; the FeatureEvent's own error is reported
+    no_vec = pb.FeatureEvent(event_id="e9", item_id="i", modality="text").SerializeToString()
+    _reason(lambda: codecs.decode_feature_record(no_vec, None, DIMS, MAX), "missing_field",
+            "event 'e9': missing field 'vector'")
+
+
+def test_batch_is_all_or_nothing_and_names_the_index():
+    evs = [_ev(0), _ev(1, "text"), _ev(2, "image", vector=np.zeros(7, np.float32))]
+    value = codecs.encode_feature_batch(evs)
+    for headers in ([codecs.FEATURE_HEADER_BATCH], None):
+        _reason(lambda: codecs.decode_feature_record(value, headers, DIMS, MAX),
+                "wrong_dimension", "batch event 2 of 3: event 'e2': dim 7 but modality 'image'")
+    bad_nan = [_ev(0), _ev(1, vector=np.full(12, np.inf, np.float32))]
+    _reason(lambda: codecs.decode_feature_record(codecs.encode_feature_batch(bad_nan),
+                                                 [codecs.FEATURE_HEADER_BATCH], DIMS, MAX),
+            "non_finite", "batch event 1 of 2")
+
+
+def test_submit_request_and_empty_batch():
+    evs = [_ev(0), _ev(1, "text")]
+    req = pb.SubmitRequest(events=[codecs.event_to_proto(e) for e in evs])
+    out = codecs.submit_request_from_proto(req, DIMS)
+    for a, b in zip(evs, out):
+        _same_event(a, b)
+    _reason(lambda: codecs.submit_request_from_proto(pb.SubmitRequest(), DIMS), "empty_batch",
+            "empty batch")
+
+
+# --------------------------------------------------------------------------- decisions, requests
+def test_decision_to_proto_carries_every_component():
+    msg = codecs.decision_to_proto(Outcome("e1", _decision(), True, "w7"))
+    assert (msg.event_id, msg.item_id, msg.modality, msg.accept, msg.duplicate, msg.worker_id) \
+        == ("e1", "it1", "image", True, True, "w7")
+    c = msg.components
+    assert (c.uncertainty, c.diversity, c.coverage_bonus, c.margin, c.entropy,
+            c.least_confidence) == (0.8, 0.7, -0.1, 0.2, 0.6, 0.5)
+    assert (msg.utility, msg.threshold, msg.model_version, msg.reason) == \
+        (0.9, 0.4, 3, "accept:utility")
+    assert math.isnan(codecs.decision_to_proto(Outcome("e", _decision(threshold=math.nan)))
+                      .threshold)
+
+
+def test_request_round_trip_with_candidates():
+    vec = np.arange(12, dtype=np.float32)
+    out = Outcome("e1", _decision(), False, "w1")
+    r = AlignmentRequestOut(request_id="e1", item_id="it1", modality="image", vector=vec,
+                            candidates=[("t1", 0.9), ("t2", -0.25)], outcome=out,
+                            requested_at=1_700_000_123.5, metadata={"a": "b"})
+    msg = pb.AlignmentRequest.FromString(codecs.request_to_proto(r).SerializeToString())
+    assert [(c.item_id, c.similarity) for c in msg.candidates] == [("t1", 0.9), ("t2", -0.25)]
+    assert msg.worker_id == "w1" and dict(msg.metadata) == {"a": "b"} and msg.dim == 12
+    assert codecs.seconds(msg, "requested_at") == pytest.approx(1_700_000_123.5)
+    back, v = codecs.request_from_proto(msg)
+    assert back == out
+    np.testing.assert_array_equal(v, vec)
+
+
+def test_request_from_proto_errors():
+    msg = codecs.request_to_proto(AlignmentRequestOut(
+        "e1", "it1", "image", np.zeros(12, np.float32), [], Outcome("e1", _decision()), 0.0))
+    m = pb.AlignmentRequest()
+    m.CopyFrom(msg)
+    m.ClearField("decision")
+    _reason(lambda: codecs.request_from_proto(m), "missing_field", "missing field 'decision'")
+    m.CopyFrom(msg)
+    m.vector = codecs.encode_vector(np.full(12, np.nan, np.float32))
+    _reason(lambda: codecs.request_from_proto(m), "non_finite", "request 'e1' vector")
+    m.CopyFrom(msg)
+    m.item_id = "other"
+    _reason(lambda: codecs.request_from_proto(m), "undecodable", "decision is for 'it1'")
+
+
+# --------------------------------------------------------------------------- labels
+@pytest.mark.parametrize("partner", [None, np.linspace(-1, 1, 8).astype(np.float32)])
+@pytest.mark.parametrize("status", ["MATCH", "NO_MATCH", "UNSURE"])
+def test_label_round_trip(status, partner):
+    lb = Label(item_id="it1", modality="image", partner_item_id="t5", status=status,
+               request_id="e1", annotator="ann", cost=2.5, partner_vector=partner)
+    msg = pb.AlignmentLabel.FromString(codecs.label_to_proto(lb, labeled_at=5.0)
+                                       .SerializeToString())
+    assert msg.partner_dim == (0 if partner is None else 8)
+    back = codecs.label_from_proto(msg, DIMS)
+    assert (back.item_id, back.modality, back.partner_item_id, back.status, back.request_id,
+            back.annotator, back.cost) == ("it1", "image", "t5", status, "e1", "ann", 2.5)
+    if partner is None:
+        assert back.partner_vector is None
+    else:
+        np.testing.assert_array_equal(back.partner_vector, partner)
+
+
+def test_label_errors():
+    ok = dict(item_id="i1", modality="text", partner_item_id="p", status=pb.MATCH)
+    _reason(lambda: codecs.label_from_proto(pb.AlignmentLabel(**{**ok, "status": 0}), DIMS),
+            "missing_field", "label for 'i1': missing field 'status'")
+    _reason(lambda: codecs.label_from_proto(pb.AlignmentLabel(**{**ok, "item_id": ""}), DIMS),
+            "missing_field", "missing field 'item_id'")
+    _reason(lambda: codecs.label_from_proto(pb.AlignmentLabel(**{**ok, "modality": "x"}), DIMS),
+            "unknown_modality", "unknown modality 'x'")
+    vec12 = codecs.encode_vector(np.zeros(12, np.float32))
+    vec8 = codecs.encode_vector(np.zeros(8, np.float32))
+    _reason(lambda: codecs.label_from_proto(
+        pb.AlignmentLabel(**ok, partner_vector=vec8, partner_dim=12), DIMS),
+        "wrong_dimension", "partner_vector: 32 bytes = 8 float32 values, but dim is 12")
+    _reason(lambda: codecs.label_from_proto(
+        pb.AlignmentLabel(**ok, partner_vector=vec12, partner_dim=10), DIMS),
+        "wrong_dimension", "partner_dim 10 but the partner modality 'image' has dimension 12")
+    nan12 = codecs.encode_vector(np.full(12, np.nan, np.float32))
+    _reason(lambda: codecs.label_from_proto(
+        pb.AlignmentLabel(**ok, partner_vector=nan12, partner_dim=12), DIMS),
+        "non_finite", "partner_vector")
+    # unset cost reads as the default 1.0
+    assert codecs.label_from_proto(pb.AlignmentLabel(**ok), DIMS).cost == 1.0
+
+
+def test_label_result_to_proto():
+    msg = codecs.label_result_to_proto(LabelResult(3, 2, 4))
+    assert (msg.accepted, msg.ignored, msg.model_version) == (3, 2, 4)
+
+
+# --------------------------------------------------------------------------- pool, status, dead letters
+def test_pool_request_decoding_and_errors():
+    cands = [pb.PoolCandidate(item_id=f"c{i}", modality=m, dim=DIMS[m],
+                              vector=codecs.encode_vector(np.full(DIMS[m], i, np.float32)))
+             for i, m in enumerate(["image", "text", "image"])]
+    ids, mods, vecs = codecs.pool_request_from_proto(pb.SelectPoolRequest(candidates=cands), DIMS)
+    assert ids == ["c0", "c1", "c2"] and mods == ["image", "text", "image"]
+    assert [len(v) for v in vecs] == [12, 8, 12] and vecs[2][0] == 2.0
+    _reason(lambda: codecs.pool_request_from_proto(pb.SelectPoolRequest(), DIMS), "empty_batch",
+            "no candidates")
+    cands[1].dim = 12
+    _reason(lambda: codecs.pool_request_from_proto(pb.SelectPoolRequest(candidates=cands), DIMS),
+            "wrong_dimension", r"pool candidate 1 \('c1'\): dim 12")
+
+
+def _status(total=40, remaining=30):
+    return {"spent": 10, "remaining": remaining, "seen": 50, "acceptance_rate": 0.2,
+            "threshold": 0.55, "accepted_per_modality": {"image": 6, "text": 4},
+            "seen_per_modality": {"image": 30, "text": 20}, "model_version": 2,
+            "cache_fill": {"image": 0.5, "text": 0.25}, "cache_evictions": {"image": 1, "text": 0},
+            "worker_id": "w0", "pairs_acquired": 7, "budget_total": total, "target_rate": 0.1,
+            "labels": {"MATCH": 7}, "dims": dict(DIMS)}
+
+
+def test_status_round_trip():
+    msg = pb.ServiceStatus.FromString(codecs.status_to_proto(_status(), serving=True)
+                                      .SerializeToString())
+    assert (msg.worker_id, msg.budget_total, msg.budget_spent, msg.budget_remaining) == \
+        ("w0", 40, 10, 30)
+    assert (msg.acceptance_rate, msg.target_rate, msg.threshold, msg.model_version,
+            msg.pairs_acquired, msg.serving) == (0.2, 0.1, 0.55, 2, 7, True)
+    mods = {m.modality: m for m in msg.modalities}
+    assert (mods["image"].dim, mods["image"].seen, mods["image"].accepted,
+            mods["image"].cache_fill, mods["image"].cache_evictions) == (12, 30, 6, 0.5, 1)
+    assert (mods["text"].dim, mods["text"].seen, mods["text"].accepted) == (8, 20, 4)
+    unlimited = codecs.status_to_proto(_status(total=None, remaining=None), serving=False)
+    assert (unlimited.budget_total, unlimited.budget_remaining, unlimited.serving) == (-1, -1, False)
+    assert math.isnan(codecs.status_to_proto({**_status(), "threshold": math.nan}).threshold)
+
+
+def test_dead_letter_bytes():
+    data = codecs.dead_letter_bytes("non_finite", "event 'e1': NaN", b"\x01\x02",
+                                    "pairsieve.features.v1", 3, 42, 1_700_000_000.5)
+    dl = pb.DeadLetter.FromString(data)
+    assert (dl.reason, dl.detail, dl.original, dl.source_topic, dl.source_partition,
+            dl.source_offset) == ("non_finite", "event 'e1': NaN", b"\x01\x02",
+                                  "pairsieve.features.v1", 3, 42)
+    assert codecs.seconds(dl, "failed_at") == pytest.approx(1_700_000_000.5)
+    dl = pb.DeadLetter.FromString(codecs.dead_letter_bytes("oversized", "x", b"", None, None,
+                                                           None, 0.0))
+    assert (dl.source_partition, dl.source_offset) == (-1, -1)
+
+
+def test_wire_error_rejects_unknown_reason():
+    with pytest.raises(ValueError, match="unknown wire error reason 'bogus'"):
+        WireError("bogus", "x")
