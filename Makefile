@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install pairsieve with pinned dependencies
 
+demo: $(STAMP) ## run the service on the embedded broker with a replayed dataset (~1 min)
+	$(BIN)/pairsieve demo --out-dir reports
+
+serve: $(STAMP) ## run the service (PAIRSIEVE_* env vars; embedded broker if no bootstrap)
+	$(BIN)/pairsieve serve
+
 test: $(STAMP) ## run all tests (unit, component, integration)
 	$(BIN)/python -m pytest -q
 
@@ -38,4 +44,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install test test-unit bench-quality bench-stream-cost proto clean
+.PHONY: help install demo serve test test-unit bench-quality bench-stream-cost proto clean

@@ -94,6 +94,13 @@ def _cmd_serve(args) -> int:
     return asyncio.run(serve_forever(settings))
 
 
+def _cmd_demo(args) -> int:
+    from service.demo import main as demo_main
+
+    return demo_main(dataset=args.dataset, budget=args.budget, seed=args.seed,
+                     out_dir=args.out_dir, rate_per_s=args.rate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairsieve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="run the service: Kafka stream processor + gRPC + metrics")
     Settings.add_arguments(v)
     v.set_defaults(func=_cmd_serve)
+
+    e = sub.add_parser("demo", help="end to end on the embedded broker with a replayed dataset")
+    e.add_argument("--dataset", default="digits", choices=("digits", "digits-lr"))
+    e.add_argument("--budget", type=int, default=200, help="alignments to request")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--rate", type=float, default=400.0, help="events/s to replay")
+    e.add_argument("--out-dir", default="reports")
+    e.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser("bench-stream-cost", help="per-item selector cost over a long stream")
     c.add_argument("--items", type=int, default=1_000_000)

@@ -62,11 +62,15 @@ class Settings:
     uncertainty: str = "entropy"
     retrain_every_pairs: int = 25
     candidates_k: int = 5
+    follow_selections: int = 1  # 1: fold in every worker's selections (scale-out); 0: only own
     model_dir: str = ""  # empty: no checkpoints
     device: str = ""  # empty: cuda when available, else cpu
     seed: int = 0
     shutdown_grace_seconds: float = 10.0
-    rebalance_timeout_seconds: float = 60.0
+    rebalance_timeout_seconds: float = 10.0
+    # tansu holds a group join for about half the session timeout; 3 s keeps joins ~2 s there
+    # and is still safe against short stalls. Raise it for a real Kafka under heavy load.
+    session_timeout_seconds: float = 3.0
     log_level: str = "INFO"
 
     def __post_init__(self):

@@ -1,0 +1,198 @@
+"""Composition root: builds the engine, starts every adapter, owns signals and shutdown.
+
+Startup: broker (embedded tansu when ``PAIRSIEVE_KAFKA_BOOTSTRAP`` is unset) -> topics (explicit
+partition counts) -> engine (model from ``PAIRSIEVE_MODEL_DIR`` if present) -> metrics HTTP ->
+request publisher -> selection follower (replays earlier selections, so budget and caches survive
+a restart) -> faust stream processor -> gRPC server -> health SERVING.
+
+Shutdown on SIGTERM/SIGINT, in this order: health NOT_SERVING, stop consuming (no new batch is
+taken), drain the in-flight batch (it is published and committed), stop the faust app (offsets of
+processed events are committed), stop gRPC with grace, flush and stop the producer, stop the
+follower, the metrics server and the embedded broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from service.alignment import AlignmentModel, AlignmentTrainer, TrainerConfig
+from service.core.acquisition import AcquisitionConfig
+from service.core.budget import BudgetConfig
+from service.core.selector import SelectorConfig, StreamingSelector
+from service.handlers import SelectionHandler
+from service.observability.metrics import PairsieveMetrics, start_metrics_server
+from service.rpc.server import start_grpc_server
+from service.settings import Settings
+from service.streaming.app import StreamProcessor
+from service.streaming.broker import (REQUESTS_TOPIC, EmbeddedBroker, create_topics,
+                                      topic_specs)
+from service.streaming.kafka_io import KafkaRequestPublisher, SelectionFollower
+
+log = logging.getLogger("pairsieve.runtime")
+
+
+def initial_model(settings: Settings) -> AlignmentModel:
+    """The newest checkpoint in ``model_dir`` or, failing that, a seeded random projection.
+
+    Version 0 (random, not aligned) gives meaningful within-modality diversity only; the budget's
+    random warm-up covers the cold start until the first trained version arrives.
+    """
+    if settings.model_dir:
+        try:
+            model = AlignmentModel.load(settings.model_dir)
+            if model.dims == settings.dims and model.dim_out == settings.embedding_dim:
+                log.info("loaded model version %d from %s", model.version, settings.model_dir)
+                return model
+            log.warning("checkpoint in %s does not match the configured modalities; ignoring it",
+                        settings.model_dir)
+        except ValueError:
+            pass
+    model = AlignmentModel(settings.dims, settings.embedding_dim, version=0)
+    rng = np.random.default_rng(settings.seed)
+    k = settings.embedding_dim
+    for m, d in settings.dims.items():
+        q, _ = np.linalg.qr(rng.normal(size=(max(d, k), max(d, k))))
+        model.set_affine(m, np.zeros(d), q[:d, :k])  # orthonormal rows/columns, zero-free
+    return model.eval()
+
+
+def build_engine(settings: Settings, metrics=None, publisher=None) -> SelectionHandler:
+    """The selector, trainer and handler for ``settings`` (no I/O besides checkpoints)."""
+    total = None if settings.budget_total < 0 else settings.budget_total
+    cfg = SelectorConfig(
+        uncertainty=settings.uncertainty, index_size=settings.index_size,
+        cache_capacity=settings.cache_capacity,
+        budget=BudgetConfig(total=total, target_rate=settings.target_rate,
+                            explore=settings.explore_fraction,
+                            warmup_accepts=settings.warmup_accepts),
+        acquisition=AcquisitionConfig())
+    model = initial_model(settings)
+    selector = StreamingSelector(model, cfg, seed=settings.seed, device=settings.device or None)
+    trainer = AlignmentTrainer(settings.dims, TrainerConfig(dim_out=settings.embedding_dim,
+                                                            pca_dim=settings.embedding_dim),
+                               seed=settings.seed)
+    on_model = (lambda m: m.save(settings.model_dir)) if settings.model_dir else None
+    return SelectionHandler(selector, trainer, publisher, metrics,
+                            worker_id=settings.effective_worker_id,
+                            retrain_every=settings.retrain_every_pairs,
+                            candidates_k=settings.candidates_k, on_model=on_model)
+
+
+@dataclass
+class Service:
+    """A running pairsieve (see module docstring). Create with :func:`start_service`."""
+
+    settings: Settings
+    bootstrap: str
+    handler: SelectionHandler
+    metrics: PairsieveMetrics
+    registry: CollectorRegistry
+    publisher: KafkaRequestPublisher
+    follower: SelectionFollower
+    processor: StreamProcessor
+    grpc: object
+    metrics_server: object
+    broker: EmbeddedBroker | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics_server[0].server_port
+
+    async def shutdown(self) -> None:
+        """Ordered graceful shutdown; idempotent."""
+        if self.stopped.is_set():
+            return
+        s = self.settings
+        log.info("shutting down: health NOT_SERVING")
+        await self.grpc.set_serving(False)
+        log.info("stop consuming; draining the in-flight batch")
+        await self.processor.drain(s.shutdown_grace_seconds)
+        await self.processor.stop()
+        log.info("stopping gRPC (grace %.1fs)", s.shutdown_grace_seconds)
+        await self.grpc.stop(s.shutdown_grace_seconds)
+        await self.handler.wait_for_training()
+        log.info("flushing the producer")
+        await self.publisher.stop()
+        await self.follower.stop()
+        self.metrics.set_serving(False)
+        server, _thread = self.metrics_server
+        server.shutdown()
+        self.handler.close()
+        if self.broker is not None:
+            log.info("stopping the embedded broker")
+            self.broker.stop()
+        self.stopped.set()
+        log.info("stopped")
+
+
+async def start_service(settings: Settings) -> Service:
+    """Start everything (see module docstring) and return the running :class:`Service`."""
+    broker = None
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        broker = EmbeddedBroker()
+        broker.start()
+        bootstrap = broker.bootstrap
+        log.warning("PAIRSIEVE_KAFKA_BOOTSTRAP is not set: started the embedded tansu broker at %s "
+                    "(in-memory, for demos and tests; point it at a real Kafka in production)",
+                    bootstrap)
+    specs = {settings.topic(t): n for t, n in topic_specs(settings.features_partitions).items()}
+    await asyncio.to_thread(create_topics, bootstrap, specs)
+    registry = CollectorRegistry()
+    metrics = PairsieveMetrics(registry)
+    metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host)
+    publisher = KafkaRequestPublisher(bootstrap, settings.topic(REQUESTS_TOPIC),
+                                      max_request_bytes=settings.max_message_bytes)
+    await publisher.start()
+    handler = build_engine(settings, metrics, publisher)
+    metrics.scorer_device(str(handler.selector.scorer.device), gpu_expected=settings.device == "cuda")
+    follower = SelectionFollower(bootstrap, settings.topic(REQUESTS_TOPIC), handler)
+    if settings.follow_selections:
+        await follower.start()
+        try:
+            await asyncio.wait_for(follower.caught_up.wait(), 60)
+        except asyncio.TimeoutError:
+            log.warning("selection replay still running after 60s; serving anyway")
+    else:
+        log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "
+                    "(near-duplicates may be accepted twice; for measurements only)")
+    processor = StreamProcessor(settings, bootstrap, handler, publisher, metrics)
+    await processor.start()
+    grpc = await start_grpc_server(
+        handler, host=settings.grpc_host, port=settings.grpc_port,
+        auth_token=settings.auth_token or None, tls_cert=settings.tls_cert_file or None,
+        tls_key=settings.tls_key_file or None, max_message_bytes=settings.max_message_bytes,
+        metrics=metrics)
+    await grpc.set_serving(True)
+    metrics.set_serving(True)
+    metrics.engine_state(handler.status())
+    log.info("pairsieve serving: gRPC :%d, metrics :%d, kafka %s, worker %s",
+             grpc.port, metrics_server[0].server_port, bootstrap, handler.worker_id)
+    return Service(settings, bootstrap, handler, metrics, registry, publisher, follower,
+                   processor, grpc, metrics_server, broker)
+
+
+async def serve_forever(settings: Settings) -> int:
+    """``pairsieve serve``: run until SIGTERM/SIGINT, then shut down in order."""
+    svc = await start_service(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    t0 = time.perf_counter()
+    await svc.shutdown()
+    log.info("shutdown took %.2fs", time.perf_counter() - t0)
+    return 0

@@ -1,0 +1,161 @@
+"""The faust stream processor: features in (micro-batched), labels in, dead letters out.
+
+Agents reading source topics run with concurrency 1 (the engine is sequential by design: an
+accept changes the next decision), faust's web server is off, and torch work happens in the
+handler's executor, so the event loop (and Kafka heartbeats) never stall.
+
+Per micro-batch (``take_events(batch_max_items, within=max_wait_seconds)``):
+
+1. decode every record; bad ones (undecodable, wrong dimension, NaN/inf, unknown modality,
+   missing fields, oversized) go to the dead-letter topic with a reason code and the original
+   bytes, and the stream keeps running;
+2. the good events go to :meth:`SelectionHandler.submit`, which publishes accepted items to the
+   requests topic *before* committing engine state; a publish failure is retried with backoff
+   (nothing was committed, so the retry cannot double-spend);
+3. the events are acknowledged only after that, so faust commits their offsets only then:
+   at-least-once, and redeliveries are deduplicated by event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import faust
+
+from service.handlers import SelectionHandler
+from service.settings import Settings
+from service.streaming.broker import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
+from service.streaming.kafka_io import KafkaRequestPublisher
+from service.wire import codecs
+
+log = logging.getLogger("pairsieve.stream")
+
+
+class StreamProcessor:
+    """Builds the faust app and its agents around one handler."""
+
+    def __init__(self, settings: Settings, bootstrap: str, handler: SelectionHandler,
+                 publisher: KafkaRequestPublisher, metrics=None):
+        self.settings = settings
+        self.handler = handler
+        self.publisher = publisher
+        self.metrics = metrics
+        self.dims = settings.dims
+        self.draining = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.batches = 0
+        self.dead_letters = 0
+        self.app = faust.App(
+            settings.group_id,
+            broker=f"kafka://{bootstrap}",
+            web_enabled=False,
+            topic_disable_leader=True,
+            broker_rebalance_timeout=settings.rebalance_timeout_seconds,
+            broker_session_timeout=settings.session_timeout_seconds,
+            broker_heartbeat_interval=settings.session_timeout_seconds / 4,
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            stream_wait_empty=False,
+            topic_allow_declare=False,
+            logging_config=None,
+        )
+        s = settings
+        self.features = self.app.topic(s.topic(FEATURES_TOPIC), value_serializer="raw",
+                                       key_serializer="raw", partitions=s.features_partitions)
+        self.labels = self.app.topic(s.topic(LABELS_TOPIC), value_serializer="raw",
+                                     key_serializer="raw", partitions=1)
+        self.dead_letter_topic = s.topic(DEAD_LETTER_TOPIC)
+        self.app.agent(self.features, name="pairsieve-features", concurrency=1)(self._on_features)
+        self.app.agent(self.labels, name="pairsieve-labels", concurrency=1)(self._on_labels)
+
+    # ----------------------------------------------------------------- agents
+    async def _on_features(self, stream):
+        s = self.settings
+        async for events in stream.take_events(s.batch_max_items, within=s.max_wait_seconds):
+            if self.draining.is_set():
+                # Shutting down: leave these unacknowledged; they are redelivered after restart.
+                continue
+            self.idle.clear()
+            try:
+                await self.process_feature_records(
+                    [(e.message.value, e.message.headers, e.message.topic, e.message.partition,
+                      e.message.offset) for e in events])
+            finally:
+                self.idle.set()
+
+    async def process_feature_records(self, records) -> int:
+        """Decode, dead-letter the bad, decide the good. records: (value, headers, topic,
+        partition, offset) tuples. Returns the number of events decided."""
+        good = []
+        for value, headers, topic, partition, offset in records:
+            try:
+                good.extend(codecs.decode_feature_record(value, _headers(headers), self.dims,
+                                                         self.settings.max_message_bytes))
+            except codecs.WireError as exc:
+                await self._dead_letter(exc.reason, str(exc), value, topic, partition, offset)
+        if self.metrics is not None:
+            self.metrics.micro_batch(len(good))
+        if not good:
+            return 0
+        delay = 0.1
+        while True:
+            try:
+                await self.handler.submit(good)
+                break
+            except ValueError as exc:  # cannot happen after decoding; never lose the batch
+                log.error("batch rejected by the engine, dead-lettering it: %s", exc)
+                for value, headers, topic, partition, offset in records:
+                    await self._dead_letter("invalid", str(exc), value, topic, partition, offset)
+                return 0
+            except Exception:
+                log.exception("publishing selections failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.batches += 1
+        return len(good)
+
+    async def _dead_letter(self, reason, detail, value, topic, partition, offset) -> None:
+        self.dead_letters += 1
+        if self.metrics is not None:
+            self.metrics.dead_lettered(reason)
+        log.warning("dead letter (%s) from %s[%s]@%s: %s", reason, topic, partition, offset, detail)
+        await self.publisher.send_raw(
+            self.dead_letter_topic,
+            codecs.dead_letter_bytes(reason, detail, value or b"", topic, partition, offset,
+                                     time.time()))
+
+    async def _on_labels(self, stream):
+        async for value in stream:
+            try:
+                label = codecs.label_from_proto(codecs.pb.AlignmentLabel.FromString(value),
+                                                self.dims)
+                await self.handler.report_alignment([label])
+            except (ValueError, Exception) as exc:  # a bad label must not stop the stream
+                log.warning("ignoring bad label: %s", exc)
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.app.finalize()
+        await self.app.start()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking new batches and wait for the one in flight to be published and committed."""
+        self.draining.set()
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("in-flight batch did not finish within %.1fs", timeout_s)
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+
+def _headers(headers) -> list[tuple[str, bytes]]:
+    if not headers:
+        return []
+    if isinstance(headers, dict):
+        return list(headers.items())
+    return list(headers)

