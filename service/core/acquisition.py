@@ -41,9 +41,11 @@ class EWNormalizer:
         self.n = 0
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        if self.n < 2:
-            return np.zeros_like(x, dtype=np.float64)
-        return (x - self.mean) / np.sqrt(self.var + 1e-12)
+        # No spread seen yet (e.g. a cold start where every distance is the empty-cache value):
+        # the score carries no information, and dividing by ~0 would blow utilities up.
+        if self.n < 2 or self.var < 1e-10:
+            return np.zeros(np.shape(x), dtype=np.float64)
+        return (x - self.mean) / np.sqrt(self.var)
 
     def update(self, x: np.ndarray) -> None:
         for v in np.asarray(x, dtype=np.float64).ravel():

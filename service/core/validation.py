@@ -10,6 +10,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+#: Largest |value| accepted in a feature vector. Finite float32 values beyond this overflow to
+#: inf once projected (squares exceed float32 range near 1.8e19) and would poison the caches.
+MAX_ABS_FEATURE = 1e15
+
 
 def check_modality(modality: str, known: Iterable[str]) -> str:
     """Return ``modality`` if it is one of ``known``, else raise ``ValueError``."""
@@ -58,6 +62,13 @@ def as_matrix(x, dim: int | None, *, name: str = "vectors", allow_empty: bool = 
         bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
         raise ValueError(
             f"{name}: {len(bad)} row(s) contain NaN or inf (first bad row index {int(bad[0])})"
+        )
+    if arr.size and np.abs(arr).max() > MAX_ABS_FEATURE:
+        bad = np.flatnonzero((np.abs(arr) > MAX_ABS_FEATURE).any(axis=1))
+        raise ValueError(
+            f"{name}: {len(bad)} row(s) contain NaN or inf-like magnitudes above "
+            f"{MAX_ABS_FEATURE:g} (first bad row index {int(bad[0])}, max |x| = "
+            f"{float(np.abs(arr).max()):.3g})"
         )
     return arr
 

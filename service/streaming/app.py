@@ -85,37 +85,62 @@ class StreamProcessor:
                       e.message.offset) for e in events])
             finally:
                 self.idle.set()
+            self._report_lag(events)
 
     async def process_feature_records(self, records) -> int:
         """Decode, dead-letter the bad, decide the good. records: (value, headers, topic,
         partition, offset) tuples. Returns the number of events decided."""
-        good = []
-        for value, headers, topic, partition, offset in records:
+        good, good_records = [], []
+        for rec in records:
+            value, headers, topic, partition, offset = rec
             try:
                 good.extend(codecs.decode_feature_record(value, _headers(headers), self.dims,
                                                          self.settings.max_message_bytes))
+                good_records.append(rec)
             except codecs.WireError as exc:
                 await self._dead_letter(exc.reason, str(exc), value, topic, partition, offset)
-        if self.metrics is not None:
-            self.metrics.micro_batch(len(good))
         if not good:
             return 0
+        # take_events bounds records, and one record may be a FeatureBatch: bound the events.
+        step = self.settings.batch_max_items
+        for lo in range(0, len(good), step):
+            if not await self._submit(good[lo:lo + step], good_records):
+                return 0
+        self.batches += 1
+        return len(good)
+
+    async def _submit(self, good, records) -> bool:
+        if self.metrics is not None:
+            self.metrics.micro_batch(len(good))
         delay = 0.1
         while True:
             try:
                 await self.handler.submit(good)
-                break
+                return True
             except ValueError as exc:  # cannot happen after decoding; never lose the batch
                 log.error("batch rejected by the engine, dead-lettering it: %s", exc)
                 for value, headers, topic, partition, offset in records:
-                    await self._dead_letter("invalid", str(exc), value, topic, partition, offset)
-                return 0
+                    await self._dead_letter("rejected", str(exc), value, topic, partition, offset)
+                return False
             except Exception:
                 log.exception("publishing selections failed; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self.batches += 1
-        return len(good)
+
+    def _report_lag(self, events) -> None:
+        """Consumer lag of the features topic: high watermark - next offset, summed over the
+        partitions this batch touched (the high watermark comes from the last fetch)."""
+        if self.metrics is None or not events:
+            return
+        last: dict = {}
+        for e in events:
+            last[e.message.tp] = max(last.get(e.message.tp, -1), e.message.offset)
+        try:
+            lag = sum(max(0, self.app.consumer.highwater(tp) - (off + 1))
+                      for tp, off in last.items())
+        except Exception:  # no fetch yet / consumer restarting: report nothing this time
+            return
+        self.metrics.consumer_lag(self.features.get_topic_name(), lag)
 
     async def _dead_letter(self, reason, detail, value, topic, partition, offset) -> None:
         self.dead_letters += 1

@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.core.types import Decision
+from service.core.validation import MAX_ABS_FEATURE
 from service.handlers import (
     LABEL_STATUSES,
     AlignmentRequestOut,
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
-           "oversized", "empty_batch")
+           "oversized", "empty_batch", "rejected")  # rejected: refused by the engine itself
 
 FEATURE_HEADER = "pairsieve-message"
 FEATURE_HEADER_EVENT: tuple[str, bytes] = (FEATURE_HEADER, b"FeatureEvent")
@@ -151,6 +152,12 @@ def decode_vector(data: bytes, dim: int, *, what: str = "vector") -> np.ndarray:
         raise WireError("non_finite",
                         f"{what}: {len(idx)} value(s) are NaN or inf (first at index {int(idx[0])}: "
                         f"{vec[idx[0]]!r})")
+    huge = np.abs(vec) > MAX_ABS_FEATURE
+    if huge.any():
+        idx = np.flatnonzero(huge)
+        raise WireError("non_finite",
+                        f"{what}: {len(idx)} value(s) exceed |x| <= {MAX_ABS_FEATURE:g} and would "
+                        f"overflow once projected (first at index {int(idx[0])}: {vec[idx[0]]!r})")
     return vec
 
 

@@ -53,13 +53,23 @@ def _decision(accept=True, threshold=0.4):
 # --------------------------------------------------------------------------- vectors
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(np.float32, st.integers(1, 64),
-                  elements=st.floats(allow_nan=False, allow_infinity=False, width=32)))
+                  elements=st.floats(-(2.0**49), 2.0**49, allow_nan=False, allow_infinity=False,
+                                     width=32)))
 def test_vector_round_trip_of_arbitrary_finite_float32(v):
     data = codecs.encode_vector(v)
     assert len(data) == 4 * len(v)
     out = codecs.decode_vector(data, len(v), what="v")
     np.testing.assert_array_equal(out, v)
     assert out.dtype == np.float32 and out.flags.writeable
+
+
+def test_huge_finite_values_are_rejected_before_they_overflow():
+    # 3e38 is finite float32, but projects to inf and would poison the engine's caches.
+    v = np.zeros(8, np.float32)
+    v[3] = 3e38
+    with pytest.raises(codecs.WireError, match=r"exceed \|x\| <= 1e\+15.*index 3") as ei:
+        codecs.decode_vector(codecs.encode_vector(v), 8, what="v")
+    assert ei.value.reason == "non_finite"
 
 
 def test_vector_is_little_endian():

@@ -343,3 +343,17 @@ def test_scorer_constructor_validation():
         sc.embed("c", np.ones((1, 4)))
     with pytest.raises(ValueError, match="b: wrong dimension 4, expected 3"):
         sc.embed("b", np.ones((1, 4)))
+
+
+def test_ew_normalizer_without_spread_is_neutral_not_explosive():
+    # Cold start: every diversity equals the empty-cache value 2.0 -> variance 0. Dividing by ~0
+    # used to turn the next batch's ordinary distances into utilities of about -5e5.
+    from service.core.acquisition import EWNormalizer
+
+    n = EWNormalizer(alpha=0.01)
+    n.update(np.full(32, 2.0))
+    out = n.transform(np.array([0.5, 1.0, 2.0]))
+    np.testing.assert_array_equal(out, [0.0, 0.0, 0.0])
+    n.update(np.array([0.5, 1.5, 1.0]))
+    z = n.transform(np.array([0.5, 2.0]))
+    assert np.all(np.isfinite(z)) and z[0] < 0 < z[1] and np.abs(z).max() < 20

@@ -1,0 +1,352 @@
+"""StreamProcessor.process_feature_records in process, without a broker.
+
+A real SelectionHandler and faust.App (constructing it does not connect); a fake publisher records
+alignment requests and raw dead-letter sends; a fake metrics sink records the transport hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+
+import numpy as np
+import pytest
+
+import service.streaming.app as app_mod
+from service.alignment import AlignmentTrainer
+from service.core.budget import BudgetConfig
+from service.core.selector import SelectorConfig, StreamingSelector
+from service.handlers import IncomingEvent, SelectionHandler
+from service.settings import Settings
+from service.streaming.app import StreamProcessor
+from service.wire import codecs
+from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
+
+DIMS = {"image": 12, "text": 8}
+MAX_BYTES = 4096
+SRC = "pairsieve.features.v1.t"
+
+
+@functools.lru_cache(maxsize=1)
+def _data_and_model():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 6))
+    a = (z @ rng.normal(size=(6, 12)) + 0.1 * rng.normal(size=(400, 12))).astype(np.float32)
+    b = (z @ rng.normal(size=(6, 8)) + 0.1 * rng.normal(size=(400, 8))).astype(np.float32)
+    tr = AlignmentTrainer(DIMS, seed=0)
+    tr.fit_unpaired({"image": a, "text": b})
+    return a, b, tr.fit(a[:60], b[:60])
+
+
+class FakePublisher:
+    """publish_requests fails ``fail_times`` times, then records; send_raw records."""
+
+    def __init__(self, fail_times: int = 0):
+        self.fail_times = fail_times
+        self.attempts = 0
+        self.published = []
+        self.publish_calls = 0
+        self.raw = []
+
+    async def publish_requests(self, requests):
+        self.attempts += 1
+        if self.attempts <= self.fail_times:
+            raise ConnectionError(f"not acknowledged (attempt {self.attempts})")
+        self.publish_calls += 1
+        self.published.extend(requests)
+
+    async def send_raw(self, topic, value, key=None):
+        self.raw.append((topic, value, key))
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.micro_batches = []
+        self.dead = []
+
+    def micro_batch(self, n):
+        self.micro_batches.append(n)
+
+    def dead_lettered(self, reason, modality="unknown"):
+        self.dead.append(reason)
+
+
+def _settings():
+    return Settings.from_env({}, modalities="image:12,text:8", topic_suffix=".t",
+                             max_message_bytes=MAX_BYTES, group_id="pairsieve-test",
+                             batch_max_items=64)
+
+
+def _handler(publisher):
+    _, _, model = _data_and_model()
+    cfg = SelectorConfig(index_size=128, cache_capacity=64,
+                         budget=BudgetConfig(total=100, target_rate=0.5, min_history=8,
+                                             window=64, explore=0.0, warmup_accepts=4))
+    sel = StreamingSelector(copy.deepcopy(model), cfg, seed=0, device="cpu")
+    return SelectionHandler(sel, AlignmentTrainer(DIMS, seed=0), publisher,
+                            worker_id="w-stream", retrain_every=1000)
+
+
+class Env:
+    def __init__(self, fail_times=0):
+        self.settings = _settings()
+        self.publisher = FakePublisher(fail_times)
+        self.metrics = RecordingMetrics()
+        self.handler = _handler(self.publisher)
+        self.proc = StreamProcessor(self.settings, "127.0.0.1:1", self.handler, self.publisher,
+                                    self.metrics)
+
+    def seen(self):
+        return self.handler.status()["seen"]
+
+    def dead_letters(self):
+        out = []
+        for topic, value, _key in self.publisher.raw:
+            assert topic == self.settings.topic("pairsieve.dead-letter.v1")
+            out.append(pb.DeadLetter.FromString(value))
+        return out
+
+
+def run_env(body, **kw):
+    """Build the processor inside a running loop, run ``body(env)``, close the handler."""
+    async def main():
+        env = Env(**kw)
+        try:
+            return await asyncio.wait_for(body(env), 30)
+        finally:
+            env.handler.close()
+    return asyncio.run(main())
+
+
+def _vec(i, modality):
+    a, b, _ = _data_and_model()
+    return (a[i] if modality == "image" else b[i]).copy()
+
+
+def _ev(i, modality=None, event_id=None):
+    modality = modality or ("image" if i % 2 == 0 else "text")
+    return IncomingEvent(event_id=event_id or f"ev-{i}", item_id=f"{modality[0]}{i}",
+                         modality=modality, vector=_vec(i, modality), source="test")
+
+
+def _raw_event(**fields) -> bytes:
+    base = dict(event_id="bad-1", item_id="i-bad", modality="image",
+                vector=codecs.encode_vector(np.zeros(12, np.float32)), dim=12)
+    base.update(fields)
+    return pb.FeatureEvent(**base).SerializeToString()
+
+
+BATCH = [codecs.FEATURE_HEADER_BATCH]
+EVENT = [codecs.FEATURE_HEADER_EVENT]
+
+BAD_RECORDS = {
+    "undecodable": (b"\xff\xff\xff\xff", None),
+    "wrong_dimension": (_raw_event(vector=codecs.encode_vector(np.zeros(5, np.float32)), dim=5),
+                        EVENT),
+    "non_finite": (_raw_event(vector=codecs.encode_vector(np.full(12, np.nan, np.float32))),
+                   EVENT),
+    "unknown_modality": (_raw_event(modality="audio"), EVENT),
+    "missing_field": (_raw_event(event_id=""), EVENT),
+    "oversized": (b"\x00" * (MAX_BYTES + 1), EVENT),
+    "empty_batch": (b"", BATCH),
+}
+
+
+# --------------------------------------------------------------------------- good records
+def test_batch_with_header_and_single_event_without_header_are_decided():
+    async def body(env):
+        batch = codecs.encode_feature_batch([_ev(i) for i in range(10)])
+        single = codecs.encode_feature_event(_ev(10))
+        header_dict = codecs.encode_feature_event(_ev(11))
+        n = await env.proc.process_feature_records([
+            (batch, BATCH, SRC, 0, 5),
+            (single, None, SRC, 1, 7),
+            (header_dict, dict([codecs.FEATURE_HEADER_EVENT]), SRC, 1, 8),
+        ])
+        assert n == 12
+        assert env.seen() == 12
+        st = env.handler.status()["seen_per_modality"]
+        assert st == {"image": 6, "text": 6}
+        assert env.proc.batches == 1 and env.proc.dead_letters == 0
+        assert env.publisher.raw == []
+        assert env.metrics.micro_batches == [12] and env.metrics.dead == []
+        # accepted ones were published once
+        ids = [r.request_id for r in env.publisher.published]
+        assert ids and len(ids) == len(set(ids)) == env.handler.status()["spent"]
+
+        # a FeatureBatch without the header is recognised too; a redelivery is deduplicated
+        again = codecs.encode_feature_batch([_ev(i) for i in range(10)] + [_ev(12)])
+        n2 = await env.proc.process_feature_records([(again, [], SRC, 0, 6)])
+        assert n2 == 11
+        assert env.seen() == 13  # only ev-12 was new
+        assert len(env.publisher.published) == len(ids) + int(
+            any(r.request_id == "ev-12" for r in env.publisher.published))
+        assert env.metrics.micro_batches == [12, 11]
+
+    run_env(body)
+
+
+# --------------------------------------------------------------------------- dead letters
+@pytest.mark.parametrize("reason", list(BAD_RECORDS))
+def test_each_bad_record_kind_is_dead_lettered_with_its_reason(reason):
+    value, headers = BAD_RECORDS[reason]
+
+    async def body(env):
+        good1 = codecs.encode_feature_batch([_ev(i) for i in range(6)])
+        good2 = codecs.encode_feature_event(_ev(6))
+        n = await env.proc.process_feature_records([
+            (good1, BATCH, SRC, 2, 100),
+            (value, headers, SRC, 3, 41),
+            (good2, EVENT, SRC, 2, 101),
+        ])
+        assert n == 7 and env.seen() == 7  # the good records of the micro-batch were decided
+        dls = env.dead_letters()
+        assert len(dls) == 1
+        dl = dls[0]
+        assert dl.reason == reason
+        assert dl.original == value
+        assert (dl.source_topic, dl.source_partition, dl.source_offset) == (SRC, 3, 41)
+        assert dl.detail
+        assert dl.HasField("failed_at") and dl.failed_at.seconds > 0
+        assert env.metrics.dead == [reason]
+        assert env.metrics.micro_batches == [7]
+        assert env.proc.dead_letters == 1 and env.proc.batches == 1
+
+    run_env(body)
+
+
+def test_all_bad_kinds_in_one_micro_batch_and_a_bad_event_inside_a_batch():
+    async def body(env):
+        records = [(codecs.encode_feature_event(_ev(0)), None, SRC, 0, 0)]
+        for off, (value, headers) in enumerate(BAD_RECORDS.values(), start=1):
+            records.append((value, headers, SRC, 0, off))
+        mixed = pb.FeatureBatch(events=[codecs.event_to_proto(_ev(20)),
+                                        pb.FeatureEvent.FromString(_raw_event(modality="audio")),
+                                        codecs.event_to_proto(_ev(21))]).SerializeToString()
+        records.append((mixed, BATCH, SRC, 0, 50))
+        records.append((codecs.encode_feature_batch([_ev(1), _ev(2)]), BATCH, SRC, 0, 51))
+        n = await env.proc.process_feature_records(records)
+        assert n == 3 and env.seen() == 3  # ev-0, ev-1, ev-2; the mixed batch is all-or-nothing
+        dls = env.dead_letters()
+        assert [d.reason for d in dls] == list(BAD_RECORDS) + ["unknown_modality"]
+        assert [d.source_offset for d in dls] == list(range(1, len(BAD_RECORDS) + 1)) + [50]
+        assert [d.original for d in dls] == [v for v, _ in BAD_RECORDS.values()] + [mixed]
+        assert "batch event 1 of 3" in dls[-1].detail
+        assert env.metrics.dead == list(BAD_RECORDS) + ["unknown_modality"]
+        assert env.metrics.micro_batches == [3]
+
+    run_env(body)
+
+
+def test_micro_batch_of_only_bad_records_decides_nothing():
+    async def body(env):
+        n = await env.proc.process_feature_records([
+            (b"\xff\xff", None, SRC, 0, 1),
+            (b"", BATCH, SRC, 0, 2),
+            (b"x", [(codecs.FEATURE_HEADER, b"Nonsense")], SRC, 0, 3),
+        ])
+        assert n == 0 and env.seen() == 0 and env.proc.batches == 0
+        assert env.publisher.attempts == 0
+        assert [d.reason for d in env.dead_letters()] == ["undecodable", "empty_batch",
+                                                          "undecodable"]
+        # the micro-batch histogram records the batches submitted to the engine: none here
+        assert env.metrics.micro_batches == []
+
+    run_env(body)
+
+
+# --------------------------------------------------------------------------- publish retry
+class _AsyncioProxy:
+    """Stands in for the ``asyncio`` module inside service.streaming.app: records sleeps."""
+
+    def __init__(self):
+        self.sleeps = []
+
+    async def sleep(self, delay):
+        self.sleeps.append(delay)
+
+    def __getattr__(self, name):
+        return getattr(asyncio, name)
+
+
+def test_publish_failures_are_retried_and_the_batch_decided_once(monkeypatch):
+    proxy = _AsyncioProxy()
+    monkeypatch.setattr(app_mod, "asyncio", proxy)
+
+    async def body(env):
+        evs = [_ev(i) for i in range(12)]
+        n = await env.proc.process_feature_records([
+            (codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
+        assert n == 12
+        assert env.publisher.attempts == 3 and env.publisher.publish_calls == 1
+        assert proxy.sleeps == [0.1, 0.2]  # exponential backoff
+        st = env.handler.status()
+        assert st["seen"] == 12
+        ids = [r.request_id for r in env.publisher.published]
+        assert ids and len(ids) == len(set(ids)) == st["spent"]
+        assert env.proc.batches == 1 and env.publisher.raw == []
+        assert env.metrics.micro_batches == [12]
+        # the redelivered batch (offsets were not committed before the publish) is a duplicate
+        n2 = await env.proc.process_feature_records([
+            (codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
+        assert n2 == 12 and env.handler.status()["seen"] == 12
+        assert env.publisher.publish_calls == 1
+
+    run_env(body, fail_times=2)
+
+
+# --------------------------------------------------------------------------- engine rejection
+def _reject(monkeypatch, env):
+    async def submit(events):
+        raise ValueError("engine rejects this batch")
+    monkeypatch.setattr(env.handler, "submit", submit)
+
+
+def test_engine_rejection_dead_letters_the_micro_batch_instead_of_looping(monkeypatch):
+    """Today's fallback: a batch the engine rejects (ValueError) is not retried forever; its
+    records go to the dead-letter topic with the original bytes and nothing is decided."""
+    async def body(env):
+        _reject(monkeypatch, env)
+        good = [codecs.encode_feature_event(_ev(0)), codecs.encode_feature_batch([_ev(1)])]
+        n = await env.proc.process_feature_records([
+            (good[0], EVENT, SRC, 0, 2), (good[1], BATCH, SRC, 0, 3)])
+        assert n == 0 and env.proc.batches == 0
+        dls = env.dead_letters()
+        assert [(d.source_offset, d.original) for d in dls] == [(2, good[0]), (3, good[1])]
+        assert all("engine rejects" in d.detail for d in dls)
+        assert env.metrics.micro_batches == [2] and len(env.metrics.dead) == 2
+
+    run_env(body)
+
+
+def test_engine_rejection_does_not_dead_letter_a_record_twice(monkeypatch):
+    async def body(env):
+        _reject(monkeypatch, env)
+        bad, headers = BAD_RECORDS["wrong_dimension"]
+        await env.proc.process_feature_records([
+            (bad, headers, SRC, 0, 1),
+            (codecs.encode_feature_event(_ev(0)), EVENT, SRC, 0, 2),
+        ])
+        got = [(d.source_offset, d.reason) for d in env.dead_letters()]
+        assert [o for o, _ in got].count(1) == 1, got
+        assert len(env.metrics.dead) == 2, env.metrics.dead
+
+    run_env(body)
+
+
+def test_one_overflowing_record_does_not_dead_letter_all_later_micro_batches():
+    async def body(env):
+        big = IncomingEvent("ev-huge", "i-huge", "image", np.full(12, 3e38, np.float32))
+        await env.proc.process_feature_records([
+            (codecs.encode_feature_event(big), EVENT, SRC, 0, 0),
+            (codecs.encode_feature_event(_ev(1)), EVENT, SRC, 0, 1)])
+        decided = 0
+        for k, lo in enumerate(range(10, 60, 10)):
+            decided += await env.proc.process_feature_records([
+                (codecs.encode_feature_batch([_ev(i) for i in range(lo, lo + 10)]), BATCH, SRC,
+                 0, 2 + k)])
+        assert decided == 50, [d.reason for d in env.dead_letters()]
+        assert "invalid" not in [d.reason for d in env.dead_letters()]
+
+    run_env(body)
