@@ -9,6 +9,18 @@ import pytest
 from service.streaming.broker import TOPICS, EmbeddedBroker, create_topics, topic_specs
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The test machine is shared (2 cores): tiny matmuls are far faster without intra-op
+    threads, and the service itself runs one torch thread per worker."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tansu_broker():
     """The embedded tansu broker, started once per test session (fails, never skips)."""

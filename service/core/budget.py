@@ -100,7 +100,7 @@ class BudgetDraft:
         """Decide one item with utility ``utility`` (NaN is rejected)."""
         if math.isnan(utility):
             raise ValueError("utility is NaN")
-        ctl, cfg = self._ctl, self._ctl.config
+        cfg = self._ctl.config
         if self._i >= len(self._u):
             raise ValueError(f"draft was begun for {len(self._u)} items; got more")
         u_explore, u_warm = self._u[self._i]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import functools
 import shutil
 import subprocess
 import time
@@ -25,19 +24,11 @@ from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
 
-DIMS = {"image": 12, "text": 8}
+from tests.support import DIMS
+from tests.support import data_and_model as _data_and_model
 TOKEN = "s3cret-token"
 
 
-@functools.lru_cache(maxsize=1)
-def _data_and_model():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(400, 6))
-    a = (z @ rng.normal(size=(6, 12)) + 0.1 * rng.normal(size=(400, 12))).astype(np.float32)
-    b = (z @ rng.normal(size=(6, 8)) + 0.1 * rng.normal(size=(400, 8))).astype(np.float32)
-    tr = AlignmentTrainer(DIMS, seed=0)
-    tr.fit_unpaired({"image": a, "text": b})
-    return a, b, tr.fit(a[:60], b[:60])
 
 
 def _handler(publisher, total=30):
@@ -346,12 +337,8 @@ def test_report_alignment_status_and_select_pool():
 # --------------------------------------------------------------------------- TLS
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory):
-    try:
-        from cryptography import x509  # noqa: F401  (not installed in this venv: openssl below)
-    except ImportError:
-        pass
     if shutil.which("openssl") is None:
-        pytest.fail("the TLS test needs `openssl` (or the `cryptography` package) to make a cert")
+        pytest.fail("the TLS test needs the `openssl` command to make a self-signed certificate")
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from service.bench import simulator as sim_mod
 from service.bench.datasets import BUILTIN, load_npz, make_synthetic
@@ -21,13 +20,6 @@ SMALL = dict(budget=60, round_size=20, warmup=20, retrain_every=20, test_size=50
 CASES = [(s, m) for m in ("pool", "stream") for s in ("random", "default")]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine: intra-op threads only add contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 
 import numpy as np
 import pytest
@@ -23,20 +22,12 @@ from service.streaming.app import StreamProcessor
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 
-DIMS = {"image": 12, "text": 8}
+from tests.support import DIMS
+from tests.support import data_and_model as _data_and_model
 MAX_BYTES = 4096
 SRC = "pairsieve.features.v1.t"
 
 
-@functools.lru_cache(maxsize=1)
-def _data_and_model():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(400, 6))
-    a = (z @ rng.normal(size=(6, 12)) + 0.1 * rng.normal(size=(400, 12))).astype(np.float32)
-    b = (z @ rng.normal(size=(6, 8)) + 0.1 * rng.normal(size=(400, 8))).astype(np.float32)
-    tr = AlignmentTrainer(DIMS, seed=0)
-    tr.fit_unpaired({"image": a, "text": b})
-    return a, b, tr.fit(a[:60], b[:60])
 
 
 class FakePublisher:

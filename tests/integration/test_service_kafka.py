@@ -23,7 +23,7 @@ from service.handlers import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings
 from service.streaming.broker import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
-                                      REQUESTS_TOPIC, create_topics, topic_specs)
+                                      REQUESTS_TOPIC)
 from service.wire import codecs
 
 pytestmark = pytest.mark.integration

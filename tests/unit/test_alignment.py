@@ -13,13 +13,6 @@ from service.alignment.trainer import AlignmentTrainer, TrainerConfig, cca
 DIMS = {"a": 10, "b": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is shared: tiny matmuls are far faster without intra-op threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 
 import numpy as np
 import pytest
@@ -20,20 +19,12 @@ from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import IncomingEvent, Label, LabelResult, SelectionHandler
 
-DIMS = {"image": 12, "text": 8}
+from tests.support import DIMS
+from tests.support import data_and_model as _data_and_model
 WORKER = "w-test"
 
 
 # --------------------------------------------------------------------------- fixtures / fakes
-@functools.lru_cache(maxsize=1)
-def _data_and_model():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(400, 6))
-    a = (z @ rng.normal(size=(6, 12)) + 0.1 * rng.normal(size=(400, 12))).astype(np.float32)
-    b = (z @ rng.normal(size=(6, 8)) + 0.1 * rng.normal(size=(400, 8))).astype(np.float32)
-    tr = AlignmentTrainer(DIMS, seed=0)
-    tr.fit_unpaired({"image": a, "text": b})
-    return a, b, tr.fit(a[:60], b[:60])
 
 
 class RecordingPublisher:

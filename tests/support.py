@@ -1,0 +1,23 @@
+"""Shared test data: a small two-modality dataset and an alignment model trained on it."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from service.alignment import AlignmentTrainer
+
+DIMS = {"image": 12, "text": 8}
+
+
+@functools.lru_cache(maxsize=1)
+def data_and_model():
+    """(a (400, 12), b (400, 8), model fit on the first 60 pairs): b and a share a 6-d latent."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 6))
+    a = (z @ rng.normal(size=(6, 12)) + 0.1 * rng.normal(size=(400, 12))).astype(np.float32)
+    b = (z @ rng.normal(size=(6, 8)) + 0.1 * rng.normal(size=(400, 8))).astype(np.float32)
+    tr = AlignmentTrainer(DIMS, seed=0)
+    tr.fit_unpaired({"image": a, "text": b})
+    return a, b, tr.fit(a[:60], b[:60])
