@@ -25,7 +25,12 @@ demo: $(STAMP) ## run the service on the embedded broker with a replayed dataset
 serve: $(STAMP) ## run the service (PAIRSIEVE_* env vars; embedded broker if no bootstrap)
 	$(BIN)/pairsieve serve
 
-test: $(STAMP) ## run all tests (unit, component, integration)
+deploy-tools: ## install promtool + prometheus (Debian package) for the deploy tests
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@promtool --version 2>&1 | head -1
+
+test: $(STAMP) deploy-tools ## run all tests (unit, component, integration, deploy)
 	$(BIN)/python -m pytest -q
 
 test-unit: $(STAMP) ## fast pure-core tests only
@@ -44,4 +49,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install demo serve test test-unit bench-quality bench-stream-cost proto clean
+.PHONY: help install deploy-tools demo serve test test-unit bench-quality bench-stream-cost proto clean

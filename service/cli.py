@@ -80,6 +80,17 @@ def _cmd_bench_stream_cost(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from service.bench import perf
+
+    def ints(spec):
+        return tuple(int(v) for v in spec.split(",")) if spec else None
+
+    grid = {"dims": ints(args.dims), "batches": ints(args.batches), "sizes": ints(args.sizes)}
+    return perf.main(quick=args.quick, out=args.out, sections=args.sections, grid=grid,
+                     command="pairsieve " + " ".join(sys.argv[1:]))
+
+
 def _cmd_serve(args) -> int:
     import asyncio
     import logging
@@ -163,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="reports/stream-cost.md")
     c.set_defaults(func=_cmd_bench_stream_cost)
+
+    b = sub.add_parser("bench", help="engine vs matmul reference, peers, stream cost, profile, "
+                                     "Kafka/gRPC -> reports/perf.md (full run < 12 min)")
+    b.add_argument("--quick", action="store_true", help="reduced grid and prefixes (< 2 min)")
+    b.add_argument("--out", default="reports/perf.md")
+    b.add_argument("--sections", help="comma-separated subset of "
+                                      "engine,peers,stream,profile,kafka,grpc (default: all)")
+    b.add_argument("--dims", help="engine grid: d values (default 384,512,768; quick 512)")
+    b.add_argument("--batches", help="engine grid: micro-batch sizes (default 1,32,256)")
+    b.add_argument("--sizes", help="engine grid: K = C values (default 1024,4096,16384; "
+                                   "quick 1024,4096)")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

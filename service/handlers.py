@@ -286,6 +286,7 @@ class SelectionHandler:
             await loop.run_in_executor(self._executor, self.selector.observe_external, d.modality, vec)
             self._decided.put(outcome.event_id, outcome)
             self._vectors.put(d.item_id, (d.modality, vec[0]))
+            self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return True
 
     # ------------------------------------------------------------------ labels

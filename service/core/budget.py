@@ -1,8 +1,8 @@
 """Budget controller: decide accept/skip against a running utility threshold, propose then commit.
 
-* **Threshold**: the ``1 - rate`` quantile of the last ``window`` committed utilities (a
-  :class:`~service.core.quantile.SlidingQuantile`), so about ``rate`` of a stationary stream
-  clears it whatever the utilities' scale.
+* **Threshold**: the ``1 - rate`` quantile of the last ``window`` committed utilities (one
+  :class:`~service.core.quantile.SlidingQuantile` serves this and the catch-up quantile), so
+  about ``rate`` of a stationary stream clears it whatever the utilities' scale.
 * **Estimated-spend gate** (pacing): the spend expected so far is ``rate · seen``. Ahead of it by
   more than ``slack`` items, nothing is accepted (``skip:pacing``); behind it by more than
   ``slack``, the catch-up threshold (the ``1 - 2·rate`` quantile) applies instead.
@@ -114,6 +114,8 @@ class BudgetDraft:
         expected = rate * self.seen
         if self.own_spent - expected > cfg.slack:
             return BudgetDecision(False, thr, "skip:pacing")
+        if rate >= 1.0:  # "align everything" (within the budget): no threshold to clear
+            return self._take(True, thr, "accept:utility", "")
         if self.spent < cfg.warmup_accepts or math.isnan(thr):
             return self._take(u_warm < rate, thr, "accept:warmup", "skip:warmup")
         if u_explore < cfg.explore * rate:
@@ -157,8 +159,9 @@ class BudgetController:
         self.seen = 0
         self.external = 0  # acquisitions by other workers (see record_external)
         rate = self.config.target_rate
-        self._q = SlidingQuantile(1.0 - rate, self.config.window)
-        self._q_lo = SlidingQuantile(max(0.0, 1.0 - 2.0 * rate), self.config.window)
+        self._q_hi = 1.0 - rate
+        self._q_lo = max(0.0, 1.0 - 2.0 * rate)
+        self._window = SlidingQuantile(self.config.window)
 
     @property
     def remaining(self) -> int | None:
@@ -170,10 +173,12 @@ class BudgetController:
 
     def threshold(self) -> float:
         """Current utility threshold; NaN until ``min_history`` utilities were committed."""
-        return self._q.value() if len(self._q) >= self.config.min_history else math.nan
+        return self._window.value(self._q_hi) if len(self._window) >= self.config.min_history \
+            else math.nan
 
     def catch_up_threshold(self) -> float:
-        return self._q_lo.value() if len(self._q_lo) >= self.config.min_history else math.nan
+        return self._window.value(self._q_lo) if len(self._window) >= self.config.min_history \
+            else math.nan
 
     def acceptance_rate(self) -> float:
         """This worker's accepts / items it decided (external acquisitions excluded)."""
@@ -212,6 +217,4 @@ class BudgetController:
             raise ValueError(f"commit would spend {self.spent + n_acc} > budget {total}")
         self.spent += n_acc
         self.seen += len(draft.utilities)
-        for u in draft.utilities:
-            self._q.add(u)
-            self._q_lo.add(u)
+        self._window.extend(draft.utilities)

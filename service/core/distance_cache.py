@@ -121,9 +121,27 @@ class DistanceCache:
             if self.size + t.shape[0] <= self.capacity:
                 self._add_bulk(t, r, int(tag))
             else:
-                for i in range(t.shape[0]):
-                    self._add_one(t[i], None if r is None else r[i], int(tag))
+                self._add_sequential(t, r, int(tag))
         return self.evictions - before
+
+    def _add_sequential(self, x: torch.Tensor, raw: np.ndarray | None, tag: int) -> None:
+        """Insert rows one by one (evictions depend on order), with every distance the loop
+        needs precomputed in two matmuls: new-to-cache (n, size) and new-to-new (n, n)."""
+        n, m0 = x.shape[0], self.size
+        d_xe = np.full((n, self.capacity), np.inf)
+        if m0:
+            d_xe[:, :m0] = pairwise_sq_dist(x, self._emb[:m0], self._sq[:m0]) \
+                .sqrt_().double().cpu().numpy()
+        d_xx = pairwise_sq_dist(x, x, (x * x).sum(dim=1)).sqrt_().double().cpu().numpy()
+        src = np.full(self.capacity, -1, dtype=np.int64)  # slot -> new row now stored there
+        for i in range(n):
+            size = self.size
+            d_new = d_xe[i, :size].copy()
+            moved = src[:size] >= 0
+            d_new[moved] = d_xx[i, src[:size][moved]]
+            slot = self._add_one(x[i], None if raw is None else raw[i], tag, d_new)
+            if slot is not None:
+                src[slot] = i
 
     def _add_bulk(self, x: torch.Tensor, raw: np.ndarray | None, tag: int) -> None:
         """Insert rows that all fit (no eviction): two matmuls instead of n sequential updates."""
@@ -157,10 +175,15 @@ class DistanceCache:
             self._raw_len[m:m + n] = raw.shape[1]
         self.size += n
 
-    def _add_one(self, v: torch.Tensor, raw: np.ndarray | None, tag: int = 0) -> None:
+    def _add_one(self, v: torch.Tensor, raw: np.ndarray | None, tag: int = 0,
+                 d_new: np.ndarray | None = None) -> int | None:
+        """Insert one vector; ``d_new`` (size,) are its distances to the cached ones if known.
+        Returns the slot it went to, or None when it was itself the most redundant point."""
         n = self.size
         if n:
-            d_new = pairwise_sq_dist(v[None, :], self._emb[:n], self._sq[:n])[0].sqrt().double().cpu().numpy()
+            if d_new is None:
+                d_new = pairwise_sq_dist(v[None, :], self._emb[:n], self._sq[:n])[0] \
+                    .sqrt().double().cpu().numpy()
             j = int(np.argmin(d_new))
             nn_new, nn_new_idx = float(d_new[j]), j
         else:
@@ -173,7 +196,7 @@ class DistanceCache:
             e = int(np.argmin(self._nn[:n]))
             if nn_new <= self._nn[e]:
                 self.evictions += 1
-                return
+                return None
             slot = e
             self.evictions += 1
             d_new = d_new.copy()
@@ -201,6 +224,7 @@ class DistanceCache:
         stale = stale[stale != slot]
         if len(stale):
             self._recompute_nn(stale)
+        return slot
 
     def _recompute_nn(self, rows: np.ndarray) -> None:
         m = self.size

@@ -1,127 +1,83 @@
-"""Balanced incremental quantile filter over a sliding window: O(log w) per item.
+"""Sliding-window quantiles, updated a micro-batch at a time.
 
-Two heaps split the window at the q-quantile: ``low`` (a max-heap) holds the smallest
-``floor(q·(n-1)) + 1`` values, ``high`` (a min-heap) the rest, so the quantile is the top of
-``low``. Values leaving the window are deleted lazily (marked, then dropped when they surface at a
-heap top), and the heaps are re-balanced after every change. Marked entries that never surface
-would pile up over a long stream, so once the heaps hold more than twice the window's live
-entries they are rebuilt from the window (O(w), at most once every w additions): each operation
-is O(log w) amortised and memory stays O(w).
-The value reported equals ``numpy.quantile(window, q, method="lower")``.
+The window's values are kept **sorted** in a numpy array (plus a ring buffer for their arrival
+order). Adding a batch of B values removes the B oldest by binary search and inserts the new ones
+by binary search: O(B log w) comparisons plus one O(w) ``memmove`` per batch, i.e. amortised
+O(log w + w / B) per item, all in C. Any quantile of the window is then an O(1) lookup, so the
+budget's normal and catch-up thresholds share one structure.
+
+Why not the classic two-heap filter (O(log w) per item)? In Python each heap operation is
+interpreter work: on the 1M-item stream benchmark the two-heap version cost ~75 µs per item, the
+largest single share of the selector's time, and lazily deleted entries had to be compacted to
+keep memory O(w). At w = 2048 the sorted array is one ~16 KB memmove per batch.
+
+``value(q)`` equals ``numpy.quantile(window, q, method="lower")``.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections import deque
+
+import numpy as np
 
 
 class SlidingQuantile:
-    """The q-quantile of the last ``window`` values.
+    """Quantiles of the last ``window`` values.
 
     Parameters
     ----------
-    q : float in [0, 1]
     window : int >= 1
     """
 
-    def __init__(self, q: float, window: int):
-        if not (0.0 <= q <= 1.0 and math.isfinite(q)):
-            raise ValueError(f"quantile q must be in [0, 1], got {q!r}")
+    def __init__(self, window: int):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.q, self.window = float(q), int(window)
-        self._fifo: deque[tuple[float, int]] = deque()
-        self._low: list[tuple[float, int]] = []  # (-value, seq)
-        self._high: list[tuple[float, int]] = []  # (value, seq)
-        self._side: dict[int, int] = {}  # seq -> 0 (low) / 1 (high), live items only
-        self._n_low = self._n_high = 0
-        self._seq = 0
+        self.window = int(window)
+        self._ring = np.empty(self.window, dtype=np.float64)
+        self._start = 0  # ring index of the oldest value
+        self._n = 0
+        self._sorted = np.empty(0, dtype=np.float64)
 
     def __len__(self) -> int:
-        return len(self._fifo)
-
-    def _prune(self) -> None:
-        while self._low and self._low[0][1] not in self._side:
-            heapq.heappop(self._low)
-        while self._high and self._high[0][1] not in self._side:
-            heapq.heappop(self._high)
-
-    def _target_low(self) -> int:
-        n = len(self._fifo)
-        return 0 if n == 0 else int(math.floor(self.q * (n - 1))) + 1
-
-    def _rebalance(self) -> None:
-        target = self._target_low()
-        while True:
-            self._prune()
-            if self._n_low > target:
-                v, s = heapq.heappop(self._low)
-                heapq.heappush(self._high, (-v, s))
-                self._side[s] = 1
-                self._n_low -= 1
-                self._n_high += 1
-            elif self._n_low < target and self._n_high > 0:
-                v, s = heapq.heappop(self._high)
-                heapq.heappush(self._low, (-v, s))
-                self._side[s] = 0
-                self._n_high -= 1
-                self._n_low += 1
-            else:
-                break
-        # order invariant: max(low) <= min(high)
-        self._prune()
-        while self._low and self._high and -self._low[0][0] > self._high[0][0]:
-            lv, ls = heapq.heappop(self._low)
-            hv, hs = heapq.heappop(self._high)
-            heapq.heappush(self._low, (-hv, hs))
-            heapq.heappush(self._high, (-lv, ls))
-            self._side[hs], self._side[ls] = 0, 1
-            self._prune()
+        return self._n
 
     def add(self, value: float) -> None:
-        """Add one value (NaN is rejected); drops the oldest once the window is full."""
-        value = float(value)
-        if math.isnan(value):
-            raise ValueError("SlidingQuantile.add: value is NaN")
-        s = self._seq
-        self._seq += 1
-        self._fifo.append((value, s))
-        self._prune()
-        if self._low and value <= -self._low[0][0]:
-            heapq.heappush(self._low, (-value, s))
-            self._side[s] = 0
-            self._n_low += 1
-        else:
-            heapq.heappush(self._high, (value, s))
-            self._side[s] = 1
-            self._n_high += 1
-        if len(self._fifo) > self.window:
-            _, old = self._fifo.popleft()
-            if self._side.pop(old) == 0:
-                self._n_low -= 1
-            else:
-                self._n_high -= 1
-        if len(self._low) + len(self._high) > 2 * len(self._fifo) + 64:
-            self._compact()
-        self._rebalance()
-
-    def _compact(self) -> None:
-        """Rebuild both heaps from the live window, dropping every lazily deleted entry."""
-        side = self._side
-        self._low = [(-v, s) for v, s in self._fifo if side[s] == 0]
-        self._high = [(v, s) for v, s in self._fifo if side[s] == 1]
-        heapq.heapify(self._low)
-        heapq.heapify(self._high)
+        self.extend(np.array([value], dtype=np.float64))
 
     def extend(self, values) -> None:
-        for v in values:
-            self.add(v)
+        """Add values in arrival order (NaN rejected); the oldest leave once the window is full."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if len(v) == 0:
+            return
+        if np.isnan(v).any():
+            raise ValueError(f"SlidingQuantile.extend: {int(np.isnan(v).sum())} NaN value(s)")
+        w = self.window
+        if len(v) >= w:  # the batch alone fills the window
+            v = v[-w:]
+            self._ring[:] = v
+            self._start, self._n = 0, w
+            self._sorted = np.sort(v)
+            return
+        leaving = max(0, self._n + len(v) - w)
+        if leaving:
+            idx = (self._start + np.arange(leaving)) % w
+            old = np.sort(self._ring[idx])
+            pos = np.searchsorted(self._sorted, old, side="left")
+            # equal old values occupy consecutive slots: offset each repeat by its rank in the run
+            pos = pos + (np.arange(leaving) - np.searchsorted(old, old, side="left"))
+            self._sorted = np.delete(self._sorted, pos)
+            self._start = (self._start + leaving) % w
+            self._n -= leaving
+        end = (self._start + self._n + np.arange(len(v))) % w
+        self._ring[end] = v
+        self._n += len(v)
+        new = np.sort(v)
+        self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
 
-    def value(self) -> float:
-        """The current q-quantile; NaN while the window is empty."""
-        if not self._fifo:
+    def value(self, q: float) -> float:
+        """The q-quantile (numpy's "lower" method) of the window; NaN while it is empty."""
+        if not (0.0 <= q <= 1.0 and math.isfinite(q)):
+            raise ValueError(f"quantile q must be in [0, 1], got {q!r}")
+        if self._n == 0:
             return math.nan
-        self._prune()
-        return -self._low[0][0]
+        return float(self._sorted[int(math.floor(q * (self._n - 1)))])

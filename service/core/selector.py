@@ -143,13 +143,25 @@ class StreamingSelector:
         pos_in_mod = np.empty(len(items), dtype=np.int64)
         for m in rows:
             pos_in_mod[rows[m]] = np.arange(len(rows[m]))
+        # Distances between the batch's own items, one matmul per modality pair: an accept then
+        # lowers the later items' diversity with a table lookup.
+        targets_of = {m: (self.modalities if self.config.cross_insert else (m,)) for m in emb}
+        gram = {}
+        with torch.inference_mode():
+            for m in emb:
+                for t in targets_of[m]:
+                    if t in emb:
+                        e_t, e_m = emb[t], emb[m]
+                        gram[(t, m)] = pairwise_sq_dist(e_t, e_m, (e_m * e_m).sum(dim=1)) \
+                            .sqrt_().double().cpu().numpy()
+        util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m]) for m in norm}
         draft = self.budget.begin(len(items))
         extra = {m: 0 for m in self.modalities}
         decisions: list[Decision] = []
         version = self.model_version
         for i, it in enumerate(items):
             m, j = mods[i], int(pos_in_mod[i])
-            utility = float(self.acquisition.utility(norm[m][0][j], norm[m][1][j], bonus[m]))
+            utility = float(util[m][j])
             if self.acquisition.quota_allows(m, extra):
                 bd = draft.decide(utility)
             else:
@@ -157,8 +169,14 @@ class StreamingSelector:
             dec_accept, thr, reason = bd.accept, bd.threshold, bd.reason
             if dec_accept:
                 extra[m] += 1
-                for t in self._lower_remaining(emb, cur_div, rows, i, m, j):
-                    norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
+                for t in targets_of[m]:
+                    if (t, m) not in gram:
+                        continue
+                    later = rows[t] > i
+                    if later.any():
+                        cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
+                        norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
+                        util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t])
             s = scores[m]
             decisions.append(Decision(
                 item_id=it.item_id, modality=m, accept=dec_accept, utility=utility,
@@ -167,26 +185,6 @@ class StreamingSelector:
                 entropy=float(s.entropy[j]), least_confidence=float(s.least_confidence[j]),
                 threshold=float(thr), model_version=version, reason=reason))
         return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch)
-
-    def _lower_remaining(self, emb, cur_div, rows, i, m, j) -> list[str]:
-        """After accepting item (modality m, row j at batch position i), shrink later items'
-        diversity; returns the modalities whose diversity changed."""
-        v = emb[m][j:j + 1]
-        targets = self.modalities if self.config.cross_insert else (m,)
-        changed = []
-        with torch.inference_mode():
-            for t in targets:
-                if t not in emb:
-                    continue
-                later = rows[t] > i
-                if not later.any():
-                    continue
-                changed.append(t)
-                idx = np.flatnonzero(later)
-                e = emb[t][torch.as_tensor(idx, device=emb[t].device)]
-                d = pairwise_sq_dist(e, v, (v * v).sum(dim=1))[:, 0].sqrt().double().cpu().numpy()
-                cur_div[t][idx] = np.minimum(cur_div[t][idx], d)
-        return changed
 
     # ------------------------------------------------------------------ commit
     def commit(self, proposal: Proposal) -> None:

@@ -58,21 +58,25 @@ def least_confidence(sims, tau: float = 0.05) -> torch.Tensor:
 
 
 def all_uncertainties(sims, tau: float = 0.05) -> dict[str, torch.Tensor]:
-    """All three scores from one log-softmax (what the scorer uses on the hot path).
+    """All three scores in a few passes over the logits (what the scorer uses on the hot path).
+
+    The top two probabilities come from two max passes over the logits (cheaper than
+    ``topk`` on CPU), the entropy from ``H = lse - sum(p * logits)``.
 
     Shape: sims (n, K) -> dict of (n,) tensors ``margin``, ``entropy``, ``least_confidence``.
     """
     t = _as_tensor(sims)
     if tau <= 0:
         raise ValueError(f"temperature tau must be > 0, got {tau}")
-    logp = torch.log_softmax(t / tau, dim=1)
-    p = logp.exp()
-    top2 = torch.topk(p, 2, dim=1).values
-    return {
-        "margin": 1.0 - (top2[:, 0] - top2[:, 1]),
-        "entropy": -(p * logp).sum(dim=1) / math.log(t.shape[1]),
-        "least_confidence": 1.0 - top2[:, 0],
-    }
+    logits = t / tau
+    lse = torch.logsumexp(logits, dim=1)
+    m1, i1 = logits.max(dim=1)
+    m2 = logits.scatter(1, i1[:, None], float("-inf")).max(dim=1).values
+    p1, p2 = torch.exp(m1 - lse), torch.exp(m2 - lse)
+    p = torch.exp(logits - lse[:, None])
+    entropy = (lse - (p * logits).sum(dim=1)) / math.log(t.shape[1])
+    return {"margin": 1.0 - (p1 - p2), "entropy": entropy.clamp_(0.0, 1.0),
+            "least_confidence": 1.0 - p1}
 
 
 UNCERTAINTY_FUNCTIONS = {

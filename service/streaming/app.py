@@ -73,18 +73,27 @@ class StreamProcessor:
 
     # ----------------------------------------------------------------- agents
     async def _on_features(self, stream):
+        # faust's take_events acknowledges a buffer when the loop moves on AND when the agent is
+        # cancelled (a `finally` in the generator). So: an unprocessed buffer gets an extra
+        # reference before we park (its offsets are never committed: redelivered after a
+        # restart), and a buffer being processed is shielded from cancellation (its offsets are
+        # committed only once its selections were published and the engine committed).
         s = self.settings
         async for events in stream.take_events(s.batch_max_items, within=s.max_wait_seconds):
             if self.draining.is_set():
-                # Shutting down: leave these unacknowledged; they are redelivered after restart.
-                continue
+                for e in events:
+                    e.message.incref()
+                await asyncio.Event().wait()  # parked until faust cancels the agent on stop
             self.idle.clear()
+            work = asyncio.ensure_future(self.process_feature_records(
+                [(e.message.value, e.message.headers, e.message.topic, e.message.partition,
+                  e.message.offset) for e in events]))
+            work.add_done_callback(lambda _t: self.idle.set())
             try:
-                await self.process_feature_records(
-                    [(e.message.value, e.message.headers, e.message.topic, e.message.partition,
-                      e.message.offset) for e in events])
-            finally:
-                self.idle.set()
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await work  # finish publishing + committing before faust acks the buffer
+                raise
             self._report_lag(events)
 
     async def process_feature_records(self, records) -> int:

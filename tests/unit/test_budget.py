@@ -11,7 +11,7 @@ from service.core.budget import BudgetConfig, BudgetController
 
 
 def _snapshot(ctl):
-    return (ctl.spent, ctl.seen, ctl.threshold(), len(ctl._q), ctl.catch_up_threshold())
+    return (ctl.spent, ctl.seen, ctl.threshold(), len(ctl._window), ctl.catch_up_threshold())
 
 
 @settings(max_examples=80, deadline=None)
@@ -121,3 +121,15 @@ def test_external_spend_counts_against_the_budget_but_not_pacing():
     assert ctl.spent == 10
     with pytest.raises(ValueError, match=">= 0"):
         ctl.record_external(-1)
+
+
+def test_target_rate_one_accepts_everything_within_the_budget():
+    # The threshold at rate 1 would be the window minimum: items below it must not be skipped.
+    ctl = BudgetController(BudgetConfig(total=50, target_rate=1.0, min_history=2, explore=0.0),
+                           seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d = ctl.begin(8)
+        out = [d.decide(float(u)) for u in rng.normal(size=8) - 10 * rng.random()]
+        ctl.commit(d)
+    assert ctl.spent == 40 and all(o.accept for o in out)
