@@ -14,10 +14,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install pairsieve with pinned dependencies
+install: $(STAMP) ## create .venv and install pairsieve with pinned dependencies (+ dev, bench peers)
 
 demo: $(STAMP) ## run the service on the embedded broker with a replayed dataset (~1 min)
 	$(BIN)/pairsieve demo --out-dir reports
@@ -42,6 +42,12 @@ bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~
 bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md
 	$(BIN)/pairsieve bench-stream-cost --items 1000000 --out reports/stream-cost.md
 
+bench: $(STAMP) ## performance benchmark: engine, peers, stream cost, profile, Kafka, gRPC, GPU -> reports/perf.md (< 20 min)
+	$(BIN)/pairsieve bench --out reports/perf.md
+
+bench-quick: $(STAMP) ## reduced performance benchmark for development -> /tmp/pairsieve-perf-quick.md (~3 min)
+	$(BIN)/pairsieve bench --quick --out /tmp/pairsieve-perf-quick.md
+
 proto: $(STAMP) ## regenerate service/wire/gen from protos/ (committed; never edit by hand)
 	$(BIN)/python scripts/gen_proto.py
 
@@ -49,4 +55,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install deploy-tools demo serve test test-unit bench-quality bench-stream-cost proto clean
+.PHONY: help install deploy-tools demo serve test test-unit bench bench-quick bench-quality bench-stream-cost proto clean

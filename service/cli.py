@@ -176,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_bench_stream_cost)
 
     b = sub.add_parser("bench", help="engine vs matmul reference, peers, stream cost, profile, "
-                                     "Kafka/gRPC -> reports/perf.md (full run < 12 min)")
+                                     "Kafka/gRPC, GPU -> reports/perf.md (full run < 20 min)")
     b.add_argument("--quick", action="store_true", help="reduced grid and prefixes (< 2 min)")
     b.add_argument("--out", default="reports/perf.md")
     b.add_argument("--sections", help="comma-separated subset of "
-                                      "engine,peers,stream,profile,kafka,grpc (default: all)")
+                                      "engine,peers,stream,profile,kafka,grpc,gpu (default: all)")
     b.add_argument("--dims", help="engine grid: d values (default 384,512,768; quick 512)")
     b.add_argument("--batches", help="engine grid: micro-batch sizes (default 1,32,256)")
     b.add_argument("--sizes", help="engine grid: K = C values (default 1024,4096,16384; "

@@ -1,0 +1,315 @@
+"""Helpers shared by the load drivers (``kafka_load.py``, ``grpc_load.py``) and
+``service.bench.e2e``.
+
+Nothing here imports torch or the service's engine: a driver only needs the generated protobuf
+module, numpy, the Kafka/gRPC clients, prometheus_client's text parser and (for the PNG)
+matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make `service` importable
+    sys.path.insert(0, ROOT)
+
+from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb  # noqa: E402,F401 (re-exported)
+
+FEATURE_HEADER = "pairsieve-message"
+HEADER_BATCH = (FEATURE_HEADER, b"FeatureBatch")
+HEADER_EVENT = (FEATURE_HEADER, b"FeatureEvent")
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_modalities(spec: str) -> list[tuple[str, int]]:
+    """``"image:512,text:384[,audio:128]"`` -> ``[("image", 512), ("text", 384), ...]``."""
+    out: list[tuple[str, int]] = []
+    for part in spec.split(","):
+        name, _, dim = part.strip().partition(":")
+        if not name or not dim.isdigit() or int(dim) <= 0:
+            raise ValueError(f"bad modality {part!r} in {spec!r}; expected NAME:DIM[,NAME:DIM...]")
+        if name in {n for n, _ in out}:
+            raise ValueError(f"modality {name!r} given twice in {spec!r}")
+        out.append((name, int(dim)))
+    if not out:
+        raise ValueError(f"no modality in {spec!r}")
+    return out
+
+
+def parse_mix(spec: str | None, n: int) -> np.ndarray:
+    """``"0.7,0.3"`` -> normalised probabilities for ``n`` modalities (``None``/"" -> uniform)."""
+    if not spec:
+        return np.full(n, 1.0 / n)
+    vals = [float(x) for x in spec.split(",")]
+    if len(vals) != n:
+        raise ValueError(f"--mix has {len(vals)} values but there are {n} modalities")
+    if any(v < 0 or not math.isfinite(v) for v in vals) or sum(vals) <= 0:
+        raise ValueError(f"--mix values must be >= 0 with a positive sum, got {spec!r}")
+    arr = np.asarray(vals, dtype=float)
+    return arr / arr.sum()
+
+
+def parse_floats(spec: str | Sequence[float]) -> list[float]:
+    if isinstance(spec, str):
+        return [float(x) for x in spec.split(",") if x.strip()]
+    return [float(x) for x in spec]
+
+
+def parse_ints(spec: str | Sequence[int]) -> list[int]:
+    if isinstance(spec, str):
+        return [int(x) for x in spec.split(",") if x.strip()]
+    return [int(x) for x in spec]
+
+
+# --------------------------------------------------------------------------- data
+class VectorBank:
+    """Pre-packed feature vectors (little-endian float32 bytes) per modality.
+
+    Clustered (``clusters`` Gaussian blobs in a shared latent, projected per modality, plus
+    noise), so the service's diversity cache and uncertainty scores see some structure instead
+    of isotropic noise. Vectors are reused cyclically: only the event and item ids are unique.
+    """
+
+    def __init__(self, modalities: Sequence[tuple[str, int]], size: int = 1024, seed: int = 0,
+                 latent: int = 16, clusters: int = 64):
+        rng = np.random.default_rng(seed)
+        centers = rng.normal(size=(clusters, latent)) * 2.0
+        self.size = int(size)
+        self.packed: dict[str, list[bytes]] = {}
+        self.dims = dict(modalities)
+        for name, dim in modalities:
+            proj = rng.normal(size=(latent, dim)) / math.sqrt(latent)
+            z = (centers[rng.integers(clusters, size=self.size)]
+                 + rng.normal(size=(self.size, latent)))
+            x = (z @ proj + 0.3 * rng.normal(size=(self.size, dim))).astype("<f4")
+            self.packed[name] = [row.tobytes() for row in x]
+
+    def vector(self, modality: str, i: int) -> bytes:
+        return self.packed[modality][i % self.size]
+
+
+def set_timestamp(ts_msg, t: float) -> None:
+    """Set a ``google.protobuf.Timestamp`` field from float seconds since the epoch."""
+    sec = int(t)
+    ts_msg.seconds = sec
+    ts_msg.nanos = int((t - sec) * 1e9)
+
+
+def ts_seconds(ts_msg) -> float:
+    return ts_msg.seconds + ts_msg.nanos * 1e-9
+
+
+# --------------------------------------------------------------------------- statistics
+def percentiles(values, qs: Iterable[float] = (50, 90, 99)) -> dict[str, float | None]:
+    """``{"p50": .., "p90": .., "p99": .., "max": .., "n": ..}`` of ``values`` (None when empty)."""
+    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    out: dict[str, float | None] = {f"p{int(q) if float(q).is_integer() else q}": None for q in qs}
+    out["max"] = None
+    out["n"] = int(arr.size)
+    if arr.size:
+        for q in qs:
+            out[f"p{int(q) if float(q).is_integer() else q}"] = float(np.percentile(arr, q))
+        out["max"] = float(arr.max())
+    return out
+
+
+def hist_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
+    """Prometheus ``histogram_quantile``: ``buckets`` are (upper bound, cumulative count) sorted
+    by bound, the last one +Inf; linear interpolation inside the bucket. None when empty; the
+    largest finite bound when the quantile falls in the +Inf bucket."""
+    if not buckets:
+        return None
+    total = buckets[-1][1]
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if math.isinf(le):
+                return prev_le
+            if c == prev_c:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def hist_fraction_le(buckets: Sequence[tuple[float, float]], bound: float) -> float | None:
+    """Fraction of observations <= ``bound`` (``bound`` should be a bucket edge to be exact)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    below = 0.0
+    for le, c in buckets:
+        if le <= bound + 1e-12:
+            below = c
+    return below / buckets[-1][1]
+
+
+def hist_delta(b1: Sequence[tuple[float, float]], b0: Sequence[tuple[float, float]] | None):
+    """Per-bucket difference of two cumulative histograms with the same bounds."""
+    if not b0:
+        return list(b1)
+    prev = dict(b0)
+    return [(le, c - prev.get(le, 0.0)) for le, c in b1]
+
+
+# --------------------------------------------------------------------------- metrics endpoint
+def scrape_pairsieve(url: str, timeout_s: float = 2.0) -> dict:
+    """Read a pairsieve ``/metrics`` endpoint.
+
+    Returns ``{"t", "events": {outcome: n}, "decided", "latency_buckets": [(le, cum)],
+    "latency_count", "lag", "grpc": {(method, code): n}}`` summed over label values.
+    ``decided`` = accepted + skipped + duplicate events.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        text = resp.read().decode("utf-8", "replace")
+    t = time.time()
+    events: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    lat_count = 0.0
+    lag = 0.0
+    grpc_req: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "pairsieve_events_received":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    o = s.labels.get("outcome", "")
+                    events[o] = events.get(o, 0.0) + s.value
+        elif fam.name == "pairsieve_decision_latency_seconds":
+            for s in fam.samples:
+                if s.name.endswith("_bucket"):
+                    le = float(s.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + s.value
+                elif s.name.endswith("_count"):
+                    lat_count += s.value
+        elif fam.name == "pairsieve_consumer_lag":
+            for s in fam.samples:
+                if math.isfinite(s.value):
+                    lag += s.value
+        elif fam.name == "pairsieve_grpc_requests":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    k = f"{s.labels.get('method', '')}:{s.labels.get('code', '')}"
+                    grpc_req[k] = grpc_req.get(k, 0.0) + s.value
+    decided = sum(events.get(k, 0.0) for k in ("accepted", "skipped", "duplicate"))
+    return {"t": t, "events": events, "decided": decided,
+            "latency_buckets": sorted(buckets.items()), "latency_count": lat_count, "lag": lag,
+            "grpc": grpc_req}
+
+
+def sum_scrapes(scrapes: Sequence[dict]) -> dict:
+    """Add the scrapes of several workers (taken at about the same time) into one."""
+    if len(scrapes) == 1:
+        return scrapes[0]
+    events: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    grpc_req: dict[str, float] = {}
+    for s in scrapes:
+        for k, v in s["events"].items():
+            events[k] = events.get(k, 0.0) + v
+        for le, c in s["latency_buckets"]:
+            buckets[le] = buckets.get(le, 0.0) + c
+        for k, v in s["grpc"].items():
+            grpc_req[k] = grpc_req.get(k, 0.0) + v
+    return {"t": max(s["t"] for s in scrapes), "events": events,
+            "decided": sum(s["decided"] for s in scrapes),
+            "latency_buckets": sorted(buckets.items()),
+            "latency_count": sum(s["latency_count"] for s in scrapes),
+            "lag": sum(s["lag"] for s in scrapes), "grpc": grpc_req}
+
+
+# --------------------------------------------------------------------------- output
+def write_csv(path: str, rows: Sequence[Mapping], fields: Sequence[str] | None = None) -> str:
+    fields = list(fields or (rows[0].keys() if rows else []))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in fields})
+    return path
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else ""
+    return v
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if math.isfinite(f) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
+def write_json(path: str, obj) -> str:
+    with open(path, "w") as f:
+        json.dump(_json_safe(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    return path
+
+
+def machine_info() -> dict:
+    load = None
+    try:
+        load = os.getloadavg()
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "loadavg": load}
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_md(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def _md(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "-"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,175 @@
+"""`pairsieve bench` (service/bench/perf.py, peers.py) on tiny sizes: shapes, rows, report, peers."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from service.bench import peers, perf
+from service.cli import build_parser
+
+D, SIZE = 96, 64  # pca_dim = k = 64 needs d >= 64
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = perf.run_engine(dims=(D,), batches=(1, 8), sizes=(SIZE,), reps=3, target_s=0.02,
+                              pool_items=256, log=lambda s: None)
+    finally:
+        torch.set_num_threads(old)
+    return res
+
+
+def test_reference_computes_the_same_shapes_as_the_selector():
+    sel, stream = perf.build_selector(D, SIZE, seed=0)
+    perf.warm_selector(sel, stream.mixed, batch=32, extra_items=64)
+    assert sel.status()["cache_fill"] == {m: 1.0 for m in sel.modalities}
+    assert all(sel.scorer.index_fill(m) == SIZE for m in sel.modalities)
+    k = sel.model.dim_out
+    ref = perf.MatmulReference(D, k, sel.scorer.index_size, sel.caches[sel.modalities[0]].capacity,
+                               sel.scorer.tau)
+    for b in (1, 8):
+        assert ref.shapes(b) == perf.selector_shapes(sel, b)
+        x, is_b = stream.mixed(b)
+        z, mind, probs = ref(x)
+        assert z.shape == (b, k) and mind.shape == (b,) and probs.shape == (b, SIZE)
+        assert np.allclose(probs.sum(dim=1).numpy(), 1.0, atol=1e-4)
+        # what the selector computes on the same rows: (b_m, k) embeddings against (C, k) / (K, k)
+        for m in sel.modalities:
+            assert tuple(sel.scorer.embed(m, x).shape) == (b, k)
+            assert tuple(sel.caches[m].embeddings.shape) == (SIZE, k)
+        prop = sel.propose(perf.items_from(x, is_b, sel.modalities))
+        assert len(prop.decisions) == b
+    assert ref.flops_per_item() == 2 * (D * k + k * SIZE + k * SIZE)
+
+
+def test_tiny_grid_returns_one_row_per_cell(tiny_engine):
+    rows = tiny_engine["rows"]
+    assert [(r["d"], r["batch"], r["K"], r["C"]) for r in rows] == [(D, 1, SIZE, SIZE),
+                                                                    (D, 8, SIZE, SIZE)]
+    for r in rows:
+        assert r["selector"]["median"] > 0 and r["reference"]["median"] > 0
+        assert r["share"]["n"] == 3 and 0 < r["share"]["min"] <= r["share"]["median"] <= r["share"]["max"]
+        assert r["cache_fill"] == 1.0
+    assert tiny_engine["peak"]["median"] > 0
+
+
+def test_report_renders_every_section_header(tiny_engine, monkeypatch):
+    monkeypatch.setattr(perf, "_load_e2e", lambda: None)
+    res = {"machine": perf.machine_info(), "sections": list(perf.SECTIONS), "quick": True,
+           "errors": {"stream": "RuntimeError: boom"}, "engine": tiny_engine,
+           "kafka": perf.run_e2e("kafka", True, log=lambda s: None),
+           "grpc": {"table_md": "| rps |\n|---|\n| 1 |", "notes": "fake"}}
+    text = perf.render(res, "pairsieve bench --quick")
+    for title in perf.SECTION_TITLES.values():
+        assert f"\n## {title}\n" in text
+    assert "does not exist yet" in text            # kafka skipped with a note
+    assert "| rps |" in text and "fake" in text     # grpc table from the e2e dict
+    assert "**FAILED**" in text and "boom" in text  # a failed section is shown, not dropped
+    assert "Not run in this invocation" in text     # peers / profile absent
+    assert "pairsieve bench --quick" in text and "torch.set_num_threads(1)" in text
+
+
+def test_e2e_module_functions_are_called_when_present(monkeypatch):
+    fake = types.ModuleType("service.bench.e2e")
+    fake.run_kafka = lambda quick: {"table_md": f"kafka quick={quick}"}
+    monkeypatch.setitem(sys.modules, "service.bench.e2e", fake)
+    assert perf.run_e2e("kafka", True, log=lambda s: None) == {"table_md": "kafka quick=True"}
+    assert "skipped" in perf.run_e2e("grpc", True, log=lambda s: None)
+
+
+def test_peers_report_not_runnable_rows_when_an_import_fails(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")  # peers.run sets it; restore afterwards
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "skactiveml" or name.startswith("skactiveml."):
+            raise ImportError(f"No module named {name!r} (simulated)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    shared: dict = {}
+    rows_in = [peers._Pairsieve(shared, 32, size=SIZE, warm_items=64),
+               peers._SkalVariableUncertainty(), peers._SkalDensity(256)]
+    res = peers.run(n_items=256, d=D, reps=1, cap_s=0.05, peers=rows_in, log=lambda s: None)
+    by_key = {r["key"]: r for r in res["rows"]}
+    assert by_key["pairsieve-b32"]["runnable"] and by_key["pairsieve-b32"]["items_per_s"]["median"] > 0
+    for key in ("skactiveml-vu", "skactiveml-dbal-b256"):
+        assert not by_key[key]["runnable"]
+        assert by_key[key]["reason"].startswith("not runnable") and "simulated" in by_key[key]["reason"]
+    text = "\n".join(peers.render(res))
+    assert text.count("not runnable") >= 2
+    assert not res["verdict"]["evaluated"]  # no diversity peer ran (and no B=256 pairsieve row)
+
+
+def test_peer_failing_at_run_time_is_a_row_too(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    class Broken(peers.Peer):
+        key, label, dist = "broken", "broken peer", "nonexistent-dist"
+
+        def process(self, lo, hi):
+            raise RuntimeError("kaput")
+
+    res = peers.run(n_items=64, d=D, reps=2, cap_s=0.05, peers=[Broken()], log=lambda s: None)
+    row = res["rows"][0]
+    assert not row["runnable"] and row["reason"] == "not runnable: RuntimeError: kaput"
+
+
+def test_cli_bench_arguments():
+    args = build_parser().parse_args(["bench", "--quick", "--sections", "engine,peers",
+                                      "--out", "x.md", "--dims", "64,128"])
+    assert args.quick and args.sections == "engine,peers" and args.out == "x.md"
+    assert args.func.__name__ == "_cmd_bench"
+    assert perf.parse_sections("peers,engine") == ("engine", "peers")
+    with pytest.raises(ValueError, match="unknown bench section"):
+        perf.parse_sections("engine,nope")
+
+
+def test_decision_parity_of_two_identical_devices_is_exact():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        par = perf.decision_parity(("cpu", "cpu"), d=D, size=SIZE, batch=32, n_batches=4,
+                                   warm_items=64)
+    finally:
+        torch.set_num_threads(old)
+    assert par["n_decisions"] == 4 * 32
+    assert par["agreement"] == 1.0 and par["n_disagree"] == 0
+    assert par["first_divergence_batch"] is None and par["max_abs_utility_diff"] == 0.0
+    assert par["accepts"][0] == par["accepts"][1] > 0  # the stream accepts something
+
+
+def test_gpu_section_without_cuda_is_a_note_not_an_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = {"machine": perf.machine_info(), "sections": ["gpu"], "quick": True, "errors": {},
+           "gpu": perf.run_gpu(True, log=lambda s: None)}
+    text = perf.render(res, "pairsieve bench --sections gpu")
+    assert "## 7. GPU" in text and "no CUDA device" in text and "**FAILED**" not in text
+
+
+def test_gpu_report_states_target_and_parity_verdicts(tiny_engine):
+    eng = {**tiny_engine, "device": "cuda",
+           "rows": [{**tiny_engine["rows"][-1], "K": 16384, "C": 16384,
+                     "selector": {"median": 612_000.0, "min": 600_000.0, "max": 620_000.0}}]}
+    par = {"devices": ["cpu", "cuda:0"], "d": 512, "K": 16384, "batch": 256, "n_batches": 40,
+           "n_decisions": 10240, "agreement": 0.985, "accepts": [1020, 1031],
+           "median_abs_utility_diff": 1e-7, "max_abs_utility_diff": 3e-6,
+           "first_divergence_batch": 7}
+    text = "\n".join(perf._render_gpu({"device_name": "NVIDIA H200", "engine": eng,
+                                       "parity": par}))
+    assert "NVIDIA H200" in text and "612,000 items/s" in text
+    assert "meets the 500,000 items/s target" in text
+    assert "98.50%" in text and "does NOT meet the 99% tolerance" in text
