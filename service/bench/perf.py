@@ -158,8 +158,10 @@ class MatmulReference:
     """The selector's arithmetic as plain torch, one pass per batch, no bookkeeping.
 
     ``z = normalize(x @ W + b)`` (B x d @ d x k); min-distance of z to C cached vectors
-    (``|z|^2 + |c|^2 - 2 z @ c.T``, B x k @ k x C, + min + sqrt); similarities to K indexed
-    vectors (B x k @ k x K) + softmax(sims / tau). Cache and index hold unit vectors.
+    (``addmm(|c|^2, z, c.T, alpha=-2)``, B x k @ k x C, + ``amin`` + ``|z|^2`` + sqrt);
+    similarities to K indexed vectors ((z / tau) @ index.T, B x k @ k x K) + softmax. Cache and
+    index hold unit vectors. These are the cheapest torch primitives for the arithmetic (the
+    selector uses the same ones), so the share measures bookkeeping, not a slow reference.
     """
 
     def __init__(self, d: int, k: int, index_size: int, cache_size: int, tau: float = 0.05,
@@ -182,9 +184,9 @@ class MatmulReference:
         with torch.inference_mode():
             xt = torch.from_numpy(x).to(self.device)
             z = torch.nn.functional.normalize(torch.addmm(self.bias, xt, self.weight), dim=1)
-            d2 = (z * z).sum(dim=1, keepdim=True) + self.cache_sq[None, :] - 2.0 * (z @ self.cache.T)
-            mind = d2.min(dim=1).values.clamp_min_(0.0).sqrt_()
-            probs = torch.softmax((z @ self.index.T) / self.tau, dim=1)
+            part = torch.addmm(self.cache_sq[None, :], z, self.cache.T, alpha=-2.0).amin(dim=1)
+            mind = part.add_((z * z).sum(dim=1)).clamp_min_(0.0).sqrt_()
+            probs = torch.softmax((z * (1.0 / self.tau)) @ self.index.T, dim=1)
         return z, mind, probs
 
     def shapes(self, batch: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:

@@ -9,6 +9,13 @@ distance to its nearest neighbour in the cache, the new point included). Removin
 raise a candidate's min-distance by at most ``nn_dist(e)`` (triangle inequality), the smallest such
 loss available; plain FIFO would drop the oldest outliers, which are exactly what coverage needs.
 
+The nearest-neighbour distances are maintained lazily: when a point's nearest neighbour is
+evicted, its stored distance is kept as a lower bound and the point is marked stale; it is
+recomputed only if it becomes the eviction candidate (the smallest stored value). Because stale
+values only underestimate, the first *fresh* minimum is the true minimum, so the evictions are
+exactly those of eager maintenance, at a fraction of its cost (one matrix-vector product per
+stale point that reaches the minimum instead of one per stale point).
+
 The cache also keeps the raw (pre-projection) vectors, tagged with the model version that embedded
 them, so a new alignment model re-projects the cache instead of comparing across spaces.
 """
@@ -24,16 +31,24 @@ from service.core.validation import as_matrix
 
 
 def pairwise_sq_dist(x: torch.Tensor, c: torch.Tensor, c_sqnorm: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances in one matmul. x: (B, k), c: (C, k) -> (B, C), clamped >= 0."""
-    d = (x * x).sum(dim=1, keepdim=True) + c_sqnorm[None, :] - 2.0 * (x @ c.T)
-    return d.clamp_min_(0.0)
+    """Squared Euclidean distances in one fused matmul (``|c|^2 - 2 x c^T`` by ``addmm``, then
+    ``+ |x|^2`` in place). x: (B, k), c: (C, k), c_sqnorm: (C,) -> (B, C), clamped >= 0."""
+    d = torch.addmm(c_sqnorm[None, :], x, c.T, alpha=-2.0)
+    return d.add_((x * x).sum(dim=1, keepdim=True)).clamp_min_(0.0)
 
 
-def min_distances(x: torch.Tensor, c: torch.Tensor, empty_value: float) -> torch.Tensor:
-    """Distance of each row of x to its nearest row of c. (B, k), (C, k) -> (B,)."""
+def min_distances(x: torch.Tensor, c: torch.Tensor, empty_value: float,
+                  c_sqnorm: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance of each row of x to its nearest row of c. (B, k), (C, k) -> (B,).
+
+    The row minimum is taken over ``|c|^2 - 2 x c^T`` (one ``addmm`` output, one pass); ``|x|^2``
+    is added to the (B,) minima only. ``c_sqnorm`` (C,) = ``|c|^2`` when the caller keeps it.
+    """
     if c.shape[0] == 0:
         return torch.full((x.shape[0],), float(empty_value), dtype=x.dtype, device=x.device)
-    return pairwise_sq_dist(x, c, (c * c).sum(dim=1)).min(dim=1).values.sqrt_()
+    sq = (c * c).sum(dim=1) if c_sqnorm is None else c_sqnorm
+    part = torch.addmm(sq[None, :], x, c.T, alpha=-2.0).amin(dim=1)  # amin: no index pass
+    return part.add_((x * x).sum(dim=1)).clamp_min_(0.0).sqrt_()
 
 
 class DistanceCache:
@@ -70,11 +85,15 @@ class DistanceCache:
         self.device = torch.device(device)
         self._emb = torch.zeros((capacity, dim), dtype=torch.float32, device=self.device)
         self._sq = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+        # On the CPU the per-point upkeep runs through numpy views of the same memory: one small
+        # matrix-vector product costs a third of torch's per-call overhead there.
+        self._host = (self._emb.numpy(), self._sq.numpy()) if self.device.type == "cpu" else None
         self._raw = np.zeros((capacity, raw_dim), dtype=np.float32) if raw_dim else None
         self._raw_len = np.zeros(capacity, dtype=np.int64)
         self._tag = np.zeros(capacity, dtype=np.int64)
         self._nn = np.full(capacity, np.inf)  # distance of each cached point to its nearest other
         self._nn_idx = np.full(capacity, -1, dtype=np.int64)
+        self._stale = np.zeros(capacity, dtype=bool)  # _nn is only a lower bound (see module doc)
         self.size = 0
         self.evictions = 0
 
@@ -88,11 +107,21 @@ class DistanceCache:
         """Fraction of the capacity in use."""
         return self.size / self.capacity
 
+    def neighbour_distances(self) -> np.ndarray:
+        """Exact distance of each cached point to its nearest other cached point, (size,) float64
+        (inf for a single point). Refreshes the lazily kept stale entries first."""
+        stale = np.flatnonzero(self._stale[: self.size])
+        if len(stale):
+            with torch.inference_mode():
+                self._recompute_nn(stale)
+        return self._nn[: self.size].copy()
+
     def min_distance(self, x) -> np.ndarray:
         """Distance of each row to the nearest cached vector. x: (B, k) -> (B,) float64."""
         t = self._as_tensor(x)
         with torch.inference_mode():
-            return min_distances(t, self.embeddings, self.empty_value).double().cpu().numpy()
+            return min_distances(t, self.embeddings, self.empty_value,
+                                 self._sq[: self.size]).double().cpu().numpy()
 
     def _as_tensor(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
@@ -134,12 +163,14 @@ class DistanceCache:
                 .sqrt_().double().cpu().numpy()
         d_xx = pairwise_sq_dist(x, x, (x * x).sum(dim=1)).sqrt_().double().cpu().numpy()
         src = np.full(self.capacity, -1, dtype=np.int64)  # slot -> new row now stored there
+        sq = (x * x).sum(dim=1)
         for i in range(n):
             size = self.size
             d_new = d_xe[i, :size].copy()
-            moved = src[:size] >= 0
-            d_new[moved] = d_xx[i, src[:size][moved]]
-            slot = self._add_one(x[i], None if raw is None else raw[i], tag, d_new)
+            moved = np.flatnonzero(src[:size] >= 0)
+            if len(moved):
+                d_new[moved] = d_xx[i, src[moved]]
+            slot = self._add_one(x[i], None if raw is None else raw[i], tag, d_new, sq[i])
             if slot is not None:
                 src[slot] = i
 
@@ -161,13 +192,15 @@ class DistanceCache:
             new_idx = torch.where(use_e, best_e_idx, new_idx)
             col_min, col_idx = d_xe.min(dim=0)  # for existing points
             col_min = col_min.sqrt().double().cpu().numpy()
-            closer = col_min < self._nn[:m]
+            closer = col_min < self._nn[:m]  # exact even for stale rows (their value only underestimates)
             self._nn[:m][closer] = col_min[closer]
             self._nn_idx[:m][closer] = col_idx.cpu().numpy()[closer] + m
+            self._stale[:m][closer] = False
         self._emb[m:m + n] = x
         self._sq[m:m + n] = sq
         self._nn[m:m + n] = new_nn.sqrt().double().cpu().numpy()
         self._nn_idx[m:m + n] = new_idx.cpu().numpy()
+        self._stale[m:m + n] = False
         self._tag[m:m + n] = tag
         if self._raw is not None and raw is not None:
             self._raw[m:m + n, : raw.shape[1]] = raw
@@ -176,7 +209,7 @@ class DistanceCache:
         self.size += n
 
     def _add_one(self, v: torch.Tensor, raw: np.ndarray | None, tag: int = 0,
-                 d_new: np.ndarray | None = None) -> int | None:
+                 d_new: np.ndarray | None = None, v_sq: torch.Tensor | None = None) -> int | None:
         """Insert one vector; ``d_new`` (size,) are its distances to the cached ones if known.
         Returns the slot it went to, or None when it was itself the most redundant point."""
         n = self.size
@@ -193,7 +226,7 @@ class DistanceCache:
             self.size += 1
         else:
             # Evict the most redundant point of cache ∪ {new}; the new point may be it.
-            e = int(np.argmin(self._nn[:n]))
+            e = self._eviction_candidate()
             if nn_new <= self._nn[e]:
                 self.evictions += 1
                 return None
@@ -204,36 +237,55 @@ class DistanceCache:
             j = int(np.argmin(d_new))
             nn_new, nn_new_idx = float(d_new[j]), j
         self._emb[slot] = v
-        self._sq[slot] = (v * v).sum()
+        self._sq[slot] = (v * v).sum() if v_sq is None else v_sq
         self._tag[slot] = tag
         if self._raw is not None and raw is not None:
             self._raw[slot, : len(raw)] = raw
             self._raw[slot, len(raw):] = 0.0
             self._raw_len[slot] = len(raw)
-        m = self.size
-        closer = np.zeros(m, dtype=bool)
-        if len(d_new):
-            closer[: len(d_new)] = d_new < self._nn[: len(d_new)]
-            closer[slot] = False
-        idx = np.flatnonzero(closer)
-        self._nn[idx] = d_new[idx]
-        self._nn_idx[idx] = slot
-        self._nn[slot], self._nn_idx[slot] = nn_new, nn_new_idx
-        # Points whose nearest neighbour was the evicted one need a fresh nearest neighbour.
-        stale = np.flatnonzero((self._nn_idx[:m] == slot) & ~closer)
-        stale = stale[stale != slot]
-        if len(stale):
-            self._recompute_nn(stale)
+        m = len(d_new)
+        if m:
+            # Points whose nearest neighbour was the evicted one keep that distance as a lower
+            # bound (stale); points now closer to the new one get an exact value.
+            orphans = np.flatnonzero(self._nn_idx[:m] == slot)
+            closer = np.flatnonzero(d_new < self._nn[:m])
+            self._stale[orphans] = True
+            self._nn[closer] = d_new[closer]
+            self._nn_idx[closer] = slot
+            self._stale[closer] = False
+        self._nn[slot], self._nn_idx[slot], self._stale[slot] = nn_new, nn_new_idx, False
         return slot
+
+    def _eviction_candidate(self) -> int:
+        """Slot with the smallest exact nearest-neighbour distance: stale minima are refreshed
+        until the minimum is fresh (stale values only underestimate, so that one is the true
+        minimum)."""
+        n = self.size
+        while True:
+            e = int(np.argmin(self._nn[:n]))
+            if not self._stale[e]:
+                return e
+            self._recompute_nn(np.array([e]))
 
     def _recompute_nn(self, rows: np.ndarray) -> None:
         m = self.size
+        at = np.arange(len(rows))
+        if self._host is not None:
+            emb, sq = self._host[0][:m], self._host[1][:m]
+            d = sq[None, :] - 2.0 * (emb[rows] @ emb.T)  # (r, m) = |c|^2 - 2 x.c
+            d[at, rows] = np.inf
+            idx = d.argmin(axis=1)
+            self._nn[rows] = np.sqrt(np.maximum(d[at, idx].astype(np.float64) + sq[rows], 0.0))
+            self._nn_idx[rows] = idx
+            self._stale[rows] = False
+            return
         sel = torch.as_tensor(rows, device=self.device)
         d = pairwise_sq_dist(self._emb[sel], self._emb[:m], self._sq[:m])
         d[torch.arange(len(rows), device=self.device), sel] = float("inf")
         vals, idx = d.min(dim=1)
         self._nn[rows] = vals.sqrt().double().cpu().numpy()
         self._nn_idx[rows] = idx.cpu().numpy()
+        self._stale[rows] = False
 
     # ---------------------------------------------------------------- model changes
     def invalidate(self, model_version: int) -> None:
@@ -241,6 +293,7 @@ class DistanceCache:
         self.size = 0
         self._nn[:] = np.inf
         self._nn_idx[:] = -1
+        self._stale[:] = False
         self.model_version = int(model_version)
 
     def reproject(self, embed: Callable[[np.ndarray, int], np.ndarray], model_version: int) -> None:

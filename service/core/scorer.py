@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from service.alignment.model import AlignmentModel
-from service.core.uncertainty import all_uncertainties
+from service.core.uncertainty import uncertainties_from_logits
 from service.core.validation import as_matrix, check_modality
 
 
@@ -125,9 +125,9 @@ class UncertaintyScorer:
             half = np.full(b, 0.5)
             return UncertaintyScores(half, half, half, valid=False)
         with torch.inference_mode():
-            sims = z @ idx.emb[: idx.filled].T
+            logits = (z * (1.0 / self.tau)) @ idx.emb[: idx.filled].T  # (B, K), scaled queries
             out = {k: v.double().cpu().numpy()
-                   for k, v in all_uncertainties(sims, self.tau).items()}
+                   for k, v in uncertainties_from_logits(logits).items()}
         return UncertaintyScores(out["margin"], out["entropy"], out["least_confidence"], valid=True)
 
     def observe(self, modality: str, raw: np.ndarray, z: torch.Tensor, ids=None) -> None:

@@ -32,6 +32,38 @@ from service.wire import codecs
 
 log = logging.getLogger("pairsieve.stream")
 
+FETCH_WAIT_ATTR = "pairsieve_fetch_max_wait_ms"
+
+
+def install_fetch_wait_hook() -> None:
+    """Let each faust app choose its consumer's ``fetch_max_wait_ms`` (faust 0.15 hard-codes
+    1500 ms in ``AIOKafkaConsumerThread._create_worker_consumer``).
+
+    The wrapped factory reads ``app.pairsieve_fetch_max_wait_ms`` (apps without it keep faust's
+    value) and sets it on the aiokafka consumer before it starts; aiokafka hands it to its
+    fetcher at ``start()``. Installed once per process; idempotent. Raises ``RuntimeError`` if
+    the aiokafka consumer no longer has the attribute (an upgrade changed it: fail loudly rather
+    than silently keep the 1.5 s wait).
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    original = driver.AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(original, "_pairsieve_hook", False):
+        return
+
+    def create_worker_consumer(self, transport):
+        consumer = original(self, transport)
+        wait_ms = getattr(self.app, FETCH_WAIT_ATTR, None)
+        if wait_ms is not None:
+            if not hasattr(consumer, "_fetch_max_wait_ms"):
+                raise RuntimeError("aiokafka consumer has no _fetch_max_wait_ms: cannot set the "
+                                   "fetch wait (check the pinned aiokafka/faust versions)")
+            consumer._fetch_max_wait_ms = int(wait_ms)
+        return consumer
+
+    create_worker_consumer._pairsieve_hook = True
+    driver.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+
 
 class StreamProcessor:
     """Builds the faust app and its agents around one handler."""
@@ -62,6 +94,8 @@ class StreamProcessor:
             topic_allow_declare=False,
             logging_config=None,
         )
+        install_fetch_wait_hook()
+        setattr(self.app, FETCH_WAIT_ATTR, max(1, round(settings.fetch_max_wait_seconds * 1000)))
         s = settings
         self.features = self.app.topic(s.topic(FEATURES_TOPIC), value_serializer="raw",
                                        key_serializer="raw", partitions=s.features_partitions)

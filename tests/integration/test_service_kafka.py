@@ -263,3 +263,23 @@ def test_readme_client_examples_work(kafka_topics):
     assert "were selected for alignment" in k.stdout
     selected = int(k.stdout.strip().splitlines()[-1].split()[0])
     assert selected >= 1
+
+
+def test_features_consumer_uses_the_configured_fetch_wait(kafka_topics):
+    """faust hard-codes fetch_max_wait_ms=1500; the service's hook replaces it (tansu holds a
+    fetch for about half of that, which would be added to every decision latency)."""
+    s = _settings(kafka_topics, fetch_max_wait_seconds=0.02)
+    boot = kafka_topics["bootstrap"]
+
+    async def scenario():
+        svc = await start_service(s)
+        try:
+            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
+                                    [codecs.encode_feature_event(e) for e in _events(2)])
+            assert await _wait(lambda: svc.handler.status()["seen"] >= 2)
+            consumer = svc.processor.app.consumer._thread._consumer
+            return consumer._fetch_max_wait_ms, consumer._fetcher._fetch_max_wait_ms
+        finally:
+            await svc.shutdown()
+
+    assert asyncio.run(scenario()) == (20, 20)

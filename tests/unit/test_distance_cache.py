@@ -37,7 +37,7 @@ def test_never_exceeds_capacity_and_matches_brute_force(seed, cap, n_add, chunk)
         if cache.size >= 2:
             d = np.sqrt(((cached[:, None] - cached[None]) ** 2).sum(-1))
             np.fill_diagonal(d, np.inf)
-            np.testing.assert_allclose(cache._nn[: cache.size], d.min(1), atol=1e-4)
+            np.testing.assert_allclose(cache.neighbour_distances(), d.min(1), atol=1e-4)
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,7 +50,8 @@ def test_min_distance_never_increases_while_below_capacity(seed, n):
     for p in _unit(rng, n, 3):
         cache.add(p[None])
         cur = cache.min_distance(probe)
-        assert np.all(cur <= prev + 1e-6)
+        # float32 |x|^2 + |c|^2 - 2 x.c: the same distance recomputed differs by ~1e-6 near 0.05
+        assert np.all(cur <= prev + 1e-5)
         prev = cur
 
 
@@ -62,7 +63,7 @@ def test_eviction_loses_at_most_the_evicted_points_nn_distance(seed):
     cache.add(_unit(rng, 6, 3))
     probe = _unit(rng, 30, 3)
     before = cache.min_distance(probe)
-    worst_nn = cache._nn[: cache.size].min()
+    worst_nn = cache.neighbour_distances().min()
     cache.add(_unit(rng, 1, 3))
     after = cache.min_distance(probe)
     # triangle inequality: removing e raises any distance by at most nn_dist(e)
@@ -124,3 +125,39 @@ def test_bad_input_raises_clear_errors():
 def test_empty_cache_reports_empty_value():
     cache = DistanceCache(dim=2, capacity=2, empty_value=2.0)
     np.testing.assert_array_equal(cache.min_distance(np.ones((3, 2))), [2.0, 2.0, 2.0])
+
+
+def _union_nn(points):
+    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return d.min(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), cap=st.integers(2, 10), n_add=st.integers(1, 60),
+       dup=st.floats(0.0, 0.5))
+def test_lazy_neighbour_upkeep_evicts_a_most_redundant_point(seed, cap, n_add, dup):
+    """Against the eager rule, point by point: when full, the point dropped from cache ∪ {new}
+    has the smallest nearest-neighbour distance there (mutual nearest neighbours tie, so which
+    of the two goes is up to float rounding), and the stale bookkeeping never lets a point with
+    a larger distance go first."""
+    rng = np.random.default_rng(seed)
+    pts = _unit(rng, n_add, 3)
+    near = rng.random(n_add) < dup  # some near-duplicates of earlier points
+    for i in np.flatnonzero(near)[1:]:
+        pts[i] = pts[rng.integers(i)] + 1e-2 * rng.normal(size=3).astype(np.float32)
+    cache = DistanceCache(dim=3, capacity=cap)
+    for p in pts:
+        before = cache.embeddings.numpy().copy()
+        cache.add(p[None])
+        after = cache.embeddings.numpy()
+        if len(before) < cap:
+            assert len(after) == len(before) + 1
+            continue
+        union = np.vstack([before, p[None]])
+        nn = _union_nn(union)
+        gone = [i for i, u in enumerate(union)
+                if np.sqrt(((after - u) ** 2).sum(-1)).min() > 1e-7]
+        assert len(gone) == 1 and len(after) == cap
+        assert nn[gone[0]] <= nn.min() + 1e-4  # float32 |a|^2+|b|^2-2ab: ~1e-5 at d ~ 0.01
+    assert cache.evictions == max(0, n_add - cap)

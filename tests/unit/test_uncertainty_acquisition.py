@@ -357,3 +357,52 @@ def test_ew_normalizer_without_spread_is_neutral_not_explosive():
     n.update(np.array([0.5, 1.5, 1.0]))
     z = n.transform(np.array([0.5, 2.0]))
     assert np.all(np.isfinite(z)) and z[0] < 0 < z[1] and np.abs(z).max() < 20
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6), blocks=st.integers(1, 6),
+       ties=st.booleans())
+def test_top2_matches_topk_with_and_without_ties(seed, n, blocks, ties):
+    from service.core.uncertainty import top2
+
+    rng = np.random.default_rng(seed)
+    k = 64 * blocks + (0 if seed % 3 else 5)  # mostly the blocked path, sometimes the fallback
+    x = torch.as_tensor(rng.normal(size=(n, k)).astype(np.float32))
+    if ties:  # the maximum twice, in the same block or another one
+        for r in range(n):
+            i, j = rng.choice(k, size=2, replace=False)
+            x[r, i] = x[r, j] = x[r].max() + 1.0
+    m1, m2 = top2(x)
+    ref = torch.topk(x, 2, dim=1).values
+    torch.testing.assert_close(m1, ref[:, 0])
+    torch.testing.assert_close(m2, ref[:, 1])
+
+
+def test_blocked_scores_match_the_individual_functions_and_leave_sims_alone():
+    rng = np.random.default_rng(1)
+    sims = torch.as_tensor(rng.uniform(-1, 1, size=(9, 512)).astype(np.float32))
+    sims[0, 3] = sims[0, 400] = 1.5  # a tie: margin must be 1
+    before = sims.clone()
+    both = all_uncertainties(sims, tau=0.05)
+    torch.testing.assert_close(sims, before)
+    for name, fn in UNCERTAINTY_FUNCTIONS.items():
+        torch.testing.assert_close(both[name], fn(sims, 0.05), atol=1e-5, rtol=1e-4)
+    assert both["margin"][0].item() == pytest.approx(1.0)
+
+
+def test_scorer_scores_equal_the_functions_on_its_similarities():
+    from service.alignment.model import AlignmentModel
+
+    torch.manual_seed(0)
+    model = AlignmentModel({"a": 6, "b": 5}, dim_out=4)
+    sc = UncertaintyScorer(model, index_size=128, tau=0.05, device="cpu")
+    rng = np.random.default_rng(0)
+    xb = rng.normal(size=(128, 5)).astype(np.float32)
+    sc.observe("b", xb, sc.embed("b", xb))
+    xa = rng.normal(size=(7, 6)).astype(np.float32)
+    za = sc.embed("a", xa)
+    got = sc.score("a", za)
+    sims = za @ sc.embed("b", xb).T
+    ref = all_uncertainties(sims, 0.05)
+    for name in ("margin", "entropy", "least_confidence"):
+        np.testing.assert_allclose(getattr(got, name), ref[name].double().numpy(), atol=1e-5)
