@@ -21,3 +21,16 @@ def data_and_model():
     tr = AlignmentTrainer(DIMS, seed=0)
     tr.fit_unpaired({"image": a, "text": b})
     return a, b, tr.fit(a[:60], b[:60])
+
+
+def scalar_decide_run(draft, utilities, blocked=None):
+    """Reference for BudgetDraft.decide_run: decide()/skip() one item at a time."""
+    thr, why = [], []
+    for i, u in enumerate(utilities):
+        d = (draft.skip(float(u), "skip:quota") if blocked is not None and blocked[i]
+             else draft.decide(float(u)))
+        thr.append(d.threshold)
+        why.append(d.reason)
+        if d.accept:
+            return i + 1, True, np.array(thr), why
+    return len(utilities), False, np.array(thr), why

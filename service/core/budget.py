@@ -80,6 +80,11 @@ class BudgetDecision:
     reason: str
 
 
+_RUN_REASONS = ("skip:quota", "skip:budget_exhausted", "skip:pacing", "accept:utility",
+                "accept:warmup", "skip:warmup", "accept:explore", "accept:utility",
+                "skip:below_threshold")
+
+
 class BudgetDraft:
     """Tentative, item-by-item decisions for one batch. Never touches the controller."""
 
@@ -123,6 +128,81 @@ class BudgetDraft:
         if expected - self.own_spent > cfg.slack and not math.isnan(self._thr_lo):
             thr = self._thr_lo
         return self._take(utility >= thr, thr, "accept:utility", "skip:below_threshold")
+
+    def decide_run(self, utilities: np.ndarray, blocked: np.ndarray | None = None
+                   ) -> tuple[int, bool, np.ndarray, list[str]]:
+        """Decide items in order up to and including the first accept, vectorised.
+
+        Exactly the decisions that :meth:`decide` (and :meth:`skip` with ``skip:quota`` for the
+        ``blocked`` items) would make one by one: between two accepts the draft's spend is
+        constant, so every rule is an elementwise test over the remaining items, and the first
+        item that passes is the next accept. The caller updates later items' utilities after an
+        accept (in-batch diversity) and calls again with the rest.
+
+        Parameters
+        ----------
+        utilities : ndarray of shape (n,)
+            Utilities of the remaining items, in arrival order.
+        blocked : ndarray of bool, shape (n,), optional
+            Items vetoed by a rule outside the budget (a modality quota): ``skip:quota``.
+
+        Returns
+        -------
+        (decided, accepted, thresholds, reasons)
+            ``decided`` items were consumed (the accept is the last of them when ``accepted``);
+            ``thresholds`` (decided,) and ``reasons`` are theirs.
+        """
+        util = np.asarray(utilities, dtype=np.float64)
+        n = len(util)
+        if n == 0:
+            return 0, False, np.zeros(0), []
+        if self._i + n > len(self._u):
+            raise ValueError(f"draft was begun for {len(self._u)} items; got more")
+        if np.isnan(util).any():
+            raise ValueError("utility is NaN")
+        cfg = self._ctl.config
+        rate, thr, thr_lo = cfg.target_rate, self._thr, self._thr_lo
+        u = self._u[self._i:self._i + n]
+        expected = rate * (self.seen + np.arange(1, n + 1))
+        blocked = np.zeros(n, dtype=bool) if blocked is None else np.asarray(blocked, dtype=bool)
+        open_ = ~blocked & ((self.own_spent - expected) <= cfg.slack)  # not quota, not pacing
+        if cfg.total is not None and self.spent >= cfg.total:
+            open_[:] = False
+        warm = self.spent < cfg.warmup_accepts or math.isnan(thr)
+        catch = (expected - self.own_spent > cfg.slack) & (not math.isnan(thr_lo))
+        thr_eff = np.where(catch, thr_lo, thr)
+        explore = u[:, 0] < cfg.explore * rate
+        if rate >= 1.0:
+            ok = open_
+        elif warm:
+            ok = open_ & (u[:, 1] < rate)
+        else:
+            ok = open_ & (explore | (util >= thr_eff))
+        hits = np.flatnonzero(ok)
+        accepted = len(hits) > 0
+        m = int(hits[0]) + 1 if accepted else n
+        # reasons, in the precedence order of decide()
+        codes = np.full(m, 8)  # skip:below_threshold
+        head = slice(0, m)
+        if rate >= 1.0:
+            codes[:] = 3
+        elif warm:
+            codes[:] = np.where(u[head, 1] < rate, 4, 5)
+        else:
+            codes[:] = np.where(explore[head], 6, np.where(util[head] >= thr_eff[head], 7, 8))
+        codes[~open_[head]] = 2  # pacing
+        if cfg.total is not None and self.spent >= cfg.total:
+            codes[:] = 1
+        codes[blocked[head]] = 0
+        thresholds = np.where((codes == 7) | (codes == 8), thr_eff[head], thr)
+        self._i += m
+        self.seen += m
+        self.utilities.extend(util[head].tolist())
+        if accepted:
+            self.spent += 1
+            self.own_spent += 1
+            self.accepted += 1
+        return m, accepted, thresholds, [_RUN_REASONS[c] for c in codes.tolist()]
 
     def skip(self, utility: float, reason: str) -> BudgetDecision:
         """Record an item vetoed by a rule outside the budget (e.g. a modality quota)."""

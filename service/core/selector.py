@@ -155,35 +155,56 @@ class StreamingSelector:
                         gram[(t, m)] = pairwise_sq_dist(e_t, e_m, (e_m * e_m).sum(dim=1)) \
                             .sqrt_().double().cpu().numpy()
         util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m]) for m in norm}
-        draft = self.budget.begin(len(items))
+        n = len(items)
+        draft = self.budget.begin(n)
         extra = {m: 0 for m in self.modalities}
-        decisions: list[Decision] = []
+        mod_idx = np.array([self.modalities.index(m) for m in mods])
+        # arrival-order views of the per-modality arrays, refreshed after every accept
+        u_all, d_all = np.empty(n), np.empty(n)
+        for m in norm:
+            u_all[rows[m]], d_all[rows[m]] = util[m], cur_div[m]
+        accept = np.zeros(n, dtype=bool)
+        thr_all, div_all, ut_all = np.empty(n), np.empty(n), np.empty(n)
+        reasons: list[str] = []
+        i = 0
+        while i < n:
+            # Decide up to the next accept in one vectorised step (between two accepts nothing
+            # a decision depends on changes), then let the accept lower later items' diversity.
+            allow = np.array([self.acquisition.quota_allows(m, extra) for m in self.modalities])
+            k, acc, thr, why = draft.decide_run(u_all[i:], ~allow[mod_idx[i:]])
+            thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = thr, d_all[i:i + k], u_all[i:i + k]
+            reasons += why
+            i += k
+            if not acc:
+                continue
+            a = i - 1
+            accept[a] = True
+            m, j = mods[a], int(pos_in_mod[a])
+            extra[m] += 1
+            for t in targets_of[m]:
+                if (t, m) not in gram:
+                    continue
+                later = rows[t] > a
+                if later.any():
+                    cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
+                    norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
+                    util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t])
+                    u_all[rows[t]], d_all[rows[t]] = util[t], cur_div[t]
         version = self.model_version
-        for i, it in enumerate(items):
-            m, j = mods[i], int(pos_in_mod[i])
-            utility = float(util[m][j])
-            if self.acquisition.quota_allows(m, extra):
-                bd = draft.decide(utility)
-            else:
-                bd = draft.skip(utility, "skip:quota")
-            dec_accept, thr, reason = bd.accept, bd.threshold, bd.reason
-            if dec_accept:
-                extra[m] += 1
-                for t in targets_of[m]:
-                    if (t, m) not in gram:
-                        continue
-                    later = rows[t] > i
-                    if later.any():
-                        cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
-                        norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
-                        util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t])
-            s = scores[m]
-            decisions.append(Decision(
-                item_id=it.item_id, modality=m, accept=dec_accept, utility=utility,
-                uncertainty=float(unc[m][j]), diversity=float(cur_div[m][j]),
-                coverage_bonus=float(bonus[m]), margin=float(s.margin[j]),
-                entropy=float(s.entropy[j]), least_confidence=float(s.least_confidence[j]),
-                threshold=float(thr), model_version=version, reason=reason))
+        col = {}  # per-item score components in arrival order, as Python floats
+        for name in ("uncertainty", "margin", "entropy", "least_confidence"):
+            arr = np.empty(n)
+            for m in unc:
+                arr[rows[m]] = unc[m] if name == "uncertainty" else getattr(scores[m], name)
+            col[name] = arr.tolist()
+        u_list, t_list, d_list = ut_all.tolist(), thr_all.tolist(), div_all.tolist()
+        decisions = [Decision(item_id=it.item_id, modality=mods[i], accept=bool(accept[i]),
+                              utility=u_list[i], uncertainty=col["uncertainty"][i],
+                              diversity=d_list[i], coverage_bonus=float(bonus[mods[i]]),
+                              margin=col["margin"][i], entropy=col["entropy"][i],
+                              least_confidence=col["least_confidence"][i], threshold=t_list[i],
+                              model_version=version, reason=reasons[i])
+                     for i, it in enumerate(items)]
         return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch)
 
     # ------------------------------------------------------------------ commit

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.core.budget import BudgetConfig, BudgetController
+from tests.support import scalar_decide_run
 
 
 def _snapshot(ctl):
@@ -133,3 +134,40 @@ def test_target_rate_one_accepts_everything_within_the_budget():
         out = [d.decide(float(u)) for u in rng.normal(size=8) - 10 * rng.random()]
         ctl.commit(d)
     assert ctl.spent == 40 and all(o.accept for o in out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10_000), total=st.one_of(st.none(), st.integers(0, 30)),
+       rate=st.sampled_from([0.05, 0.2, 0.5, 1.0]), explore=st.floats(0.0, 1.0),
+       warm=st.integers(0, 6), slack=st.sampled_from([0.0, 1.0, 8.0]),
+       batches=st.lists(st.integers(1, 30), min_size=1, max_size=12),
+       p_block=st.sampled_from([0.0, 0.3]), drift=st.floats(-0.5, 0.5))
+def test_vectorised_runs_decide_exactly_like_item_by_item(seed, total, rate, explore, warm, slack,
+                                                          batches, p_block, drift):
+    cfg = BudgetConfig(total=total, target_rate=rate, explore=explore, warmup_accepts=warm,
+                       min_history=4, window=16, slack=slack)
+    fast, slow = BudgetController(cfg, seed=seed), BudgetController(cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    for bi, n in enumerate(batches):
+        util = rng.normal(size=n) + drift * bi  # drifting utilities exercise pacing / catch-up
+        blocked = rng.random(n) < p_block
+        out = []
+        for ctl, run in ((fast, lambda d, u, b: d.decide_run(u, b)), (slow, scalar_decide_run)):
+            draft, i, res = ctl.begin(n), 0, []
+            while i < n:
+                k, acc, thr, why = run(draft, util[i:], blocked[i:])
+                res.append((k, acc, thr.tolist(), why))
+                i += k
+            out.append((res, draft.accepted, draft.utilities))
+            ctl.commit(draft)
+        assert repr(out[0]) == repr(out[1])  # repr: NaN thresholds (warm-up) compare equal
+        assert (fast.spent, fast.seen) == (slow.spent, slow.seen)
+
+
+def test_decide_run_rejects_nan_and_overlong_runs():
+    ctl = BudgetController(BudgetConfig(target_rate=0.5), seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        ctl.begin(3).decide_run(np.array([0.1, np.nan, 0.2]))
+    with pytest.raises(ValueError, match="begun for 2 items"):
+        ctl.begin(2).decide_run(np.zeros(3))
+    assert ctl.begin(1).decide_run(np.zeros(0))[0] == 0

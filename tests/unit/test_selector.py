@@ -196,3 +196,36 @@ def test_partner_candidates_come_from_the_other_modality_index():
     assert sims == sorted(sims, reverse=True)
     # the true partner (text row 1 was seen in the stream) is among the top-3 of a good model
     assert "t1" in [c[0] for c in cands]
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), bs=st.integers(1, 64), quotas=st.booleans(),
+       total=st.one_of(st.none(), st.integers(0, 40)))
+def test_vectorised_decisions_equal_item_by_item_decisions(seed, bs, quotas, total):
+    """propose() decides runs of items at once (BudgetDraft.decide_run); with the run replaced
+    by item-by-item decide()/skip() every decision and every committed state is the same."""
+    from service.core.budget import BudgetDraft
+    from tests.support import scalar_decide_run
+
+    kw = dict(total=total, rate=0.3, seed=seed)
+    fast, a, b, _ = _selector(**kw)
+    slow, _, _, _ = _selector(**kw)
+    if quotas:
+        for sel in (fast, slow):
+            sel.acquisition.config = AcquisitionConfig(quotas=True, quota_min_accepts=2,
+                                                       quota_tolerance=0.0)
+    vectorised = BudgetDraft.decide_run
+    for lo in range(0, 160, bs):
+        batch = _batch(a, b, lo, lo + bs)
+        BudgetDraft.decide_run = vectorised
+        d_fast = fast.propose(batch)
+        BudgetDraft.decide_run = scalar_decide_run
+        try:
+            d_slow = slow.propose(batch)
+        finally:
+            BudgetDraft.decide_run = vectorised
+        assert repr(d_fast.decisions) == repr(d_slow.decisions)
+        fast.commit(d_fast)
+        slow.commit(d_slow)
+    _eq(_state(fast), _state(slow))
+    assert fast.budget.spent > 0 or total == 0
