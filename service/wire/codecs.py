@@ -162,8 +162,8 @@ def decode_vector(data: bytes, dim: int, *, what: str = "vector") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- feature events
-def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingEvent:
-    """Validate a ``FeatureEvent`` against ``dims`` ({modality: dimension}) and decode it."""
+def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> int:
+    """Every check of a ``FeatureEvent`` but the values of its vector; returns its dimension."""
     what = f"event {msg.event_id!r}" if msg.event_id else "event"
     _require(msg, ("event_id", "item_id", "modality"), what)
     expected = _check_modality(msg.modality, dims, what)
@@ -173,24 +173,59 @@ def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingE
         raise WireError("wrong_dimension",
                         f"{what}: dim {msg.dim} but modality {msg.modality!r} has dimension "
                         f"{expected}")
-    vec = decode_vector(msg.vector, expected, what=f"{what} vector")
+    if len(msg.vector) != 4 * expected:
+        decode_vector(msg.vector, expected, what=f"{what} vector")  # raises the size error
+    return expected
+
+
+def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
     return IncomingEvent(event_id=msg.event_id, item_id=msg.item_id, modality=msg.modality,
                          vector=vec, event_time=seconds(msg, "event_time"), source=msg.source,
                          metadata=dict(msg.metadata))
 
 
+def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingEvent:
+    """Validate a ``FeatureEvent`` against ``dims`` ({modality: dimension}) and decode it."""
+    expected = _check_event(msg, dims)
+    what = f"event {msg.event_id!r}" if msg.event_id else "event"
+    return _incoming(msg, decode_vector(msg.vector, expected, what=f"{what} vector"))
+
+
 def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
                        ) -> list[IncomingEvent]:
-    """Decode a batch, all-or-nothing: the first bad event raises, naming its index."""
+    """Decode a batch, all-or-nothing: the first bad event raises, naming its index.
+
+    The vectors of the whole batch are unpacked and checked for NaN/inf/huge values in one
+    numpy pass (each event's vector is a view into that one array); the error raised is the one
+    decoding the events one by one would raise first.
+    """
     if not msgs:
         raise WireError("empty_batch", "empty batch: at least one event is needed")
-    out = []
+    n = len(msgs)
+    first_bad, bad_exc = n, None
     for i, m in enumerate(msgs):
         try:
-            out.append(event_from_proto(m, dims))
+            _check_event(m, dims)
         except WireError as exc:
-            raise exc.prefixed(f"batch event {i} of {len(msgs)}: ") from None
-    return out
+            first_bad, bad_exc = i, exc
+            break
+    good = msgs[:first_bad]
+    if good:
+        flat = np.frombuffer(b"".join(m.vector for m in good), dtype=_LE_F32).astype(np.float32)
+        bad = ~np.isfinite(flat)
+        bad |= np.abs(flat) > MAX_ABS_FEATURE  # NaN compares False: already flagged
+        sizes = [len(m.vector) // 4 for m in good]
+        if bad.any():
+            ends = np.cumsum(sizes)
+            k = int(np.searchsorted(ends, int(np.flatnonzero(bad)[0]), side="right"))
+            try:
+                event_from_proto(good[k], dims)  # raises this event's value error
+            except WireError as exc:
+                raise exc.prefixed(f"batch event {k} of {n}: ") from None
+        vectors = np.split(flat, np.cumsum(sizes)[:-1])
+    if bad_exc is not None:
+        raise bad_exc.prefixed(f"batch event {first_bad} of {n}: ") from None
+    return [_incoming(m, v) for m, v in zip(good, vectors)]
 
 
 def event_to_proto(ev: IncomingEvent) -> pb.FeatureEvent:

@@ -12,6 +12,8 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -437,3 +439,30 @@ def test_registry_is_required_and_servers_use_distinct_ports(reg):
         stop_metrics_server(a, ta)
         stop_metrics_server(b, tb)
     assert not ta.is_alive() and not tb.is_alive()
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(-5, 5), st.sampled_from([0.0, 0.1, 1.0, 2.5])),
+                       max_size=40),
+       extra=st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf")]), max_size=3))
+def test_observe_many_exposes_what_observe_one_by_one_does(values, extra):
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.observability.metrics import observe_many
+
+    buckets = (0.0, 0.1, 0.5, 1.0, 2.5)  # values exactly on a bound go into that bucket
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    h_bulk, h_one = (Histogram("x", "x", ["m"], buckets=buckets, registry=r) for r in regs)
+    observe_many(h_bulk.labels("a"), values + extra)
+    for v in values:
+        h_one.labels("a").observe(v)
+
+    def samples(reg):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in reg.collect() for s in fam.samples if not s.name.endswith("_created")}
+
+    got, want = samples(regs[0]), samples(regs[1])
+    assert got.keys() == want.keys() or not values
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    assert generate_latest(regs[0]).count(b"x_bucket") == len(buckets) + 1

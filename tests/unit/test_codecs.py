@@ -366,3 +366,66 @@ def test_dead_letter_bytes():
 def test_wire_error_rejects_unknown_reason():
     with pytest.raises(ValueError, match="unknown wire error reason 'bogus'"):
         WireError("bogus", "x")
+
+
+def _one_by_one(msgs, dims):
+    """Reference for events_from_protos: event_from_proto per message, first error wins."""
+    out = []
+    for i, m in enumerate(msgs):
+        try:
+            out.append(codecs.event_from_proto(m, dims))
+        except WireError as exc:
+            raise exc.prefixed(f"batch event {i} of {len(msgs)}: ") from None
+    return out
+
+
+CORRUPTIONS = ("none", "nan", "inf", "huge", "short", "odd_bytes", "dim", "modality", "no_id",
+               "no_vector")
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12),
+       faults=st.lists(st.tuples(st.integers(0, 11), st.sampled_from(CORRUPTIONS)), max_size=3))
+def test_bulk_batch_decoding_equals_event_by_event(seed, n, faults):
+    rng = np.random.default_rng(seed)
+    msgs = []
+    for i in range(n):
+        mod = "image" if rng.random() < 0.5 else "text"
+        vec = rng.normal(size=DIMS[mod]).astype("<f4")
+        msgs.append(pb.FeatureEvent(event_id=f"e{i}", item_id=f"x{i}", modality=mod,
+                                    dim=DIMS[mod], vector=vec.tobytes(), source="s",
+                                    metadata={"k": str(i)}))
+    for idx, kind in dict(faults).items():  # at most one fault per event
+        if idx >= n or kind == "none":
+            continue
+        m = msgs[idx]
+        vec = np.frombuffer(m.vector, "<f4").copy() if m.vector else np.zeros(m.dim, "<f4")
+        if kind in ("nan", "inf", "huge"):
+            vec[rng.integers(len(vec))] = {"nan": np.nan, "inf": np.inf, "huge": 1e30}[kind]
+            m.vector = vec.tobytes()
+        elif kind == "short":
+            m.vector = vec[:-1].tobytes()
+        elif kind == "odd_bytes":
+            m.vector = m.vector + b"\x00"
+        elif kind == "dim":
+            m.dim += 1
+        elif kind == "modality":
+            m.modality = "audio"
+        elif kind == "no_id":
+            m.event_id = ""
+        else:
+            m.vector = b""
+    try:
+        want = _one_by_one(msgs, DIMS)
+    except WireError as exc:
+        with pytest.raises(WireError) as got:
+            codecs.events_from_protos(msgs, DIMS)
+        assert (got.value.reason, str(got.value)) == (exc.reason, str(exc))
+        return
+    got = codecs.events_from_protos(msgs, DIMS)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.event_id, g.item_id, g.modality, g.event_time, g.source, g.metadata) == \
+            (w.event_id, w.item_id, w.modality, w.event_time, w.source, w.metadata)
+        assert g.vector.dtype == np.float32 and g.vector.flags.writeable
+        np.testing.assert_array_equal(g.vector, w.vector)

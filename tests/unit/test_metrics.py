@@ -129,3 +129,4 @@ def test_non_monotone_pairs_rejected():
 def test_empty_curve_rejected():
     with pytest.raises(ValueError, match="must be non-empty"):
         curve_xy([])
+
