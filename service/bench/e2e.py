@@ -616,6 +616,25 @@ def _fmt(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _run_scenario(kind: str, scenario, quick: bool, out_dir: str | None, log) -> tuple[dict, Path]:
+    """Run ``scenario(quick, out, log)`` (a coroutine function) in a scratch working directory
+    with the service's logs quietened; returns its result (plus ``seconds`` and ``machine``) and
+    the output directory (default: a new temporary one)."""
+    out = Path(out_dir or tempfile.mkdtemp(prefix=f"pairsieve-e2e-{kind}-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common, _k, _g = _loadtests()
+    old = _quiet_service_logs()
+    t0 = time.time()
+    try:
+        with _scratch_cwd(out / "work"):
+            res = asyncio.run(scenario(quick, out, _stamped(log, t0)))
+    finally:
+        _restore_logs(old)
+    res["seconds"] = time.time() - t0
+    res["machine"] = common.machine_info()
+    return res, out
+
+
 def run_kafka(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
     """Benchmark 4 (Kafka path); see the module docstring.
 
@@ -623,18 +642,8 @@ def run_kafka(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
     headline numbers and whether each target was met. The drivers' CSV/JSON/PNG are written to
     ``out_dir`` (default: a new temporary directory).
     """
-    out = Path(out_dir or tempfile.mkdtemp(prefix="pairsieve-e2e-kafka-")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    res, out = _run_scenario("kafka", _kafka, quick, out_dir, log)
     common, _k, _g = _loadtests()
-    old = _quiet_service_logs()
-    t0 = time.time()
-    try:
-        with _scratch_cwd(out / "work"):
-            res = asyncio.run(_kafka(quick, out, _stamped(log, t0)))
-    finally:
-        _restore_logs(old)
-    res["seconds"] = time.time() - t0
-    res["machine"] = common.machine_info()
     t = res["targets"]
     summary = {
         "quick": quick,
@@ -732,18 +741,8 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
 
     Returns ``{"table_md", "summary", "details", "artifacts_dir"}``.
     """
-    out = Path(out_dir or tempfile.mkdtemp(prefix="pairsieve-e2e-grpc-")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    res, out = _run_scenario("grpc", _grpc, quick, out_dir, log)
     common, _k, grpc_load = _loadtests()
-    old = _quiet_service_logs()
-    t0 = time.time()
-    try:
-        with _scratch_cwd(out / "work"):
-            res = asyncio.run(_grpc(quick, out, _stamped(log, t0)))
-    finally:
-        _restore_logs(old)
-    res["seconds"] = time.time() - t0
-    res["machine"] = common.machine_info()
     phases = res["driver"]["phases"]
     summary = {
         "quick": quick, "concurrency": res["params"]["concurrency"],

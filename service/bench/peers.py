@@ -107,6 +107,14 @@ class Peer:
     what = ""
     state = ""
 
+    def _set_batch(self, batch: int) -> None:
+        """Decide ``batch`` candidates per call (1 = per item); the key and label say so."""
+        self.batch = batch
+        if batch > 1:
+            self.key = f"{self.key}-b{batch}"
+            self.granularity = f"micro-batch {batch}"
+            self.step = batch
+
     def prepare(self, data: PeerData) -> None:
         self.data = data
 
@@ -140,11 +148,7 @@ class _SkalVariableUncertainty(Peer):
     state = "classifier (fixed); budget manager: a self-adjusting confidence threshold, counters"
 
     def __init__(self, batch: int = 1):
-        self.batch = batch
-        if batch > 1:
-            self.key = f"{self.key}-b{batch}"
-            self.granularity = f"micro-batch {batch}"
-            self.step = batch
+        self._set_batch(batch)
 
     def prepare(self, data):
         super().prepare(data)
@@ -204,11 +208,7 @@ class _ModAL(Peer):
     state = "classifier (fixed); a fixed threshold"
 
     def __init__(self, batch: int = 1):
-        self.batch = batch
-        if batch > 1:
-            self.key = f"{self.key}-b{batch}"
-            self.granularity = f"micro-batch {batch}"
-            self.step = batch
+        self._set_batch(batch)
 
     def prepare(self, data):
         super().prepare(data)

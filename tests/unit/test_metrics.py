@@ -129,4 +129,3 @@ def test_non_monotone_pairs_rejected():
 def test_empty_curve_rejected():
     with pytest.raises(ValueError, match="must be non-empty"):
         curve_xy([])
-
