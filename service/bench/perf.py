@@ -796,9 +796,12 @@ def render(res: dict, command: str = "pairsieve bench") -> str:
 
 
 def write_report(res: dict, path: str | os.PathLike, command: str) -> Path:
+    """Write the report; a hand-written ``perf-notes.md`` beside it (findings, what limits each
+    target) is appended, as ``quality-notes.md`` is to the quality report."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render(res, command))
+    notes = p.parent / "perf-notes.md"
+    p.write_text(render(res, command) + ("\n" + notes.read_text() if notes.exists() else ""))
     return p
 
 

@@ -173,3 +173,12 @@ def test_gpu_report_states_target_and_parity_verdicts(tiny_engine):
     assert "NVIDIA H200" in text and "612,000 items/s" in text
     assert "meets the 500,000 items/s target" in text
     assert "98.50%" in text and "does NOT meet the 99% tolerance" in text
+
+
+def test_write_report_appends_the_notes_beside_it(tmp_path, tiny_engine):
+    res = {"machine": perf.machine_info(), "sections": ["engine"], "quick": True, "errors": {},
+           "engine": tiny_engine}
+    plain = perf.write_report(res, tmp_path / "perf.md", "cmd").read_text()
+    (tmp_path / "perf-notes.md").write_text("## Findings and limits\n\nhand-written\n")
+    with_notes = perf.write_report(res, tmp_path / "perf.md", "cmd").read_text()
+    assert with_notes == plain + "\n## Findings and limits\n\nhand-written\n"
