@@ -137,8 +137,20 @@ class Service:
         log.info("stopped")
 
 
+def limit_compute_threads(n: int) -> None:
+    """One process-wide thread budget for the engine: torch's intra-op pool and the BLAS pools
+    numpy/scikit-learn use (threadpoolctl). The per-batch matmuls are small, so extra threads
+    mostly add synchronisation; on a shared box they also steal the event loop's core."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(int(n))
+    threadpool_limits(limits=int(n))  # not as a context manager: stays in force
+
+
 async def start_service(settings: Settings) -> Service:
     """Start everything (see module docstring) and return the running :class:`Service`."""
+    limit_compute_threads(settings.compute_threads)
     broker = None
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:

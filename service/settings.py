@@ -75,6 +75,9 @@ class Settings:
     # holds about half of it) adds that to every decision latency. 50 ms: on a real Kafka a fetch
     # returns as soon as data is there, so this only sets how often an idle consumer re-asks.
     fetch_max_wait_seconds: float = 0.05
+    # torch intra-op and BLAS threads of the engine; 1 = one core per worker (scale out with
+    # workers and partitions: the engine's small per-batch matmuls gain little from threads)
+    compute_threads: int = 1
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -84,6 +87,8 @@ class Settings:
                 raise ValueError(f"{name} must be a port number, got {getattr(self, name)}")
         if not 0 < self.target_rate <= 1:
             raise ValueError(f"target_rate must be in (0, 1], got {self.target_rate}")
+        if self.compute_threads < 1:
+            raise ValueError(f"compute_threads must be >= 1, got {self.compute_threads}")
         if not 0 < self.fetch_max_wait_seconds <= 30:
             raise ValueError("fetch_max_wait_seconds must be in (0, 30], got "
                              f"{self.fetch_max_wait_seconds}")

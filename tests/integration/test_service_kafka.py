@@ -283,3 +283,24 @@ def test_features_consumer_uses_the_configured_fetch_wait(kafka_topics):
             await svc.shutdown()
 
     assert asyncio.run(scenario()) == (20, 20)
+
+
+def test_service_limits_torch_and_blas_threads(kafka_topics):
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    s = _settings(kafka_topics, compute_threads=1)
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=2):  # as a process would start on a 2+ core box
+        torch.set_num_threads(2)
+
+        async def scenario():
+            svc = await start_service(s)
+            try:
+                return torch.get_num_threads(), {p["num_threads"] for p in threadpool_info()}
+            finally:
+                await svc.shutdown()
+
+        torch_threads, blas_threads = asyncio.run(scenario())
+    torch.set_num_threads(before)
+    assert torch_threads == 1 and blas_threads == {1}
