@@ -13,8 +13,9 @@ The nearest-neighbour distances are maintained lazily: when a point's nearest ne
 evicted, its stored distance is kept as a lower bound and the point is marked stale; it is
 recomputed only if it becomes the eviction candidate (the smallest stored value). Because stale
 values only underestimate, the first *fresh* minimum is the true minimum, so the evictions are
-exactly those of eager maintenance, at a fraction of its cost (one matrix-vector product per
-stale point that reaches the minimum instead of one per stale point).
+exactly those of eager maintenance, with never more refreshes (one matrix-vector product per
+stale point that reaches the minimum, instead of one per stale point). On the CPU a refresh runs
+through numpy views of the cache, a third of torch's per-call cost for such small products.
 
 The cache also keeps the raw (pre-projection) vectors, tagged with the model version that embedded
 them, so a new alignment model re-projects the cache instead of comparing across spaces.
@@ -85,8 +86,7 @@ class DistanceCache:
         self.device = torch.device(device)
         self._emb = torch.zeros((capacity, dim), dtype=torch.float32, device=self.device)
         self._sq = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        # On the CPU the per-point upkeep runs through numpy views of the same memory: one small
-        # matrix-vector product costs a third of torch's per-call overhead there.
+        # numpy views of the same memory, for the per-point upkeep on the CPU (module doc)
         self._host = (self._emb.numpy(), self._sq.numpy()) if self.device.type == "cpu" else None
         self._raw = np.zeros((capacity, raw_dim), dtype=np.float32) if raw_dim else None
         self._raw_len = np.zeros(capacity, dtype=np.int64)
@@ -192,7 +192,7 @@ class DistanceCache:
             new_idx = torch.where(use_e, best_e_idx, new_idx)
             col_min, col_idx = d_xe.min(dim=0)  # for existing points
             col_min = col_min.sqrt().double().cpu().numpy()
-            closer = col_min < self._nn[:m]  # exact even for stale rows (their value only underestimates)
+            closer = col_min < self._nn[:m]  # exact for stale rows too (theirs underestimate)
             self._nn[:m][closer] = col_min[closer]
             self._nn_idx[:m][closer] = col_idx.cpu().numpy()[closer] + m
             self._stale[:m][closer] = False
