@@ -145,6 +145,11 @@ def _short_method(full: str) -> str:
     return full.rsplit("/", 1)[-1]
 
 
+def _deadline_passed(context) -> bool:
+    left = context.time_remaining()
+    return left is not None and left <= 0
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Calls ``metrics.grpc_request(method, code, seconds)`` once per call (``method`` is the
     short RPC name, ``code`` a ``grpc.StatusCode`` name)."""
@@ -170,10 +175,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def _record(self, method: str, context, t0: float, exc: BaseException | None) -> None:
         if exc is None or isinstance(exc, grpc.aio.AbortError):
             code = context.code() or grpc.StatusCode.OK
+        elif _deadline_passed(context):
+            # The core ends a call whose deadline passed by itself; the handler then sees either
+            # a cancellation or, when its own abort races the core's, the failed status write
+            # (cygrpc ExecuteBatchError). Either way the client got DEADLINE_EXCEEDED.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
         elif isinstance(exc, asyncio.CancelledError):
-            left = context.time_remaining()
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0
-                    else grpc.StatusCode.CANCELLED)
+            code = grpc.StatusCode.CANCELLED
         else:
             code = grpc.StatusCode.UNKNOWN
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)

@@ -19,7 +19,7 @@ from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
-from service.rpc.server import start_grpc_server
+from service.rpc.server import MetricsInterceptor, start_grpc_server
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
@@ -27,8 +27,6 @@ from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
 TOKEN = "s3cret-token"
-
-
 
 
 def _handler(publisher, total=30):
@@ -258,6 +256,34 @@ def test_deadline_exceeded_while_working_and_the_batch_still_completes():
             assert env.publisher.calls == 1
             assert ("Submit", "DEADLINE_EXCEEDED") in [(m, c) for m, c, _ in env.metrics.calls]
     run(scenario())
+
+
+class _FakeContext:
+    def __init__(self, left, code=None):
+        self.left, self._code = left, code
+
+    def time_remaining(self):
+        return self.left
+
+    def code(self):
+        return self._code
+
+
+@pytest.mark.parametrize("exc, left, expected", [
+    (None, 1.0, "OK"),
+    (asyncio.CancelledError(), 0.0, "DEADLINE_EXCEEDED"),
+    (asyncio.CancelledError(), 0.5, "CANCELLED"),
+    # the server's own abort loses the race with the core's deadline: the status write fails
+    (RuntimeError('Failed "execute_batch"'), 0.0, "DEADLINE_EXCEEDED"),
+    (RuntimeError("boom"), 0.5, "UNKNOWN"),
+    (RuntimeError("boom"), None, "UNKNOWN"),
+])
+def test_metrics_interceptor_names_the_code_the_client_saw(exc, left, expected):
+    # CI once recorded UNKNOWN for a call whose client got DEADLINE_EXCEEDED (the race above);
+    # this pins the classification without depending on scheduling
+    metrics = RecordingMetrics()
+    MetricsInterceptor(metrics)._record("Submit", _FakeContext(left), time.perf_counter(), exc)
+    assert [(m, c) for m, c, _ in metrics.calls] == [("Submit", expected)]
 
 
 def test_too_short_deadline_is_refused_before_any_work():
