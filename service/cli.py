@@ -58,9 +58,7 @@ def _cmd_bench_quality(args) -> int:
 
     strategies = None
     if args.strategies:
-        names = tuple(args.strategies.split(","))
-        strategies = {m: tuple(s for s in names if s in quality.DEFAULT_STRATEGIES[m]
-                               or s in ("random", quality.REPLICATE)) for m in args.modes}
+        strategies = quality.select_strategies(args.strategies.split(","), tuple(args.modes))
     quality.main(args.datasets.split(",") if args.datasets else None, tuple(args.modes),
                  args.seeds, args.budget, args.jobs, args.out_dir, strategies,
                  command="pairsieve " + " ".join(sys.argv[1:]), first_seed=args.first_seed)

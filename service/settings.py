@@ -59,7 +59,7 @@ class Settings:
     cache_capacity: int = 4096
     index_size: int = 4096
     embedding_dim: int = 64
-    uncertainty: str = "entropy"
+    uncertainty: str = "least_confidence"
     retrain_every_pairs: int = 25
     candidates_k: int = 5
     follow_selections: int = 1  # 1: fold in every worker's selections (scale-out); 0: only own

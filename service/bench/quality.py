@@ -20,7 +20,7 @@ import numpy as np
 
 from service.bench import metrics
 from service.bench.datasets import BUILTIN, describe, get_dataset
-from service.bench.simulator import SimConfig, simulate
+from service.bench.simulator import SimConfig, list_strategies, simulate
 
 REPLICATE = "random-replicate"
 
@@ -30,9 +30,31 @@ DEFAULT_DATASETS = ("digits", "digits-lr", "synthetic", "synthetic-imbalanced",
 DEFAULT_STRATEGIES = {
     "pool": ("random", REPLICATE, "default", "hybrid-zscore", "mmal", "entropy", "margin",
              "coreset", "badge", "bmmal", "vecaf"),
-    "stream": ("random", REPLICATE, "default", "entropy", "margin", "diversity", "margin-rank",
-               "quota"),
+    "stream": ("random", REPLICATE, "default", "entropy-0.7", "entropy", "diversity",
+               "margin-rank", "quota"),
 }
+
+
+def select_strategies(names, modes) -> dict[str, tuple[str, ...]]:
+    """``--strategies``: each mode gets the given names that are registered for it.
+
+    A name registered for none of ``modes`` is an error (not silently dropped); one registered
+    for only some of them runs where it exists (``coreset`` is pool-only).
+    """
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("--strategies is empty")
+    known = {m: set(list_strategies()[m]) | {REPLICATE} for m in modes}
+    unknown = [n for n in names if not any(n in known[m] for m in modes)]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown} for modes {list(modes)}; known: "
+                         + "; ".join(f"{m}: {sorted(known[m])}" for m in modes))
+    chosen = {m: tuple(dict.fromkeys(n for n in names if n in known[m])) for m in modes}
+    for m, got in chosen.items():
+        if "random" not in got:
+            raise ValueError(f"{m}: savings are measured against random; add 'random' to "
+                             f"--strategies (got {list(names)})")
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,14 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
                                           coverage_weight=cw, normalization=norm, quotas=quotas))
     return {
         "random": None,
-        "default": cfg(0.7, 0.3),
+        # the service's own defaults (SelectorConfig, AcquisitionConfig), so the benchmarked
+        # default is what a deployment runs: least-confidence 0.7 + diversity 0.3, z-scored
+        "default": lambda b: SelectorConfig(budget=b),
+        # candidates of the tuning run (reports/stream-tuning.md, seeds 100-109/200-209/300-309)
+        "entropy-0.7": cfg(0.7, 0.3),  # the default before the tuning run
+        "entropy-0.5": cfg(0.5, 0.5),
+        "entropy-0.3": cfg(0.3, 0.7),
+        "least-confidence-0.5": cfg(0.5, 0.5, unc="least_confidence"),
         "entropy": cfg(1.0, 0.0, 0.0),
         "margin": cfg(1.0, 0.0, 0.0, unc="margin"),
         "diversity": cfg(0.0, 1.0, 0.0),

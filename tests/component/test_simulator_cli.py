@@ -247,6 +247,25 @@ def test_list_strategies_has_baselines():
         assert names[mode] == sorted(names[mode])
 
 
+def test_stream_default_is_what_a_deployment_runs():
+    # the benchmark's stream `default` must measure the service's own selector settings
+    from service.core.budget import BudgetConfig
+    from service.runtime import build_engine
+    from service.settings import Settings
+
+    bench = sim_mod._stream_configs()["default"](BudgetConfig(total=10, target_rate=0.1))
+    handler = build_engine(Settings())
+    try:
+        svc = handler.selector.config
+    finally:
+        handler.close()
+    assert bench.uncertainty == svc.uncertainty == "least_confidence"
+    assert bench.acquisition == svc.acquisition
+    assert (bench.tau, bench.index_size, bench.cache_capacity, bench.cross_insert,
+            bench.cache_on_model_change) == (svc.tau, svc.index_size, svc.cache_capacity,
+                                             svc.cross_insert, svc.cache_on_model_change)
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 
