@@ -247,6 +247,18 @@ def test_list_strategies_has_baselines():
         assert names[mode] == sorted(names[mode])
 
 
+@pytest.mark.parametrize("budget", [7, 60, 200])
+def test_stream_random_spends_exactly_the_budget(budget):
+    # selection sampling: a fixed acceptance probability used to end runs up to 20 % short
+    ds = make_synthetic(n=400, d_a=8, d_b=6, latent_dim=4, seed=1)
+    for seed in range(3):
+        res = simulate(ds, SimConfig(**{**SMALL, "budget": budget, "mode": "stream",
+                                        "strategy": "random", "seed": seed}))
+        assert res["curve"][-1]["pairs"] == budget
+        assert sum(res["acquisitions_per_modality"].values()) == budget
+        assert res["wasted"] == 0  # an item whose partner was acquired is never offered
+
+
 def test_stream_default_is_what_a_deployment_runs():
     # the benchmark's stream `default` must measure the service's own selector settings
     from service.core.budget import BudgetConfig
