@@ -313,3 +313,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, write (PNG, 90 dpi) and close ``fig``; return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+    return path

@@ -48,7 +48,7 @@ if ROOT not in sys.path:
 
 from loadtests._common import (VectorBank, machine_info, md_table, parse_ints,  # noqa: E402
                                parse_mix, parse_modalities, pb, percentiles, pyplot,
-                               set_timestamp, write_csv, write_json)
+                               save_figure, set_timestamp, write_csv, write_json)
 
 MODES = ("unary", "stream")
 
@@ -380,10 +380,7 @@ def plot(result: dict, path: str) -> str:
     axes[1].legend(fontsize=7, loc="upper left", ncol=2)
     axes[2].set_ylabel("errors/s")
     axes[2].set_xlabel("seconds since start")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def phases_table(result: dict) -> str:

@@ -77,8 +77,8 @@ if ROOT not in sys.path:
 from loadtests._common import (HEADER_BATCH, HEADER_EVENT, VectorBank, hist_delta,  # noqa: E402
                                hist_fraction_le, hist_quantile, machine_info, md_table,
                                parse_floats, parse_mix, parse_modalities, pb, percentiles,
-                               pyplot, scrape_pairsieve, set_timestamp, sum_scrapes, ts_seconds,
-                               write_csv, write_json)
+                               pyplot, save_figure, scrape_pairsieve, set_timestamp, sum_scrapes,
+                               ts_seconds, write_csv, write_json)
 
 FEATURES_TOPIC = "pairsieve.features.v1"
 REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
@@ -825,10 +825,7 @@ def plot(result: dict, path: str) -> str:
     for a in axes:
         for ph in result["phases"]:
             a.axvline(ph["start"], color="grey", lw=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def steps_table(result: dict) -> str:

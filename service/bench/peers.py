@@ -107,6 +107,9 @@ class Peer:
     what = ""
     state = ""
 
+    def __init__(self, batch: int = 1):
+        self._set_batch(batch)
+
     def _set_batch(self, batch: int) -> None:
         """Decide ``batch`` candidates per call (1 = per item); the key and label say so."""
         self.batch = batch
@@ -141,14 +144,10 @@ class _SkalVariableUncertainty(Peer):
     key = "skactiveml-vu"
     label = "scikit-activeml VariableUncertainty"
     dist = "scikit-activeml"
-    diversity = False
     what = ("`skactiveml.stream.VariableUncertainty` + `VariableUncertaintyBudgetManager(budget=0.1)`"
             ": per item `query(candidate, clf)` then `update(candidate, queried)`; clf = "
             "`SklearnClassifier(LogisticRegression)` pre-fit on the 200 labelled items")
     state = "classifier (fixed); budget manager: a self-adjusting confidence threshold, counters"
-
-    def __init__(self, batch: int = 1):
-        self._set_batch(batch)
 
     def prepare(self, data):
         super().prepare(data)
@@ -201,14 +200,10 @@ class _ModAL(Peer):
     key = "modal"
     label = "modAL uncertainty-threshold stream loop"
     dist = "modAL-python"
-    diversity = False
     what = ("`modAL.models.ActiveLearner(LogisticRegression)` fit on the 200 labelled items; per "
             "item `classifier_uncertainty(learner, x)` >= threshold (the 90th percentile of the "
             "calibration rows' uncertainty) = accept; no `teach` in the loop")
     state = "classifier (fixed); a fixed threshold"
-
-    def __init__(self, batch: int = 1):
-        self._set_batch(batch)
 
     def prepare(self, data):
         super().prepare(data)
@@ -232,7 +227,6 @@ class _River(Peer):
     key = "river"
     label = "river EntropySampler"
     dist = "river"
-    diversity = False
     what = ("`river.active.EntropySampler(SoftmaxRegression)`, the classifier trained by "
             "`learn_one` on the 200 labelled items; per item `predict_one(x)` -> ask; "
             "`discount_factor` set so the calibration rows' mean ask probability is 10%; rows are "

@@ -162,8 +162,10 @@ def decode_vector(data: bytes, dim: int, *, what: str = "vector") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- feature events
-def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> int:
-    """Every check of a ``FeatureEvent`` but the values of its vector; returns its dimension."""
+def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> tuple[int, str]:
+    """Every check of a ``FeatureEvent`` but the values of its vector.
+
+    Returns its dimension and how errors name it."""
     what = f"event {msg.event_id!r}" if msg.event_id else "event"
     _require(msg, ("event_id", "item_id", "modality"), what)
     expected = _check_modality(msg.modality, dims, what)
@@ -175,7 +177,7 @@ def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> int:
                         f"{expected}")
     if len(msg.vector) != 4 * expected:
         decode_vector(msg.vector, expected, what=f"{what} vector")  # raises the size error
-    return expected
+    return expected, what
 
 
 def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
@@ -186,8 +188,7 @@ def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
 
 def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingEvent:
     """Validate a ``FeatureEvent`` against ``dims`` ({modality: dimension}) and decode it."""
-    expected = _check_event(msg, dims)
-    what = f"event {msg.event_id!r}" if msg.event_id else "event"
+    expected, what = _check_event(msg, dims)
     return _incoming(msg, decode_vector(msg.vector, expected, what=f"{what} vector"))
 
 
