@@ -62,10 +62,9 @@ def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=40
     the measured segments all run at steady state: before the caches are full a batch costs less
     (fewer cached vectors, no evictions), which says nothing about growth with stream length.
     """
-    from threadpoolctl import threadpool_limits
+    from service.runtime import limit_compute_threads
 
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1)  # the cache's numpy upkeep too: one BLAS thread, as the service
+    limit_compute_threads(1)  # torch and BLAS (the cache's numpy upkeep too), as the service
     stream = _Stream(seed=seed)
     a, b = stream.pairs(4000)
     dims = {"image": stream.d_a, "text": stream.d_b}

@@ -1,4 +1,5 @@
-"""`pairsieve bench-quality` end to end on a tiny matrix, and its strategy selection."""
+"""The offline benchmark commands end to end on tiny inputs: `bench-quality` (and its strategy
+selection) and `bench-stream-cost`."""
 
 from __future__ import annotations
 
@@ -50,3 +51,19 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
     report = (out / "quality.md").read_text()
     assert "## stream mode" in report and "| default |" in report and "synthetic" in report
     assert (out / "quality-stream.png").stat().st_size > 1000
+
+
+def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):
+    out = tmp_path / "stream-cost.md"
+    rc = main(["bench-stream-cost", "--items", "4096", "--segment", "1024", "--batch", "256",
+               "--warmup-items", "1024", "--capacity", "256", "--index-size", "256",
+               "--out", str(out)])
+    assert rc == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {out}: last/first segment throughput (medians) ")
+    ratio = float(line.split("(medians) ")[1].split(",")[0])
+    assert ratio > 0
+    text = out.read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| ")]
+    assert len(rows) == 1 + 4  # the header and one row per measured segment (4096 / 1024)
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| 1,024", "| 2,048", "| 3,072", "| 4,096"]
