@@ -36,8 +36,8 @@ test: $(STAMP) deploy-tools ## run all tests (unit, component, integration, depl
 test-unit: $(STAMP) ## fast pure-core tests only
 	$(BIN)/python -m pytest -q tests/unit
 
-bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (15-30 min on 2 cores)
-	$(BIN)/pairsieve bench-quality --seeds 8 --out-dir reports
+bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~20 min on 2 cores)
+	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir reports
 
 bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md
 	$(BIN)/pairsieve bench-stream-cost --items 1000000 --out reports/stream-cost.md

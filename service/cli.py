@@ -61,7 +61,9 @@ def _cmd_bench_quality(args) -> int:
         strategies = quality.select_strategies(args.strategies.split(","), tuple(args.modes))
     quality.main(args.datasets.split(",") if args.datasets else None, tuple(args.modes),
                  args.seeds, args.budget, args.jobs, args.out_dir, strategies,
-                 command="pairsieve " + " ".join(sys.argv[1:]), first_seed=args.first_seed)
+                 command="pairsieve " + " ".join(sys.argv[1:]), first_seed=args.first_seed,
+                 random_draws=quality.RANDOM_DRAWS if args.random_draws is None
+                 else args.random_draws)
     return 0
 
 
@@ -138,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_datasets)
 
     q = sub.add_parser("bench-quality", help="strategies x datasets x seeds; writes reports/quality.md")
-    q.add_argument("--seeds", type=int, default=5)
+    q.add_argument("--seeds", type=int, default=20)
     q.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
+    q.add_argument("--random-draws", type=int, default=None,
+                   help="random runs per seed averaged into the baseline (default 4)")
     q.add_argument("--budget", type=int, default=300)
     q.add_argument("--jobs", type=int, default=2)
     q.add_argument("--datasets", help="comma-separated subset of built-in datasets")

@@ -394,7 +394,7 @@ class SelectionHandler:
                    for m, r in raw.items()}
             sel = {m: self.selector.caches[m].embeddings.cpu().numpy() for m in self.modalities}
             state = PoolState(self.modalities, raw, emb, sel, model)
-            strat = HybridStrategy(normalization="rank") if strategy == "default" \
+            strat = HybridStrategy() if strategy == "default" \
                 else POOL_STRATEGIES[strategy]()
             picks = strat.select(state, budget, np.random.default_rng(seed))
             return [ids[groups[m][j]] for m, j in picks]

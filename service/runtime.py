@@ -34,6 +34,7 @@ from service.streaming.app import StreamProcessor
 from service.streaming.broker import (REQUESTS_TOPIC, EmbeddedBroker, create_topics,
                                       topic_specs)
 from service.streaming.kafka_io import KafkaRequestPublisher, SelectionFollower
+from service.threads import limit_compute_threads
 
 log = logging.getLogger("pairsieve.runtime")
 
@@ -135,17 +136,6 @@ class Service:
             self.broker.stop()
         self.stopped.set()
         log.info("stopped")
-
-
-def limit_compute_threads(n: int) -> None:
-    """One process-wide thread budget for the engine: torch's intra-op pool and the BLAS pools
-    numpy/scikit-learn use (threadpoolctl). The per-batch matmuls are small, so extra threads
-    mostly add synchronisation; on a shared box they also steal the event loop's core."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(int(n))
-    threadpool_limits(limits=int(n))  # not as a context manager: stays in force
 
 
 async def start_service(settings: Settings) -> Service:

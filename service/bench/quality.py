@@ -1,9 +1,12 @@
 """``make bench-quality``: strategies x datasets x seeds x modes, and the report.
 
 Runs every combination with :func:`service.bench.simulator.simulate` in worker processes (one
-BLAS thread each), adds a second, independent random run per seed (``random-replicate``, same
-split, other strategy randomness) as the noise floor, and writes ``reports/quality.md``, learning
-curve PNGs and the raw results (``reports/quality-results.json``).
+torch and one BLAS thread each, set in each worker by :func:`_init_worker`). ``random`` runs
+``random_draws`` times per seed (same split, independent random choices); its curve and its
+savings per seed are the mean over those draws, so the baseline every strategy is compared with
+is not one lucky or unlucky draw. It adds one more independent random run per seed
+(``random-replicate``: what a single random draw gives, the noise floor), and writes
+``reports/quality.md``, learning curve PNGs and the raw results (``reports/quality-results.json``).
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ import numpy as np
 from service.bench import metrics
 from service.bench.datasets import BUILTIN, describe, get_dataset
 from service.bench.simulator import SimConfig, list_strategies, simulate
+from service.threads import limit_compute_threads
 
 REPLICATE = "random-replicate"
+RANDOM_DRAWS = 4  # random runs per seed in the baseline (each ~0.1 s: a cheap variance cut)
+REPLICATE_SEED_OFFSET = 10_000
+DRAW_SEED_OFFSET = 20_000  # strategy seed of draw k > 0: seed + k * DRAW_SEED_OFFSET
 
 DEFAULT_DATASETS = ("digits", "digits-lr", "synthetic", "synthetic-imbalanced",
                     "synthetic-longtail-dup", "synthetic-missing", "synthetic-unique",
                     "synthetic-synergy")
 DEFAULT_STRATEGIES = {
-    "pool": ("random", REPLICATE, "default", "hybrid-zscore", "mmal", "entropy", "margin",
-             "coreset", "badge", "bmmal", "vecaf"),
+    "pool": ("random", REPLICATE, "default", "margin-0.7", "hybrid-zscore", "mmal", "entropy",
+             "margin", "coreset", "badge", "bmmal", "vecaf"),
     "stream": ("random", REPLICATE, "default", "entropy-0.7", "entropy", "diversity",
                "margin-rank", "quota"),
 }
@@ -64,34 +71,47 @@ class Job:
     strategy: str
     seed: int
     budget: int
+    draw: int = 0  # which random draw (random only; 0 = the strategy seed is the seed itself)
+
+
+def _init_worker() -> None:
+    """Each worker computes on one thread (torch and BLAS), so ``jobs`` workers use ``jobs`` cores.
+
+    Setting ``OPENBLAS_NUM_THREADS`` in the parent is not enough: forked workers inherit the BLAS
+    pool the parent loaded at import. Before this, each of 2 workers on a 2-core box ran 2 BLAS
+    threads, and every run took 3-4x its single-process time (2 workers finished later than 1).
+    """
+    limit_compute_threads(1)
 
 
 def _run_job(job: Job) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
     ds = get_dataset(job.dataset, seed=job.seed)
     replicate = job.strategy == REPLICATE
+    if replicate:
+        sseed = job.seed + REPLICATE_SEED_OFFSET
+    else:
+        sseed = job.seed + job.draw * DRAW_SEED_OFFSET if job.draw else None
     cfg = SimConfig(strategy="random" if replicate else job.strategy, mode=job.mode,
-                    budget=job.budget, seed=job.seed,
-                    strategy_seed=job.seed + 10_000 if replicate else None)
+                    budget=job.budget, seed=job.seed, strategy_seed=sseed)
     res = simulate(ds, cfg)
     res["strategy"] = job.strategy
+    res["draw"] = job.draw
     return res
 
 
 def run_matrix(datasets, modes, strategies: dict, seeds: int, budget: int, jobs: int,
-               log=print, first_seed: int = 0) -> list[dict]:
-    todo = [Job(d, m, s, seed, budget) for d in datasets for m in modes
-            for s in strategies[m] for seed in range(first_seed, first_seed + seeds)]
+               log=print, first_seed: int = 0, random_draws: int = RANDOM_DRAWS) -> list[dict]:
+    if random_draws < 1:
+        raise ValueError(f"random_draws must be >= 1, got {random_draws}")
+    todo = [Job(d, m, s, seed, budget, draw) for d in datasets for m in modes
+            for s in strategies[m] for seed in range(first_seed, first_seed + seeds)
+            for draw in range(random_draws if s == "random" else 1)]
     for d in datasets:
         if d not in BUILTIN:
             raise ValueError(f"unknown dataset {d!r}; known: {sorted(BUILTIN)}")
     results = []
     t0 = time.perf_counter()
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    os.environ.update(env)
-    with ProcessPoolExecutor(max_workers=jobs) as ex:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as ex:
         futs = {ex.submit(_run_job, j): j for j in todo}
         for i, f in enumerate(as_completed(futs), 1):
             j = futs[f]
@@ -99,7 +119,8 @@ def run_matrix(datasets, modes, strategies: dict, seeds: int, budget: int, jobs:
             results.append(res)
             el = time.perf_counter() - t0
             eta = el / i * (len(todo) - i)
-            log(f"[{i:4d}/{len(todo)}] {j.dataset:24s} {j.mode:6s} {j.strategy:17s} seed {j.seed}"
+            name = f"{j.strategy} #{j.draw}" if j.draw else j.strategy
+            log(f"[{i:4d}/{len(todo)}] {j.dataset:24s} {j.mode:6s} {name:17s} seed {j.seed}"
                 f"  r1={res['curve'][-1]['r1']:.3f}  ({res['wall_seconds']:.1f}s, "
                 f"elapsed {el/60:.1f} min, eta {eta/60:.1f} min)")
     return results
@@ -120,21 +141,57 @@ def summarize(results: list[dict]) -> list[dict]:
         ref = np.array([np.nanmean([metrics.on_grid(r["curve"], np.array([g]))[0] for r in rand])
                         for g in grid])
         for strategy in sorted({r["strategy"] for r in group}):
-            runs = [r for r in group if r["strategy"] == strategy]
-            sv = np.array([metrics.savings(r["curve"], grid, ref, budget) for r in runs])
-            au = np.array([metrics.auc(r["curve"], budget) for r in runs])
+            runs = sorted((r for r in group if r["strategy"] == strategy),
+                          key=lambda r: (r["seed"], r.get("draw", 0)))
+            seeds = sorted({r["seed"] for r in runs})
+            # per seed: the mean over its draws (one draw per seed for all but random)
+            sv = np.array([np.mean([metrics.savings(r["curve"], grid, ref, budget)
+                                    for r in runs if r["seed"] == k]) for k in seeds])
+            au = np.array([np.mean([metrics.auc(r["curve"], budget)
+                                    for r in runs if r["seed"] == k]) for k in seeds])
             fin = np.array([r["curve"][-1]["r1"] for r in runs])
             mods = list(runs[0]["acquisitions_per_modality"])
             frac0 = np.mean([r["acquisitions_per_modality"][mods[0]]
                              / max(1, sum(r["acquisitions_per_modality"].values())) for r in runs])
             rows.append({"dataset": dataset, "mode": mode, "strategy": strategy,
-                         "seeds": len(runs), "savings_mean": float(sv.mean()),
+                         "seeds": len(seeds), "draws": len(runs) // max(1, len(seeds)),
+                         "savings_mean": float(sv.mean()),
                          "savings_std": float(sv.std(ddof=1)) if len(sv) > 1 else 0.0,
                          "auc_mean": float(au.mean()), "final_r1_mean": float(fin.mean()),
                          "frac_first_modality": float(frac0), "first_modality": mods[0],
                          "budget": budget, "target_r1": float(ref[-1]),
+                         "per_seed": {"seed": [int(k) for k in seeds],
+                                      "savings": sv.tolist(), "auc": au.tolist()},
                          "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs]))})
     return rows
+
+
+def paired_vs_random(rows: list[dict], mode: str, dataset: str, strategy: str) -> dict | None:
+    """``strategy`` minus ``random`` seed by seed (same split and stream order for both).
+
+    Returns mean and standard error of the savings and AUC differences over the seeds both ran,
+    and on how many of them the strategy's AUC was higher; None when either has no runs.
+    """
+    def find(name):
+        return next((r for r in rows if r["mode"] == mode and r["dataset"] == dataset
+                     and r["strategy"] == name), None)
+
+    mine, rand = find(strategy), find("random")
+    if mine is None or rand is None:
+        return None
+    def by_seed(row):
+        ps = row["per_seed"]
+        return dict(zip(ps["seed"], zip(ps["savings"], ps["auc"])))
+
+    ours, theirs = by_seed(mine), by_seed(rand)
+    common = sorted(set(ours) & set(theirs))
+    if not common:
+        return None
+    d = np.array([[ours[k][0] - theirs[k][0], ours[k][1] - theirs[k][1]] for k in common])
+    sem = d.std(axis=0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.zeros(2)
+    return {"n": len(d), "savings_diff": float(d[:, 0].mean()), "savings_sem": float(sem[0]),
+            "auc_diff": float(d[:, 1].mean()), "auc_sem": float(sem[1]),
+            "auc_wins": int(np.sum(d[:, 1] > 0))}
 
 
 def plot_curves(results: list[dict], out_dir: Path) -> list[Path]:
@@ -181,12 +238,15 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
                  for d in sorted({r["dataset"] for r in results})}
     lines = ["# pairsieve quality benchmark", "",
              f"Generated by `{meta['command']}` on {meta['machine']} in {meta['minutes']:.1f} min "
-             f"({meta['runs']} runs, {meta['seeds']} seeds, budget {meta['budget']} acquisitions).",
+             f"({meta['runs']} runs, {meta['seeds']} seeds, budget {meta['budget']} acquisitions, "
+             f"{meta.get('random_draws', 1)} random draws per seed).",
              "",
              "**% pairs saved vs random** = 1 - (acquisitions the strategy needs to reach the R@1 "
              "that random reaches at the full budget) / budget; mean ± std over seeds. Negative = "
-             "never reached it (the shortfall read off the random curve). `random-replicate` is a "
-             "second, independent random run on the same splits: the noise floor. AUC = mean R@1 "
+             "never reached it (the shortfall read off the random curve). `random` is the mean of "
+             f"{meta.get('random_draws', 1)} independent random draws per seed (its curve and R@1 "
+             "target too); `random-replicate` is one more independent draw on the same splits: "
+             "what a single random run gives, the noise floor. AUC = mean R@1 "
              "over the budget. `a-share` = fraction of acquisitions that picked an item of the "
              "first modality.", ""]
     for mode in sorted({r["mode"] for r in rows}):
@@ -221,6 +281,19 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
                              f"{r['auc_mean']:.3f} / {r['final_r1_mean']:.3f} / "
                              f"{r['frac_first_modality']:.2f}")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines += ["", "### default and the noise floor vs random, paired by seed", "",
+                  "Per seed, the strategy's value minus `random`'s on the same split and stream "
+                  "order; mean ± standard error over seeds. `AUC wins` = seeds on which its AUC "
+                  "is higher. `random-replicate` shows what pure chance gives.", "",
+                  "| strategy | dataset | Δ savings (points) | Δ AUC (x1000) | AUC wins |",
+                  "|---|---|---|---|---|"]
+        for s in ("default", REPLICATE):
+            for d in dsets:
+                p = paired_vs_random(rows, mode, d, s) if learnable[d] else None
+                if p is not None:
+                    lines.append(f"| {s} | {d} | {100*p['savings_diff']:+.1f} ± "
+                                 f"{100*p['savings_sem']:.1f} | {1000*p['auc_diff']:+.1f} ± "
+                                 f"{1000*p['auc_sem']:.1f} | {p['auc_wins']}/{p['n']} |")
         lines += ["", f"![learning curves, {mode} mode](quality-{mode}.png)", ""]
     lines += ["## Datasets", ""]
     for d in sorted(learnable):
@@ -235,19 +308,20 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
 
 def main(argv_datasets=None, modes=("pool", "stream"), seeds=5, budget=300, jobs=2,
          out_dir="reports", strategies=None, command="make bench-quality", log=print,
-         first_seed: int = 0) -> Path:
+         first_seed: int = 0, random_draws: int = RANDOM_DRAWS) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = tuple(argv_datasets or DEFAULT_DATASETS)
     strategies = strategies or DEFAULT_STRATEGIES
     t0 = time.perf_counter()
-    results = run_matrix(datasets, modes, strategies, seeds, budget, jobs, log, first_seed)
+    results = run_matrix(datasets, modes, strategies, seeds, budget, jobs, log, first_seed,
+                         random_draws)
     rows = summarize(results)
     (out / "quality-results.json").write_text(json.dumps({"rows": rows, "runs": results}))
     plot_curves(results, out)
     notes_file = out / "quality-notes.md"
     meta = {"command": command, "machine": _machine(), "minutes": (time.perf_counter() - t0) / 60,
-            "runs": len(results), "seeds": seeds, "budget": budget,
+            "runs": len(results), "seeds": seeds, "budget": budget, "random_draws": random_draws,
             "notes": ("\n" + notes_file.read_text()) if notes_file.exists() else ""}
     p = write_report(results, rows, out, meta)
     log(f"wrote {p}")

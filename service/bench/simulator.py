@@ -38,12 +38,15 @@ MODES = ("pool", "stream")
 
 def _pool_strategies() -> dict[str, Callable[[], object]]:
     out: dict[str, Callable[[], object]] = {name: cls for name, cls in POOL_BASELINES.items()}
-    # default: margin + diversity, rank-normalised per modality (margin scores are heavy-tailed;
-    # z-scoring them let one modality's tail dominate in early experiments). The z-score and
-    # entropy variants stay available as ablations.
-    out["default"] = lambda: HybridStrategy(uncertainty="margin", normalization="rank")
-    out["hybrid-zscore"] = lambda: HybridStrategy(uncertainty="margin", normalization="zscore")
-    out["hybrid-entropy"] = lambda: HybridStrategy(uncertainty="entropy", normalization="rank")
+    # default: HybridStrategy's own defaults (what the gRPC SelectPool runs): margin 0.3 +
+    # diversity 0.7, rank-normalised per modality (margin scores are heavy-tailed; z-scoring them
+    # let one modality's tail dominate in early experiments). Each ablation changes one knob.
+    out["default"] = HybridStrategy
+    # the pool tuning run (reports/pool-tuning.md, seeds 100-119): 0.7 was the default before it
+    out["margin-0.5"] = lambda: HybridStrategy(weight=0.5)
+    out["margin-0.7"] = lambda: HybridStrategy(weight=0.7)
+    out["hybrid-zscore"] = lambda: HybridStrategy(normalization="zscore")
+    out["hybrid-entropy"] = lambda: HybridStrategy(uncertainty="entropy")
     return out
 
 

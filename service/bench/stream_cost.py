@@ -62,7 +62,7 @@ def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=40
     the measured segments all run at steady state: before the caches are full a batch costs less
     (fewer cached vectors, no evictions), which says nothing about growth with stream length.
     """
-    from service.runtime import limit_compute_threads
+    from service.threads import limit_compute_threads
 
     limit_compute_threads(1)  # torch and BLAS (the cache's numpy upkeep too), as the service
     stream = _Stream(seed=seed)

@@ -28,18 +28,89 @@ def test_select_strategies_refuses_unknown_names_and_missing_random():
         quality.select_strategies([" "], ("stream",))
 
 
+def _worker_threads():
+    import torch
+    from threadpoolctl import threadpool_info
+
+    return torch.get_num_threads(), sorted({p["num_threads"] for p in threadpool_info()})
+
+
+def test_quality_workers_compute_on_one_thread_even_when_forked_from_a_threaded_parent():
+    # the parent loads BLAS with 2 threads (as on any 2+ core box) before forking the workers:
+    # an environment variable set afterwards does not reach the inherited pool
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2):
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as plain:
+            inherited = plain.submit(_worker_threads).result()
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"),
+                                 initializer=quality._init_worker) as ex:
+            limited = ex.submit(_worker_threads).result()
+    assert inherited[1] == [2]  # the failure mode the initializer exists for
+    assert limited == (1, [1])
+
+
+def _row(strategy, seeds, savings, auc):
+    return {"mode": "stream", "dataset": "digits", "strategy": strategy,
+            "per_seed": {"seed": seeds, "savings": savings, "auc": auc}}
+
+
+def test_paired_vs_random_pairs_runs_by_seed_not_by_position():
+    rows = [_row("random", [0, 1, 2], [0.0, 0.1, 0.2], [0.10, 0.20, 0.30]),
+            # listed in another order and missing seed 1: only seeds 0 and 2 are compared
+            _row("default", [2, 0], [0.5, 0.1], [0.28, 0.14])]
+    p = quality.paired_vs_random(rows, "stream", "digits", "default")
+    assert p["n"] == 2 and p["auc_wins"] == 1  # +0.04 on seed 0, -0.02 on seed 2
+    assert p["savings_diff"] == pytest.approx((0.1 + 0.3) / 2)
+    assert p["auc_diff"] == pytest.approx((0.04 - 0.02) / 2)
+    assert p["savings_sem"] == pytest.approx(abs(0.3 - 0.1) / 2)  # std(ddof=1)/sqrt(2) of 2 values
+    assert quality.paired_vs_random(rows, "stream", "digits", "nope") is None
+    assert quality.paired_vs_random(rows, "pool", "digits", "default") is None
+
+
+def _run(strategy, seed, draw, r1s):
+    return {"dataset": "d", "mode": "stream", "strategy": strategy, "seed": seed, "draw": draw,
+            "budget": 100, "curve": [{"pairs": p, "r1": r} for p, r in zip((0, 50, 100), r1s)],
+            "acquisitions_per_modality": {"a": 50, "b": 50}, "wall_seconds": 0.1}
+
+
+def test_summarize_averages_random_draws_per_seed_into_the_baseline():
+    runs = [_run("random", 0, 0, (0.0, 0.2, 0.4)), _run("random", 0, 1, (0.0, 0.5, 0.6)),
+            _run("random", 1, 0, (0.0, 0.3, 0.5)), _run("random", 1, 1, (0.0, 0.3, 0.5)),
+            _run("default", 0, 0, (0.0, 0.5, 0.6)), _run("default", 1, 0, (0.0, 0.5, 0.6))]
+    rows = {r["strategy"]: r for r in quality.summarize(runs)}
+    rand, default = rows["random"], rows["default"]
+    # the baseline curve is the mean of all four draws: 0, 0.325, 0.5 at 0, 50, 100 pairs
+    assert rand["target_r1"] == pytest.approx(0.5)
+    assert rand["seeds"] == 2 and rand["draws"] == 2 and default["draws"] == 1
+    # seed 0: draw 0 never reaches 0.5; its best, 0.4, is where the baseline is at
+    # 50 + 50 * 0.075 / 0.175 pairs (a shortfall); draw 1 reaches 0.5 at 50 pairs (+50 %).
+    # The seed's value is the mean of its draws, not either draw.
+    short = (50 + 50 * 0.075 / 0.175) / 100 - 1
+    assert rand["per_seed"]["savings"][0] == pytest.approx((short + 0.5) / 2)
+    assert rand["per_seed"]["savings"][1] == pytest.approx(0.0)  # both reach 0.5 at 100 pairs
+    assert rand["savings_mean"] == pytest.approx((short + 0.5) / 4)
+    assert default["per_seed"]["savings"] == pytest.approx([0.5, 0.5])
+
+
 def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
     out = tmp_path / "rep"
     rc = main(["bench-quality", "--modes", "stream", "--seeds", "2", "--datasets", "synthetic",
                "--strategies", "random,default,entropy-0.7", "--budget", "60", "--jobs", "1",
-               "--out-dir", str(out)])
+               "--random-draws", "2", "--out-dir", str(out)])
     assert rc == 0
     progress = capsys.readouterr().out
-    assert "[   6/6]" in progress and "eta" in progress  # progress line per run
+    assert "[   8/8]" in progress and "eta" in progress  # progress line per run
+    assert "random #1" in progress
     data = json.loads((out / "quality-results.json").read_text())
-    assert sorted((r["strategy"], r["seed"]) for r in data["runs"]) == [
-        ("default", 0), ("default", 1), ("entropy-0.7", 0), ("entropy-0.7", 1),
-        ("random", 0), ("random", 1)]
+    assert sorted((r["strategy"], r["seed"], r["draw"]) for r in data["runs"]) == [
+        ("default", 0, 0), ("default", 1, 0), ("entropy-0.7", 0, 0), ("entropy-0.7", 1, 0),
+        ("random", 0, 0), ("random", 0, 1), ("random", 1, 0), ("random", 1, 1)]
+    draws = [r for r in data["runs"] if r["strategy"] == "random" and r["seed"] == 0]
+    assert draws[0]["curve"] != draws[1]["curve"]  # independent draws on the same split
     # random spends exactly the budget; the selector paces to a target rate and can end a few
     # acquisitions short when the stream runs out (it cannot go back), never over
     assert all(r["curve"][-1]["pairs"] == 60 for r in data["runs"] if r["strategy"] == "random")
@@ -50,6 +121,11 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
         assert r["seeds"] == 2 and -1.0 <= r["savings_mean"] <= 1.0 and 0 <= r["auc_mean"] <= 1
     report = (out / "quality.md").read_text()
     assert "## stream mode" in report and "| default |" in report and "synthetic" in report
+    paired = report.split("paired by seed")[1]
+    assert "| default | synthetic |" in paired and "/2 |" in paired  # AUC wins over 2 seeds
+    assert rows["default"]["per_seed"]["seed"] == [0, 1] and rows["random"]["draws"] == 2
+    assert rows["random"]["per_seed"]["seed"] == [0, 1] and rows["default"]["draws"] == 1
+    assert "2 random draws per seed" in report
     assert (out / "quality-stream.png").stat().st_size > 1000
 
 
