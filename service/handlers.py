@@ -33,9 +33,9 @@ from typing import Protocol
 import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
+from service.core.pool import DEFAULT_STRATEGY as DEFAULT_POOL_STRATEGY
 from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
-from service.core.pool.hybrid import HybridStrategy
 from service.core.selector import StreamingSelector
 from service.core.types import Decision, FeatureItem
 from service.core.validation import as_matrix, check_modality
@@ -394,8 +394,8 @@ class SelectionHandler:
                    for m, r in raw.items()}
             sel = {m: self.selector.caches[m].embeddings.cpu().numpy() for m in self.modalities}
             state = PoolState(self.modalities, raw, emb, sel, model)
-            strat = HybridStrategy() if strategy == "default" \
-                else POOL_STRATEGIES[strategy]()
+            strat = (DEFAULT_POOL_STRATEGY if strategy == "default"
+                     else POOL_STRATEGIES[strategy])()
             picks = strat.select(state, budget, np.random.default_rng(seed))
             return [ids[groups[m][j]] for m, j in picks]
 

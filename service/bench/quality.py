@@ -141,14 +141,16 @@ def summarize(results: list[dict]) -> list[dict]:
         ref = np.array([np.nanmean([metrics.on_grid(r["curve"], np.array([g]))[0] for r in rand])
                         for g in grid])
         for strategy in sorted({r["strategy"] for r in group}):
-            runs = sorted((r for r in group if r["strategy"] == strategy),
-                          key=lambda r: (r["seed"], r.get("draw", 0)))
-            seeds = sorted({r["seed"] for r in runs})
+            runs = [r for r in group if r["strategy"] == strategy]
+            by_seed: dict[int, list[dict]] = {}
+            for r in runs:
+                by_seed.setdefault(r["seed"], []).append(r)
+            seeds = sorted(by_seed)
             # per seed: the mean over its draws (one draw per seed for all but random)
             sv = np.array([np.mean([metrics.savings(r["curve"], grid, ref, budget)
-                                    for r in runs if r["seed"] == k]) for k in seeds])
-            au = np.array([np.mean([metrics.auc(r["curve"], budget)
-                                    for r in runs if r["seed"] == k]) for k in seeds])
+                                    for r in by_seed[k]]) for k in seeds])
+            au = np.array([np.mean([metrics.auc(r["curve"], budget) for r in by_seed[k]])
+                           for k in seeds])
             fin = np.array([r["curve"][-1]["r1"] for r in runs])
             mods = list(runs[0]["acquisitions_per_modality"])
             frac0 = np.mean([r["acquisitions_per_modality"][mods[0]]
@@ -179,6 +181,7 @@ def paired_vs_random(rows: list[dict], mode: str, dataset: str, strategy: str) -
     mine, rand = find(strategy), find("random")
     if mine is None or rand is None:
         return None
+
     def by_seed(row):
         ps = row["per_seed"]
         return dict(zip(ps["seed"], zip(ps["savings"], ps["auc"])))

@@ -27,6 +27,7 @@ from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
 from service.bench.datasets import Dataset
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import BudgetConfig
+from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT
 from service.core.pool import STRATEGIES as POOL_BASELINES
 from service.core.pool.base import PoolState
 from service.core.pool.hybrid import HybridStrategy
@@ -38,10 +39,10 @@ MODES = ("pool", "stream")
 
 def _pool_strategies() -> dict[str, Callable[[], object]]:
     out: dict[str, Callable[[], object]] = {name: cls for name, cls in POOL_BASELINES.items()}
-    # default: HybridStrategy's own defaults (what the gRPC SelectPool runs): margin 0.3 +
+    # default: the service's pool default (what the gRPC SelectPool runs): margin 0.3 +
     # diversity 0.7, rank-normalised per modality (margin scores are heavy-tailed; z-scoring them
     # let one modality's tail dominate in early experiments). Each ablation changes one knob.
-    out["default"] = HybridStrategy
+    out["default"] = POOL_DEFAULT
     # the pool tuning run (reports/pool-tuning.md, seeds 100-119): 0.7 was the default before it
     out["margin-0.5"] = lambda: HybridStrategy(weight=0.5)
     out["margin-0.7"] = lambda: HybridStrategy(weight=0.7)

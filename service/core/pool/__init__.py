@@ -1,10 +1,12 @@
-"""Pool-based selection strategies. ``STRATEGIES`` maps each name to its class."""
+"""Pool-based selection strategies. ``STRATEGIES`` maps each baseline's name to its class;
+``DEFAULT_STRATEGY`` is pairsieve's own (what ``default`` means to the service and the benchmark)."""
 
 from __future__ import annotations
 
 from service.core.pool.badge import BadgeStrategy
 from service.core.pool.base import PoolStrategy
 from service.core.pool.bmmal import BMMALStrategy
+from service.core.pool.hybrid import HybridStrategy
 from service.core.pool.kcenter import CoresetStrategy
 from service.core.pool.mmal import MMALStrategy
 from service.core.pool.random import RandomStrategy
@@ -21,6 +23,8 @@ STRATEGIES: dict[str, type] = {
     "bmmal": BMMALStrategy,
     "vecaf": VeCAFStrategy,
 }
+
+DEFAULT_STRATEGY: type = HybridStrategy  # with its own defaults: margin 0.3 + diversity 0.7, rank
 
 
 def make_strategy(name: str, **kwargs) -> PoolStrategy:
@@ -40,4 +44,4 @@ def make_strategy(name: str, **kwargs) -> PoolStrategy:
     return cls(**kwargs)
 
 
-__all__ = ["STRATEGIES", "make_strategy"]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "make_strategy"]

@@ -17,7 +17,7 @@ are the pool default of the service and of the benchmark. Early experiments weig
 0.7; on the tuning seeds 100-119 (never in the report) margin 0.7 lost to random on digits-lr
 (-8.4 % pairs saved, paired by seed), 0.5 tied it (-0.1 %) and 0.3 beat random on all seven
 learnable datasets (+5.9 to +28.1 %): with a linear learner at a 300-pair budget, coverage of the
-shared space is worth more than the model's still-unreliable confidence (reports/quality-notes.md).
+shared space is worth more than the model's still-unreliable confidence (reports/pool-tuning.md).
 """
 
 from __future__ import annotations
