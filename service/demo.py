@@ -1,13 +1,17 @@
 """``pairsieve demo``: the whole service end to end on the embedded broker.
 
 1. start pairsieve (embedded tansu broker, faust stream processor, gRPC, metrics) in-process;
-2. replay a real two-view dataset (scikit-learn's digits, top/bottom halves) as unaligned
-   unimodal feature events on ``pairsieve.features.v1``, both modalities shuffled together;
+2. replay a real two-view dataset (default ``bible-en-es``: New Testament verses embedded by two
+   different pretrained encoders, English MiniLM and Spanish e5; 3,000 seeded rows) as unaligned
+   unimodal feature events on ``pairsieve.features.v1``, both modalities shuffled together, in
+   lock step: each batch is decided, answered and any retrain it caused swapped in before the
+   next is sent, so the same seed gives the same decisions, curve and figures;
 3. a simulated annotator reads ``pairsieve.alignment-requests.v1`` and answers on
    ``pairsieve.alignment-labels.v1`` from the hidden ground truth (MATCH + the partner's vector);
 4. labels retrain the alignment model, new versions are hot-swapped into the running stream;
-5. at the end: recall@1/@5 on held-out pairs of the service's model vs the same number of pairs
-   chosen at random (same learner, mean of 5 draws), acceptance per modality, throughput; a PNG.
+5. after each model swap the service's model is scored (R@1/@5 among the held-out pairs); at the
+   end the same learner is trained on random pairs at the same pair counts (mean of 3 draws), and
+   both learning curves are printed and drawn (``demo.png``) with acceptance per modality.
 """
 
 from __future__ import annotations
@@ -37,27 +41,90 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-async def run_demo(dataset: str = "digits", budget: int = 200, seed: int = 0,
-                   out_dir: str = "reports", rate_per_s: float = 400.0, batch: int = 32) -> dict:
-    ds = get_dataset(dataset, seed=seed)
-    ma, mb = "image_top", "image_bottom"
+def _demo_rows(ds, seed: int, max_rows: int, test_size: int):
+    """Seeded split of (at most ``max_rows``) rows into held-out test pairs and the pool."""
     rng = np.random.default_rng(seed)
-    n = len(ds.a)
-    perm = rng.permutation(n)
-    test, pool = perm[:400], perm[400:]
+    rows = rng.permutation(ds.n)[:max_rows]
+    test, pool = rows[:test_size], np.sort(rows[test_size:])
+    return rng, test, pool
+
+
+def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) -> list[dict]:
+    """Held-out recall of the service's learner trained on ``k`` random pool pairs, per ``k``.
+
+    Parameters
+    ----------
+    ds : Dataset
+    pool, test : ndarray of int, shapes (n_pool,), (n_test,)
+        Row indices.
+    counts : sequence of int
+        Pair counts at which to measure (those the service's model versions were trained on).
+    dim : int
+        The service's embedding size (its ``TrainerConfig(dim_out=dim, pca_dim=dim)``).
+    seed : int
+        Draw ``j`` uses ``np.random.default_rng([seed, 7, j])``; nested prefixes, so the curve of
+        one draw only grows with ``k``.
+    draws : int
+        Independent random draws averaged at each count.
+
+    Returns
+    -------
+    list of dict
+        ``{"pairs", "r1", "r5"}`` per count (means over the draws).
+    """
+    ma, mb = ds.modality_a, ds.modality_b
+    orders = [np.random.default_rng([seed, 7, j]).permutation(pool) for j in range(draws)]
+    out = []
+    for k in counts:
+        recs = []
+        for order in orders:
+            tr = AlignmentTrainer({ma: ds.a.shape[1], mb: ds.b.shape[1]},
+                                  TrainerConfig(dim_out=dim, pca_dim=dim), seed=seed)
+            tr.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
+            pick = order[:k]
+            model = tr.fit(ds.a[pick], ds.b[pick]) if k else tr.cold_model()
+            recs.append(retrieval_recall(model, ds.a[test], ds.b[test]))
+        out.append({"pairs": int(k), "r1": float(np.mean([r["r1"] for r in recs])),
+                    "r5": float(np.mean([r["r5"] for r in recs]))})
+    return out
+
+
+async def _wait_for(cond, what: str, timeout_s: float = 60.0) -> None:
+    """Poll ``cond()`` every 2 ms until it holds; TimeoutError naming ``what()`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: service did not settle in {timeout_s:.0f}s: {what()}")
+        await asyncio.sleep(0.002)
+
+
+async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 0,
+                   out_dir: str = "reports", max_rows: int = 3000, test_size: int = 400,
+                   batch: int = 32, embedding_dim: int = 32) -> dict:
+    """Replay ``dataset`` through the running service in lock step; see the module docstring.
+
+    Returns
+    -------
+    dict
+        Final figures, the service's learning curve (``curve``) and the random one measured at
+        the same pair counts (``random_curve``); also written to ``OUT_DIR/demo-result.json``.
+    """
+    ds = get_dataset(dataset, seed=seed)
+    ma, mb = ds.modality_a, ds.modality_b
+    rng, test, pool = _demo_rows(ds, seed, max_rows, test_size)
     stream = [(m, int(r)) for r in pool for m in (ma, mb)]
     order = rng.permutation(len(stream))
     stream = [stream[i] for i in order]
-    ids = {(m, r): f"{m}-{r}" for m, r in stream}
-    partner_of = {f"{ma}-{r}": (f"{mb}-{r}", mb, r) for r in pool}
-    partner_of.update({f"{mb}-{r}": (f"{ma}-{r}", ma, r) for r in pool})
+    ids = {(m, r): (ds.ids[r] if ds.ids is not None else str(r)) + f"/{m}" for m, r in stream}
+    partner_of = {ids[(ma, r)]: (ids[(mb, r)], mb, r) for r in pool}
+    partner_of.update({ids[(mb, r)]: (ids[(ma, r)], ma, r) for r in pool})
     views = {ma: ds.a, mb: ds.b}
     suffix = f".demo-{uuid.uuid4().hex[:6]}"
     settings = Settings.from_env(
         kafka_bootstrap="", modalities=f"{ma}:{ds.a.shape[1]},{mb}:{ds.b.shape[1]}",
         topic_suffix=suffix, budget_total=budget,
         target_rate=min(1.0, budget / max(1, len(stream) - budget)), warmup_accepts=50,
-        embedding_dim=32, retrain_every_pairs=25, grpc_port=0, metrics_port=0,
+        embedding_dim=embedding_dim, retrain_every_pairs=25, grpc_port=0, metrics_port=0,
         index_size=2048, cache_capacity=2048,
         worker_id="demo-worker", seed=seed, log_level="WARNING")
     _say(f"pairsieve demo: {dataset} ({len(pool)} pool rows -> {len(stream)} unaligned events, "
@@ -73,13 +140,24 @@ async def run_demo(dataset: str = "digits", budget: int = 200, seed: int = 0,
                              group_id=None, auto_offset_reset="earliest")
     await annot.start()
     labels_sent = 0
-    requests_seen: list[str] = []
+    requested: list[str] = []
 
-    async def annotator():
-        nonlocal labels_sent
+    async def annotator():  # collects requests; the replay loop answers them in lock step
         async for rec in annot:
-            req = codecs.pb.AlignmentRequest.FromString(rec.value)
-            requests_seen.append(req.item_id)
+            requested.append(codecs.pb.AlignmentRequest.FromString(rec.value))
+
+    position = {ids[key]: i for i, key in enumerate(stream)}
+
+    async def answer_new_requests() -> None:
+        """Answer this batch's requests one at a time in stream order (the requests topic has
+        several partitions, so arrival order varies), each label taken in and any retrain it
+        triggers swapped in before the next: the pair count each model version is trained on,
+        and so every later decision, does not depend on timing."""
+        nonlocal labels_sent
+        spent = svc.handler.status()["spent"]
+        await _wait_for(lambda: len(requested) >= spent,
+                        lambda: f"{len(requested)} of {spent} requests seen")
+        for req in sorted(requested[labels_sent:], key=lambda q: position[q.item_id]):
             pid, pm, row = partner_of[req.item_id]
             label = Label(item_id=req.item_id, modality=req.modality, partner_item_id=pid,
                           status="MATCH", request_id=req.request_id, annotator="simulated",
@@ -87,61 +165,68 @@ async def run_demo(dataset: str = "digits", budget: int = 200, seed: int = 0,
             await producer.send_and_wait(settings.topic(LABELS_TOPIC),
                                          codecs.label_to_proto(label).SerializeToString())
             labels_sent += 1
+            await _wait_for(lambda: sum(svc.handler.labels_by_status.values()) >= labels_sent,
+                            lambda: f"{labels_sent} labels sent, fewer taken in")
+            await svc.handler.settle()
 
     ann_task = asyncio.create_task(annotator())
     t0 = time.perf_counter()
     sent = 0
     last = 0.0
-    for i in range(0, len(stream), batch):
-        chunk = stream[i:i + batch]
-        evs = [IncomingEvent(event_id=f"ev-{ids[(m, r)]}", item_id=ids[(m, r)], modality=m,
-                             vector=views[m][r], event_time=time.time(), source="demo")
-               for m, r in chunk]
-        await producer.send_and_wait(settings.topic(FEATURES_TOPIC), codecs.encode_feature_batch(evs),
-                                     key=str(i).encode(), headers=[codecs.FEATURE_HEADER_BATCH])
-        sent += len(chunk)
-        await asyncio.sleep(len(chunk) / rate_per_s)
-        if time.perf_counter() - last > 2.0 or sent == len(stream):
-            last = time.perf_counter()
+    curve = [{"pairs": 0, "version": 0,
+              **retrieval_recall(svc.handler.selector.model, ds.a[test], ds.b[test])}]
+    try:
+        for i in range(0, len(stream), batch):
+            chunk = stream[i:i + batch]
+            evs = [IncomingEvent(event_id=f"ev-{ids[(m, r)]}", item_id=ids[(m, r)], modality=m,
+                                 vector=views[m][r], event_time=time.time(), source="demo")
+                   for m, r in chunk]
+            await producer.send_and_wait(settings.topic(FEATURES_TOPIC),
+                                         codecs.encode_feature_batch(evs), key=str(i).encode(),
+                                         headers=[codecs.FEATURE_HEADER_BATCH])
+            sent += len(chunk)
+            await _wait_for(lambda: svc.handler.status()["seen"] >= sent,
+                            lambda: f"{svc.handler.status()['seen']} of {sent} events decided")
+            await svc.handler.settle()  # the batch's publish + commit are done
+            await answer_new_requests()
             st = svc.handler.status()
-            _say(f"  sent {sent:5d}/{len(stream)}  decided {st['seen']:5d}  accepted {st['spent']:4d}"
-                 f"  labels {labels_sent:4d}  model v{st['model_version']}"
-                 f"  ({sent / (time.perf_counter() - t0):.0f} events/s)")
-    # let the stream drain and the last labels train a model
-    for _ in range(300):
-        st = svc.handler.status()
-        if st["seen"] >= len(stream) and labels_sent >= st["spent"] \
-                and svc.handler.labels_by_status["MATCH"] >= st["spent"]:
-            break
-        await asyncio.sleep(0.2)
-    await svc.handler.wait_for_training()
+            if st["model_version"] != curve[-1]["version"]:
+                rec = retrieval_recall(svc.handler.selector.model, ds.a[test], ds.b[test])
+                curve.append({"pairs": st["pairs_acquired"], "version": st["model_version"], **rec})
+            if time.perf_counter() - last > 2.0 or sent == len(stream):
+                last = time.perf_counter()
+                _say(f"  sent {sent:5d}/{len(stream)}  decided {st['seen']:5d}  accepted "
+                     f"{st['spent']:4d}  pairs {st['pairs_acquired']:4d}  model "
+                     f"v{st['model_version']}  R@1 {curve[-1]['r1']:.3f}")
+            if st["spent"] >= budget:
+                _say(f"  budget spent after {sent} of {len(stream)} events")
+                break
+    finally:
+        ann_task.cancel()
+        await asyncio.gather(ann_task, return_exceptions=True)
     elapsed = time.perf_counter() - t0
     st = svc.handler.status()
     model = svc.handler.selector.model
     ours = retrieval_recall(model, ds.a[test], ds.b[test])
-    # same learner, same pair count, random pairs (mean of 5 draws)
-    k = max(st["pairs_acquired"], 1)
-    rand = []
-    for s in range(5):
-        tr = AlignmentTrainer({ma: ds.a.shape[1], mb: ds.b.shape[1]}, TrainerConfig(dim_out=32, pca_dim=32))
-        tr.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
-        pick = np.random.default_rng(1000 + s).choice(pool, k, replace=False)
-        rand.append(retrieval_recall(tr.fit(ds.a[pick], ds.b[pick]), ds.a[test], ds.b[test]))
+    if curve[-1]["version"] != st["model_version"]:
+        curve.append({"pairs": st["pairs_acquired"], "version": st["model_version"], **ours})
+    _say("measuring the same learner on random pairs at the same pair counts ...")
+    rand = random_curve(ds, pool, test, [p["pairs"] for p in curve], embedding_dim, seed)
     result = {
-        "dataset": dataset, "events": len(stream), "budget": budget,
+        "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)), "budget": budget,
         "accepted": st["spent"], "pairs_acquired": st["pairs_acquired"],
         "model_version": st["model_version"],
         "accepted_per_modality": st["accepted_per_modality"],
         "r1": ours["r1"], "r5": ours["r5"],
-        "random_r1": float(np.mean([r["r1"] for r in rand])),
-        "random_r5": float(np.mean([r["r5"] for r in rand])),
-        "events_per_s": len(stream) / elapsed, "dead_letters": svc.processor.dead_letters,
+        "random_r1": rand[-1]["r1"], "random_r5": rand[-1]["r5"],
+        "curve": curve, "random_curve": rand,
+        "requested": sorted((q.item_id for q in requested), key=position.get),
+        "events_per_s": sent / elapsed, "dead_letters": svc.processor.dead_letters,
     }
-    ann_task.cancel()
-    await asyncio.gather(ann_task, return_exceptions=True)
     await annot.stop()
     await producer.stop()
     await svc.shutdown()
+    _print_curve(result)
     _print_table(result)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +234,17 @@ async def run_demo(dataset: str = "digits", budget: int = 200, seed: int = 0,
     png = _plot(result, out / "demo.png")
     _say(f"wrote {out / 'demo-result.json'} and {png}")
     return result
+
+
+def _print_curve(r: dict) -> None:
+    _say("")
+    _say(f"learning curve: held-out R@1 among {r['test_pairs']} test pairs")
+    _say(f"{'pairs':>6}  {'pairsieve':>9}  {'random':>7}  bar (# pairsieve, . random)")
+    for p, q in zip(r["curve"], r["random_curve"]):
+        bar_p, bar_q = int(round(p["r1"] * 40)), int(round(q["r1"] * 40))
+        bar = "".join("#" if i < bar_p else ("." if i < bar_q else " ")
+                      for i in range(max(bar_p, bar_q)))
+        _say(f"{p['pairs']:>6}  {p['r1']:>9.3f}  {q['r1']:>7.3f}  {bar}")
 
 
 def _print_table(r: dict) -> None:
@@ -176,13 +272,20 @@ def _plot(r: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    axes[0].bar(["pairsieve", "random"], [r["r1"], r["random_r1"]], color=["k", "0.6"])
-    axes[0].set_title(f"held-out R@1 after {r['pairs_acquired']} pairs")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    axes[0].plot([p["pairs"] for p in r["curve"]], [p["r1"] for p in r["curve"]], "k-o", ms=3,
+                 label="pairsieve (running service)")
+    axes[0].plot([p["pairs"] for p in r["random_curve"]], [p["r1"] for p in r["random_curve"]],
+                 "-s", color="0.6", ms=3, label="same learner, random pairs (mean of 3)")
+    axes[0].set_xlabel("pairs acquired")
+    axes[0].set_ylabel("held-out R@1")
+    axes[0].set_title("learning curve")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     acc = r["accepted_per_modality"]
     axes[1].bar(list(acc), list(acc.values()), color="0.3")
     axes[1].set_title("alignments requested per modality")
-    fig.suptitle(f"pairsieve demo on {r['dataset']}")
+    fig.suptitle(f"pairsieve demo on {r['dataset']} (seed {r['seed']})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -370,6 +370,17 @@ class SelectionHandler:
         if self._training is not None:
             await self._training
 
+    async def settle(self) -> None:
+        """Wait for the submit or label call in progress (if any), then for its retrain.
+
+        A label call starts its retrain right after it releases the engine lock, before it next
+        yields; so once the lock is ours, any retrain those labels triggered has been started and
+        ``wait_for_training`` sees it. The demo uses this to replay in lock step.
+        """
+        async with self._lock:
+            pass
+        await self.wait_for_training()
+
     # ------------------------------------------------------------------ pool mode
     async def select_pool(self, ids: Sequence[str], modalities: Sequence[str], vectors: Sequence,
                           budget: int, strategy: str = "default", seed: int = 0) -> list[str]:

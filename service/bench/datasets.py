@@ -31,10 +31,13 @@ import numpy as np
 
 __all__ = [
     "BUILTIN",
+    "DATA_DIR",
+    "REAL",
     "Dataset",
     "describe",
     "get_dataset",
     "load_npz",
+    "load_real",
     "make_digits_two_view",
     "make_synthetic",
 ]
@@ -85,6 +88,20 @@ def _check_row_vector(x, key: str, n: int, kind: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _check_ids(x, n: int) -> np.ndarray:
+    """Validate optional row ids: 1-D str array of length ``n``, no repeats."""
+    x = np.asarray(x)
+    if x.ndim != 1 or x.shape[0] != n:
+        raise ValueError(f"ids must have shape ({n},) to match a and b, got shape {x.shape}")
+    if x.dtype.kind != "U":
+        raise ValueError(f"ids must be a str array, got dtype {x.dtype}")
+    values, counts = np.unique(x, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"ids must be unique; {str(values[counts > 1][0])!r} appears "
+                         f"{int(counts.max())} times")
+    return x
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """Two aligned views of the same items, with optional labels and pairing flags.
@@ -106,6 +123,8 @@ class Dataset:
         int64 class of each item (of the ``a`` item for an orphan row).
     paired : np.ndarray of shape (n,), optional
         bool; False marks a row whose ``a`` and ``b`` are unrelated orphans. None = all paired.
+    ids : np.ndarray of shape (n,), optional
+        str id of each row (e.g. the verse reference), unique. None = row numbers.
     modality_a, modality_b : str
         Names of the two modalities.
     learnable : bool
@@ -125,6 +144,7 @@ class Dataset:
     b: np.ndarray
     labels: np.ndarray | None = None
     paired: np.ndarray | None = None
+    ids: np.ndarray | None = None
     modality_a: str = "a"
     modality_b: str = "b"
     learnable: bool = True
@@ -139,6 +159,8 @@ class Dataset:
             object.__setattr__(self, "labels", _check_row_vector(self.labels, "labels", n, "int"))
         if self.paired is not None:
             object.__setattr__(self, "paired", _check_row_vector(self.paired, "paired", n, "bool"))
+        if self.ids is not None:
+            object.__setattr__(self, "ids", _check_ids(self.ids, n))
         for key in ("modality_a", "modality_b"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:
@@ -178,6 +200,8 @@ class Dataset:
             arrays["labels"] = self.labels
         if self.paired is not None:
             arrays["paired"] = self.paired
+        if self.ids is not None:
+            arrays["ids"] = self.ids
         np.savez_compressed(path, **arrays)
 
 
@@ -187,8 +211,9 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     Parameters
     ----------
     path : str or os.PathLike
-        An ``.npz`` file with keys ``a`` (n, d_a) and ``b`` (n, d_b), optionally ``labels`` (n,)
-        integer, ``paired`` (n,) bool, ``modality_a`` / ``modality_b`` 0-d str arrays.
+        An ``.npz`` file with keys ``a`` (n, d_a) and ``b`` (n, d_b) (any float or integer dtype,
+        float16 included), optionally ``labels`` (n,) integer, ``paired`` (n,) bool, ``ids`` (n,)
+        unique str, ``modality_a`` / ``modality_b`` 0-d str arrays.
 
     Returns
     -------
@@ -227,6 +252,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
             b=data["b"],
             labels=data.get("labels"),
             paired=data.get("paired"),
+            ids=data.get("ids"),
             **names,
         )
     except ValueError as exc:
@@ -522,7 +548,57 @@ BUILTIN: dict[str, Callable[[int], Dataset]] = {
         synergy=1.0,
     ),
 }
-"""Built-in datasets: name -> factory(seed). All have n <= 2000 and view dims <= 64."""
+"""Built-in datasets: name -> factory(seed). The synthetic and digits sets have n <= 2000 and
+view dims <= 64; the real sets (``REAL``, added below) are loaded from ``DATA_DIR``."""
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+"""Committed real datasets (``NAME.npz`` + ``NAME.md``), rebuilt by ``make datasets``."""
+
+REAL_DESCRIPTIONS = {
+    "bible-en-es": "real text-text: New Testament verses, English MiniLM-L6 <-> Spanish e5-small "
+                   "(7,730 pairs, book order)",
+    "emoji-image-name": "real image-text: emoji pictures (EfficientNet-Lite0) <-> their names "
+                        "(MiniLM-L6), 1.9k pairs",
+}
+
+
+def load_real(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load a committed real dataset (see ``DATA_DIR/NAME.md`` for its sources and filters).
+
+    Parameters
+    ----------
+    name : str
+        A key of ``REAL_DESCRIPTIONS``.
+    data_dir : path, optional
+        Folder holding ``NAME.npz`` (default ``DATA_DIR``).
+
+    Returns
+    -------
+    Dataset
+        Float32 views (stored as float16), ``ids``, ``learnable=True``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name (lists the known ones) or a malformed file (names the problem).
+    FileNotFoundError
+        The file is missing; the message says how to rebuild it.
+    """
+    if name not in REAL_DESCRIPTIONS:
+        raise ValueError(f"unknown real dataset {name!r}; known: {sorted(REAL_DESCRIPTIONS)}")
+    path = Path(data_dir or DATA_DIR) / f"{name}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: rebuild it with `pairsieve datasets build "
+                                f"{name}` (make datasets)")
+    ds = load_npz(path)
+    return dataclasses.replace(ds, name=name, description=REAL_DESCRIPTIONS[name])
+
+
+for _name in REAL_DESCRIPTIONS:
+    BUILTIN[_name] = (lambda n: lambda seed=0: load_real(n))(_name)
+REAL = tuple(REAL_DESCRIPTIONS)
+"""Names of the real datasets (also keys of ``BUILTIN``; their factories ignore the seed)."""
 
 
 def get_dataset(name: str, seed: int = 0) -> Dataset:

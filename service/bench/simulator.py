@@ -18,6 +18,7 @@ end a few acquisitions short when the stream runs out (its curve then ends there
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -96,6 +97,7 @@ class SimConfig:
     retrain_every: int = 25  # stream: acquisitions between retrains
     batch_size: int = 32  # stream: micro-batch size
     explore: float = 0.05
+    stream_order: str = "shuffled"  # stream: "shuffled", or "dataset" (row order, e.g. books)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self):
@@ -107,6 +109,9 @@ class SimConfig:
         for name in ("budget", "round_size", "retrain_every", "batch_size", "test_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stream_order not in ("shuffled", "dataset"):
+            raise ValueError(f"stream_order must be 'shuffled' or 'dataset', got "
+                             f"{self.stream_order!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
@@ -250,6 +255,14 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
     mods = (ds.modality_a, ds.modality_b)
     n = len(oracle.rows)
     stream = rng.permutation(2 * n)  # item = 2*k + side (never shown to the selector)
+    if cfg.stream_order == "dataset":
+        # rows in dataset order (the pool's k-th item is row oracle.rows[k]); both modalities of
+        # nearby rows interleaved in a random order within each window of 64 items
+        by_row = np.argsort(oracle.rows, kind="stable")
+        items = np.stack([2 * by_row, 2 * by_row + 1], axis=1).ravel()
+        for start in range(0, len(items), 64):
+            items[start:start + 64] = rng.permutation(items[start:start + 64])
+        stream = items
     # Opaque ids: partners' ids must not be related (2k and 2k+1 would leak the pairing).
     opaque = rng.permutation(2 * n)
     item_of = np.empty(2 * n, dtype=np.int64)
@@ -327,6 +340,43 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
         model, point = _evaluate(trainer, model, ds, oracle, test, model)
         curve.append(point)
     return curve
+
+
+def plot_result(result: dict, path: Path) -> Path:
+    """Write one run's learning curve (R@1 and R@5 against acquisitions) as a PNG.
+
+    Parameters
+    ----------
+    result : dict
+        A ``simulate`` result (``curve`` of ``{"pairs", "r1", "r5"}`` points).
+    path : Path
+        Destination ``.png``; parent folders are created.
+
+    Returns
+    -------
+    Path
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = [p["pairs"] for p in result["curve"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [p["r1"] for p in result["curve"]], marker=".", label="R@1")
+    ax.plot(x, [p["r5"] for p in result["curve"]], marker=".", label="R@5")
+    ax.set_xlabel("acquisitions (pairs paid for)")
+    ax.set_ylabel(f"recall among {result['test_size']} held-out pairs")
+    ax.set_title(f"{result['strategy']}/{result['mode']} on {result['dataset']}, "
+                 f"seed {result['seed']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def with_overrides(cfg: SimConfig, **kw) -> SimConfig:

@@ -354,3 +354,29 @@ def test_cli_malformed_npz_returns_2(tmp_path, capsys):
 def test_cli_simulate_needs_data():
     with pytest.raises(SystemExit, match="give --data FILE.npz or --dataset NAME"):
         main(["simulate"])
+
+
+def test_cli_simulate_plot_writes_png_beside_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert main(["simulate", "--dataset", "emoji-image-name", "--mode", "stream", "--order",
+                 "dataset", "--budget", "40", "--test-size", "100", "--out", str(out), "--plot",
+                 "--quiet"]) == 0
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "emoji-image-name" and result["curve"][-1]["pairs"] >= 30
+    assert f"wrote {png}" in capsys.readouterr().out
+
+
+def test_cli_simulate_plot_needs_out():
+    with pytest.raises(SystemExit, match="--plot writes beside --out"):
+        main(["simulate", "--dataset", "synthetic", "--plot", "--quiet"])
+
+
+def test_dataset_order_stream_follows_rows(tiny):
+    """stream_order='dataset' offers rows in dataset order (within 64-item windows)."""
+    cfg = SimConfig(strategy="random", mode="stream", budget=20, seed=3, test_size=20,
+                    stream_order="dataset")
+    assert simulate(tiny, cfg)["curve"][-1]["pairs"] == 20
+    with pytest.raises(ValueError, match="stream_order must be 'shuffled' or 'dataset'"):
+        SimConfig(stream_order="books")
