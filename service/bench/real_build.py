@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BUILDERS", "build", "parse_imp", "join_verses", "pca_fit"]
+from service.bench.datasets import DATA_DIR
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+__all__ = ["BUILDERS", "build", "parse_imp", "join_verses", "pca_fit"]
 
 BIBLE_MODULES = ("engWEB2015eb", "spaRV1909eb")
 # Chapters whose verse numbering is shifted by one between the two translations: the verse sets

@@ -18,9 +18,9 @@ end a few acquisitions short when the stream runs out (its curve then ends there
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
