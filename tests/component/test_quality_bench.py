@@ -129,6 +129,31 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
     assert (out / "quality-stream.png").stat().st_size > 1000
 
 
+def test_bench_quality_report_leads_with_the_real_datasets(tmp_path):
+    from service.bench.quality import DEFAULT_DATASETS, ordered
+    from service.bench.datasets import REAL
+
+    assert DEFAULT_DATASETS[:len(REAL)] == REAL
+    assert ordered(["synthetic", "emoji-image-name", "digits"]) == [
+        "emoji-image-name", "digits", "synthetic"]
+    out = tmp_path / "rep"
+    rc = main(["bench-quality", "--modes", "stream", "--seeds", "2",
+               "--datasets", "synthetic,emoji-image-name", "--budget", "60", "--jobs", "1",
+               "--strategies", "random,random-replicate,default", "--random-draws", "1",
+               "--out-dir", str(out)])
+    assert rc == 0
+    report = (out / "quality.md").read_text()
+    lead = report.index("## Real data (pretrained encoders) at a glance")
+    assert lead < report.index("## stream mode")
+    glance = report[lead:report.index("## stream mode")]
+    assert "| stream | emoji-image-name | default |" in glance
+    assert "| stream | emoji-image-name | random-replicate |" in glance
+    assert "synthetic" not in glance  # the lead table holds the real sets only
+    head = next(line for line in report.splitlines() if line.startswith("| strategy | "))
+    assert head.index("emoji-image-name (real)") < head.index("synthetic")
+    assert head.endswith("| mean real | mean all |")
+
+
 def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):
     out = tmp_path / "stream-cost.md"
     rc = main(["bench-stream-cost", "--items", "4096", "--segment", "1024", "--batch", "256",

@@ -94,6 +94,23 @@ def test_uncertainty_dispatch_returns_float64_numpy():
     assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (2,)
 
 
+@pytest.mark.parametrize("kind", ["margin", "entropy", "least_confidence"])
+@pytest.mark.parametrize("block", [1, 7, 64, 1024])
+def test_uncertainty_dispatch_in_blocks_equals_the_per_kind_function(kind, block):
+    # 150 rows: blocks of 7 and 64 leave a ragged last block; 1024 is one block; 150 columns
+    # exercise top2's blocked path (K >= 128, K % 64 != 0 falls back to topk) and 128 its fast one
+    rng = np.random.default_rng(3)
+    for k in (150, 128):
+        sims = (rng.standard_normal((150, k)) * 0.3).astype(np.float32)
+        before = sims.copy()
+        got = uncertainty(kind, sims, 0.05, block=block)
+        want = UNCERTAINTY_FUNCTIONS[kind](sims, 0.05).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(sims, before)  # the caller's matrix is left untouched
+    with pytest.raises(ValueError, match="block must be >= 1, got 0"):
+        uncertainty(kind, sims, 0.05, block=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     sims=st.integers(2, 12).flatmap(lambda k: arrays(

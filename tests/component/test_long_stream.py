@@ -1,0 +1,76 @@
+"""Component tests: the long-stream benchmark (``pairsieve bench-long-stream``) and the cost trace."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.bench import long_stream
+from service.bench.datasets import make_synthetic
+from service.bench.simulator import SimConfig, simulate
+from service.cli import main
+
+
+def test_stream_runs_record_offered_items_and_seconds_at_every_curve_point():
+    ds = make_synthetic(n=300, d_a=16, d_b=12, latent_dim=8, seed=0)
+    for strategy in ("default", "random"):
+        res = simulate(ds, SimConfig(strategy=strategy, mode="stream", budget=60, warmup=20,
+                                     retrain_every=20, test_size=50, stream_order="dataset"))
+        cost = res["cost"]
+        assert [c["pairs"] for c in cost] == [p["pairs"] for p in res["curve"]]
+        off = [c["offered"] for c in cost]
+        assert off[0] == 0 and off == sorted(off) and off[-1] <= 2 * res["pool_rows"]
+        assert off[-1] >= res["curve"][-1]["pairs"]  # every acquisition was offered first
+        for key in ("select_seconds", "train_seconds"):
+            vals = [c[key] for c in cost]
+            assert vals == sorted(vals) and vals[0] >= 0
+        if strategy == "default":
+            assert cost[-1]["select_seconds"] > 0
+    pool = simulate(ds, SimConfig(strategy="default", mode="pool", budget=40, round_size=20,
+                                  warmup=20, test_size=50))
+    assert pool["cost"] == []
+
+
+def test_per_item_cost_is_the_select_time_per_offered_item_between_samples():
+    cost = [{"offered": 0, "select_seconds": 0.0}, {"offered": 100, "select_seconds": 0.01},
+            {"offered": 100, "select_seconds": 0.01}, {"offered": 300, "select_seconds": 0.05}]
+    x, us = long_stream.per_item_cost(cost)
+    np.testing.assert_allclose(x, [100, 300])  # the empty segment is dropped
+    np.testing.assert_allclose(us, [100.0, 200.0])
+
+
+def test_checkpoints_end_at_the_budget():
+    assert long_stream.checkpoints(3000) == [100, 250, 500, 1000, 2000, 3000]
+    assert long_stream.checkpoints(120) == [100, 120]
+
+
+def test_run_refuses_no_seeds():
+    with pytest.raises(ValueError, match="seeds is empty"):
+        long_stream.run("emoji-image-name", budget=50, seeds=[])
+
+
+def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, capsys):
+    out = tmp_path / "ls" / "long.md"
+    rc = main(["bench-long-stream", "--dataset", "emoji-image-name", "--budget", "120",
+               "--seeds", "2", "--retrain-every", "30", "--test-size", "200", "--out", str(out)])
+    assert rc == 0
+    progress = capsys.readouterr().out
+    assert progress.count("emoji-image-name default  seed") == 2 and "events" in progress
+    report = out.read_text()
+    table = report.split("## Learning curve")[1].split("## Per-item cost")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| 1")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 100", "| 120"]
+    assert all(r.endswith("/2 |") for r in rows)  # wins over the 2 seeds
+    cost = report.split("## Per-item cost")[1]
+    tenths = [line for line in cost.splitlines() if line.startswith("| ") and
+              line.split(" | ")[0][2:].isdigit()]
+    assert len(tenths) == 10
+    assert all(float(t.split(" | ")[2]) > 0 for t in tenths)  # µs per item measured, positive
+    assert "Last tenth / first tenth" in report
+    data = json.loads((out.parent / "long-results.json").read_text())
+    assert sorted((r["strategy"], r["seed"]) for r in data["runs"]) == [
+        ("default", 0), ("default", 1), ("random", 0), ("random", 1)]
+    assert all(r["stream_order"] == "dataset" for r in data["runs"])
+    assert (out.with_suffix(".png")).stat().st_size > 1000
