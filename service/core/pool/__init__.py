@@ -10,7 +10,7 @@ from service.core.pool.hybrid import HybridStrategy
 from service.core.pool.kcenter import CoresetStrategy
 from service.core.pool.mmal import MMALStrategy
 from service.core.pool.random import RandomStrategy
-from service.core.pool.uncertainty import EntropyStrategy, MarginStrategy
+from service.core.pool.uncertainty_sampling import EntropyStrategy, MarginStrategy
 from service.core.pool.vecaf import VeCAFStrategy
 
 STRATEGIES: dict[str, type] = {

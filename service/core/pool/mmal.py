@@ -29,7 +29,7 @@ import numpy as np
 
 from service.core.pool.base import Pick, PoolState, check_budget
 from service.core.pool.kcenter import greedy_from_cache, sq_min_dist_to
-from service.core.pool.uncertainty import cross_modal_scores
+from service.core.pool.uncertainty_sampling import cross_modal_scores
 
 
 def coverage_gaps(state: PoolState) -> tuple[dict[str, float], dict[str, np.ndarray]]:

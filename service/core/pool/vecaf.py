@@ -39,7 +39,7 @@ from service.core.pool.badge import weighted_kmeans
 from service.core.pool.base import Pick, PoolState, check_budget
 from service.core.pool.kcenter import sq_min_dist_to
 from service.core.pool.random import joint_embedded, to_picks
-from service.core.pool.uncertainty import cross_modal_scores
+from service.core.pool.uncertainty_sampling import cross_modal_scores
 
 _MAX_ROWS = 1024
 
