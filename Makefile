@@ -21,7 +21,7 @@ install: $(STAMP) ## create .venv and install pairsieve with pinned dependencies
 
 # Real datasets: the encoders (sentence-transformers, e5, EfficientNet) live in their own venv so
 # that the service's environment never carries them (huggingface-hub wants click >= 8.4.2, faust
-# click < 8.4). The committed service/bench/data/*.npz are what this writes.
+# click < 8.4). The committed service/evaluation/data/*.npz are what this writes.
 DVENV := .venv-datasets
 DSTAMP := $(DVENV)/.installed
 $(DSTAMP):
@@ -39,8 +39,8 @@ datasets-tools: ## install the Debian packages the real datasets are built from 
 	@command -v npm >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
 
-datasets: $(DSTAMP) datasets-tools ## rebuild service/bench/data/*.npz from the packages (~20 min)
-	PYTHONPATH=. $(DVENV)/bin/python -m service.bench.real_build bible-en-es emoji-image-name
+datasets: $(DSTAMP) datasets-tools ## rebuild service/evaluation/data/*.npz from the packages (~20 min)
+	PYTHONPATH=. $(DVENV)/bin/python -m service.evaluation.real_build bible-en-es emoji-image-name
 
 demo: $(STAMP) ## run the service on the embedded broker with a replayed dataset (~1 min)
 	$(BIN)/pairsieve demo --out-dir reports

@@ -1,5 +1,5 @@
 """Helpers shared by the load drivers (``kafka_load.py``, ``grpc_load.py``) and
-``service.bench.e2e``.
+``service.perfbench.e2e``.
 
 Nothing here imports torch or the service's engine: a driver only needs the generated protobuf
 module, numpy, the Kafka/gRPC clients, prometheus_client's text parser and (for the PNG)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _cmd_simulate(args) -> int:
-    from service.bench.datasets import get_dataset, load_npz
-    from service.bench.simulator import SimConfig, list_strategies, simulate
+    from service.evaluation.datasets import get_dataset, load_npz
+    from service.evaluation.simulator import SimConfig, list_strategies, simulate
 
     if args.list:
         for mode, names in list_strategies().items():
@@ -34,7 +34,7 @@ def _cmd_simulate(args) -> int:
         print(f"wrote {args.out}: {result['strategy']}/{result['mode']} on {result['dataset']}, "
               f"{last['pairs']} acquisitions, R@1 {last['r1']:.3f}, R@5 {last['r5']:.3f}")
         if args.plot:
-            from service.bench.simulator import plot_result
+            from service.evaluation.simulator import plot_result
 
             png = plot_result(result, Path(args.out).with_suffix(".png"))
             print(f"wrote {png}")
@@ -44,10 +44,10 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_datasets(args) -> int:
-    from service.bench.datasets import BUILTIN, describe, get_dataset
+    from service.evaluation.datasets import BUILTIN, describe, get_dataset
 
     if args.action == "build":
-        from service.bench import real_build
+        from service.evaluation import real_build
 
         if not args.name:
             raise SystemExit(f"datasets build: give NAME, one of {sorted(real_build.BUILDERS)}")
@@ -74,7 +74,7 @@ def _cmd_datasets(args) -> int:
 
 
 def _cmd_bench_quality(args) -> int:
-    from service.bench import quality
+    from service.evaluation import quality
 
     strategies = None
     if args.strategies:
@@ -88,7 +88,7 @@ def _cmd_bench_quality(args) -> int:
 
 
 def _cmd_bench_stream_cost(args) -> int:
-    from service.bench import stream_cost
+    from service.perfbench import stream_cost
 
     res = stream_cost.run(items=args.items, segment=args.segment, batch=args.batch,
                           capacity=args.capacity, index_size=args.index_size, seed=args.seed,
@@ -101,7 +101,7 @@ def _cmd_bench_stream_cost(args) -> int:
 
 
 def _cmd_bench_long_stream(args) -> int:
-    from service.bench import long_stream
+    from service.evaluation import long_stream
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     res = long_stream.run(args.dataset, args.budget, seeds, args.retrain_every, args.test_size)
@@ -111,7 +111,7 @@ def _cmd_bench_long_stream(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from service.bench import perf
+    from service.perfbench import perf
 
     def ints(spec):
         return tuple(int(v) for v in spec.split(",")) if spec else None

@@ -27,7 +27,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
-from service.bench.datasets import get_dataset
+from service.evaluation.datasets import get_dataset
 from service.handlers import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench import peers
+from service.perfbench import peers
 
 pytestmark = pytest.mark.slow
 

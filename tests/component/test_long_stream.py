@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from service.bench import long_stream
-from service.bench.datasets import make_synthetic
-from service.bench.simulator import SimConfig, simulate
+from service.evaluation import long_stream
+from service.evaluation.datasets import make_synthetic
+from service.evaluation.simulator import SimConfig, simulate
 from service.cli import main
 
 

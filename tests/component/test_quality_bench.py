@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.bench import quality
+from service.evaluation import quality
 from service.cli import main
 
 
@@ -130,8 +130,8 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
 
 
 def test_bench_quality_report_leads_with_the_real_datasets(tmp_path):
-    from service.bench.quality import DEFAULT_DATASETS, ordered
-    from service.bench.datasets import REAL
+    from service.evaluation.quality import DEFAULT_DATASETS, ordered
+    from service.evaluation.datasets import REAL
 
     assert DEFAULT_DATASETS[:len(REAL)] == REAL
     assert ordered(["synthetic", "emoji-image-name", "digits"]) == [

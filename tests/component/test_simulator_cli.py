@@ -1,4 +1,4 @@
-"""Component tests: the offline simulator (``service.bench.simulator``) and the ``pairsieve`` CLI."""
+"""Component tests: the offline simulator (``service.evaluation.simulator``) and the ``pairsieve`` CLI."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from service.bench import simulator as sim_mod
-from service.bench.datasets import BUILTIN, load_npz, make_synthetic
-from service.bench.simulator import SimConfig, list_strategies, simulate
+from service.evaluation import simulator as sim_mod
+from service.evaluation.datasets import BUILTIN, load_npz, make_synthetic
+from service.evaluation.simulator import SimConfig, list_strategies, simulate
 from service.cli import main
 from service.core.pool import STRATEGIES as POOL_REGISTRY
 from service.core.pool.base import PoolState

@@ -1,4 +1,4 @@
-"""Unit tests for the benchmark's built-in two-view datasets (``service.bench.datasets``)."""
+"""Unit tests for the benchmark's built-in two-view datasets (``service.evaluation.datasets``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from service.bench.datasets import (
+from service.evaluation.datasets import (
     REAL,
     BUILTIN,
     Dataset,

@@ -1,4 +1,4 @@
-"""`pairsieve bench` (service/bench/perf.py, peers.py) on tiny sizes: shapes, rows, report, peers."""
+"""`pairsieve bench` (service/perfbench/perf.py, peers.py) on tiny sizes: shapes, rows, report, peers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from service.bench import peers, perf
+from service.perfbench import peers, perf
 from service.cli import build_parser
 
 D, SIZE = 96, 64  # pca_dim = k = 64 needs d >= 64
@@ -80,9 +80,9 @@ def test_report_renders_every_section_header(tiny_engine, monkeypatch):
 
 
 def test_e2e_module_functions_are_called_when_present(monkeypatch):
-    fake = types.ModuleType("service.bench.e2e")
+    fake = types.ModuleType("service.perfbench.e2e")
     fake.run_kafka = lambda quick: {"table_md": f"kafka quick={quick}"}
-    monkeypatch.setitem(sys.modules, "service.bench.e2e", fake)
+    monkeypatch.setitem(sys.modules, "service.perfbench.e2e", fake)
     assert perf.run_e2e("kafka", True, log=lambda s: None) == {"table_md": "kafka quick=True"}
     assert "skipped" in perf.run_e2e("grpc", True, log=lambda s: None)
 

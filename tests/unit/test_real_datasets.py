@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.bench import real_build
-from service.bench.datasets import DATA_DIR, REAL, BUILTIN, load_npz, load_real
+from service.evaluation import real_build
+from service.evaluation.datasets import DATA_DIR, REAL, BUILTIN, load_npz, load_real
 
 EXPECTED_ROWS = {"bible-en-es": (7730, 7730), "emoji-image-name": (1911, 1911)}
 

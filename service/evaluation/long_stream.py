@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench import metrics
-from service.bench.datasets import describe, get_dataset
-from service.bench.simulator import SimConfig, simulate
+from service.evaluation import curves
+from service.evaluation.datasets import describe, get_dataset
+from service.evaluation.simulator import SimConfig, simulate
 
 STRATEGIES = ("default", "random")
 
@@ -122,14 +122,14 @@ def write_report(res: dict, out: Path, command: str) -> Path:
              "Mean over seeds; Δ = default − random paired by seed, ± standard error.", "",
              "| pairs | default | random | Δ (x1000) | default wins |", "|---|---|---|---|---|"]
     for p in checkpoints(budget):
-        a = np.array([metrics.on_grid(r["curve"], np.array([p]))[0] for r in ours])
-        b = np.array([metrics.on_grid(r["curve"], np.array([p]))[0] for r in rand])
+        a = np.array([curves.on_grid(r["curve"], np.array([p]))[0] for r in ours])
+        b = np.array([curves.on_grid(r["curve"], np.array([p]))[0] for r in rand])
         d = a - b
         se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
         lines.append(f"| {p} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} | "
                      f"{1000 * np.nanmean(d):+.1f} ± {1000 * se:.1f} | "
                      f"{int(np.sum(d > 0))}/{n} |")
-    auc = np.array([metrics.auc(a["curve"], budget) - metrics.auc(b["curve"], budget)
+    auc = np.array([curves.auc(a["curve"], budget) - curves.auc(b["curve"], budget)
                     for a, b in zip(ours, rand)])
     auc_se = auc.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     lines += ["", f"AUC of R@1 over the budget, default − random: {1000 * auc.mean():+.1f} ± "
@@ -176,7 +176,7 @@ def _plot(res: dict, path: Path) -> Path:
     for s, style in (("default", dict(lw=2.2, color="k")),
                      ("random", dict(lw=1.6, color="0.5", ls="--"))):
         runs = _by_strategy(res, s)
-        ax.plot(grid, metrics.mean_curve([r["curve"] for r in runs], grid), label=s, **style)
+        ax.plot(grid, curves.mean_curve([r["curve"] for r in runs], grid), label=s, **style)
     ax.set_xlabel("pairs acquired")
     ax.set_ylabel("R@1 (held out)")
     ax.set_title(f"{res['dataset']} in row order: mean over {len(res['seeds'])} seeds")

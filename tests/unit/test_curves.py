@@ -1,11 +1,11 @@
-"""Unit tests for the learning-curve metrics (``service.bench.metrics``)."""
+"""Unit tests for the learning-curve metrics (``service.evaluation.curves``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.bench.metrics import auc, curve_xy, first_crossing, mean_curve, on_grid, savings
+from service.evaluation.curves import auc, curve_xy, first_crossing, mean_curve, on_grid, savings
 
 
 def curve(xs, ys, key="r1"):

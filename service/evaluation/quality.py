@@ -1,6 +1,6 @@
 """``make bench-quality``: strategies x datasets x seeds x modes, and the report.
 
-Runs every combination with :func:`service.bench.simulator.simulate` in worker processes (one
+Runs every combination with :func:`service.evaluation.simulator.simulate` in worker processes (one
 torch and one BLAS thread each, set in each worker by :func:`_init_worker`). ``random`` runs
 ``random_draws`` times per seed (same split, independent random choices); its curve and its
 savings per seed are the mean over those draws, so the baseline every strategy is compared with
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench import metrics
-from service.bench.datasets import BUILTIN, REAL, describe, get_dataset
-from service.bench.simulator import SimConfig, list_strategies, simulate
+from service.evaluation import curves
+from service.evaluation.datasets import BUILTIN, REAL, describe, get_dataset
+from service.evaluation.simulator import SimConfig, list_strategies, simulate
 from service.threads import limit_compute_threads
 
 REPLICATE = "random-replicate"
@@ -143,9 +143,9 @@ def summarize(results: list[dict]) -> list[dict]:
         if not rand:
             raise ValueError(f"no random runs for {dataset}/{mode}: cannot compute savings")
         budget = rand[0]["budget"]
-        grid = np.unique(np.concatenate([metrics.curve_xy(r["curve"])[0] for r in rand]))
+        grid = np.unique(np.concatenate([curves.curve_xy(r["curve"])[0] for r in rand]))
         grid = grid[grid <= budget]
-        ref = np.array([np.nanmean([metrics.on_grid(r["curve"], np.array([g]))[0] for r in rand])
+        ref = np.array([np.nanmean([curves.on_grid(r["curve"], np.array([g]))[0] for r in rand])
                         for g in grid])
         for strategy in sorted({r["strategy"] for r in group}):
             runs = [r for r in group if r["strategy"] == strategy]
@@ -154,9 +154,9 @@ def summarize(results: list[dict]) -> list[dict]:
                 by_seed.setdefault(r["seed"], []).append(r)
             seeds = sorted(by_seed)
             # per seed: the mean over its draws (one draw per seed for all but random)
-            sv = np.array([np.mean([metrics.savings(r["curve"], grid, ref, budget)
+            sv = np.array([np.mean([curves.savings(r["curve"], grid, ref, budget)
                                     for r in by_seed[k]]) for k in seeds])
-            au = np.array([np.mean([metrics.auc(r["curve"], budget) for r in by_seed[k]])
+            au = np.array([np.mean([curves.auc(r["curve"], budget) for r in by_seed[k]])
                            for k in seeds])
             fin = np.array([r["curve"][-1]["r1"] for r in runs])
             mods = list(runs[0]["acquisitions_per_modality"])
@@ -222,7 +222,7 @@ def plot_curves(results: list[dict], out_dir: Path) -> list[Path]:
             grid = np.linspace(0, budget, 61)
             for s in sorted({r["strategy"] for r in group}):
                 cs = [r["curve"] for r in group if r["strategy"] == s]
-                y = metrics.mean_curve(cs, grid)
+                y = curves.mean_curve(cs, grid)
                 style = dict(lw=2.4, color="k") if s == "default" else \
                     dict(lw=1.6, color="0.5", ls="--") if s.startswith("random") else dict(lw=1.0)
                 ax.plot(grid, y, label=s, **style)

@@ -353,7 +353,7 @@ class _Pairsieve(Peer):
 def build_pairsieve(data: PeerData, size: int = PAIRSIEVE_SIZE, warm_items: int = 4096):
     """A warmed selector (caches full) and the stream as FeatureItems (built untimed)."""
     from service.alignment import AlignmentTrainer, TrainerConfig
-    from service.bench.perf import EMB_DIM, items_from, warm_selector
+    from service.perfbench.perf import EMB_DIM, items_from, warm_selector
     from service.core.budget import BudgetConfig
     from service.core.selector import SelectorConfig, StreamingSelector
 
@@ -443,7 +443,7 @@ def run(quick: bool = False, n_items: int = N_ITEMS, d: int = DIM, reps: int | N
     Returns ``{"rows": [...], ...}``; a row is ``runnable: False`` with ``reason`` when its
     library is missing or it failed.
     """
-    from service.bench.perf import single_thread
+    from service.perfbench.perf import single_thread
 
     reps = reps if reps is not None else (2 if quick else 3)
     cap_s = cap_s if cap_s is not None else (0.75 if quick else 4.0)

@@ -769,7 +769,7 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
             "artifacts_dir": str(out)}
 
 
-if __name__ == "__main__":  # ad-hoc: python -m service.bench.e2e [--quick] [kafka|grpc]
+if __name__ == "__main__":  # ad-hoc: python -m service.perfbench.e2e [--quick] [kafka|grpc]
     import argparse
 
     ap = argparse.ArgumentParser()

@@ -11,14 +11,14 @@ Sections (``--sections``, default all):
     alternate (S, R, S, R, ...); each cell reports medians with min-max and the selector's share
     of the reference (median of the paired ratios).
 ``peers``
-    :mod:`service.bench.peers`: scikit-activeml, modAL, apricot and river on the same stream.
+    :mod:`service.perfbench.peers`: scikit-activeml, modAL, apricot and river on the same stream.
 ``stream``
     Cost vs stream length: links ``reports/stream-cost.md`` and (full run only) re-runs a shorter
-    :func:`service.bench.stream_cost.run`.
+    :func:`service.perfbench.stream_cost.run`.
 ``profile``
     cProfile of the selector at B = 256, d = 512, K = C = 4096, top functions by own time.
 ``kafka``, ``grpc``
-    End-to-end sections from :mod:`service.bench.e2e` (``run_kafka(quick)``, ``run_grpc(quick)``,
+    End-to-end sections from :mod:`service.perfbench.e2e` (``run_kafka(quick)``, ``run_grpc(quick)``,
     each returning ``{"table_md": str, ...}``); skipped with a note while that module does not
     exist.
 ``gpu``
@@ -216,10 +216,10 @@ def selector_shapes(sel: StreamingSelector, batch: int) -> dict[str, tuple[tuple
 
 class TwoViewStream:
     """Seeded two-modality stream (both d-dimensional): two noisy views of a clustered latent,
-    the generator of :mod:`service.bench.stream_cost` with equal dimensions."""
+    the generator of :mod:`service.perfbench.stream_cost` with equal dimensions."""
 
     def __init__(self, d: int, latent: int = 32, clusters: int = 200, seed: int = 0):
-        from service.bench.stream_cost import _Stream
+        from service.perfbench.stream_cost import _Stream
 
         self._s = _Stream(d_a=d, d_b=d, latent=latent, clusters=clusters, seed=seed)
         self.d = d
@@ -536,11 +536,11 @@ def _builtin_group(name: str) -> str:
 # ---------------------------------------------------------------------------------------- stream
 def run_stream_section(quick: bool, items: int = 300_000, warmup_items: int = 100_000,
                        segment: int = 50_000, log: Callable[[str], None] = print) -> dict:
-    """Full run: a shorter :func:`service.bench.stream_cost.run`; quick run: link only."""
+    """Full run: a shorter :func:`service.perfbench.stream_cost.run`; quick run: link only."""
     existing = (REPO / "reports" / "stream-cost.md").exists()
     if quick:
         return {"rerun": False, "existing_report": existing}
-    from service.bench import stream_cost
+    from service.perfbench import stream_cost
 
     with single_thread():
         res = stream_cost.run(items=items, segment=segment, warmup_items=warmup_items, log=log)
@@ -551,9 +551,9 @@ def run_stream_section(quick: bool, items: int = 300_000, warmup_items: int = 10
 def _load_e2e():
     """The e2e module, or None when it does not exist yet (any other import error propagates)."""
     try:
-        from service.bench import e2e
+        from service.perfbench import e2e
     except ModuleNotFoundError as exc:
-        if exc.name in ("service.bench.e2e",):
+        if exc.name in ("service.perfbench.e2e",):
             return None
         raise
     return e2e
@@ -562,13 +562,13 @@ def _load_e2e():
 def run_e2e(kind: str, quick: bool, log: Callable[[str], None] = print) -> dict:
     e2e = _load_e2e()
     if e2e is None:
-        note = (f"skipped: service.bench.e2e does not exist yet (it provides run_{kind}(quick) -> "
+        note = (f"skipped: service.perfbench.e2e does not exist yet (it provides run_{kind}(quick) -> "
                 "{'table_md': ...})")
         log(f"{kind}: {note}")
         return {"skipped": note}
     fn = getattr(e2e, f"run_{kind}", None)
     if fn is None:
-        note = f"skipped: service.bench.e2e has no run_{kind}()"
+        note = f"skipped: service.perfbench.e2e has no run_{kind}()"
         log(f"{kind}: {note}")
         return {"skipped": note}
     return dict(fn(quick))
@@ -601,7 +601,7 @@ def run_all(sections: Sequence[str] = SECTIONS, quick: bool = False, grid: dict 
                 res["engine"] = run_engine(grid["dims"], grid["batches"], grid["sizes"], reps=3,
                                            target_s=0.15 if quick else 0.25, log=log)
             elif name == "peers":
-                from service.bench import peers
+                from service.perfbench import peers
                 res["peers"] = peers.run(quick=quick, log=log)
             elif name == "stream":
                 res["stream"] = run_stream_section(quick, log=log)
@@ -699,7 +699,7 @@ def _render_stream(s: dict) -> list[str]:
         return out
     r = s["result"]
     ok = "meets" if r["median_last_over_first"] >= 0.9 else "does NOT meet"
-    out += ["", f"Re-run here through `service.bench.stream_cost.run`: {r['items']:,} measured items "
+    out += ["", f"Re-run here through `service.perfbench.stream_cost.run`: {r['items']:,} measured items "
             f"after a {r['warmup_items']:,}-item warm-up, d = 384 / 256, k = 64, K = "
             f"{r['index_size']:,}, C = {r['capacity']:,}, micro-batch {r['batch']}, target rate 5%. "
             f"**Last / first segment throughput (medians of {r['median_window']} segments) = "
@@ -782,7 +782,7 @@ def render(res: dict, command: str = "pairsieve bench") -> str:
         if name == "engine":
             lines += _render_engine(res["engine"])
         elif name == "peers":
-            from service.bench.peers import render as render_peers
+            from service.perfbench.peers import render as render_peers
             lines += render_peers(res["peers"])
         elif name == "stream":
             lines += _render_stream(res["stream"])

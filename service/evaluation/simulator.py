@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
-from service.bench.datasets import Dataset
+from service.evaluation.datasets import Dataset
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import BudgetConfig
 from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT

