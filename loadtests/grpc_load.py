@@ -42,13 +42,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from loadtests._common import (VectorBank, machine_info, md_table, parse_ints,  # noqa: E402
-                               parse_mix, parse_modalities, pb, percentiles, pyplot,
-                               save_figure, set_timestamp, write_csv, write_json)
+from service.perfbench.fixtures import VectorBank, machine_info
+from service.perfbench.loadgen import (grpc_phases_table, md_table, parse_ints,
+                                       parse_mix, parse_modalities, pb, percentiles, pyplot,
+                                       save_figure, set_timestamp, write_csv, write_json)
 
 MODES = ("unary", "stream")
 
@@ -138,8 +135,8 @@ class GrpcLoad:
                 for j, mi in enumerate(mods):
                     name, dim = self.mods[int(mi)]
                     req.events.add(modality=name, dim=dim,
-                                   vector=self.bank.vector(name, k * batch + j),
-                                   source="loadtests/grpc_load.py")
+                                           vector=self.bank.vector(name, k * batch + j),
+                                           source="loadtests/grpc_load.py")
                 reqs.append(req)
             self._templates[batch] = reqs
         return self._templates[batch]
@@ -194,7 +191,7 @@ class GrpcLoad:
         n = 0
         while time.time() < t_end and len(self.records) < self.cfg.max_requests:
             call = stub.SubmitStream(metadata=self.metadata,
-                                     timeout=max(0.001, t_end - time.time()) + deadline_s)
+                                             timeout=max(0.001, t_end - time.time()) + deadline_s)
             try:
                 while time.time() < t_end and len(self.records) < self.cfg.max_requests:
                     req = self._request(ph.batch, ph.index, client, n)
@@ -218,7 +215,7 @@ class GrpcLoad:
                 await asyncio.sleep(backoff)
             except (RuntimeError, asyncio.InvalidStateError) as exc:
                 self.records.append((ph.index, client, time.time(), math.nan,
-                                     f"STREAM_ERROR:{type(exc).__name__}", 0))
+                                             f"STREAM_ERROR:{type(exc).__name__}", 0))
                 call.cancel()
                 await asyncio.sleep(backoff)
 
@@ -244,7 +241,7 @@ class GrpcLoad:
                 await asyncio.wait_for(channels[0].channel_ready(), cfg.connect_timeout)
             except asyncio.TimeoutError:
                 raise RuntimeError(f"no gRPC server answered at {cfg.target} within "
-                                   f"{cfg.connect_timeout:g}s") from None
+                                           f"{cfg.connect_timeout:g}s") from None
             stubs = [pb_grpc.SelectorStub(c) for c in channels]
             for ph in self.phases:
                 for b in set(cfg.batches):
@@ -255,7 +252,7 @@ class GrpcLoad:
                 t_start = time.time()
                 t_end = t_start + cfg.duration
                 await asyncio.gather(*[self._client(stubs[i % len(stubs)], ph, i, t_start, t_end)
-                                       for i in range(cfg.concurrency)])
+                                               for i in range(cfg.concurrency)])
                 self.phase_t.append((t_start, time.time()))
                 s = self._phase_summary(ph)
                 self.log(f"[{cfg.label}]   {s['items_per_s']:.0f} items/s, {s['requests_ok']} OK, "
@@ -329,7 +326,7 @@ class GrpcLoad:
                    "items_ok": sum(p["items_ok"] for p in phases),
                    "best_items_per_s": max((p["items_per_s"] for p in phases), default=0.0),
                    "errors": errors}
-        return {"kind": "grpc_load", "config": asdict(self.cfg), "machine": machine_info(),
+        return {"kind": "grpc_load", "config": asdict(self.cfg), "machine": machine_info(torch_info=False),
                 "summary": summary, "phases": phases, "timeseries": self._timeseries()}
 
     # ------------------------------------------------------------------ output
@@ -339,9 +336,9 @@ class GrpcLoad:
         for p in result["phases"]:
             lat = p["latency_ms"]
             rows.append({**{k: p[k] for k in ("phase", "mode", "batch", "concurrency",
-                                              "deadline_ms", "seconds", "requests", "requests_ok",
-                                              "items_ok", "requests_per_s", "items_per_s",
-                                              "error_total", "late")},
+                                                      "deadline_ms", "seconds", "requests", "requests_ok",
+                                                      "items_ok", "requests_per_s", "items_per_s",
+                                                      "error_total", "late")},
                          "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"],
                          "max_ms": lat["max"],
                          "errors": ";".join(f"{k}={v}" for k, v in sorted(p["errors"].items()))})
@@ -383,15 +380,7 @@ def plot(result: dict, path: str) -> str:
     return save_figure(fig, path)
 
 
-def phases_table(result: dict) -> str:
-    rows = []
-    for p in result["phases"]:
-        lat = p["latency_ms"]
-        rows.append([p["mode"], p["batch"], p["concurrency"], p["items_per_s"],
-                     p["requests_per_s"], lat["p50"], lat["p90"], lat["p99"],
-                     ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "-"])
-    return md_table(["mode", "batch", "clients", "items/s", "requests/s", "p50 ms", "p90 ms",
-                     "p99 ms", "errors"], rows)
+phases_table = grpc_phases_table  # the result table (also used by service.perfbench.e2e)
 
 
 def run(cfg: GrpcLoadConfig, log=print) -> dict:
@@ -401,7 +390,7 @@ def run(cfg: GrpcLoadConfig, log=print) -> dict:
 
 def config_from_args(argv=None) -> GrpcLoadConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
     ap.add_argument("--channels", type=int, default=1, help="gRPC channels shared by the clients")

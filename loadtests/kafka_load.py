@@ -70,15 +70,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from loadtests._common import (HEADER_BATCH, HEADER_EVENT, VectorBank, hist_delta,  # noqa: E402
-                               hist_fraction_le, hist_quantile, machine_info, md_table,
-                               parse_floats, parse_mix, parse_modalities, pb, percentiles,
-                               pyplot, save_figure, scrape_pairsieve, set_timestamp, sum_scrapes,
-                               ts_seconds, write_csv, write_json)
+from service.perfbench.fixtures import VectorBank, machine_info
+from service.perfbench.loadgen import (HEADER_BATCH, HEADER_EVENT, hist_delta,
+                                       hist_fraction_le, hist_quantile, md_table,
+                                       parse_floats, parse_mix, parse_modalities, pb, percentiles,
+                                       pyplot, save_figure, scrape_pairsieve, set_timestamp, sum_scrapes,
+                                       ts_seconds, write_csv, write_json)
 
 FEATURES_TOPIC = "pairsieve.features.v1"
 REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
@@ -355,8 +352,8 @@ class KafkaLoad:
             if not parts:
                 await c.stop()
                 raise RuntimeError(f"topic {topic!r} not found at {self.cfg.bootstrap}: start the "
-                                   f"service first (it creates its topics), or check "
-                                   f"--topic-suffix")
+                                           f"service first (it creates its topics), or check "
+                                           f"--topic-suffix")
             tps += [TopicPartition(topic, p) for p in sorted(parts)]
         c.assign(tps)
         await c.seek_to_end(*tps)
@@ -386,8 +383,8 @@ class KafkaLoad:
                         except ValueError:
                             continue
                         self.req_rows.append((s, ts_seconds(req.requested_at)
-                                              if req.HasField("requested_at") else math.nan, now,
-                                              req.worker_id, req.decision.reason, req.modality))
+                                                      if req.HasField("requested_at") else math.nan, now,
+                                                      req.worker_id, req.decision.reason, req.modality))
                         self.last_read = now
                 else:
                     for r in recs:
@@ -398,7 +395,7 @@ class KafkaLoad:
                         if dl.source_topic != self.features:
                             continue
                         self.dl_raw.append((now, dl.reason, dl.source_partition,
-                                            dl.source_offset))
+                                                    dl.source_offset))
                         self.last_read = now
 
     # ------------------------------------------------------------------ observing the service
@@ -407,7 +404,7 @@ class KafkaLoad:
             return
         try:
             got = await asyncio.gather(*[asyncio.to_thread(scrape_pairsieve, u)
-                                         for u in self.cfg.metrics_urls])
+                                                 for u in self.cfg.metrics_urls])
             self.scrapes.append(sum_scrapes(got))
         except Exception as exc:  # noqa: BLE001 - a missed scrape is reported, not fatal
             self.scrape_errors += 1
@@ -438,8 +435,8 @@ class KafkaLoad:
 
         try:
             admin = await asyncio.to_thread(KafkaAdminClient, bootstrap_servers=self.cfg.bootstrap,
-                                            client_id=f"pairsieve-loadtest-{self.run_id}-admin",
-                                            request_timeout_ms=5000)
+                                                    client_id=f"pairsieve-loadtest-{self.run_id}-admin",
+                                                    request_timeout_ms=5000)
         except Exception as exc:  # noqa: BLE001
             self.log(f"cannot open an admin client for committed offsets: {exc!r}")
             return
@@ -519,8 +516,8 @@ class KafkaLoad:
                  + ", ".join(f"{p.name} {p.duration:g}s" for p in self.phases))
         consumer = await self._open_reader()
         producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, acks=1, linger_ms=2,
-                                    max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
-                                    client_id=f"pairsieve-loadtest-{self.run_id}")
+                                            max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
+                                            client_id=f"pairsieve-loadtest-{self.run_id}")
         await producer.start()
         stop = asyncio.Event()
         await self._scrape_once()  # baseline of the counters
@@ -625,7 +622,7 @@ class KafkaLoad:
             "produce_seconds": produce_s,
             "produced_per_s": sum(self.kind_events.values()) / produce_s,
             "events_per_record": (sum(self.kind_events.values()) / len(self.records)
-                                  if self.records else None),
+                                          if self.records else None),
             "requests": len(self.req_rows),
             "requests_per_s": len(self.req_rows) / max(1e-9, t_last_out - self.t0),
             "acceptance": len(self.req_rows) / good if good else None,
@@ -651,7 +648,7 @@ class KafkaLoad:
             produced = int(seq_in.sum())
             good_in = int((seq_in & (self.seq_mod[:n] >= 0)
                            & np.isin(self.seq_mod[:n], [j for j, (m, _) in enumerate(self.mods)
-                                                        if m in self.valid_mods])).sum())
+                                                                if m in self.valid_mods])).sum())
             row = {"phase": ph.name, "target_per_s": ph.rate_to if ph.name != "ramp" else None,
                    "seconds": ph.duration, "produced": produced,
                    "produced_per_s": produced / ph.duration, "good": good_in,
@@ -667,10 +664,10 @@ class KafkaLoad:
                 cs = [c for t, c in self.commits if t <= b]
                 if cs:
                     row["lag_records_at_end"] = sum(max(0, e - cs[-1].get(p, 0))
-                                                    for p, e in self._end_offsets_before(b).items())
+                                                            for p, e in self._end_offsets_before(b).items())
             steps.append(row)
         series = self._timeseries(sent, dec_ms, e2e_ms, cons, dl_rows)
-        return {"kind": "kafka_load", "config": asdict(cfg), "machine": machine_info(),
+        return {"kind": "kafka_load", "config": asdict(cfg), "machine": machine_info(torch_info=False),
                 "summary": summary, "steps": steps, "timeseries": series,
                 "phases": [asdict(p) for p in self.phases],
                 "requests_detail": self._request_rows(sent, dec_ms, e2e_ms, req_seq)}
@@ -720,7 +717,7 @@ class KafkaLoad:
                 m = idx == i
                 pd, pe = percentiles(dec_ms[m]), percentiles(e2e_ms[m])
                 rows[i].update(decision_p50_ms=pd["p50"], decision_p99_ms=pd["p99"],
-                               e2e_p50_ms=pe["p50"], e2e_p99_ms=pe["p99"])
+                                       e2e_p50_ms=pe["p50"], e2e_p99_ms=pe["p99"])
         edges = t0 + np.arange(n_bins + 1, dtype=float)
         if len(self.scrapes) >= 2:
             st = np.array([s["t"] for s in self.scrapes])
@@ -744,7 +741,7 @@ class KafkaLoad:
                     rows[i]["processed_per_s"] = float(proc[i + 1] - proc[i])
         for t, c in self.commits:
             rows[b(t)]["lag_records"] = sum(max(0, e - c.get(p, 0))
-                                            for p, e in self._end_offsets_before(t).items())
+                                                    for p, e in self._end_offsets_before(t).items())
         return rows
 
     # ------------------------------------------------------------------ output
@@ -845,7 +842,7 @@ def run(cfg: KafkaLoadConfig, log=print) -> dict:
 
 def config_from_args(argv=None) -> KafkaLoadConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap host:port")
     ap.add_argument("--topic-suffix", default="", help="PAIRSIEVE_TOPIC_SUFFIX of the service")
     ap.add_argument("--rate", type=float, default=1000.0, help="events/s (one step)")

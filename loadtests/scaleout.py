@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -54,15 +53,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make `service` importable
-    sys.path.insert(0, ROOT)
-
-from service.handlers import IncomingEvent  # noqa: E402
-from service.streaming.broker import (FEATURES_TOPIC, REQUESTS_TOPIC, EmbeddedBroker,  # noqa: E402
+from service.handlers import IncomingEvent
+from service.perfbench.fixtures import machine_info
+from service.streaming.broker import (FEATURES_TOPIC, REQUESTS_TOPIC, EmbeddedBroker,
                                       create_topics, topic_specs)
-from service.wire import codecs  # noqa: E402
+from service.wire import codecs
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (workers' cwd)
 CONFIGS = ("followers", "baseline", "single")
 _SERVING = re.compile(r"pairsieve serving: gRPC :(\d+), metrics :(\d+)")
 
@@ -576,28 +573,6 @@ def run_configs(bootstrap: str, params: ScaleoutParams, configs=CONFIGS, log_dir
 
 
 # ---------------------------------------------------------------------------- CLI
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(), "machine": platform.machine()}
-    try:
-        info["cpu_affinity"] = len(os.sched_getaffinity(0))
-        info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f
-                                      if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    try:
-        import torch
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return info
-
-
 def table(results: dict[str, dict]) -> str:
     head = (f"{'config':<10} {'workers':>7} {'follow':>6} {'events':>6} {'req':>5} "
             f"{'per worker':<26} {'pairs>=1':>8} {'both':>5} {'double-accept':>13} "

@@ -65,6 +65,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.perfbench import fixtures, loadgen
+
 ROOT = Path(__file__).resolve().parents[2]
 LOADTESTS = ROOT / "loadtests"
 _SERVING = re.compile(r"pairsieve serving: gRPC :(\d+), metrics :(\d+)")
@@ -85,15 +87,13 @@ THROUGHPUT_TARGET = 0.70
 P99_TARGET_S = 0.050
 
 
-def _loadtests():
-    """The load-driver modules (``loadtests/`` is not an installed package)."""
-    if not (LOADTESTS / "kafka_load.py").exists():
+def _driver_script(script: str) -> Path:
+    """A load driver of ``loadtests/`` (run as a subprocess; not an installed package, so the e2e
+    sections run from a checkout)."""
+    path = LOADTESTS / script
+    if not path.exists():
         raise RuntimeError(f"the load drivers are not there ({LOADTESTS}); run from a checkout")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from loadtests import _common, grpc_load, kafka_load
-
-    return _common, kafka_load, grpc_load
+    return path
 
 
 def _settings(bootstrap: str, suffix: str, group: str, worker: str, **kw):
@@ -138,7 +138,7 @@ async def _run_driver(script: str, args: list[str], log, label: str, timeout_s: 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(LOADTESTS / script), *args, cwd=str(ROOT), env=env,
+        sys.executable, str(_driver_script(script)), *args, cwd=str(ROOT), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     tail: list[str] = []
 
@@ -212,7 +212,6 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     ``with_metrics``: with the service's Prometheus metrics attached (as in ``pairsieve serve``),
     to show their share of the per-event cost.
     """
-    common, _k, _g = _loadtests()
     from prometheus_client import CollectorRegistry
 
     from service.handlers import IncomingEvent
@@ -223,10 +222,10 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     settings = Settings.from_env({}, modalities=MODALITIES, seed=seed)
     handler = build_engine(settings, PairsieveMetrics(CollectorRegistry()) if with_metrics
                            else None)
-    mods = common.parse_modalities(MODALITIES)
-    bank = common.VectorBank(mods, 1024, seed)
+    mods = loadgen.parse_modalities(MODALITIES)
+    bank = fixtures.VectorBank(mods, 1024, seed)
     vecs = {m: np.stack([np.frombuffer(b, "<f4") for b in bank.packed[m]]) for m, _ in mods}
-    mix = common.parse_mix(MIX, len(mods))
+    mix = loadgen.parse_mix(MIX, len(mods))
     rng = np.random.default_rng(seed)
     warmup_s = seconds / 2 if warmup_s is None else warmup_s
 
@@ -375,7 +374,7 @@ def _steps_summary(result: dict) -> dict:
             "steps": steps, "summary": result["summary"]}
 
 
-def _kafka_steps_table(kafka_load, result: dict, title: str) -> str:
+def _kafka_steps_table(result: dict, title: str) -> str:
     rows = []
     for s in result["steps"]:
         if s["phase"] == "ramp":
@@ -385,8 +384,7 @@ def _kafka_steps_table(kafka_load, result: dict, title: str) -> str:
                      s.get("service_le_50ms"), s.get("decision_p50_ms"),
                      s.get("decision_p99_ms"), s.get("lag_max_metric"),
                      s.get("lag_records_at_end")])
-    common, _k, _g = _loadtests()
-    return f"**{title}**\n\n" + common.md_table(
+    return f"**{title}**\n\n" + loadgen.md_table(
         ["offered", "produced/s", "decided/s", "kept up", "p50 ms (all)", "p99 ms (all)",
          "share <= 50 ms", "p50 ms (accepted)", "p99 ms (accepted)", "max lag (metric)",
          "committed lag at end (records)"], rows)
@@ -394,11 +392,10 @@ def _kafka_steps_table(kafka_load, result: dict, title: str) -> str:
 
 async def _wait_quiet(metrics_urls: list[str], quiet_s: float, timeout_s: float) -> None:
     """Wait until the workers' decided counters stop moving (a backlog is drained)."""
-    common, _k, _g = _loadtests()
     deadline = time.monotonic() + timeout_s
     last, since = None, time.monotonic()
     while time.monotonic() < deadline:
-        got = await asyncio.gather(*[asyncio.to_thread(common.scrape_pairsieve, u)
+        got = await asyncio.gather(*[asyncio.to_thread(loadgen.scrape_pairsieve, u)
                                      for u in metrics_urls])
         d = sum(g["decided"] for g in got)
         if d != last:
@@ -422,7 +419,6 @@ def _kafka_args(bootstrap, suffix, rates, step_s, ramp_s, drain_s, metrics, grou
 
 # --------------------------------------------------------------------------- Kafka path
 async def _kafka(quick: bool, out: Path, log) -> dict:
-    common, kafka_load, _g = _loadtests()
     from service.runtime import start_service
     from service.streaming.broker import FEATURES_TOPIC, EmbeddedBroker
 
@@ -514,7 +510,7 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
             per_worker = {}
             for name, u in zip(("in-process", "subprocess"), urls):
                 try:
-                    got = await asyncio.to_thread(common.scrape_pairsieve, u)
+                    got = await asyncio.to_thread(loadgen.scrape_pairsieve, u)
                     per_worker[name] = got["decided"]
                 except Exception as exc:  # noqa: BLE001
                     per_worker[name] = repr(exc)
@@ -562,7 +558,6 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
 
 
 def _kafka_table(res: dict) -> str:
-    common, kafka_load, _g = _loadtests()
     t = res["targets"]
     floor = res["broker_fetch_floor"]
     rows = [
@@ -600,10 +595,10 @@ def _kafka_table(res: dict) -> str:
          " vs ".join(f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p50_ms'])} / "
                      f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p99_ms'])} ms" for w in (1500, 50, 10))],
     ]
-    parts = [common.md_table(["Kafka path", "result"], rows),
-             _kafka_steps_table(kafka_load, {"steps": res["one_worker"]["steps"]},
+    parts = [loadgen.md_table(["Kafka path", "result"], rows),
+             _kafka_steps_table({"steps": res["one_worker"]["steps"]},
                                 "One worker, stepped load"),
-             _kafka_steps_table(kafka_load, {"steps": res["two_workers"]["steps"]},
+             _kafka_steps_table({"steps": res["two_workers"]["steps"]},
                                 "Two workers (one consumer group), stepped load")]
     return "\n\n".join(parts)
 
@@ -622,7 +617,6 @@ def _run_scenario(kind: str, scenario, quick: bool, out_dir: str | None, log) ->
     the output directory (default: a new temporary one)."""
     out = Path(out_dir or tempfile.mkdtemp(prefix=f"pairsieve-e2e-{kind}-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common, _k, _g = _loadtests()
     old = _quiet_service_logs()
     t0 = time.time()
     try:
@@ -631,7 +625,7 @@ def _run_scenario(kind: str, scenario, quick: bool, out_dir: str | None, log) ->
     finally:
         _restore_logs(old)
     res["seconds"] = time.time() - t0
-    res["machine"] = common.machine_info()
+    res["machine"] = fixtures.machine_info()
     return res, out
 
 
@@ -643,7 +637,6 @@ def run_kafka(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
     ``out_dir`` (default: a new temporary directory).
     """
     res, out = _run_scenario("kafka", _kafka, quick, out_dir, log)
-    common, _k, _g = _loadtests()
     t = res["targets"]
     summary = {
         "quick": quick,
@@ -662,7 +655,7 @@ def run_kafka(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
         "broker_fetch_floor": res["broker_fetch_floor"],
         "seconds": res["seconds"], "loadavg": res["machine"]["loadavg"],
     }
-    common.write_json(str(out / "e2e_kafka.json"), {"summary": summary, "details": res})
+    loadgen.write_json(str(out / "e2e_kafka.json"), {"summary": summary, "details": res})
     return {"table_md": _kafka_table(res), "summary": summary, "notes": _kafka_notes(res),
             "details": res, "artifacts_dir": str(out)}
 
@@ -703,7 +696,6 @@ def _kafka_notes(res: dict) -> str:
 
 # --------------------------------------------------------------------------- gRPC path
 async def _grpc(quick: bool, out: Path, log) -> dict:
-    common, _k, grpc_load = _loadtests()
     from service.runtime import start_service
     from service.streaming.broker import EmbeddedBroker
 
@@ -727,7 +719,7 @@ async def _grpc(quick: bool, out: Path, log) -> dict:
                               timeout_s=n_phases * (p["duration"] + 10) + 60)
             result = json.loads((Path(d) / "grpc_result.json").read_text())
             server = await asyncio.to_thread(
-                common.scrape_pairsieve, f"http://127.0.0.1:{svc.metrics_port}/metrics")
+                loadgen.scrape_pairsieve, f"http://127.0.0.1:{svc.metrics_port}/metrics")
         finally:
             await svc.shutdown()
     finally:
@@ -742,7 +734,6 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
     Returns ``{"table_md", "summary", "details", "artifacts_dir"}``.
     """
     res, out = _run_scenario("grpc", _grpc, quick, out_dir, log)
-    common, _k, grpc_load = _loadtests()
     phases = res["driver"]["phases"]
     summary = {
         "quick": quick, "concurrency": res["params"]["concurrency"],
@@ -756,10 +747,10 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
         "errors": res["driver"]["summary"]["errors"],
         "seconds": res["seconds"], "loadavg": res["machine"]["loadavg"],
     }
-    common.write_json(str(out / "e2e_grpc.json"), {"summary": summary, "details": res})
+    loadgen.write_json(str(out / "e2e_grpc.json"), {"summary": summary, "details": res})
     table = (f"**gRPC path: {res['params']['concurrency']} concurrent clients, closed loop, "
              f"{res['params']['duration']:g}s per phase**\n\n"
-             + grpc_load.phases_table(res["driver"]))
+             + loadgen.grpc_phases_table(res["driver"]))
     notes = ("Closed loop: each client waits for its answer before sending the next request; "
              "the client runs in its own process on the same machine, so it takes CPU from the "
              "service. The engine decides one request at a time (concurrent requests queue on "

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.perfbench.fixtures import (FitData, build_selector, items_from, single_thread,
+                                        warm_selector)
+
 N_ITEMS = 20_000
 DIM = 512
 BUDGET = 0.10
@@ -352,20 +355,9 @@ class _Pairsieve(Peer):
 
 def build_pairsieve(data: PeerData, size: int = PAIRSIEVE_SIZE, warm_items: int = 4096):
     """A warmed selector (caches full) and the stream as FeatureItems (built untimed)."""
-    from service.alignment import AlignmentTrainer, TrainerConfig
-    from service.perfbench.perf import EMB_DIM, items_from, warm_selector
-    from service.core.budget import BudgetConfig
-    from service.core.selector import SelectorConfig, StreamingSelector
-
     mods = ("image", "text")
-    d = data.x.shape[1]
-    trainer = AlignmentTrainer({m: d for m in mods}, TrainerConfig(dim_out=EMB_DIM, pca_dim=EMB_DIM),
-                               seed=data.seed)
-    trainer.fit_unpaired({"image": data.unl_a, "text": data.unl_b})
-    model = trainer.fit(data.pair_a, data.pair_b)
-    cfg = SelectorConfig(index_size=size, cache_capacity=size,
-                         budget=BudgetConfig(total=None, target_rate=BUDGET, window=2048))
-    sel = StreamingSelector(model, cfg, seed=data.seed, device="cpu")
+    sel = build_selector(FitData((data.unl_a, data.unl_b), (data.pair_a, data.pair_b)),
+                         index_size=size, target_rate=BUDGET, modalities=mods, seed=data.seed)
     rng = np.random.default_rng(data.seed + 1)
 
     def sample(n):
@@ -443,8 +435,6 @@ def run(quick: bool = False, n_items: int = N_ITEMS, d: int = DIM, reps: int | N
     Returns ``{"rows": [...], ...}``; a row is ``runnable: False`` with ``reason`` when its
     library is missing or it failed.
     """
-    from service.perfbench.perf import single_thread
-
     reps = reps if reps is not None else (2 if quick else 3)
     cap_s = cap_s if cap_s is not None else (0.75 if quick else 4.0)
     t_all = time.perf_counter()

@@ -36,23 +36,21 @@ from __future__ import annotations
 import cProfile
 import gc
 import os
-import platform
 import pstats
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from service.alignment import AlignmentTrainer, TrainerConfig
-from service.core.budget import BudgetConfig
-from service.core.selector import SelectorConfig, StreamingSelector
-from service.core.types import FeatureItem
+from service.core.selector import StreamingSelector
+from service.perfbench.fixtures import (EMB_DIM, TARGET_RATE, TwoViewStream, build_selector,
+                                        fit_data, items_from, machine_info, single_thread,
+                                        warm_selector)
 
 SECTIONS = ("engine", "peers", "stream", "profile", "kafka", "grpc", "gpu")
 SECTION_TITLES = {
@@ -69,61 +67,11 @@ QUICK_GRID = {"dims": (512,), "batches": (1, 32, 256), "sizes": (1024, 4096)}
 GPU_GRID = {"dims": (512,), "batches": (256, 1024, 4096), "sizes": (4096, 16384)}
 GPU_TARGET_ITEMS_PER_S = 500_000   # on an H100 at K = C = 16k
 PARITY_MIN_AGREEMENT = 0.99        # CPU/GPU accept/skip agreement on one stream
-EMB_DIM = 64          # k: the shared space (as in stream_cost and the service defaults)
-TARGET_RATE = 0.10    # selector acceptance target in the benchmarks
 SHARE_TARGET = 0.80   # selector >= 80% of the reference at B >= 32
 REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------- setup
-@contextmanager
-def single_thread():
-    """One torch intra-op thread and one BLAS thread (numpy/scikit-learn) inside the block."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(1)
-    except Exception:  # threadpoolctl ships with scikit-learn; never fail the bench on it
-        limits = None
-    try:
-        yield
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
-        torch.set_num_threads(old)
-
-
-def machine_info() -> dict:
-    """CPU model, cores, memory, load, library versions and thread settings."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = int(line.split()[1]) / 1024 / 1024
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "mem_gib": mem, "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads()}
-
-
 def _median_minmax(xs: Sequence[float]) -> dict:
     return {"median": float(statistics.median(xs)), "min": float(min(xs)), "max": float(max(xs)),
             "n": len(xs)}
@@ -214,97 +162,13 @@ def selector_shapes(sel: StreamingSelector, batch: int) -> dict[str, tuple[tuple
             "similarities": ((batch, k), (k, sel.scorer.index_size))}
 
 
-class TwoViewStream:
-    """Seeded two-modality stream (both d-dimensional): two noisy views of a clustered latent,
-    the generator of :mod:`service.perfbench.stream_cost` with equal dimensions."""
-
-    def __init__(self, d: int, latent: int = 32, clusters: int = 200, seed: int = 0):
-        from service.perfbench.stream_cost import _Stream
-
-        self._s = _Stream(d_a=d, d_b=d, latent=latent, clusters=clusters, seed=seed)
-        self.d = d
-        self.rng = self._s.rng
-
-    def pairs(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(a, b), each (n, d) float32 (features arrive as float32)."""
-        a, b = self._s.pairs(n)
-        return a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
-
-    def mixed(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """n rows, each view a or b at random: (X (n, d) float32, is_b (n,) bool)."""
-        a, b = self.pairs(n)
-        is_b = self.rng.random(n) < 0.5
-        a[is_b] = b[is_b]
-        return np.ascontiguousarray(a, dtype=np.float32), is_b
-
-
-def build_selector(d: int, size: int, seed: int = 0, *, stream: TwoViewStream | None = None,
-                   target_rate: float = TARGET_RATE, modalities=("image", "text"),
-                   device: str | torch.device = "cpu") -> tuple[StreamingSelector, TwoViewStream]:
-    """A selector as the service runs it: closed-form model (k = 64) fit on 1000 pairs of the
-    stream's generator, K = C = ``size``, unlimited budget at ``target_rate``, on ``device``."""
-    stream = stream or TwoViewStream(d, seed=seed)
-    a, b = stream.pairs(4000)
-    dims = {modalities[0]: d, modalities[1]: d}
-    trainer = AlignmentTrainer(dims, TrainerConfig(dim_out=EMB_DIM, pca_dim=EMB_DIM), seed=seed)
-    trainer.fit_unpaired({modalities[0]: a, modalities[1]: b})
-    model = trainer.fit(a[:1000], b[:1000])
-    cfg = SelectorConfig(index_size=size, cache_capacity=size,
-                         budget=BudgetConfig(total=None, target_rate=target_rate, window=2048))
-    return StreamingSelector(model, cfg, seed=seed, device=device), stream
-
-
-def items_from(x: np.ndarray, is_b: np.ndarray, modalities: Sequence[str], prefix: str = "i"
-               ) -> list[FeatureItem]:
-    return [FeatureItem(f"{prefix}{i}", modalities[int(is_b[i])], x[i]) for i in range(len(x))]
-
-
-def warm_selector(sel: StreamingSelector, sample: Callable[[int], tuple[np.ndarray, np.ndarray]],
-                  batch: int = 256, extra_items: int = 4096) -> dict:
-    """Bring the selector to the steady state of a long stream before timing:
-
-    1. the distance caches are filled to capacity with "selected elsewhere" items
-       (``observe_external``, no budget counted) in chunks that fit (no eviction yet);
-    2. both other-modality indexes are filled to K with recent items (``scorer.observe``, what
-       ``commit`` does with every decided item; streaming 2K items through ``propose`` would do the
-       same, at ~25 s for K = 16k);
-    3. ``extra_items`` are streamed (``propose`` + ``commit``, micro-batch ``batch``) so that
-       evictions, the budget window and the normalisers are at steady state.
-
-    ``sample(n)`` returns ``(X (n, d), is_b (n,))``. Returns fill and timing facts.
-    """
-    t0 = time.perf_counter()
-    mods = sel.modalities
-    cross = sel.config.cross_insert
-    for _ in range(10_000):
-        room = {m: c.capacity - c.size for m, c in sel.caches.items()}
-        if max(room.values()) == 0:
-            break
-        for m in mods:
-            targets = mods if cross else (m,)
-            n = min(1024, min(room[t] for t in targets))
-            if n <= 0:
-                continue
-            x, _ = sample(n)
-            sel.observe_external(m, x, count_budget=False)
-            room = {t: c.capacity - c.size for t, c in sel.caches.items()}
-    k_full = sel.scorer.index_size
-    for m in mods:
-        done = 0
-        while done < k_full:
-            x, _ = sample(min(4096, k_full - done))
-            sel.scorer.observe(m, x, sel.scorer.embed(m, x))
-            done += len(x)
-    done = 0
-    while done < extra_items:
-        x, is_b = sample(batch)
-        sel.commit(sel.propose(items_from(x, is_b, mods, prefix=f"w{done}-")))
-        done += batch
-    st = sel.status()
-    return {"cache_fill": min(st["cache_fill"].values()),
-            "index_fill": min(sel.scorer.index_fill(m) for m in mods) / k_full,
-            "evictions": sum(st["cache_evictions"].values()), "streamed": done,
-            "seconds": time.perf_counter() - t0}
+def engine_selector(d: int, size: int, seed: int = 0, device: str | torch.device = "cpu"
+                    ) -> tuple[StreamingSelector, TwoViewStream]:
+    """The engine sections' selector (:func:`~service.perfbench.fixtures.build_selector`, K = C =
+    ``size``, fit on :func:`~service.perfbench.fixtures.fit_data` of a d x d stream) and that
+    stream, which then supplies the timed rows."""
+    stream = TwoViewStream(d, seed=seed)
+    return build_selector(fit_data(stream), index_size=size, seed=seed, device=device), stream
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -345,7 +209,7 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] =
         log(f"peak fp32 matmul ({dev}, n={peak['n']}): {peak['median']:.1f} GFLOP/s")
         for d in dims:
             for size in sizes:
-                sel, stream = build_selector(d, size, seed, device=dev)
+                sel, stream = engine_selector(d, size, seed, device=dev)
                 warm = warm_selector(sel, stream.mixed)
                 x_pool, b_pool = stream.mixed(max(pool_items, 4 * max(batches)))
                 items = items_from(x_pool, b_pool, sel.modalities)
@@ -425,7 +289,7 @@ def decision_parity(devices: Sequence[str | torch.device] = ("cpu", "cuda"), d: 
     """
     sels = []
     for dev in devices:
-        sel, stream = build_selector(d, size, seed, device=dev)
+        sel, stream = engine_selector(d, size, seed, device=dev)
         warm_selector(sel, stream.mixed, batch=batch, extra_items=warm_items)
         sels.append(sel)
     x, is_b = TwoViewStream(d, seed=seed + 1).mixed(n_batches * batch)
@@ -495,7 +359,7 @@ def run_profile(d: int = 512, batch: int = 256, size: int = 4096, n_batches: int
                 top: int = 15, seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """cProfile of ``n_batches`` propose+commit calls at steady state; top functions by tottime."""
     with single_thread():
-        sel, stream = build_selector(d, size, seed)
+        sel, stream = engine_selector(d, size, seed)
         warm_selector(sel, stream.mixed)
         x, is_b = stream.mixed(n_batches * batch)
         items = items_from(x, is_b, sel.modalities)
@@ -697,11 +561,15 @@ def _render_stream(s: dict) -> list[str]:
         out += ["", "Quick run: not re-run here (a meaningful run needs a 150k-item warm-up to fill "
                 "the caches); the full `pairsieve bench` re-runs a 300k-item version."]
         return out
+    from service.perfbench import stream_cost
+
     r = s["result"]
     ok = "meets" if r["median_last_over_first"] >= 0.9 else "does NOT meet"
-    out += ["", f"Re-run here through `service.perfbench.stream_cost.run`: {r['items']:,} measured items "
-            f"after a {r['warmup_items']:,}-item warm-up, d = 384 / 256, k = 64, K = "
-            f"{r['index_size']:,}, C = {r['capacity']:,}, micro-batch {r['batch']}, target rate 5%. "
+    out += ["", "Re-run here through `service.perfbench.stream_cost.run`: "
+            f"{r['items']:,} measured items after a {r['warmup_items']:,}-item warm-up, "
+            f"d = {stream_cost.D_A} / {stream_cost.D_B}, k = {EMB_DIM}, K = "
+            f"{r['index_size']:,}, C = {r['capacity']:,}, micro-batch {r['batch']}, target rate "
+            f"{stream_cost.TARGET_RATE:.0%}. "
             f"**Last / first segment throughput (medians of {r['median_window']} segments) = "
             f"{r['median_last_over_first']:.3f}** ({ok} the >= 0.9 target); median "
             f"{r['median_items_per_s']:.0f} items/s; RSS change {r['rss_growth_mib']:+.1f} MiB.", "",

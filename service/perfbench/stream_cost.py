@@ -11,18 +11,18 @@ throughput >= 0.9) and memory is flat after warm-up.
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from service.alignment import AlignmentTrainer, TrainerConfig
-from service.core.budget import BudgetConfig
-from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import FeatureItem
+from service.perfbench.fixtures import (EMB_DIM, TwoViewStream, build_selector, fit_data,
+                                        machine_info)
+
+D_A, D_B = 384, 256   # the two views' dimensions
+TARGET_RATE = 0.05    # lower than the engine grid's: a long stream, a realistic rate
 
 
 def _rss_mib() -> float:
@@ -36,24 +36,6 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Stream:
-    """Two views of a shared latent plus noise; clustered so the caches see real structure."""
-
-    def __init__(self, d_a=384, d_b=256, latent=32, clusters=200, seed=0):
-        self.rng = np.random.default_rng(seed)
-        self.ma = self.rng.normal(size=(latent, d_a)).astype(np.float32) / np.sqrt(latent)
-        self.mb = self.rng.normal(size=(latent, d_b)).astype(np.float32) / np.sqrt(latent)
-        self.centers = self.rng.normal(size=(clusters, latent)).astype(np.float32) * 2
-        self.d_a, self.d_b = d_a, d_b
-
-    def pairs(self, n):
-        z = self.centers[self.rng.integers(len(self.centers), size=n)]
-        z = z + self.rng.normal(size=z.shape).astype(np.float32)
-        a = z @ self.ma + 0.3 * self.rng.normal(size=(n, self.d_a)).astype(np.float32)
-        b = z @ self.mb + 0.3 * self.rng.normal(size=(n, self.d_b)).astype(np.float32)
-        return a, b
-
-
 def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=4096, seed=0,
         warmup_items=150_000, log=print) -> dict:
     """Stream ``warmup_items`` (reported, not measured), then ``items`` measured in segments.
@@ -65,15 +47,9 @@ def run(items=1_000_000, segment=50_000, batch=256, capacity=4096, index_size=40
     from service.threads import limit_compute_threads
 
     limit_compute_threads(1)  # torch and BLAS (the cache's numpy upkeep too), as the service
-    stream = _Stream(seed=seed)
-    a, b = stream.pairs(4000)
-    dims = {"image": stream.d_a, "text": stream.d_b}
-    trainer = AlignmentTrainer(dims, TrainerConfig(dim_out=64, pca_dim=64), seed=seed)
-    trainer.fit_unpaired({"image": a, "text": b})
-    model = trainer.fit(a[:1000], b[:1000])
-    cfg = SelectorConfig(index_size=index_size, cache_capacity=capacity,
-                         budget=BudgetConfig(total=None, target_rate=0.05, window=2048))
-    sel = StreamingSelector(model, cfg, seed=seed, device="cpu")
+    stream = TwoViewStream(D_A, D_B, seed=seed)
+    sel = build_selector(fit_data(stream), index_size=index_size, cache_capacity=capacity,
+                         target_rate=TARGET_RATE, seed=seed)
     warm = 0
     t_w = time.perf_counter()
     while warm < warmup_items:
@@ -127,12 +103,14 @@ def write_report(res: dict, path: str | os.PathLike, command: str) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     ok = "meets" if res["median_last_over_first"] >= 0.9 else "does NOT meet"
+    m = machine_info()
     lines = ["# Streaming selector: cost vs stream length", "",
              f"Command: `{command}`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), "
-             f"torch {torch.__version__} CPU, 1 thread.  ",
-             f"Setup: d = 384 / 256, k = 64, K = {res['index_size']}, C = {res['capacity']}, "
-             f"micro-batch {res['batch']}, target rate 5%, no total budget (caches fill and evict). "
+             f"Machine: {m['arch']}, {m['cores']} cores (shared, noisy), "
+             f"torch {m['torch']} CPU, 1 thread.  ",
+             f"Setup: d = {D_A} / {D_B}, k = {EMB_DIM}, K = {res['index_size']}, "
+             f"C = {res['capacity']}, micro-batch {res['batch']}, target rate {TARGET_RATE:.0%}, "
+             "no total budget (caches fill and evict). "
              f"A {res['warmup_items']:,}-item warm-up fills the caches first (not measured: a "
              f"half-empty cache is cheaper and says nothing about growth).", "",
              f"**last / first segment throughput: median of {res['median_window']} segments each "

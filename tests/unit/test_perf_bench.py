@@ -1,4 +1,4 @@
-"""`pairsieve bench` (service/perfbench/perf.py, peers.py) on tiny sizes: shapes, rows, report, peers."""
+"""`pairsieve bench` (service/perfbench: perf, peers, fixtures) on tiny sizes: shapes, rows, report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from service.perfbench import peers, perf
+from service.perfbench import fixtures, peers, perf
 from service.cli import build_parser
 
 D, SIZE = 96, 64  # pca_dim = k = 64 needs d >= 64
@@ -30,8 +30,8 @@ def tiny_engine():
 
 
 def test_reference_computes_the_same_shapes_as_the_selector():
-    sel, stream = perf.build_selector(D, SIZE, seed=0)
-    perf.warm_selector(sel, stream.mixed, batch=32, extra_items=64)
+    sel, stream = perf.engine_selector(D, SIZE, seed=0)
+    fixtures.warm_selector(sel, stream.mixed, batch=32, extra_items=64)
     assert sel.status()["cache_fill"] == {m: 1.0 for m in sel.modalities}
     assert all(sel.scorer.index_fill(m) == SIZE for m in sel.modalities)
     k = sel.model.dim_out
@@ -47,7 +47,7 @@ def test_reference_computes_the_same_shapes_as_the_selector():
         for m in sel.modalities:
             assert tuple(sel.scorer.embed(m, x).shape) == (b, k)
             assert tuple(sel.caches[m].embeddings.shape) == (SIZE, k)
-        prop = sel.propose(perf.items_from(x, is_b, sel.modalities))
+        prop = sel.propose(fixtures.items_from(x, is_b, sel.modalities))
         assert len(prop.decisions) == b
     assert ref.flops_per_item() == 2 * (D * k + k * SIZE + k * SIZE)
 
@@ -65,7 +65,7 @@ def test_tiny_grid_returns_one_row_per_cell(tiny_engine):
 
 def test_report_renders_every_section_header(tiny_engine, monkeypatch):
     monkeypatch.setattr(perf, "_load_e2e", lambda: None)
-    res = {"machine": perf.machine_info(), "sections": list(perf.SECTIONS), "quick": True,
+    res = {"machine": fixtures.machine_info(), "sections": list(perf.SECTIONS), "quick": True,
            "errors": {"stream": "RuntimeError: boom"}, "engine": tiny_engine,
            "kafka": perf.run_e2e("kafka", True, log=lambda s: None),
            "grpc": {"table_md": "| rps |\n|---|\n| 1 |", "notes": "fake"}}
@@ -154,7 +154,7 @@ def test_gpu_section_without_cuda_is_a_note_not_an_error(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    res = {"machine": perf.machine_info(), "sections": ["gpu"], "quick": True, "errors": {},
+    res = {"machine": fixtures.machine_info(), "sections": ["gpu"], "quick": True, "errors": {},
            "gpu": perf.run_gpu(True, log=lambda s: None)}
     text = perf.render(res, "pairsieve bench --sections gpu")
     assert "## 7. GPU" in text and "no CUDA device" in text and "**FAILED**" not in text
@@ -176,7 +176,7 @@ def test_gpu_report_states_target_and_parity_verdicts(tiny_engine):
 
 
 def test_write_report_appends_the_notes_beside_it(tmp_path, tiny_engine):
-    res = {"machine": perf.machine_info(), "sections": ["engine"], "quick": True, "errors": {},
+    res = {"machine": fixtures.machine_info(), "sections": ["engine"], "quick": True, "errors": {},
            "engine": tiny_engine}
     plain = perf.write_report(res, tmp_path / "perf.md", "cmd").read_text()
     (tmp_path / "perf-notes.md").write_text("## Findings and limits\n\nhand-written\n")

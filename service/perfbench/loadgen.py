@@ -1,5 +1,7 @@
-"""Helpers shared by the load drivers (``kafka_load.py``, ``grpc_load.py``) and
-``service.perfbench.e2e``.
+"""Helpers shared by the load drivers (``loadtests/kafka_load.py``, ``loadtests/grpc_load.py``)
+and :mod:`service.perfbench.e2e`: parsing, percentiles and histogram quantiles, ``/metrics``
+scraping, CSV/JSON/Markdown/PNG output. Their vectors (:class:`~service.perfbench.fixtures.VectorBank`)
+and machine facts (:func:`~service.perfbench.fixtures.machine_info`) come from the fixtures.
 
 Nothing here imports torch or the service's engine: a driver only needs the generated protobuf
 module, numpy, the Kafka/gRPC clients, prometheus_client's text parser and (for the PNG)
@@ -11,20 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import platform
-import sys
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make `service` importable
-    sys.path.insert(0, ROOT)
-
-from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb  # noqa: E402,F401 (re-exported)
+from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb  # noqa: F401 (re-exported)
 
 FEATURE_HEADER = "pairsieve-message"
 HEADER_BATCH = (FEATURE_HEADER, b"FeatureBatch")
@@ -73,32 +68,6 @@ def parse_ints(spec: str | Sequence[int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- data
-class VectorBank:
-    """Pre-packed feature vectors (little-endian float32 bytes) per modality.
-
-    Clustered (``clusters`` Gaussian blobs in a shared latent, projected per modality, plus
-    noise), so the service's diversity cache and uncertainty scores see some structure instead
-    of isotropic noise. Vectors are reused cyclically: only the event and item ids are unique.
-    """
-
-    def __init__(self, modalities: Sequence[tuple[str, int]], size: int = 1024, seed: int = 0,
-                 latent: int = 16, clusters: int = 64):
-        rng = np.random.default_rng(seed)
-        centers = rng.normal(size=(clusters, latent)) * 2.0
-        self.size = int(size)
-        self.packed: dict[str, list[bytes]] = {}
-        self.dims = dict(modalities)
-        for name, dim in modalities:
-            proj = rng.normal(size=(latent, dim)) / math.sqrt(latent)
-            z = (centers[rng.integers(clusters, size=self.size)]
-                 + rng.normal(size=(self.size, latent)))
-            x = (z @ proj + 0.3 * rng.normal(size=(self.size, dim))).astype("<f4")
-            self.packed[name] = [row.tobytes() for row in x]
-
-    def vector(self, modality: str, i: int) -> bytes:
-        return self.packed[modality][i % self.size]
-
-
 def set_timestamp(ts_msg, t: float) -> None:
     """Set a ``google.protobuf.Timestamp`` field from float seconds since the epoch."""
     sec = int(t)
@@ -272,21 +241,23 @@ def write_json(path: str, obj) -> str:
     return path
 
 
-def machine_info() -> dict:
-    load = None
-    try:
-        load = os.getloadavg()
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "loadavg": load}
-
-
 def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_md(v) for v in r) + " |")
     return "\n".join(lines)
+
+
+def grpc_phases_table(result: dict) -> str:
+    """The gRPC driver's phases (``grpc_result.json``'s ``phases``) as a Markdown table."""
+    rows = []
+    for p in result["phases"]:
+        lat = p["latency_ms"]
+        rows.append([p["mode"], p["batch"], p["concurrency"], p["items_per_s"],
+                     p["requests_per_s"], lat["p50"], lat["p90"], lat["p99"],
+                     ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "-"])
+    return md_table(["mode", "batch", "clients", "items/s", "requests/s", "p50 ms", "p90 ms",
+                     "p99 ms", "errors"], rows)
 
 
 def _md(v) -> str:
