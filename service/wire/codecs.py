@@ -33,6 +33,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.core import reasons
 from service.core.types import Decision
 from service.core.validation import MAX_ABS_FEATURE
 from service.handlers import (
@@ -314,7 +315,7 @@ def decision_to_proto(o: Outcome) -> pb.Decision:
             uncertainty=float(d.uncertainty), diversity=float(d.diversity),
             coverage_bonus=float(d.coverage_bonus), margin=float(d.margin),
             entropy=float(d.entropy), least_confidence=float(d.least_confidence)),
-        threshold=float(d.threshold), model_version=int(d.model_version), reason=d.reason,
+        threshold=float(d.threshold), model_version=int(d.model_version), reason=str(d.reason),
         duplicate=bool(o.duplicate), worker_id=o.worker_id)
 
 
@@ -324,7 +325,7 @@ def decision_from_proto(msg: pb.Decision) -> Outcome:
                    utility=msg.utility, uncertainty=c.uncertainty, diversity=c.diversity,
                    coverage_bonus=c.coverage_bonus, margin=c.margin, entropy=c.entropy,
                    least_confidence=c.least_confidence, threshold=msg.threshold,
-                   model_version=msg.model_version, reason=msg.reason)
+                   model_version=msg.model_version, reason=reasons.parse(msg.reason))
     return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
 
 
