@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.alignment.model import AlignmentModel
+from service.core.model import CrossModalModel
 from service.core.uncertainty import uncertainties_from_logits
 from service.core.validation import as_matrix, check_modality
 
@@ -78,7 +78,7 @@ class UncertaintyScorer:
 
     Parameters
     ----------
-    model : AlignmentModel
+    model : CrossModalModel
     index_size : int
         K, the number of recent items of each modality kept to score the other modality against.
     tau : float
@@ -87,7 +87,7 @@ class UncertaintyScorer:
         None picks CUDA when available, else CPU.
     """
 
-    def __init__(self, model: AlignmentModel, index_size: int = 4096, tau: float = 0.05,
+    def __init__(self, model: CrossModalModel, index_size: int = 4096, tau: float = 0.05,
                  device: str | torch.device | None = None):
         if index_size < 2:
             raise ValueError(f"index_size must be >= 2, got {index_size}")
@@ -152,7 +152,7 @@ class UncertaintyScorer:
         return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr) if idx.ids[p] is not None]
                 for vr, pr in zip(vals, pos)]
 
-    def set_model(self, model: AlignmentModel) -> None:
+    def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the model and re-embed the recent-item index in the new space."""
         if model.dims != self.model.dims or model.dim_out != self.model.dim_out:
             raise ValueError(

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.alignment.model import AlignmentModel
 from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
 from service.core.distance_cache import DistanceCache, pairwise_sq_dist
+from service.core.model import CrossModalModel
 from service.core.scorer import UncertaintyScorer
 from service.core.types import Decision, FeatureItem
 from service.core.validation import as_matrix, check_modality
@@ -84,7 +84,7 @@ class StreamingSelector:
 
     Parameters
     ----------
-    model : AlignmentModel
+    model : CrossModalModel
         Initial model (version 0 = cold start).
     config : SelectorConfig
     seed : int
@@ -92,7 +92,7 @@ class StreamingSelector:
     device : str or torch.device or None
     """
 
-    def __init__(self, model: AlignmentModel, config: SelectorConfig | None = None, seed: int = 0,
+    def __init__(self, model: CrossModalModel, config: SelectorConfig | None = None, seed: int = 0,
                  device: str | torch.device | None = None):
         self.config = cfg = config or SelectorConfig()
         self.scorer = UncertaintyScorer(model, cfg.index_size, cfg.tau, device)
@@ -107,7 +107,7 @@ class StreamingSelector:
         self.items_seen = {m: 0 for m in self.modalities}
 
     @property
-    def model(self) -> AlignmentModel:
+    def model(self) -> CrossModalModel:
         return self.scorer.model
 
     @property
@@ -273,7 +273,7 @@ class StreamingSelector:
         self._epoch += 1
 
     # ------------------------------------------------------------------ model swap
-    def set_model(self, model: AlignmentModel) -> None:
+    def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the alignment model; caches follow the new space (re-projected or dropped)."""
         self.scorer.set_model(model)
         for cache in self.caches.values():
