@@ -112,8 +112,15 @@ class UncertaintyScorer:
         return self._index[check_modality(modality, self.modalities)].filled
 
     def embed(self, modality: str, x) -> torch.Tensor:
-        """Validated raw (B, d_m) -> embeddings (B, k) on the scorer's device."""
+        """Validate raw (B, d_m) and embed it -> (B, k) on the scorer's device."""
         arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)], name=modality)
+        return self.embed_valid(modality, arr)
+
+    def embed_valid(self, modality: str, arr: np.ndarray) -> torch.Tensor:
+        """Embed vectors the caller already validated (no check: the selector's hot path).
+
+        Shape: ``arr`` (B, d_m) C-contiguous float32 -> (B, k) on the scorer's device.
+        """
         with torch.inference_mode():
             return self.model(modality, torch.from_numpy(arr).to(self.device))
 

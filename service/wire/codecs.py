@@ -35,7 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.core import reasons
 from service.core.types import Decision
-from service.core.validation import MAX_ABS_FEATURE
+from service.core.validation import MAX_ABS_FEATURE, vector_value_problem
 from service.handlers import (
     LABEL_STATUSES,
     AlignmentRequestOut,
@@ -147,18 +147,9 @@ def decode_vector(data: bytes, dim: int, *, what: str = "vector") -> np.ndarray:
                         f"{what}: {n} bytes = {n // 4} float32 values, but dim is {dim} "
                         f"(expected {4 * dim} bytes)")
     vec = np.frombuffer(data, dtype=_LE_F32).astype(np.float32)  # copy: native order, writable
-    bad = ~np.isfinite(vec)
-    if bad.any():
-        idx = np.flatnonzero(bad)
-        raise WireError("non_finite",
-                        f"{what}: {len(idx)} value(s) are NaN or inf (first at index {int(idx[0])}: "
-                        f"{vec[idx[0]]!r})")
-    huge = np.abs(vec) > MAX_ABS_FEATURE
-    if huge.any():
-        idx = np.flatnonzero(huge)
-        raise WireError("non_finite",
-                        f"{what}: {len(idx)} value(s) exceed |x| <= {MAX_ABS_FEATURE:g} and would "
-                        f"overflow once projected (first at index {int(idx[0])}: {vec[idx[0]]!r})")
+    err = vector_value_problem(vec, what)  # the core's format: first bad value, shape, dtype
+    if err is not None:
+        raise WireError("non_finite", str(err))
     return vec
 
 
