@@ -38,7 +38,7 @@ from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
 from service.core.types import Decision, FeatureItem
-from service.core.validation import as_matrix, check_modality
+from service.core.validation import VectorError, as_matrix, check_modality
 
 log = logging.getLogger("pairsieve.handler")
 
@@ -197,14 +197,16 @@ class SelectionHandler:
 
     # ------------------------------------------------------------------ events
     def validate(self, ev: IncomingEvent) -> FeatureItem:
-        """Check one event; raises ``ValueError`` naming the problem (-> dead letter / INVALID_ARGUMENT)."""
+        """Check one event's ids; raises ``ValueError`` naming the problem.
+
+        Its modality and vector are checked once, where the core is entered
+        (``StreamingSelector.propose``); the wire codecs checked them before already.
+        """
         if not ev.event_id:
             raise ValueError("missing event_id")
         if not ev.item_id:
             raise ValueError(f"event {ev.event_id!r}: missing item_id")
-        check_modality(ev.modality, self.modalities)
-        vec = as_matrix(ev.vector, self.dims[ev.modality], name=f"event {ev.event_id!r} vector")[0]
-        return FeatureItem(ev.item_id, ev.modality, vec)
+        return FeatureItem(ev.item_id, ev.modality, ev.vector)
 
     async def submit(self, events: Sequence[IncomingEvent]) -> list[Outcome]:
         """Decide a batch (validated as a whole: one bad event raises ``ValueError``)."""
@@ -225,28 +227,34 @@ class SelectionHandler:
             if fresh_idx:
                 fresh = [items[i] for i in fresh_idx]
                 t0 = time.perf_counter()
-                proposal = await loop.run_in_executor(self._executor, self.selector.propose, fresh)
+                try:
+                    proposal = await loop.run_in_executor(self._executor, self.selector.propose,
+                                                          fresh)
+                except VectorError as exc:  # the core knows items: name the event too
+                    bad = events[fresh_idx[exc.index]].event_id if exc.index is not None else ""
+                    raise exc.prefixed(f"event {bad!r}: " if bad else "") from None
+                vectors = proposal.vectors  # validated, float32
                 cands = await loop.run_in_executor(
                     self._executor, self.selector.partner_candidates, proposal, self.candidates_k)
                 t_score = time.perf_counter() - t0
                 now = self.clock()
                 requests = []
-                for i, dec in zip(fresh_idx, proposal.decisions):
+                for i, dec, vec in zip(fresh_idx, proposal.decisions, vectors):
                     ev = events[i]
                     out = Outcome(ev.event_id, dec, False, self.worker_id)
                     outcomes[ev.event_id] = out
                     if dec.accept:
                         requests.append(AlignmentRequestOut(
                             request_id=ev.event_id, item_id=ev.item_id, modality=ev.modality,
-                            vector=items[i].vector, candidates=cands.get(ev.item_id, []),
+                            vector=vec, candidates=cands.get(ev.item_id, []),
                             outcome=out, requested_at=now, metadata=dict(ev.metadata)))
                 if requests:
                     await self.publisher.publish_requests(requests)  # raises -> nothing committed
                 await loop.run_in_executor(self._executor, self.selector.commit, proposal)
                 for ev_id, out in outcomes.items():
                     self._decided.put(ev_id, out)
-                for i in fresh_idx:
-                    self._vectors.put(events[i].item_id, (events[i].modality, items[i].vector))
+                for i, vec in zip(fresh_idx, vectors):
+                    self._vectors.put(events[i].item_id, (events[i].modality, vec))
             result, emitted = [], set()
             for ev in events:
                 out = outcomes.get(ev.event_id)

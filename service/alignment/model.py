@@ -2,12 +2,13 @@
 
 A head is ``z = normalize(W^T (x - mu))``. Heads are plain ``torch.nn.Linear`` layers so the scorer
 can run them batched on CPU or CUDA; the trainer builds them in closed form (PCA whitening + CCA)
-and may fine-tune them with a contrastive loss.
+and may fine-tune them with a contrastive loss. It satisfies the core's
+:class:`~service.core.model.CrossModalModel` interface; checkpoint files are written and read by
+:mod:`service.alignment.checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.alignment.checkpoint import load_checkpoint, save_checkpoint
 from service.core.validation import as_matrix, check_dims, check_modality
 
 
@@ -88,38 +90,27 @@ class AlignmentModel(nn.Module):
         return z.cpu().numpy()
 
     # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> dict:
+        """What a checkpoint records besides the weights (plain JSON data)."""
+        return {"dims": self.dims, "dim_out": self.dim_out, "version": self.version,
+                "n_pairs": self.n_pairs, "modalities": list(self.modalities)}
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``model-v{version:06d}.pt`` (+ ``.json`` metadata) and point ``LATEST`` at it.
 
-        Writes go to a temporary name first and are renamed, so a reader never sees a half file.
+        See :mod:`service.alignment.checkpoint` (atomic writes).
         """
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        stem = f"model-v{self.version:06d}"
-        meta = {"dims": self.dims, "dim_out": self.dim_out, "version": self.version,
-                "n_pairs": self.n_pairs, "modalities": list(self.modalities)}
-        tmp = d / f".{stem}.pt.tmp"
-        torch.save({"meta": meta, "state": self.state_dict()}, tmp)
-        os.replace(tmp, d / f"{stem}.pt")
-        (d / f"{stem}.json").write_text(json.dumps(meta, indent=2))
-        tmp_latest = d / ".LATEST.tmp"
-        tmp_latest.write_text(stem + "\n")
-        os.replace(tmp_latest, d / "LATEST")
-        return d / f"{stem}.pt"
+        return save_checkpoint(self, self.meta(), directory)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AlignmentModel":
         """Load a checkpoint file, or the ``LATEST`` one when ``path`` is a directory."""
-        p = Path(path)
-        if p.is_dir():
-            latest = p / "LATEST"
-            if not latest.exists():
-                raise ValueError(f"no LATEST checkpoint in {p}")
-            p = p / (latest.read_text().strip() + ".pt")
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-        meta = blob["meta"]
+        return load_checkpoint(path, cls.from_meta)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "AlignmentModel":
+        """An untrained model shaped as ``meta`` (see :meth:`meta`) describes."""
         model = cls({m: meta["dims"][m] for m in meta["modalities"]}, meta["dim_out"],
                     version=meta["version"])
-        model.load_state_dict(blob["state"])
         model.n_pairs = int(meta.get("n_pairs", 0))
-        return model.eval()
+        return model

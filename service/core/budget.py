@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.core.quantile import SlidingQuantile
+from service.core.reasons import Reason
 from service.core.validation import check_fraction
 
 
@@ -75,14 +76,20 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class BudgetDecision:
+    """One item's verdict: ``accept``, the ``threshold`` it was held to, and the ``reason``."""
+
     accept: bool
     threshold: float
-    reason: str
+    reason: Reason
 
 
-_RUN_REASONS = ("skip:quota", "skip:budget_exhausted", "skip:pacing", "accept:utility",
-                "accept:warmup", "skip:warmup", "accept:explore", "accept:utility",
-                "skip:below_threshold")
+# Outcome codes of the rule inside decide_run (small ints so every rule is one np.where);
+# _REASON_OF[code] is the Reason. The two accept:utility codes differ in their threshold: the
+# catch-up-aware one (_ABOVE/_BELOW) or the plain one (everything else).
+_QUOTA, _EXHAUSTED, _PACING, _TAKE_ALL, _WARM_YES, _WARM_NO, _EXPLORE, _ABOVE, _BELOW = range(9)
+_REASON_OF = (Reason.SKIP_QUOTA, Reason.SKIP_BUDGET_EXHAUSTED, Reason.SKIP_PACING,
+              Reason.ACCEPT_UTILITY, Reason.ACCEPT_WARMUP, Reason.SKIP_WARMUP,
+              Reason.ACCEPT_EXPLORE, Reason.ACCEPT_UTILITY, Reason.SKIP_BELOW_THRESHOLD)
 
 
 class BudgetDraft:
@@ -102,42 +109,22 @@ class BudgetDraft:
         self._thr_lo = ctl.catch_up_threshold()
 
     def decide(self, utility: float) -> BudgetDecision:
-        """Decide one item with utility ``utility`` (NaN is rejected)."""
-        if math.isnan(utility):
-            raise ValueError("utility is NaN")
-        cfg = self._ctl.config
-        if self._i >= len(self._u):
-            raise ValueError(f"draft was begun for {len(self._u)} items; got more")
-        u_explore, u_warm = self._u[self._i]
-        self._i += 1
-        self.seen += 1
-        self.utilities.append(float(utility))
-        rate = cfg.target_rate
-        thr = self._thr
-        if cfg.total is not None and self.spent >= cfg.total:
-            return BudgetDecision(False, thr, "skip:budget_exhausted")
-        expected = rate * self.seen
-        if self.own_spent - expected > cfg.slack:
-            return BudgetDecision(False, thr, "skip:pacing")
-        if rate >= 1.0:  # "align everything" (within the budget): no threshold to clear
-            return self._take(True, thr, "accept:utility", "")
-        if self.spent < cfg.warmup_accepts or math.isnan(thr):
-            return self._take(u_warm < rate, thr, "accept:warmup", "skip:warmup")
-        if u_explore < cfg.explore * rate:
-            return self._take(True, thr, "accept:explore", "")
-        if expected - self.own_spent > cfg.slack and not math.isnan(self._thr_lo):
-            thr = self._thr_lo
-        return self._take(utility >= thr, thr, "accept:utility", "skip:below_threshold")
+        """Decide one item with utility ``utility`` (NaN is rejected).
+
+        A run of one item of :meth:`decide_run`, the one implementation of the decision rule.
+        """
+        _, accepted, thr, why = self._rule(np.array([utility], dtype=np.float64), None)
+        return BudgetDecision(accepted, float(thr[0]), why[0])
 
     def decide_run(self, utilities: np.ndarray, blocked: np.ndarray | None = None
-                   ) -> tuple[int, bool, np.ndarray, list[str]]:
+                   ) -> tuple[int, bool, np.ndarray, list[Reason]]:
         """Decide items in order up to and including the first accept, vectorised.
 
-        Exactly the decisions that :meth:`decide` (and :meth:`skip` with ``skip:quota`` for the
-        ``blocked`` items) would make one by one: between two accepts the draft's spend is
-        constant, so every rule is an elementwise test over the remaining items, and the first
-        item that passes is the next accept. The caller updates later items' utilities after an
-        accept (in-batch diversity) and calls again with the rest.
+        The one implementation of the decision rule (:meth:`decide` is a run of one item):
+        between two accepts the draft's spend is constant, so every rule is an elementwise test
+        over the remaining items, and the first item that passes is the next accept. The caller
+        updates later items' utilities after an accept (in-batch diversity) and calls again with
+        the rest.
 
         Parameters
         ----------
@@ -152,6 +139,10 @@ class BudgetDraft:
             ``decided`` items were consumed (the accept is the last of them when ``accepted``);
             ``thresholds`` (decided,) and ``reasons`` are theirs.
         """
+        return self._rule(utilities, blocked)
+
+    def _rule(self, utilities, blocked) -> tuple[int, bool, np.ndarray, list[Reason]]:
+        """The decision rule (see :meth:`decide_run`); both entry points call only this."""
         util = np.asarray(utilities, dtype=np.float64)
         n = len(util)
         if n == 0:
@@ -181,20 +172,21 @@ class BudgetDraft:
         hits = np.flatnonzero(ok)
         accepted = len(hits) > 0
         m = int(hits[0]) + 1 if accepted else n
-        # reasons, in the precedence order of decide()
-        codes = np.full(m, 8)  # skip:below_threshold
+        # reasons, in precedence order: quota > budget exhausted > pacing > the rest
+        codes = np.full(m, _BELOW)
         head = slice(0, m)
         if rate >= 1.0:
-            codes[:] = 3
+            codes[:] = _TAKE_ALL
         elif warm:
-            codes[:] = np.where(u[head, 1] < rate, 4, 5)
+            codes[:] = np.where(u[head, 1] < rate, _WARM_YES, _WARM_NO)
         else:
-            codes[:] = np.where(explore[head], 6, np.where(util[head] >= thr_eff[head], 7, 8))
-        codes[~open_[head]] = 2  # pacing
+            codes[:] = np.where(explore[head], _EXPLORE,
+                                np.where(util[head] >= thr_eff[head], _ABOVE, _BELOW))
+        codes[~open_[head]] = _PACING
         if cfg.total is not None and self.spent >= cfg.total:
-            codes[:] = 1
-        codes[blocked[head]] = 0
-        thresholds = np.where((codes == 7) | (codes == 8), thr_eff[head], thr)
+            codes[:] = _EXHAUSTED
+        codes[blocked[head]] = _QUOTA
+        thresholds = np.where((codes == _ABOVE) | (codes == _BELOW), thr_eff[head], thr)
         self._i += m
         self.seen += m
         self.utilities.extend(util[head].tolist())
@@ -202,24 +194,17 @@ class BudgetDraft:
             self.spent += 1
             self.own_spent += 1
             self.accepted += 1
-        return m, accepted, thresholds, [_RUN_REASONS[c] for c in codes.tolist()]
+        return m, accepted, thresholds, [_REASON_OF[c] for c in codes.tolist()]
 
-    def skip(self, utility: float, reason: str) -> BudgetDecision:
-        """Record an item vetoed by a rule outside the budget (e.g. a modality quota)."""
+    def skip(self, utility: float, reason: Reason | str) -> BudgetDecision:
+        """Record an item vetoed by a rule outside the budget (e.g. ``Reason.SKIP_QUOTA``)."""
+        reason = Reason(reason)  # a code outside the enum is a bug: raise here, not downstream
         if self._i >= len(self._u):
             raise ValueError(f"draft was begun for {len(self._u)} items; got more")
         self._i += 1
         self.seen += 1
         self.utilities.append(float(utility))
         return BudgetDecision(False, self._thr, reason)
-
-    def _take(self, ok: bool, thr: float, yes: str, no: str) -> BudgetDecision:
-        if ok:
-            self.spent += 1
-            self.own_spent += 1
-            self.accepted += 1
-            return BudgetDecision(True, thr, yes)
-        return BudgetDecision(False, thr, no)
 
 
 class BudgetController:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.alignment.model import AlignmentModel
+from service.core.model import CrossModalModel
 from service.core.uncertainty import uncertainties_from_logits
 from service.core.validation import as_matrix, check_modality
 
@@ -78,7 +78,7 @@ class UncertaintyScorer:
 
     Parameters
     ----------
-    model : AlignmentModel
+    model : CrossModalModel
     index_size : int
         K, the number of recent items of each modality kept to score the other modality against.
     tau : float
@@ -87,7 +87,7 @@ class UncertaintyScorer:
         None picks CUDA when available, else CPU.
     """
 
-    def __init__(self, model: AlignmentModel, index_size: int = 4096, tau: float = 0.05,
+    def __init__(self, model: CrossModalModel, index_size: int = 4096, tau: float = 0.05,
                  device: str | torch.device | None = None):
         if index_size < 2:
             raise ValueError(f"index_size must be >= 2, got {index_size}")
@@ -112,8 +112,15 @@ class UncertaintyScorer:
         return self._index[check_modality(modality, self.modalities)].filled
 
     def embed(self, modality: str, x) -> torch.Tensor:
-        """Validated raw (B, d_m) -> embeddings (B, k) on the scorer's device."""
+        """Validate raw (B, d_m) and embed it -> (B, k) on the scorer's device."""
         arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)], name=modality)
+        return self.embed_valid(modality, arr)
+
+    def embed_valid(self, modality: str, arr: np.ndarray) -> torch.Tensor:
+        """Embed vectors the caller already validated (no check: the selector's hot path).
+
+        Shape: ``arr`` (B, d_m) C-contiguous float32 -> (B, k) on the scorer's device.
+        """
         with torch.inference_mode():
             return self.model(modality, torch.from_numpy(arr).to(self.device))
 
@@ -152,7 +159,7 @@ class UncertaintyScorer:
         return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr) if idx.ids[p] is not None]
                 for vr, pr in zip(vals, pos)]
 
-    def set_model(self, model: AlignmentModel) -> None:
+    def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the model and re-embed the recent-item index in the new space."""
         if model.dims != self.model.dims or model.dim_out != self.model.dim_out:
             raise ValueError(

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.alignment.model import AlignmentModel
 from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
 from service.core.distance_cache import DistanceCache, pairwise_sq_dist
+from service.core.model import CrossModalModel
 from service.core.scorer import UncertaintyScorer
 from service.core.types import Decision, FeatureItem
-from service.core.validation import as_matrix, check_modality
+from service.core.validation import as_matrix, check_modality, item_vectors
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,22 @@ class Proposal:
     def accepted(self) -> list[Decision]:
         return [d for d in self.decisions if d.accept]
 
+    @property
+    def vectors(self) -> list[np.ndarray]:
+        """The validated vectors in arrival order: each (d_modality,) float32 (views)."""
+        out: list = [None] * len(self.decisions)
+        for m, r in self._rows.items():
+            for k, i in enumerate(r.tolist()):
+                out[i] = self._raw[m][k]
+        return out
+
 
 class StreamingSelector:
     """Composes scorer, per-modality distance caches, acquisition and budget. See module doc.
 
     Parameters
     ----------
-    model : AlignmentModel
+    model : CrossModalModel
         Initial model (version 0 = cold start).
     config : SelectorConfig
     seed : int
@@ -92,7 +101,7 @@ class StreamingSelector:
     device : str or torch.device or None
     """
 
-    def __init__(self, model: AlignmentModel, config: SelectorConfig | None = None, seed: int = 0,
+    def __init__(self, model: CrossModalModel, config: SelectorConfig | None = None, seed: int = 0,
                  device: str | torch.device | None = None):
         self.config = cfg = config or SelectorConfig()
         self.scorer = UncertaintyScorer(model, cfg.index_size, cfg.tau, device)
@@ -107,7 +116,7 @@ class StreamingSelector:
         self.items_seen = {m: 0 for m in self.modalities}
 
     @property
-    def model(self) -> AlignmentModel:
+    def model(self) -> CrossModalModel:
         return self.scorer.model
 
     @property
@@ -117,6 +126,11 @@ class StreamingSelector:
     # ------------------------------------------------------------------ propose
     def propose(self, items: Sequence[FeatureItem]) -> Proposal:
         """Decide a batch without changing any state. Raises ``ValueError`` on bad input.
+
+        This is where the core checks its input, once: modalities, then every vector
+        (:func:`~service.core.validation.item_vectors`: a
+        :class:`~service.core.validation.VectorError` naming the item, its modality, shape,
+        dtype and first bad value; ``index`` is its position in ``items``).
 
         Shape: ``items[i].vector`` is (d_{items[i].modality},).
         """
@@ -130,12 +144,11 @@ class StreamingSelector:
         for m in self.modalities:
             if len(rows[m]) == 0:
                 continue
-            try:
-                raw[m] = as_matrix(np.stack([np.asarray(items[i].vector) for i in rows[m]]),
-                                   self.model.dims[m], name=f"{m} vectors")
-            except ValueError as exc:
-                raise ValueError(f"{exc} (item ids {[items[i].item_id for i in rows[m][:3]]}...)") from None
-            emb[m] = self.scorer.embed(m, raw[m])
+            # the core's one entry check of the vectors (VectorError names the bad item)
+            raw[m] = item_vectors([items[i].vector for i in rows[m]], self.model.dims[m],
+                                  item_ids=[items[i].item_id for i in rows[m]], modality=m,
+                                  positions=rows[m].tolist())
+            emb[m] = self.scorer.embed_valid(m, raw[m])
             scores[m] = self.scorer.score(m, emb[m])
             unc[m] = scores[m].get(kind)
             div[m] = self.caches[m].min_distance(emb[m])
@@ -254,7 +267,7 @@ class StreamingSelector:
         spend counts against this worker's view of the shared budget. raw: (n, d_modality)."""
         check_modality(modality, self.modalities)
         arr = as_matrix(raw, self.model.dims[modality], name=f"external {modality}")
-        z = self.scorer.embed(modality, arr)
+        z = self.scorer.embed_valid(modality, arr)
         targets = self.modalities if self.config.cross_insert else (modality,)
         for t in targets:
             self.caches[t].add(z, arr, tag=self._tag(modality))
@@ -269,11 +282,12 @@ class StreamingSelector:
         """
         check_modality(modality, self.modalities)
         arr = as_matrix(raw, self.model.dims[modality], name=f"partner {modality}")
-        self.caches[modality].add(self.scorer.embed(modality, arr), arr, tag=self._tag(modality))
+        self.caches[modality].add(self.scorer.embed_valid(modality, arr), arr,
+                                  tag=self._tag(modality))
         self._epoch += 1
 
     # ------------------------------------------------------------------ model swap
-    def set_model(self, model: AlignmentModel) -> None:
+    def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the alignment model; caches follow the new space (re-projected or dropped)."""
         self.scorer.set_model(model)
         for cache in self.caches.values():

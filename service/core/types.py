@@ -29,8 +29,7 @@ class FeatureItem:
 class Decision:
     """The selector's verdict on one item, with every component that led to it.
 
-    ``reason`` is ``accept:utility|explore|warmup`` or
-    ``skip:below_threshold|budget_exhausted|pacing|warmup|quota``.
+    ``reason`` is a :class:`~service.core.reasons.Reason` (a ``str``: ``accept:utility``...).
     """
 
     item_id: str

@@ -15,6 +15,106 @@ import numpy as np
 MAX_ABS_FEATURE = 1e15
 
 
+class VectorError(ValueError):
+    """A feature vector the core refuses; the message echoes the bad input (one format).
+
+    ``{subject}: {problem} ({first bad value, if any;} shape {shape}, dtype {dtype})``, e.g.
+    ``item 'i7' (image): 1 value(s) are NaN or inf (first at index 3: nan; shape (12,), dtype
+    float32)``. The wire codec uses the same format for what it rejects.
+
+    Attributes
+    ----------
+    kind : str
+        ``"wrong_dimension"``, ``"non_finite"`` (NaN/inf or a magnitude above
+        :data:`MAX_ABS_FEATURE`) or ``"undecodable"`` (not a real vector at all).
+    index : int or None
+        Position of the bad item in the batch it came in, when there was one.
+    """
+
+    def __init__(self, kind: str, message: str, index: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.index = index
+
+    def prefixed(self, prefix: str) -> VectorError:
+        """The same error with ``prefix`` in front of the message."""
+        return VectorError(self.kind, f"{prefix}{self}", self.index)
+
+
+def _layout(arr) -> str:
+    return f"shape {tuple(arr.shape)}, dtype {arr.dtype}"
+
+
+def vector_value_problem(vec: np.ndarray, subject: str, index: int | None = None,
+                         original=None) -> VectorError | None:
+    """The error for the first NaN/inf or too-large value of ``vec`` (any shape), else None.
+
+    Shape: ``vec`` (d,) or (n, d); the index reported is the flat one within ``vec``. The shape
+    and dtype echoed are those of ``original`` (what the caller was given) when passed.
+    """
+    flat = vec.reshape(-1)
+    vec = vec if original is None else np.asarray(original)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        return VectorError("non_finite",
+                           f"{subject}: {len(idx)} value(s) are NaN or inf (first at index "
+                           f"{int(idx[0])}: {flat[idx[0]].item():.7g}; {_layout(vec)})", index)
+    huge = np.abs(flat) > MAX_ABS_FEATURE
+    if huge.any():
+        idx = np.flatnonzero(huge)
+        return VectorError("non_finite",
+                           f"{subject}: {len(idx)} value(s) exceed |x| <= {MAX_ABS_FEATURE:g} and "
+                           f"would overflow once projected (first at index {int(idx[0])}: "
+                           f"{flat[idx[0]].item():.7g}; {_layout(vec)})", index)
+    return None
+
+
+def item_vectors(vectors, dim: int, *, item_ids, modality: str,
+                 positions=None) -> np.ndarray:
+    """Validate the vectors of one modality's items and stack them (the core's entry check).
+
+    Parameters
+    ----------
+    vectors : sequence of array-like, each of shape (dim,)
+    dim : int
+        The modality's feature dimension.
+    item_ids : sequence of str
+        The items' ids, for the error message.
+    modality : str
+    positions : sequence of int, optional
+        The items' positions in the caller's batch (``VectorError.index``); default 0..n-1.
+
+    Returns
+    -------
+    numpy.ndarray of shape (n, dim), dtype float32, C-contiguous
+
+    Raises
+    ------
+    VectorError
+        Naming the first bad item (id, modality, shape/dtype, first bad value).
+    """
+    pos = range(len(vectors)) if positions is None else positions
+    arrs = []
+    for v, item_id, p in zip(vectors, item_ids, pos):
+        a = np.asarray(v)
+        if a.ndim == 2 and a.shape[0] == 1:  # one row of a matrix: (1, dim) reads as (dim,)
+            a = a[0]
+        if a.ndim != 1 or a.shape[0] != dim or a.dtype.kind not in "fiub":
+            what = (f"wrong dimension {a.shape[0]}, expected {dim}" if a.ndim == 1
+                    and a.dtype.kind in "fiub" else f"expected a real vector of shape ({dim},)")
+            kind = "wrong_dimension" if a.dtype.kind in "fiub" else "undecodable"
+            raise VectorError(kind, f"item {item_id!r} ({modality}): {what} ({_layout(a)})", p)
+        arrs.append(a)
+    mat = np.ascontiguousarray(np.stack(arrs), dtype=np.float32)
+    if not np.isfinite(mat).all() or (mat.size and np.abs(mat).max() > MAX_ABS_FEATURE):
+        for row, a, item_id, p in zip(mat, arrs, item_ids, pos):
+            err = vector_value_problem(row, f"item {item_id!r} ({modality})", p, original=a)
+            if err is not None:
+                raise err
+    return mat
+
+
 def check_modality(modality: str, known: Iterable[str]) -> str:
     """Return ``modality`` if it is one of ``known``, else raise ``ValueError``."""
     known = tuple(known)

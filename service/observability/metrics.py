@@ -54,6 +54,8 @@ import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from service.core.reasons import label_values as reason_label_values
+
 __all__ = ["PairsieveMetrics", "metric_names", "start_metrics_server", "stop_metrics_server"]
 
 NAN = math.nan
@@ -71,10 +73,7 @@ GRPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
                   5.0, 10.0, 30.0)
 
 # --- bounded label sets --------------------------------------------------------------------
-DECISION_REASONS = {
-    "accept": ("utility", "explore", "warmup"),
-    "skip": ("below_threshold", "budget_exhausted", "pacing", "warmup", "quota", "duplicate"),
-}
+DECISION_REASONS = reason_label_values()  # {"accept": codes, "skip": codes}, from core Reason
 EVENT_OUTCOMES = ("accepted", "skipped", "duplicate", "dead_letter")
 SCORE_COMPONENTS = ("uncertainty", "diversity", "coverage_bonus")
 LABEL_STATUSES = ("MATCH", "NO_MATCH", "UNSURE")
@@ -178,9 +177,9 @@ class PairsieveMetrics:
             ["modality", "outcome"], registry=r)
         self.decisions = Counter(
             "pairsieve_decisions_total",
-            "Selection decisions by modality, decision (accept|skip) and reason code (accept: "
-            "utility|explore|warmup; skip: below_threshold|budget_exhausted|pacing|warmup|quota|"
-            "duplicate). Redeliveries count as skip/duplicate: nothing is spent for them.",
+            "Selection decisions by modality, decision (accept|skip) and reason code ("
+            + "; ".join(f"{d}: {'|'.join(c)}" for d, c in DECISION_REASONS.items())
+            + "). Redeliveries count as skip/duplicate: nothing is spent for them.",
             ["modality", "decision", "reason"], registry=r)
         self.dead_letters = Counter(
             "pairsieve_dead_letters_total",

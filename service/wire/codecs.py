@@ -33,8 +33,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.core import reasons
 from service.core.types import Decision
-from service.core.validation import MAX_ABS_FEATURE
+from service.core.validation import MAX_ABS_FEATURE, vector_value_problem
 from service.handlers import (
     LABEL_STATUSES,
     AlignmentRequestOut,
@@ -146,18 +147,9 @@ def decode_vector(data: bytes, dim: int, *, what: str = "vector") -> np.ndarray:
                         f"{what}: {n} bytes = {n // 4} float32 values, but dim is {dim} "
                         f"(expected {4 * dim} bytes)")
     vec = np.frombuffer(data, dtype=_LE_F32).astype(np.float32)  # copy: native order, writable
-    bad = ~np.isfinite(vec)
-    if bad.any():
-        idx = np.flatnonzero(bad)
-        raise WireError("non_finite",
-                        f"{what}: {len(idx)} value(s) are NaN or inf (first at index {int(idx[0])}: "
-                        f"{vec[idx[0]]!r})")
-    huge = np.abs(vec) > MAX_ABS_FEATURE
-    if huge.any():
-        idx = np.flatnonzero(huge)
-        raise WireError("non_finite",
-                        f"{what}: {len(idx)} value(s) exceed |x| <= {MAX_ABS_FEATURE:g} and would "
-                        f"overflow once projected (first at index {int(idx[0])}: {vec[idx[0]]!r})")
+    err = vector_value_problem(vec, what)  # the core's format: first bad value, shape, dtype
+    if err is not None:
+        raise WireError("non_finite", str(err))
     return vec
 
 
@@ -314,7 +306,7 @@ def decision_to_proto(o: Outcome) -> pb.Decision:
             uncertainty=float(d.uncertainty), diversity=float(d.diversity),
             coverage_bonus=float(d.coverage_bonus), margin=float(d.margin),
             entropy=float(d.entropy), least_confidence=float(d.least_confidence)),
-        threshold=float(d.threshold), model_version=int(d.model_version), reason=d.reason,
+        threshold=float(d.threshold), model_version=int(d.model_version), reason=str(d.reason),
         duplicate=bool(o.duplicate), worker_id=o.worker_id)
 
 
@@ -324,7 +316,7 @@ def decision_from_proto(msg: pb.Decision) -> Outcome:
                    utility=msg.utility, uncertainty=c.uncertainty, diversity=c.diversity,
                    coverage_bonus=c.coverage_bonus, margin=c.margin, entropy=c.entropy,
                    least_confidence=c.least_confidence, threshold=msg.threshold,
-                   model_version=msg.model_version, reason=msg.reason)
+                   model_version=msg.model_version, reason=reasons.parse(msg.reason))
     return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
 
 

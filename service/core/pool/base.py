@@ -12,7 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from service.alignment.model import AlignmentModel
+from service.core.model import CrossModalModel
+
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class PoolState:
     selected : dict of str to ndarray of shape (s_m, k)
         Embeddings of acquired items of each modality (both sides of every revealed pair),
         rows L2-normalised; ``s_m`` may be 0.
-    model : AlignmentModel
+    model : CrossModalModel
         The current alignment model (version 0 = cold start, not yet aligned).
     acquired_per_modality : dict of str to int
         How many acquisitions so far were made by picking an item of each modality.
@@ -40,7 +41,7 @@ class PoolState:
     raw: dict[str, np.ndarray]
     embedded: dict[str, np.ndarray]
     selected: dict[str, np.ndarray]
-    model: AlignmentModel
+    model: CrossModalModel
     acquired_per_modality: dict[str, int] = field(default_factory=dict)
 
     def other(self, modality: str) -> str:
