@@ -58,7 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: make `service` importable
     sys.path.insert(0, ROOT)
 
-from service.handlers import IncomingEvent  # noqa: E402
+from service.messages import IncomingEvent  # noqa: E402
 from service.streaming.broker import (FEATURES_TOPIC, REQUESTS_TOPIC, EmbeddedBroker,  # noqa: E402
                                       create_topics, topic_specs)
 from service.wire import codecs  # noqa: E402

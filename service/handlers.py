@@ -16,7 +16,8 @@ set; every ``retrain_every`` new pairs a new model version is trained in the exe
 hot-swapped between two batches, the caches following the new space. Selections made by other
 workers (read from the requests topic) are folded in by :meth:`observe_remote_selection`.
 
-Inputs and outputs are plain dataclasses: converters in ``service.wire`` map them to protobuf.
+Inputs and outputs are the plain dataclasses of :mod:`service.messages`: converters in
+``service.wire`` map them to protobuf.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -37,97 +36,23 @@ from service.core.pool import DEFAULT_STRATEGY as DEFAULT_POOL_STRATEGY
 from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
-from service.core.types import Decision, FeatureItem
+from service.core.types import FeatureItem
 from service.core.validation import as_matrix, check_modality
+from service.messages import (
+    LABEL_STATUSES,
+    AlignmentRequestOut,
+    EngineStatus,
+    IncomingEvent,
+    Label,
+    LabelResult,
+    MetricsSink,
+    NullMetrics,
+    NullPublisher,
+    Outcome,
+    Publisher,
+)
 
 log = logging.getLogger("pairsieve.handler")
-
-LABEL_STATUSES = ("MATCH", "NO_MATCH", "UNSURE")
-
-
-@dataclass(frozen=True)
-class IncomingEvent:
-    """A decoded, not yet validated feature event (see ``FeatureEvent`` in the proto)."""
-
-    event_id: str
-    item_id: str
-    modality: str
-    vector: np.ndarray
-    event_time: float | None = None  # seconds since the epoch
-    source: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The verdict on one event, with its transport-level context."""
-
-    event_id: str
-    decision: Decision
-    duplicate: bool = False
-    worker_id: str = ""
-
-
-@dataclass(frozen=True)
-class AlignmentRequestOut:
-    request_id: str
-    item_id: str
-    modality: str
-    vector: np.ndarray
-    candidates: list[tuple[str, float]]
-    outcome: Outcome
-    requested_at: float
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Label:
-    """An annotator's answer (see ``AlignmentLabel``); ``status`` is MATCH, NO_MATCH or UNSURE."""
-
-    item_id: str
-    modality: str
-    partner_item_id: str
-    status: str
-    request_id: str = ""
-    annotator: str = ""
-    cost: float = 1.0
-    partner_vector: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class LabelResult:
-    accepted: int
-    ignored: int
-    model_version: int
-
-
-class Publisher(Protocol):
-    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        """Durably publish; raise if that cannot be guaranteed."""
-
-
-class NullPublisher:
-    """Publishes nowhere (pool-only or offline use)."""
-
-    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        return None
-
-
-class MetricsSink(Protocol):
-    """What the handler reports; ``service.observability`` implements it over Prometheus."""
-
-    def batch_decided(self, outcomes: Sequence[Outcome], latencies_s: Sequence[float],
-                      scoring_s: float) -> None: ...
-    def engine_state(self, status: dict) -> None: ...
-    def labels_received(self, status: str, n: int = 1) -> None: ...
-    def retrained(self, version: int, seconds: float, ok: bool) -> None: ...
-
-
-class NullMetrics:
-    def batch_decided(self, outcomes, latencies_s, scoring_s) -> None: ...
-    def engine_state(self, status) -> None: ...
-    def labels_received(self, status, n=1) -> None: ...
-    def retrained(self, version, seconds, ok) -> None: ...
 
 
 class _LRU(OrderedDict):
@@ -413,13 +338,13 @@ class SelectionHandler:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     # ------------------------------------------------------------------ status
-    def status(self) -> dict:
-        st = self.selector.status()
-        st.update(worker_id=self.worker_id, pairs_acquired=len(self._pairs),
-                  budget_total=self.selector.budget.config.total,
-                  target_rate=self.selector.budget.config.target_rate,
-                  labels=dict(self.labels_by_status), dims=dict(self.dims))
-        return st
+    def status(self) -> EngineStatus:
+        """The engine's state now (budget, counts, model, caches, labels)."""
+        return EngineStatus.from_selector(
+            self.selector.status(), worker_id=self.worker_id, pairs_acquired=len(self._pairs),
+            budget_total=self.selector.budget.config.total,
+            target_rate=self.selector.budget.config.target_rate,
+            labels=dict(self.labels_by_status), dims=dict(self.dims))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -215,7 +215,7 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     common, _k, _g = _loadtests()
     from prometheus_client import CollectorRegistry
 
-    from service.handlers import IncomingEvent
+    from service.messages import IncomingEvent
     from service.observability.metrics import PairsieveMetrics
     from service.runtime import build_engine
     from service.settings import Settings

@@ -16,7 +16,8 @@ import service.streaming.app as app_mod
 from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
-from service.handlers import IncomingEvent, SelectionHandler
+from service.handlers import SelectionHandler
+from service.messages import IncomingEvent
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
 from service.wire import codecs
@@ -89,7 +90,7 @@ class Env:
                                     self.metrics)
 
     def seen(self):
-        return self.handler.status()["seen"]
+        return self.handler.status().seen
 
     def dead_letters(self):
         out = []
@@ -157,14 +158,14 @@ def test_batch_with_header_and_single_event_without_header_are_decided():
         ])
         assert n == 12
         assert env.seen() == 12
-        st = env.handler.status()["seen_per_modality"]
+        st = env.handler.status().seen_per_modality
         assert st == {"image": 6, "text": 6}
         assert env.proc.batches == 1 and env.proc.dead_letters == 0
         assert env.publisher.raw == []
         assert env.metrics.micro_batches == [12] and env.metrics.dead == []
         # accepted ones were published once
         ids = [r.request_id for r in env.publisher.published]
-        assert ids and len(ids) == len(set(ids)) == env.handler.status()["spent"]
+        assert ids and len(ids) == len(set(ids)) == env.handler.status().spent
 
         # a FeatureBatch without the header is recognised too; a redelivery is deduplicated
         again = codecs.encode_feature_batch([_ev(i) for i in range(10)] + [_ev(12)])
@@ -216,7 +217,8 @@ def test_all_bad_kinds_in_one_micro_batch_and_a_bad_event_inside_a_batch():
                                         pb.FeatureEvent.FromString(_raw_event(modality="audio")),
                                         codecs.event_to_proto(_ev(21))]).SerializeToString()
         records.append((mixed, BATCH, SRC, 0, 50))
-        records.append((codecs.encode_feature_batch([_ev(1), _ev(2)]), BATCH, SRC, 0, 51))
+        records.append((codecs.encode_feature_batch([_ev(1), _ev(2)]), BATCH, SRC, 0,
+                                   51))
         n = await env.proc.process_feature_records(records)
         assert n == 3 and env.seen() == 3  # ev-0, ev-1, ev-2; the mixed batch is all-or-nothing
         dls = env.dead_letters()
@@ -273,15 +275,15 @@ def test_publish_failures_are_retried_and_the_batch_decided_once(monkeypatch):
         assert env.publisher.attempts == 3 and env.publisher.publish_calls == 1
         assert proxy.sleeps == [0.1, 0.2]  # exponential backoff
         st = env.handler.status()
-        assert st["seen"] == 12
+        assert st.seen == 12
         ids = [r.request_id for r in env.publisher.published]
-        assert ids and len(ids) == len(set(ids)) == st["spent"]
+        assert ids and len(ids) == len(set(ids)) == st.spent
         assert env.proc.batches == 1 and env.publisher.raw == []
         assert env.metrics.micro_batches == [12]
         # the redelivered batch (offsets were not committed before the publish) is a duplicate
         n2 = await env.proc.process_feature_records([
             (codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
-        assert n2 == 12 and env.handler.status()["seen"] == 12
+        assert n2 == 12 and env.handler.status().seen == 12
         assert env.publisher.publish_calls == 1
 
     run_env(body, fail_times=2)
@@ -335,8 +337,8 @@ def test_one_overflowing_record_does_not_dead_letter_all_later_micro_batches():
         decided = 0
         for k, lo in enumerate(range(10, 60, 10)):
             decided += await env.proc.process_feature_records([
-                (codecs.encode_feature_batch([_ev(i) for i in range(lo, lo + 10)]), BATCH, SRC,
-                 0, 2 + k)])
+                (codecs.encode_feature_batch([_ev(i) for i in range(lo, lo + 10)]),
+                            BATCH, SRC, 0, 2 + k)])
         assert decided == 50, [d.reason for d in env.dead_letters()]
         assert "invalid" not in [d.reason for d in env.dead_letters()]
 
