@@ -59,8 +59,9 @@ if ROOT not in sys.path:  # run as a script: make `service` importable
     sys.path.insert(0, ROOT)
 
 from service.messages import IncomingEvent  # noqa: E402
-from service.streaming.broker import (FEATURES_TOPIC, REQUESTS_TOPIC, EmbeddedBroker,  # noqa: E402
-                                      create_topics, topic_specs)
+from service.streaming.broker import EmbeddedBroker  # noqa: E402
+from service.streaming.topics import (FEATURES_TOPIC, REQUESTS_TOPIC, create_topics,  # noqa: E402
+                                      topic_specs)
 from service.wire import codecs  # noqa: E402
 
 CONFIGS = ("followers", "baseline", "single")

@@ -266,7 +266,7 @@ async def broker_fetch_floor(bootstrap: str, seconds: float, interval_s: float =
     """Produce->consume latency on the broker for two consumer ``fetch_max_wait_ms`` values."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from service.streaming.broker import create_topics
+    from service.streaming.topics import create_topics
 
     topic = f"pairsieve.bench-probe.{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(create_topics, bootstrap, {topic: 1})
@@ -424,7 +424,8 @@ def _kafka_args(bootstrap, suffix, rates, step_s, ramp_s, drain_s, metrics, grou
 async def _kafka(quick: bool, out: Path, log) -> dict:
     common, kafka_load, _g = _loadtests()
     from service.runtime import start_service
-    from service.streaming.broker import FEATURES_TOPIC, EmbeddedBroker
+    from service.streaming.broker import EmbeddedBroker
+    from service.streaming.topics import FEATURES_TOPIC
 
     p = KAFKA_QUICK if quick else KAFKA_FULL
     res: dict = {"params": {**p, "modalities": MODALITIES, "mix": MIX, "events_per_record": 32}}

@@ -27,9 +27,9 @@ import faust
 
 from service.handlers import SelectionHandler
 from service.settings import Settings
-from service.streaming.broker import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.streaming.kafka_io import KafkaRequestPublisher
 from service.streaming.records import KafkaRecord
+from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.stream")

@@ -22,7 +22,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from service.runtime import start_service
 from service.messages import IncomingEvent, Label
 from service.settings import Settings
-from service.streaming.broker import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
+from service.streaming.topics import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
                                       REQUESTS_TOPIC)
 from service.wire import codecs
 
