@@ -174,7 +174,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     sent = 0
     last = 0.0
     curve = [{"pairs": 0, "version": 0,
-              **retrieval_recall(svc.handler.selector.model, ds.a[test], ds.b[test])}]
+              **retrieval_recall(svc.handler.model, ds.a[test], ds.b[test])}]
     try:
         for i in range(0, len(stream), batch):
             chunk = stream[i:i + batch]
@@ -191,7 +191,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
             await answer_new_requests()
             st = svc.handler.status()
             if st.model_version != curve[-1]["version"]:
-                rec = retrieval_recall(svc.handler.selector.model, ds.a[test], ds.b[test])
+                rec = retrieval_recall(svc.handler.model, ds.a[test], ds.b[test])
                 curve.append({"pairs": st.pairs_acquired, "version": st.model_version, **rec})
             if time.perf_counter() - last > 2.0 or sent == len(stream):
                 last = time.perf_counter()
@@ -206,7 +206,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
         await asyncio.gather(ann_task, return_exceptions=True)
     elapsed = time.perf_counter() - t0
     st = svc.handler.status()
-    model = svc.handler.selector.model
+    model = svc.handler.model
     ours = retrieval_recall(model, ds.a[test], ds.b[test])
     if curve[-1]["version"] != st.model_version:
         curve.append({"pairs": st.pairs_acquired, "version": st.model_version, **ours})

@@ -159,7 +159,7 @@ async def start_service(settings: Settings) -> Service:
                                       max_request_bytes=settings.max_message_bytes)
     await publisher.start()
     handler = build_engine(settings, metrics, publisher)
-    metrics.scorer_device(str(handler.selector.scorer.device), gpu_expected=settings.device == "cuda")
+    metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
     follower = SelectionFollower(bootstrap, settings.topic(REQUESTS_TOPIC), handler)
     if settings.follow_selections:
         await follower.start()

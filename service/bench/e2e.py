@@ -258,7 +258,7 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     finally:
         handler.close()
     return {"items_per_s": rate, "items": total, "batch": 256, "seconds": seconds,
-            "warmup_s": warmup_s, "device": str(handler.selector.scorer.device),
+            "warmup_s": warmup_s, "device": handler.scorer_device,
             "with_metrics": with_metrics}
 
 

@@ -166,7 +166,7 @@ def test_labels_in_raise_the_model_version(kafka_topics):
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_batch(evs)], [codecs.FEATURE_HEADER_BATCH])
             assert await _wait(lambda: svc.handler.status().spent >= 30)
-            v0 = svc.handler.selector.model_version
+            v0 = svc.handler.model_version
             labels = [codecs.label_to_proto(Label(item_id=f"img-{i}", modality="image",
                                                   partner_item_id=f"txt-{i}", status="MATCH",
                                                   partner_vector=txt[i])).SerializeToString()
@@ -174,8 +174,8 @@ def test_labels_in_raise_the_model_version(kafka_topics):
             await asyncio.to_thread(_produce, boot, s.topic(LABELS_TOPIC), labels)
             assert await _wait(lambda: svc.handler.status().pairs_acquired >= 30)
             await svc.handler.wait_for_training()
-            assert await _wait(lambda: svc.handler.selector.model_version > v0)
-            return v0, svc.handler.selector.model_version, svc.handler.status()
+            assert await _wait(lambda: svc.handler.model_version > v0)
+            return v0, svc.handler.model_version, svc.handler.status()
         finally:
             await svc.shutdown()
 

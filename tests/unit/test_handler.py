@@ -124,7 +124,7 @@ def _snap(h):
             [c.embeddings.clone() for c in h.selector.caches.values()],
             [c.size for c in h.selector.caches.values()],
             [i.count for i in h.selector.scorer._index.values()],
-            len(h._decided), len(h._vectors), len(h._pairs))
+            len(h._decided), len(h.learning.items), len(h.learning.pairs))
 
 
 def _same(s1, s2):
@@ -134,7 +134,7 @@ def _same(s1, s2):
 
 
 def _min_dist(h, modality, vec):
-    z = h.selector.model.embed(modality, np.asarray(vec, np.float32)[None, :])
+    z = h.model.embed(modality, np.asarray(vec, np.float32)[None, :])
     return float(h.selector.caches[modality].min_distance(z)[0])
 
 
@@ -322,21 +322,22 @@ def test_labels_build_pairs_and_retrain_hot_swaps_the_model(make):
                                 status="MATCH", request_id=d.item_id, partner_vector=pvec))
         r1 = await h.report_alignment(labels[:2])
         assert r1 == LabelResult(accepted=2, ignored=0, model_version=1)
-        assert h.status().pairs_acquired == 2 and h._training is None
+        assert h.status().pairs_acquired == 2 and h.learning.training is None
         # the same label again does not make a second pair
         r_dup = await h.report_alignment(labels[:1])
-        assert r_dup.accepted == 1 and h.status().pairs_acquired == 2 and h._training is None
+        assert (r_dup.accepted == 1 and h.status().pairs_acquired == 2
+                and h.learning.training is None)
         # a revealed partner is now in that modality's selected-set cache
-        other = h.selector.model.other(labels[0].modality)
+        other = h.model.other(labels[0].modality)
         assert _min_dist(h, other, labels[0].partner_vector) < 1e-3
 
         r2 = await h.report_alignment(labels[2:3])  # third pair -> retrain starts
         assert r2.accepted == 1 and h.status().pairs_acquired == 3
-        assert h._training is not None
+        assert h.learning.training is not None
         await h.wait_for_training()
-        assert h.selector.model_version == 2
+        assert h.model_version == 2
         assert h.status().model_version == 2
-        assert len(models) == 1 and models[0].version == 2 and models[0] is h.selector.model
+        assert len(models) == 1 and models[0].version == 2 and models[0] is h.model
         assert [(v, ok) for v, _, ok in met.retrains] == [(2, True)]
 
         later = await h.submit(_evs(40, 46))
@@ -345,7 +346,7 @@ def test_labels_build_pairs_and_retrain_hot_swaps_the_model(make):
         # one more pair is below retrain_every: no second retrain
         await h.report_alignment(labels[3:4])
         await h.wait_for_training()
-        assert h.selector.model_version == 2 and len(models) == 1
+        assert h.model_version == 2 and len(models) == 1
         assert h.status().labels == {"MATCH": 5, "NO_MATCH": 0, "UNSURE": 0}
         assert met.labels == [("MATCH", 1)] * 5
 
@@ -416,7 +417,7 @@ def test_failed_retrain_keeps_model_and_stream_running(make, monkeypatch):
         res = await h.report_alignment(labels)
         assert res.accepted == 2
         await h.wait_for_training()
-        assert h.selector.model_version == 1 and not models
+        assert h.model_version == 1 and not models
         assert len(met.retrains) == 1
         version, seconds, ok = met.retrains[0]
         assert (version, ok) == (1, False) and seconds >= 0
