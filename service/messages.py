@@ -15,7 +15,8 @@ state, typed: a renamed field fails loudly at every consumer).
 Ports
 -----
 :class:`Publisher` (durable publication of alignment requests), :class:`MetricsSink` (what the
-engine reports) and :class:`TransportMetricsSink` (what the Kafka and gRPC adapters report);
+engine reports) and :class:`StreamMetricsSink` (what the Kafka stream processor reports; the gRPC
+server's is ``service.rpc.server.GrpcMetrics``);
 :class:`NullPublisher` and :class:`NullMetrics` are the do-nothing implementations.
 """
 
@@ -32,7 +33,7 @@ from service.core.types import Decision
 
 __all__ = [
     "LABEL_STATUSES", "IncomingEvent", "Outcome", "AlignmentRequestOut", "Label", "LabelResult",
-    "EngineStatus", "Publisher", "NullPublisher", "MetricsSink", "TransportMetricsSink",
+    "EngineStatus", "Publisher", "NullPublisher", "MetricsSink", "StreamMetricsSink",
     "NullMetrics",
 ]
 
@@ -274,13 +275,12 @@ class MetricsSink(Protocol):
     def retrained(self, version: int, seconds: float, ok: bool) -> None: ...
 
 
-class TransportMetricsSink(Protocol):
-    """What the Kafka and gRPC adapters report (``PairsieveMetrics`` implements it too)."""
+class StreamMetricsSink(Protocol):
+    """What the Kafka stream processor reports (``PairsieveMetrics`` implements it too)."""
 
     def dead_lettered(self, reason: str, modality: str = "unknown") -> None: ...
     def micro_batch(self, n: int) -> None: ...
     def consumer_lag(self, topic: str, lag: float) -> None: ...
-    def grpc_request(self, method: str, code: Any, seconds: float) -> None: ...
 
 
 class NullMetrics:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import faust
 
 from service.handlers import SelectionHandler
+from service.messages import StreamMetricsSink
 from service.settings import Settings
 from service.streaming.kafka_io import KafkaRequestPublisher
 from service.streaming.records import KafkaRecord
@@ -71,7 +72,7 @@ class StreamProcessor:
     """Builds the faust app and its agents around one handler."""
 
     def __init__(self, settings: Settings, bootstrap: str, handler: SelectionHandler,
-                 publisher: KafkaRequestPublisher, metrics=None):
+                 publisher: KafkaRequestPublisher, metrics: StreamMetricsSink | None = None):
         self.settings = settings
         self.handler = handler
         self.publisher = publisher
