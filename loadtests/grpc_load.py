@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from service.perfbench.fixtures import VectorBank, machine_info
-from service.perfbench.loadgen import (grpc_phases_table, md_table, parse_ints,
+from service.perfbench.loadgen import (grpc_phases_table, parse_ints,
                                        parse_mix, parse_modalities, pb, percentiles, pyplot,
                                        save_figure, set_timestamp, write_csv, write_json)
 

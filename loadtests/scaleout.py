@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.handlers import IncomingEvent
+from service.messages import IncomingEvent
 from service.perfbench.fixtures import machine_info
-from service.streaming.broker import (FEATURES_TOPIC, REQUESTS_TOPIC, EmbeddedBroker,
-                                      create_topics, topic_specs)
+from service.streaming.broker import EmbeddedBroker
+from service.streaming.topics import FEATURES_TOPIC, REQUESTS_TOPIC, create_topics, topic_specs
 from service.wire import codecs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (workers' cwd)

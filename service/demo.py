@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
 from service.evaluation.datasets import get_dataset
-from service.handlers import IncomingEvent, Label
+from service.messages import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings
-from service.streaming.broker import LABELS_TOPIC, REQUESTS_TOPIC, FEATURES_TOPIC
+from service.streaming.topics import LABELS_TOPIC, REQUESTS_TOPIC, FEATURES_TOPIC
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.demo")
@@ -154,7 +154,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
         triggers swapped in before the next: the pair count each model version is trained on,
         and so every later decision, does not depend on timing."""
         nonlocal labels_sent
-        spent = svc.handler.status()["spent"]
+        spent = svc.handler.status().spent
         await _wait_for(lambda: len(requested) >= spent,
                         lambda: f"{len(requested)} of {spent} requests seen")
         for req in sorted(requested[labels_sent:], key=lambda q: position[q.item_id]):
@@ -165,7 +165,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
             await producer.send_and_wait(settings.topic(LABELS_TOPIC),
                                          codecs.label_to_proto(label).SerializeToString())
             labels_sent += 1
-            await _wait_for(lambda: sum(svc.handler.labels_by_status.values()) >= labels_sent,
+            await _wait_for(lambda: sum(svc.handler.status().labels.values()) >= labels_sent,
                             lambda: f"{labels_sent} labels sent, fewer taken in")
             await svc.handler.settle()
 
@@ -174,7 +174,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     sent = 0
     last = 0.0
     curve = [{"pairs": 0, "version": 0,
-              **retrieval_recall(svc.handler.selector.model, ds.a[test], ds.b[test])}]
+              **retrieval_recall(svc.handler.model, ds.a[test], ds.b[test])}]
     try:
         for i in range(0, len(stream), batch):
             chunk = stream[i:i + batch]
@@ -185,20 +185,20 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
                                          codecs.encode_feature_batch(evs), key=str(i).encode(),
                                          headers=[codecs.FEATURE_HEADER_BATCH])
             sent += len(chunk)
-            await _wait_for(lambda: svc.handler.status()["seen"] >= sent,
-                            lambda: f"{svc.handler.status()['seen']} of {sent} events decided")
+            await _wait_for(lambda: svc.handler.status().seen >= sent,
+                            lambda: f"{svc.handler.status().seen} of {sent} events decided")
             await svc.handler.settle()  # the batch's publish + commit are done
             await answer_new_requests()
             st = svc.handler.status()
-            if st["model_version"] != curve[-1]["version"]:
-                rec = retrieval_recall(svc.handler.selector.model, ds.a[test], ds.b[test])
-                curve.append({"pairs": st["pairs_acquired"], "version": st["model_version"], **rec})
+            if st.model_version != curve[-1]["version"]:
+                rec = retrieval_recall(svc.handler.model, ds.a[test], ds.b[test])
+                curve.append({"pairs": st.pairs_acquired, "version": st.model_version, **rec})
             if time.perf_counter() - last > 2.0 or sent == len(stream):
                 last = time.perf_counter()
-                _say(f"  sent {sent:5d}/{len(stream)}  decided {st['seen']:5d}  accepted "
-                     f"{st['spent']:4d}  pairs {st['pairs_acquired']:4d}  model "
-                     f"v{st['model_version']}  R@1 {curve[-1]['r1']:.3f}")
-            if st["spent"] >= budget:
+                _say(f"  sent {sent:5d}/{len(stream)}  decided {st.seen:5d}  accepted "
+                     f"{st.spent:4d}  pairs {st.pairs_acquired:4d}  model "
+                     f"v{st.model_version}  R@1 {curve[-1]['r1']:.3f}")
+            if st.spent >= budget:
                 _say(f"  budget spent after {sent} of {len(stream)} events")
                 break
     finally:
@@ -206,17 +206,17 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
         await asyncio.gather(ann_task, return_exceptions=True)
     elapsed = time.perf_counter() - t0
     st = svc.handler.status()
-    model = svc.handler.selector.model
+    model = svc.handler.model
     ours = retrieval_recall(model, ds.a[test], ds.b[test])
-    if curve[-1]["version"] != st["model_version"]:
-        curve.append({"pairs": st["pairs_acquired"], "version": st["model_version"], **ours})
+    if curve[-1]["version"] != st.model_version:
+        curve.append({"pairs": st.pairs_acquired, "version": st.model_version, **ours})
     _say("measuring the same learner on random pairs at the same pair counts ...")
     rand = random_curve(ds, pool, test, [p["pairs"] for p in curve], embedding_dim, seed)
     result = {
         "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)), "budget": budget,
-        "accepted": st["spent"], "pairs_acquired": st["pairs_acquired"],
-        "model_version": st["model_version"],
-        "accepted_per_modality": st["accepted_per_modality"],
+        "accepted": st.spent, "pairs_acquired": st.pairs_acquired,
+        "model_version": st.model_version,
+        "accepted_per_modality": dict(st.accepted_per_modality),
         "r1": ours["r1"], "r5": ours["r5"],
         "random_r1": rand[-1]["r1"], "random_r5": rand[-1]["r5"],
         "curve": curve, "random_curve": rand,

@@ -1,6 +1,6 @@
 """The one domain facade shared by the Kafka and gRPC paths.
 
-:class:`SelectionHandler` owns the engine state (selector, trainer, training pairs) and the
+:class:`SelectionHandler` owns the engine state (selector, dedup memory, learning loop) and the
 order of operations for every batch, whatever its transport:
 
 1. drop events already decided (redelivery: the earlier decision is returned, marked duplicate;
@@ -11,24 +11,21 @@ order of operations for every batch, whatever its transport:
 4. only then ``commit`` (budget, caches, history) and remember the decisions.
 
 A batch whose publish fails is not committed: the caller sees the exception, nothing was spent,
-and the redelivered batch is decided afresh. Labels (:meth:`report_alignment`) build the training
-set; every ``retrain_every`` new pairs a new model version is trained in the executor and
-hot-swapped between two batches, the caches following the new space. Selections made by other
-workers (read from the requests topic) are folded in by :meth:`observe_remote_selection`.
+and the redelivered batch is decided afresh. Labels (:meth:`report_alignment`) go to the
+:class:`~service.learning_loop.LearningLoop` (pairs store, retraining every ``retrain_every`` new
+pairs, model hot swap between two batches). Selections made by other workers (read from the
+requests topic) are folded in by :meth:`observe_remote_selection`.
 
-Inputs and outputs are plain dataclasses: converters in ``service.wire`` map them to protobuf.
+Inputs and outputs are the plain dataclasses of :mod:`service.messages`: converters in
+``service.wire`` map them to protobuf.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -37,109 +34,22 @@ from service.core.pool import DEFAULT_STRATEGY as DEFAULT_POOL_STRATEGY
 from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
-from service.core.types import Decision, FeatureItem
+from service.core.types import FeatureItem
 from service.core.validation import VectorError, as_matrix, check_modality
-
-log = logging.getLogger("pairsieve.handler")
-
-LABEL_STATUSES = ("MATCH", "NO_MATCH", "UNSURE")
-
-
-@dataclass(frozen=True)
-class IncomingEvent:
-    """A decoded, not yet validated feature event (see ``FeatureEvent`` in the proto)."""
-
-    event_id: str
-    item_id: str
-    modality: str
-    vector: np.ndarray
-    event_time: float | None = None  # seconds since the epoch
-    source: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The verdict on one event, with its transport-level context."""
-
-    event_id: str
-    decision: Decision
-    duplicate: bool = False
-    worker_id: str = ""
-
-
-@dataclass(frozen=True)
-class AlignmentRequestOut:
-    request_id: str
-    item_id: str
-    modality: str
-    vector: np.ndarray
-    candidates: list[tuple[str, float]]
-    outcome: Outcome
-    requested_at: float
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Label:
-    """An annotator's answer (see ``AlignmentLabel``); ``status`` is MATCH, NO_MATCH or UNSURE."""
-
-    item_id: str
-    modality: str
-    partner_item_id: str
-    status: str
-    request_id: str = ""
-    annotator: str = ""
-    cost: float = 1.0
-    partner_vector: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class LabelResult:
-    accepted: int
-    ignored: int
-    model_version: int
-
-
-class Publisher(Protocol):
-    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        """Durably publish; raise if that cannot be guaranteed."""
-
-
-class NullPublisher:
-    """Publishes nowhere (pool-only or offline use)."""
-
-    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        return None
-
-
-class MetricsSink(Protocol):
-    """What the handler reports; ``service.observability`` implements it over Prometheus."""
-
-    def batch_decided(self, outcomes: Sequence[Outcome], latencies_s: Sequence[float],
-                      scoring_s: float) -> None: ...
-    def engine_state(self, status: dict) -> None: ...
-    def labels_received(self, status: str, n: int = 1) -> None: ...
-    def retrained(self, version: int, seconds: float, ok: bool) -> None: ...
-
-
-class NullMetrics:
-    def batch_decided(self, outcomes, latencies_s, scoring_s) -> None: ...
-    def engine_state(self, status) -> None: ...
-    def labels_received(self, status, n=1) -> None: ...
-    def retrained(self, version, seconds, ok) -> None: ...
-
-
-class _LRU(OrderedDict):
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = int(capacity)
-
-    def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
+from service.learning_loop import LearningLoop
+from service.lru import LRU
+from service.messages import (
+    AlignmentRequestOut,
+    EngineStatus,
+    IncomingEvent,
+    Label,
+    LabelResult,
+    MetricsSink,
+    NullMetrics,
+    NullPublisher,
+    Outcome,
+    Publisher,
+)
 
 
 class SelectionHandler:
@@ -164,6 +74,13 @@ class SelectionHandler:
     clock : callable returning seconds since the epoch
     on_model : callable(AlignmentModel) or None
         Called after each hot swap (e.g. to checkpoint the model).
+
+    Attributes
+    ----------
+    learning : LearningLoop
+        Labels, pairs store, retraining and model swap (shares this facade's lock and executor).
+    model, model_version, scorer_device
+        The model in use, its version and where the selector scores.
     """
 
     def __init__(self, selector: StreamingSelector, trainer: AlignmentTrainer,
@@ -175,25 +92,38 @@ class SelectionHandler:
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
         self.selector = selector
-        self.trainer = trainer
         self.publisher = publisher or NullPublisher()
         self.metrics = metrics or NullMetrics()
         self.worker_id = worker_id
-        self.retrain_every = int(retrain_every)
         self.candidates_k = int(candidates_k)
         self.clock = clock
-        self.on_model = on_model
         self.modalities = selector.modalities
         self.dims = dict(selector.model.dims)
-        self._decided: _LRU = _LRU(dedup_capacity)  # event_id -> Outcome
-        self._vectors: _LRU = _LRU(vector_capacity)  # item_id -> (modality, vector)
-        self._pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self._pairs_at_last_train = 0
+        self._decided: LRU = LRU(dedup_capacity)  # event_id -> Outcome
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairsieve-torch")
-        self._training: asyncio.Task | None = None
-        self._pending_model: AlignmentModel | None = None
-        self.labels_by_status = {s: 0 for s in LABEL_STATUSES}
+        self.learning = LearningLoop(selector, trainer, executor=self._executor, lock=self._lock,
+                                     metrics=self.metrics, retrain_every=retrain_every,
+                                     vector_capacity=vector_capacity, on_model=on_model)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def trainer(self) -> AlignmentTrainer:
+        return self.learning.trainer
+
+    @property
+    def model(self) -> AlignmentModel:
+        """The alignment model in use."""
+        return self.learning.model
+
+    @property
+    def model_version(self) -> int:
+        return self.learning.model_version
+
+    @property
+    def scorer_device(self) -> str:
+        """Where the selector scores (e.g. ``cpu``, ``cuda:0``)."""
+        return str(self.selector.scorer.device)
 
     # ------------------------------------------------------------------ events
     def validate(self, ev: IncomingEvent) -> FeatureItem:
@@ -215,7 +145,7 @@ class SelectionHandler:
         items = [self.validate(ev) for ev in events]
         loop = asyncio.get_running_loop()
         async with self._lock:
-            self._swap_in_pending_model()
+            self.learning.swap_in_pending()
             fresh_idx, seen_in_batch = [], set()
             for i, ev in enumerate(events):
                 if ev.event_id in self._decided or ev.event_id in seen_in_batch:
@@ -254,7 +184,7 @@ class SelectionHandler:
                 for ev_id, out in outcomes.items():
                     self._decided.put(ev_id, out)
                 for i, vec in zip(fresh_idx, vectors):
-                    self._vectors.put(events[i].item_id, (events[i].modality, vec))
+                    self.learning.remember(events[i].item_id, events[i].modality, vec)
             result, emitted = [], set()
             for ev in events:
                 out = outcomes.get(ev.event_id)
@@ -293,101 +223,24 @@ class SelectionHandler:
                 return False
             await loop.run_in_executor(self._executor, self.selector.observe_external, d.modality, vec)
             self._decided.put(outcome.event_id, outcome)
-            self._vectors.put(d.item_id, (d.modality, vec[0]))
+            self.learning.remember(d.item_id, d.modality, vec[0])
             self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return True
 
     # ------------------------------------------------------------------ labels
     async def report_alignment(self, labels: Sequence[Label]) -> LabelResult:
-        """Take annotators' answers; MATCH pairs whose two vectors are known join the training set."""
-        accepted = ignored = 0
-        for lb in labels:
-            if lb.status not in LABEL_STATUSES:
-                raise ValueError(f"label for {lb.item_id!r}: unknown status {lb.status!r}; "
-                                 f"expected one of {LABEL_STATUSES}")
-            check_modality(lb.modality, self.modalities)
-        async with self._lock:
-            for lb in labels:
-                self.labels_by_status[lb.status] += 1
-                self.metrics.labels_received(lb.status)
-                if lb.status != "MATCH" or not lb.partner_item_id:
-                    ignored += 1
-                    continue
-                item = self._vectors.get(lb.item_id)
-                other = self.selector.model.other(lb.modality)
-                if lb.partner_vector is not None and len(lb.partner_vector):
-                    partner = as_matrix(lb.partner_vector, self.dims[other],
-                                        name=f"partner of {lb.item_id!r}")[0]
-                else:
-                    got = self._vectors.get(lb.partner_item_id)
-                    partner = got[1] if got and got[0] == other else None
-                if item is None or partner is None or item[0] != lb.modality:
-                    ignored += 1
-                    continue
-                a, b = (item[1], partner) if lb.modality == self.modalities[0] else (partner, item[1])
-                self._pairs[(lb.item_id, lb.partner_item_id)] = (a, b)
-                self._vectors.put(lb.partner_item_id, (other, partner))
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.selector.reveal_partner, other, partner[None, :])
-                accepted += 1
-            if len(self._pairs) - self._pairs_at_last_train >= self.retrain_every:
-                self._start_training()
-        return LabelResult(accepted, ignored, self.selector.model_version)
-
-    def _start_training(self) -> None:
-        if self._training is not None and not self._training.done():
-            return
-        self._pairs_at_last_train = len(self._pairs)
-        pairs = list(self._pairs.values())
-        unpaired = {m: [v for mm, v in self._vectors.values() if mm == m] for m in self.modalities}
-        init = self.selector.model
-        self._training = asyncio.get_running_loop().create_task(self._train(pairs, unpaired, init))
-
-    async def _train(self, pairs, unpaired, init) -> None:
-        t0 = time.perf_counter()
-
-        def work():
-            if all(len(v) >= 2 for v in unpaired.values()):
-                self.trainer.fit_unpaired({m: np.stack(v) for m, v in unpaired.items()})
-            a = np.stack([p[0] for p in pairs])
-            b = np.stack([p[1] for p in pairs])
-            return self.trainer.fit(a, b, init=init)
-
-        try:
-            model = await asyncio.get_running_loop().run_in_executor(self._executor, work)
-        except Exception:  # a failed retrain must not stop the stream
-            log.exception("retraining failed; keeping model version %s", init.version)
-            self.metrics.retrained(init.version, time.perf_counter() - t0, False)
-            return
-        self._pending_model = model
-        self.metrics.retrained(model.version, time.perf_counter() - t0, True)
-        async with self._lock:
-            self._swap_in_pending_model()
-
-    def _swap_in_pending_model(self) -> None:
-        model, self._pending_model = self._pending_model, None
-        if model is None or model.version <= self.selector.model_version:
-            return
-        self.selector.set_model(model)
-        log.info("model version %d hot-swapped in (%d pairs)", model.version, model.n_pairs)
-        if self.on_model is not None:
-            self.on_model(model)
+        """Take annotators' answers; MATCH pairs whose two vectors are known join the training set
+        (see :meth:`LearningLoop.add_labels`)."""
+        return await self.learning.add_labels(labels)
 
     async def wait_for_training(self) -> None:
         """Wait until a retrain in flight (if any) has been swapped in."""
-        if self._training is not None:
-            await self._training
+        await self.learning.wait_for_training()
 
     async def settle(self) -> None:
-        """Wait for the submit or label call in progress (if any), then for its retrain.
-
-        A label call starts its retrain right after it releases the engine lock, before it next
-        yields; so once the lock is ours, any retrain those labels triggered has been started and
-        ``wait_for_training`` sees it. The demo uses this to replay in lock step.
-        """
-        async with self._lock:
-            pass
-        await self.wait_for_training()
+        """Wait for the submit or label call in progress (if any), then for its retrain
+        (:meth:`LearningLoop.settle`). The demo uses this to replay in lock step."""
+        await self.learning.settle()
 
     # ------------------------------------------------------------------ pool mode
     async def select_pool(self, ids: Sequence[str], modalities: Sequence[str], vectors: Sequence,
@@ -421,13 +274,14 @@ class SelectionHandler:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     # ------------------------------------------------------------------ status
-    def status(self) -> dict:
-        st = self.selector.status()
-        st.update(worker_id=self.worker_id, pairs_acquired=len(self._pairs),
-                  budget_total=self.selector.budget.config.total,
-                  target_rate=self.selector.budget.config.target_rate,
-                  labels=dict(self.labels_by_status), dims=dict(self.dims))
-        return st
+    def status(self) -> EngineStatus:
+        """The engine's state now (budget, counts, model, caches, labels)."""
+        return EngineStatus.from_selector(
+            self.selector.status(), worker_id=self.worker_id,
+            pairs_acquired=self.learning.pairs_acquired,
+            budget_total=self.selector.budget.config.total,
+            target_rate=self.selector.budget.config.target_rate,
+            labels=dict(self.learning.labels_by_status), dims=dict(self.dims))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

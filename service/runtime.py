@@ -31,9 +31,9 @@ from service.observability.metrics import PairsieveMetrics, start_metrics_server
 from service.rpc.server import start_grpc_server
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
-from service.streaming.broker import (REQUESTS_TOPIC, EmbeddedBroker, create_topics,
-                                      topic_specs)
+from service.streaming.broker import EmbeddedBroker
 from service.streaming.kafka_io import KafkaRequestPublisher, SelectionFollower
+from service.streaming.topics import REQUESTS_TOPIC, create_topics, topic_specs
 from service.threads import limit_compute_threads
 
 log = logging.getLogger("pairsieve.runtime")
@@ -159,7 +159,7 @@ async def start_service(settings: Settings) -> Service:
                                       max_request_bytes=settings.max_message_bytes)
     await publisher.start()
     handler = build_engine(settings, metrics, publisher)
-    metrics.scorer_device(str(handler.selector.scorer.device), gpu_expected=settings.device == "cuda")
+    metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
     follower = SelectionFollower(bootstrap, settings.topic(REQUESTS_TOPIC), handler)
     if settings.follow_selections:
         await follower.start()

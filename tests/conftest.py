@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from service.streaming.broker import TOPICS, EmbeddedBroker, create_topics, topic_specs
+from service.streaming.broker import EmbeddedBroker
+from service.streaming.topics import TOPICS, create_topics, topic_specs
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.core.model import CrossModalModel
+from service.core.cross_modal_model import CrossModalModel
 from service.core.uncertainty import uncertainties_from_logits
 from service.core.validation import as_matrix, check_modality
 

@@ -55,6 +55,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.core.reasons import label_values as reason_label_values
+from service.messages import LABEL_STATUSES, EngineStatus
 
 __all__ = ["PairsieveMetrics", "metric_names", "start_metrics_server", "stop_metrics_server"]
 
@@ -76,7 +77,6 @@ GRPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 DECISION_REASONS = reason_label_values()  # {"accept": codes, "skip": codes}, from core Reason
 EVENT_OUTCOMES = ("accepted", "skipped", "duplicate", "dead_letter")
 SCORE_COMPONENTS = ("uncertainty", "diversity", "coverage_bonus")
-LABEL_STATUSES = ("MATCH", "NO_MATCH", "UNSURE")
 GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
               "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
               "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
@@ -310,7 +310,7 @@ class PairsieveMetrics:
     # ================================================================ MetricsSink
     def batch_decided(self, outcomes: Sequence[Any], latencies_s: Sequence[float],
                       scoring_s: float) -> None:
-        """One batch was decided: ``outcomes`` are ``service.handlers.Outcome`` objects.
+        """One batch was decided: ``outcomes`` are ``service.messages.Outcome`` objects.
 
         Aggregated per batch (one ``inc(n)`` per label set, one bulk observe per histogram child)
         so the per-event cost on the event loop is a few dict updates.
@@ -347,34 +347,32 @@ class PairsieveMetrics:
         if outcomes and not self._adapter_batch_sizes:
             self.micro_batch_size.observe(len(outcomes))
 
-    def engine_state(self, status: Mapping[str, Any]) -> None:
-        """The engine's state (``SelectionHandler.status()``); absent keys are left unchanged."""
+    def engine_state(self, status: EngineStatus) -> None:
+        """The engine's state (``SelectionHandler.status()``, an :class:`EngineStatus`).
+
+        Raises
+        ------
+        TypeError
+            If ``status`` is not an :class:`EngineStatus` (the message names its type).
+        """
+        if not isinstance(status, EngineStatus):
+            raise TypeError(f"engine_state needs an EngineStatus, got {type(status).__name__}")
         with self._lock:
-            if "spent" in status:
-                self.budget_spent.set(_num(status["spent"]))
-            if "remaining" in status:
-                self.budget_remaining.set(_num(status["remaining"]))
-            if "budget_total" in status:
-                total = status["budget_total"]
-                self.budget_total.set(_num(total))
-                self.budget_unlimited.set(1 if total is None else 0)
-            if "acceptance_rate" in status:
-                self.acceptance_rate.set(_num(status["acceptance_rate"]))
-            if "target_rate" in status:
-                self.acceptance_rate_target.set(_num(status["target_rate"]))
-            if "threshold" in status:
-                self.threshold.set(_num(status["threshold"]))
-            if "model_version" in status:
-                self.model_version.set(_num(status["model_version"]))
-            if "pairs_acquired" in status:
-                self.pairs_acquired.set(_num(status["pairs_acquired"]))
-            for m, fill in (status.get("cache_fill") or {}).items():
+            self.budget_spent.set(_num(status.spent))
+            self.budget_remaining.set(_num(status.remaining))
+            self.budget_total.set(_num(status.budget_total))
+            self.budget_unlimited.set(1 if status.budget_total is None else 0)
+            self.acceptance_rate.set(_num(status.acceptance_rate))
+            self.acceptance_rate_target.set(_num(status.target_rate))
+            self.threshold.set(_num(status.threshold))
+            self.model_version.set(_num(status.model_version))
+            self.pairs_acquired.set(_num(status.pairs_acquired))
+            for m, fill in status.cache_fill.items():
                 self.cache_fill.labels(self._modality(m)).set(_num(fill))
-            for m, cum in (status.get("cache_evictions") or {}).items():
+            for m, cum in status.cache_evictions.items():
                 self._evictions(m, float(cum))
-            accepts = status.get("accepted_per_modality")
-            if accepts:
-                self._shares(accepts)
+            if status.accepted_per_modality:
+                self._shares(status.accepted_per_modality)
 
     def labels_received(self, status: str, n: int = 1) -> None:
         """``n`` annotator answers of ``status`` (MATCH|NO_MATCH|UNSURE; else ``other``)."""

@@ -214,7 +214,7 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     """
     from prometheus_client import CollectorRegistry
 
-    from service.handlers import IncomingEvent
+    from service.messages import IncomingEvent
     from service.observability.metrics import PairsieveMetrics
     from service.runtime import build_engine
     from service.settings import Settings
@@ -257,7 +257,7 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     finally:
         handler.close()
     return {"items_per_s": rate, "items": total, "batch": 256, "seconds": seconds,
-            "warmup_s": warmup_s, "device": str(handler.selector.scorer.device),
+            "warmup_s": warmup_s, "device": handler.scorer_device,
             "with_metrics": with_metrics}
 
 
@@ -265,7 +265,7 @@ async def broker_fetch_floor(bootstrap: str, seconds: float, interval_s: float =
     """Produce->consume latency on the broker for two consumer ``fetch_max_wait_ms`` values."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from service.streaming.broker import create_topics
+    from service.streaming.topics import create_topics
 
     topic = f"pairsieve.bench-probe.{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(create_topics, bootstrap, {topic: 1})
@@ -420,7 +420,8 @@ def _kafka_args(bootstrap, suffix, rates, step_s, ramp_s, drain_s, metrics, grou
 # --------------------------------------------------------------------------- Kafka path
 async def _kafka(quick: bool, out: Path, log) -> dict:
     from service.runtime import start_service
-    from service.streaming.broker import FEATURES_TOPIC, EmbeddedBroker
+    from service.streaming.broker import EmbeddedBroker
+    from service.streaming.topics import FEATURES_TOPIC
 
     p = KAFKA_QUICK if quick else KAFKA_FULL
     res: dict = {"params": {**p, "modalities": MODALITIES, "mix": MIX, "events_per_record": 32}}

@@ -84,7 +84,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
             picked = await self.handler.select_pool(ids, mods, vecs, request.budget,
                                                     request.strategy or "default", request.seed)
             return pb.SelectPoolResponse(selected_item_ids=picked,
-                                         model_version=self.handler.selector.model_version)
+                                         model_version=self.handler.model_version)
         return await self._call(context, work)
 
     async def ReportAlignment(self, request: pb.ReportAlignmentRequest,

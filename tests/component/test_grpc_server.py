@@ -169,7 +169,7 @@ def test_bad_input_is_invalid_argument_naming_the_problem(request_, match):
             code, details = await _code(env.stub.Submit(request_(), timeout=10))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             assert __import__("re").search(match, details), details
-            assert env.handler.status()["seen"] == 0 and not env.publisher.calls
+            assert env.handler.status().seen == 0 and not env.publisher.calls
             # the stream path maps errors the same way
             code, _ = await _code(env.stub.SubmitStream(iter([request_()]), timeout=10).read())
             assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -201,7 +201,7 @@ def test_token_auth_and_open_health():
             assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid bearer token" in details
             code, _ = await _code(env.stub.SubmitStream(iter([_submit(0, 2)]), timeout=5).read())
             assert code == grpc.StatusCode.UNAUTHENTICATED
-            assert not env.publisher.calls and env.handler.status()["seen"] == 0
+            assert not env.publisher.calls and env.handler.status().seen == 0
 
             ok = await env.stub.Submit(_submit(0, 2), timeout=5,
                                        metadata=(("authorization", f"Bearer {TOKEN}"),))
@@ -292,7 +292,7 @@ def test_too_short_deadline_is_refused_before_any_work():
             code, _ = await _code(env.stub.Submit(_submit(0, 4), timeout=1.0))
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
             await asyncio.sleep(0.05)
-            assert env.handler.status()["seen"] == 0 and env.publisher.calls == 0
+            assert env.handler.status().seen == 0 and env.publisher.calls == 0
             (m, c, secs), = [x for x in env.metrics.calls if x[0] == "Submit"]
             assert c == "DEADLINE_EXCEEDED" and secs < 0.5
             ok = await env.stub.Submit(_submit(0, 4))  # no deadline: fine

@@ -21,7 +21,7 @@ from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import Decision, FeatureItem
-from service.handlers import Outcome
+from service.messages import EngineStatus, Outcome
 from service.observability.metrics import (
     PairsieveMetrics,
     metric_names,
@@ -125,11 +125,21 @@ def real_status(total=20):
         items = [FeatureItem(f"item-{j}", "image", a[j]) if j % 2 == 0
                  else FeatureItem(f"item-{j}", "text", b[j]) for j in range(lo, lo + 20)]
         sel.commit(sel.propose(items))
-    st = sel.status()
-    st.update(worker_id="worker-item-7", pairs_acquired=3, budget_total=sel.budget.config.total,
-              target_rate=sel.budget.config.target_rate,
-              labels={"MATCH": 3, "NO_MATCH": 1, "UNSURE": 0}, dims=dict(DIMS))
-    return st
+    return EngineStatus.from_selector(
+        sel.status(), worker_id="worker-item-7", pairs_acquired=3,
+        budget_total=sel.budget.config.total, target_rate=sel.budget.config.target_rate,
+        labels={"MATCH": 3, "NO_MATCH": 1, "UNSURE": 0}, dims=dict(DIMS))
+
+
+def engine_status(**fields):
+    """An :class:`EngineStatus` with ``fields`` set and neutral values elsewhere (zero counts,
+    no modalities): what a report of only those fields used to look like."""
+    base = dict(worker_id="w", spent=0, remaining=0, budget_total=0, seen=0, acceptance_rate=0.0,
+                target_rate=0.0, threshold=0.0, model_version=0, pairs_acquired=0,
+                accepted_per_modality={}, seen_per_modality={}, cache_fill={},
+                cache_evictions={}, labels={}, dims={})
+    base.update(fields)
+    return EngineStatus(**base)
 
 
 
@@ -239,32 +249,32 @@ def test_unknown_reason_code_is_bounded(reg, m, scrape):
 def test_engine_state_from_real_handler_status(reg, m, status, scrape):
     m.engine_state(status)
     s = scrape()
-    assert s("pairsieve_budget_spent") == status["spent"]
-    assert s("pairsieve_budget_remaining") == status["remaining"] == 20 - status["spent"]
+    assert s("pairsieve_budget_spent") == status.spent
+    assert s("pairsieve_budget_remaining") == status.remaining == 20 - status.spent
     assert s("pairsieve_budget_total") == 20
     assert s("pairsieve_budget_unlimited") == 0
-    assert s("pairsieve_acceptance_rate") == pytest.approx(status["acceptance_rate"])
+    assert s("pairsieve_acceptance_rate") == pytest.approx(status.acceptance_rate)
     assert s("pairsieve_acceptance_rate_target") == pytest.approx(0.3)
-    assert s("pairsieve_threshold") == pytest.approx(status["threshold"])
-    assert s("pairsieve_model_version") == status["model_version"]
+    assert s("pairsieve_threshold") == pytest.approx(status.threshold)
+    assert s("pairsieve_model_version") == status.model_version
     assert s("pairsieve_pairs_acquired") == 3
     for mod in MODALITIES:
         fill = s("pairsieve_cache_fill_ratio", modality=mod)
-        assert fill == pytest.approx(status["cache_fill"][mod])
-        assert s("pairsieve_cache_evictions_total", modality=mod) == status["cache_evictions"][mod]
-    acc = status["accepted_per_modality"]
+        assert fill == pytest.approx(status.cache_fill[mod])
+        assert s("pairsieve_cache_evictions_total", modality=mod) == status.cache_evictions[mod]
+    acc = status.accepted_per_modality
     assert sum(acc.values()) > 0, "the fixture stream should have accepted something"
     shares = {mod: acc[mod] / sum(acc.values()) for mod in MODALITIES}
     for mod in MODALITIES:
         assert s("pairsieve_modality_share", modality=mod) == pytest.approx(shares[mod])
     assert s("pairsieve_modality_imbalance") == pytest.approx(abs(shares["image"] - shares["text"]))
-    assert sum(status["cache_evictions"].values()) > 0, "capacity 8 should have evicted"
+    assert sum(status.cache_evictions.values()) > 0, "capacity 8 should have evicted"
     assert "worker-item-7" not in s.text
 
 
 def test_unlimited_budget_and_warmup_are_nan(reg, m, scrape):
-    m.engine_state({"spent": 4, "remaining": None, "budget_total": None, "threshold": math.nan,
-                    "accepted_per_modality": {"image": 0, "text": 0}})
+    m.engine_state(engine_status(spent=4, remaining=None, budget_total=None, threshold=math.nan,
+                                 accepted_per_modality={"image": 0, "text": 0}))
     s = scrape()
     assert s("pairsieve_budget_spent") == 4
     assert math.isnan(s("pairsieve_budget_remaining"))
@@ -277,15 +287,17 @@ def test_unlimited_budget_and_warmup_are_nan(reg, m, scrape):
 
 def test_eviction_counter_never_decreases(reg, m, scrape):
     ev = "pairsieve_cache_evictions_total"
-    m.engine_state({"cache_evictions": {"image": 5, "text": 0}})
-    m.engine_state({"cache_evictions": {"image": 5, "text": 0}})  # same cumulative value twice
+    m.engine_state(engine_status(cache_evictions={"image": 5, "text": 0}))
+    # the same cumulative value twice
+    m.engine_state(engine_status(cache_evictions={"image": 5, "text": 0}))
     s = scrape()
     assert s(ev, modality="image") == 5
     assert s(ev, modality="text") == 0  # the series exists from the first report
-    m.engine_state({"cache_evictions": {"image": 7, "text": 2}})
+    m.engine_state(engine_status(cache_evictions={"image": 7, "text": 2}))
     s2 = scrape()
     assert (s2(ev, modality="image"), s2(ev, modality="text")) == (7, 2)
-    m.engine_state({"cache_evictions": {"image": 3, "text": 2}})  # source reset: 3 new evictions
+    # source reset: 3 new evictions
+    m.engine_state(engine_status(cache_evictions={"image": 3, "text": 2}))
     s3 = scrape()
     assert s3(ev, modality="image") == 10
     assert s3(ev, modality="image") >= s2(ev, modality="image")
@@ -409,8 +421,8 @@ def test_two_registries_do_not_interfere():
     m1 = PairsieveMetrics(r1, modalities=MODALITIES, version="1")
     m2 = PairsieveMetrics(r2, modalities=MODALITIES, version="2")
     m1.batch_decided(fake_batch(), [0.1, 0.2], 0.01)
-    m1.engine_state({"spent": 7, "cache_evictions": {"image": 4}})
-    m2.engine_state({"spent": 1, "cache_evictions": {"image": 1}})
+    m1.engine_state(engine_status(spent=7, cache_evictions={"image": 4}))
+    m2.engine_state(engine_status(spent=1, cache_evictions={"image": 1}))
     m2.labels_received("MATCH")
     s1, s2 = Scrape(scrape_text(r1)), Scrape(scrape_text(r2))
     assert s1("pairsieve_events_received_total", modality="text", outcome="skipped") == 2

@@ -16,9 +16,11 @@ import service.streaming.app as app_mod
 from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
-from service.handlers import IncomingEvent, SelectionHandler
+from service.handlers import SelectionHandler
+from service.messages import IncomingEvent
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
+from service.streaming.records import KafkaRecord
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 
@@ -89,7 +91,7 @@ class Env:
                                     self.metrics)
 
     def seen(self):
-        return self.handler.status()["seen"]
+        return self.handler.status().seen
 
     def dead_letters(self):
         out = []
@@ -151,24 +153,24 @@ def test_batch_with_header_and_single_event_without_header_are_decided():
         single = codecs.encode_feature_event(_ev(10))
         header_dict = codecs.encode_feature_event(_ev(11))
         n = await env.proc.process_feature_records([
-            (batch, BATCH, SRC, 0, 5),
-            (single, None, SRC, 1, 7),
-            (header_dict, dict([codecs.FEATURE_HEADER_EVENT]), SRC, 1, 8),
+            KafkaRecord(batch, BATCH, SRC, 0, 5),
+            KafkaRecord(single, None, SRC, 1, 7),
+            KafkaRecord(header_dict, dict([codecs.FEATURE_HEADER_EVENT]), SRC, 1, 8),
         ])
         assert n == 12
         assert env.seen() == 12
-        st = env.handler.status()["seen_per_modality"]
+        st = env.handler.status().seen_per_modality
         assert st == {"image": 6, "text": 6}
         assert env.proc.batches == 1 and env.proc.dead_letters == 0
         assert env.publisher.raw == []
         assert env.metrics.micro_batches == [12] and env.metrics.dead == []
         # accepted ones were published once
         ids = [r.request_id for r in env.publisher.published]
-        assert ids and len(ids) == len(set(ids)) == env.handler.status()["spent"]
+        assert ids and len(ids) == len(set(ids)) == env.handler.status().spent
 
         # a FeatureBatch without the header is recognised too; a redelivery is deduplicated
         again = codecs.encode_feature_batch([_ev(i) for i in range(10)] + [_ev(12)])
-        n2 = await env.proc.process_feature_records([(again, [], SRC, 0, 6)])
+        n2 = await env.proc.process_feature_records([KafkaRecord(again, [], SRC, 0, 6)])
         assert n2 == 11
         assert env.seen() == 13  # only ev-12 was new
         assert len(env.publisher.published) == len(ids) + int(
@@ -187,9 +189,9 @@ def test_each_bad_record_kind_is_dead_lettered_with_its_reason(reason):
         good1 = codecs.encode_feature_batch([_ev(i) for i in range(6)])
         good2 = codecs.encode_feature_event(_ev(6))
         n = await env.proc.process_feature_records([
-            (good1, BATCH, SRC, 2, 100),
-            (value, headers, SRC, 3, 41),
-            (good2, EVENT, SRC, 2, 101),
+            KafkaRecord(good1, BATCH, SRC, 2, 100),
+            KafkaRecord(value, headers, SRC, 3, 41),
+            KafkaRecord(good2, EVENT, SRC, 2, 101),
         ])
         assert n == 7 and env.seen() == 7  # the good records of the micro-batch were decided
         dls = env.dead_letters()
@@ -209,14 +211,15 @@ def test_each_bad_record_kind_is_dead_lettered_with_its_reason(reason):
 
 def test_all_bad_kinds_in_one_micro_batch_and_a_bad_event_inside_a_batch():
     async def body(env):
-        records = [(codecs.encode_feature_event(_ev(0)), None, SRC, 0, 0)]
+        records = [KafkaRecord(codecs.encode_feature_event(_ev(0)), None, SRC, 0, 0)]
         for off, (value, headers) in enumerate(BAD_RECORDS.values(), start=1):
-            records.append((value, headers, SRC, 0, off))
+            records.append(KafkaRecord(value, headers, SRC, 0, off))
         mixed = pb.FeatureBatch(events=[codecs.event_to_proto(_ev(20)),
                                         pb.FeatureEvent.FromString(_raw_event(modality="audio")),
                                         codecs.event_to_proto(_ev(21))]).SerializeToString()
-        records.append((mixed, BATCH, SRC, 0, 50))
-        records.append((codecs.encode_feature_batch([_ev(1), _ev(2)]), BATCH, SRC, 0, 51))
+        records.append(KafkaRecord(mixed, BATCH, SRC, 0, 50))
+        records.append(KafkaRecord(codecs.encode_feature_batch([_ev(1), _ev(2)]), BATCH, SRC, 0,
+                                   51))
         n = await env.proc.process_feature_records(records)
         assert n == 3 and env.seen() == 3  # ev-0, ev-1, ev-2; the mixed batch is all-or-nothing
         dls = env.dead_letters()
@@ -233,9 +236,9 @@ def test_all_bad_kinds_in_one_micro_batch_and_a_bad_event_inside_a_batch():
 def test_micro_batch_of_only_bad_records_decides_nothing():
     async def body(env):
         n = await env.proc.process_feature_records([
-            (b"\xff\xff", None, SRC, 0, 1),
-            (b"", BATCH, SRC, 0, 2),
-            (b"x", [(codecs.FEATURE_HEADER, b"Nonsense")], SRC, 0, 3),
+            KafkaRecord(b"\xff\xff", None, SRC, 0, 1),
+            KafkaRecord(b"", BATCH, SRC, 0, 2),
+            KafkaRecord(b"x", [(codecs.FEATURE_HEADER, b"Nonsense")], SRC, 0, 3),
         ])
         assert n == 0 and env.seen() == 0 and env.proc.batches == 0
         assert env.publisher.attempts == 0
@@ -268,20 +271,20 @@ def test_publish_failures_are_retried_and_the_batch_decided_once(monkeypatch):
     async def body(env):
         evs = [_ev(i) for i in range(12)]
         n = await env.proc.process_feature_records([
-            (codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
+            KafkaRecord(codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
         assert n == 12
         assert env.publisher.attempts == 3 and env.publisher.publish_calls == 1
         assert proxy.sleeps == [0.1, 0.2]  # exponential backoff
         st = env.handler.status()
-        assert st["seen"] == 12
+        assert st.seen == 12
         ids = [r.request_id for r in env.publisher.published]
-        assert ids and len(ids) == len(set(ids)) == st["spent"]
+        assert ids and len(ids) == len(set(ids)) == st.spent
         assert env.proc.batches == 1 and env.publisher.raw == []
         assert env.metrics.micro_batches == [12]
         # the redelivered batch (offsets were not committed before the publish) is a duplicate
         n2 = await env.proc.process_feature_records([
-            (codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
-        assert n2 == 12 and env.handler.status()["seen"] == 12
+            KafkaRecord(codecs.encode_feature_batch(evs), BATCH, SRC, 0, 9)])
+        assert n2 == 12 and env.handler.status().seen == 12
         assert env.publisher.publish_calls == 1
 
     run_env(body, fail_times=2)
@@ -301,7 +304,7 @@ def test_engine_rejection_dead_letters_the_micro_batch_instead_of_looping(monkey
         _reject(monkeypatch, env)
         good = [codecs.encode_feature_event(_ev(0)), codecs.encode_feature_batch([_ev(1)])]
         n = await env.proc.process_feature_records([
-            (good[0], EVENT, SRC, 0, 2), (good[1], BATCH, SRC, 0, 3)])
+            KafkaRecord(good[0], EVENT, SRC, 0, 2), KafkaRecord(good[1], BATCH, SRC, 0, 3)])
         assert n == 0 and env.proc.batches == 0
         dls = env.dead_letters()
         assert [(d.source_offset, d.original) for d in dls] == [(2, good[0]), (3, good[1])]
@@ -316,8 +319,8 @@ def test_engine_rejection_does_not_dead_letter_a_record_twice(monkeypatch):
         _reject(monkeypatch, env)
         bad, headers = BAD_RECORDS["wrong_dimension"]
         await env.proc.process_feature_records([
-            (bad, headers, SRC, 0, 1),
-            (codecs.encode_feature_event(_ev(0)), EVENT, SRC, 0, 2),
+            KafkaRecord(bad, headers, SRC, 0, 1),
+            KafkaRecord(codecs.encode_feature_event(_ev(0)), EVENT, SRC, 0, 2),
         ])
         got = [(d.source_offset, d.reason) for d in env.dead_letters()]
         assert [o for o, _ in got].count(1) == 1, got
@@ -330,13 +333,13 @@ def test_one_overflowing_record_does_not_dead_letter_all_later_micro_batches():
     async def body(env):
         big = IncomingEvent("ev-huge", "i-huge", "image", np.full(12, 3e38, np.float32))
         await env.proc.process_feature_records([
-            (codecs.encode_feature_event(big), EVENT, SRC, 0, 0),
-            (codecs.encode_feature_event(_ev(1)), EVENT, SRC, 0, 1)])
+            KafkaRecord(codecs.encode_feature_event(big), EVENT, SRC, 0, 0),
+            KafkaRecord(codecs.encode_feature_event(_ev(1)), EVENT, SRC, 0, 1)])
         decided = 0
         for k, lo in enumerate(range(10, 60, 10)):
             decided += await env.proc.process_feature_records([
-                (codecs.encode_feature_batch([_ev(i) for i in range(lo, lo + 10)]), BATCH, SRC,
-                 0, 2 + k)])
+                KafkaRecord(codecs.encode_feature_batch([_ev(i) for i in range(lo, lo + 10)]),
+                            BATCH, SRC, 0, 2 + k)])
         assert decided == 50, [d.reason for d in env.dead_letters()]
         assert "invalid" not in [d.reason for d in env.dead_letters()]
 

@@ -4,7 +4,7 @@
   (deploy/.yamllint);
 * the manifests agree with the service: PAIRSIEVE_* names exist in ``Settings``, the values
   are accepted by ``Settings.from_env``, ports are the Settings defaults and the probes target
-  them, compose creates exactly the topics of ``service.streaming.broker`` with sane partition
+  them, compose creates exactly the topics of ``service.streaming.topics`` with sane partition
   counts, the images run as a non-root user and pin torch==2.13.0, the ServiceMonitor selects
   the Service;
 * deploy/k8s/prometheusrule.yaml is the current output of build_prometheusrule.py;
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from service.streaming.broker import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
+from service.streaming.topics import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
                                       REQUESTS_TOPIC, TOPICS)
 
 try:

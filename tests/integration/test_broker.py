@@ -13,9 +13,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KTopicPartition
 from kafka.admin import KafkaAdminClient
 
-from service.streaming.broker import (FAST_GROUP_CONSUMER_SETTINGS, FEATURES_TOPIC, LABELS_TOPIC,
-                                      REQUESTS_TOPIC, TOPICS, EmbeddedBroker, create_topics,
-                                      topic_specs, wait_for_broker)
+from service.streaming.broker import (FAST_GROUP_CONSUMER_SETTINGS, EmbeddedBroker,
+                                      wait_for_broker)
+from service.streaming.topics import (FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC, TOPICS,
+                                      create_topics, topic_specs)
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from kafka import KafkaConsumer
 from loadtests import grpc_load, kafka_load
 from service.runtime import start_service
 from service.settings import Settings
-from service.streaming.broker import DEAD_LETTER_TOPIC, FEATURES_TOPIC
+from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 
 pytestmark = pytest.mark.integration

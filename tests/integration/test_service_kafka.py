@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from service.handlers import IncomingEvent, Label
 from service.runtime import start_service
+from service.messages import IncomingEvent, Label
 from service.settings import Settings
-from service.streaming.broker import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
+from service.streaming.topics import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
                                       REQUESTS_TOPIC)
 from service.wire import codecs
 
@@ -95,9 +95,9 @@ def test_features_in_requests_out_and_redelivery_makes_no_duplicate(kafka_topics
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), [batch],
                                     [codecs.FEATURE_HEADER_BATCH])
             # the later events find the first batch in the recent index -> partner candidates
-            assert await _wait(lambda: svc.handler.status()["seen"] >= 20)
+            assert await _wait(lambda: svc.handler.status().seen >= 20)
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), singles)
-            assert await _wait(lambda: svc.handler.status()["seen"] >= 40)
+            assert await _wait(lambda: svc.handler.status().seen >= 40)
             # redelivery: the same events again (same event ids), as after a consumer crash
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), [batch],
                                     [codecs.FEATURE_HEADER_BATCH])
@@ -107,7 +107,7 @@ def test_features_in_requests_out_and_redelivery_makes_no_duplicate(kafka_topics
             await svc.shutdown()
 
     status = asyncio.run(scenario())
-    assert status["spent"] == 40 and status["seen"] == 40  # redelivered events were not re-decided
+    assert status.spent == 40 and status.seen == 40  # redelivered events were not re-decided
     reqs = _read_all(boot, s.topic(REQUESTS_TOPIC), 40,
                      parse=codecs.pb.AlignmentRequest.FromString)
     ids = [r.request_id for r in reqs]
@@ -136,7 +136,7 @@ def test_malformed_records_go_to_dead_letter_with_reason(kafka_topics):
         try:
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
                                     bad + [codecs.encode_feature_event(e) for e in good])
-            assert await _wait(lambda: svc.handler.status()["seen"] >= 4
+            assert await _wait(lambda: svc.handler.status().seen >= 4
                                and svc.processor.dead_letters >= 4)
         finally:
             await svc.shutdown()
@@ -165,22 +165,22 @@ def test_labels_in_raise_the_model_version(kafka_topics):
         try:
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_batch(evs)], [codecs.FEATURE_HEADER_BATCH])
-            assert await _wait(lambda: svc.handler.status()["spent"] >= 30)
-            v0 = svc.handler.selector.model_version
+            assert await _wait(lambda: svc.handler.status().spent >= 30)
+            v0 = svc.handler.model_version
             labels = [codecs.label_to_proto(Label(item_id=f"img-{i}", modality="image",
                                                   partner_item_id=f"txt-{i}", status="MATCH",
                                                   partner_vector=txt[i])).SerializeToString()
                       for i in range(30)]
             await asyncio.to_thread(_produce, boot, s.topic(LABELS_TOPIC), labels)
-            assert await _wait(lambda: svc.handler.status()["pairs_acquired"] >= 30)
+            assert await _wait(lambda: svc.handler.status().pairs_acquired >= 30)
             await svc.handler.wait_for_training()
-            assert await _wait(lambda: svc.handler.selector.model_version > v0)
-            return v0, svc.handler.selector.model_version, svc.handler.status()
+            assert await _wait(lambda: svc.handler.model_version > v0)
+            return v0, svc.handler.model_version, svc.handler.status()
         finally:
             await svc.shutdown()
 
     v0, v1, status = asyncio.run(scenario())
-    assert v1 > v0 and status["labels"]["MATCH"] == 30
+    assert v1 > v0 and status.labels["MATCH"] == 30
 
 
 def test_sigterm_loses_no_accepted_event(kafka_topics, tmp_path):
@@ -276,7 +276,7 @@ def test_features_consumer_uses_the_configured_fetch_wait(kafka_topics):
         try:
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_event(e) for e in _events(2)])
-            assert await _wait(lambda: svc.handler.status()["seen"] >= 2)
+            assert await _wait(lambda: svc.handler.status().seen >= 2)
             consumer = svc.processor.app.consumer._thread._consumer
             return consumer._fetch_max_wait_ms, consumer._fetcher._fetch_max_wait_ms
         finally:

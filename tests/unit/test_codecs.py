@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from service.core.types import Decision
-from service.handlers import AlignmentRequestOut, IncomingEvent, Label, LabelResult, Outcome
+from service.messages import (AlignmentRequestOut, EngineStatus, IncomingEvent, Label,
+                              LabelResult, Outcome)
 from service.wire import codecs
 from service.wire.codecs import WireError
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
@@ -325,13 +326,14 @@ def test_pool_request_decoding_and_errors():
             "wrong_dimension", r"pool candidate 1 \('c1'\): dim 12")
 
 
-def _status(total=40, remaining=30):
-    return {"spent": 10, "remaining": remaining, "seen": 50, "acceptance_rate": 0.2,
-            "threshold": 0.55, "accepted_per_modality": {"image": 6, "text": 4},
-            "seen_per_modality": {"image": 30, "text": 20}, "model_version": 2,
-            "cache_fill": {"image": 0.5, "text": 0.25}, "cache_evictions": {"image": 1, "text": 0},
-            "worker_id": "w0", "pairs_acquired": 7, "budget_total": total, "target_rate": 0.1,
-            "labels": {"MATCH": 7}, "dims": dict(DIMS)}
+def _status(total=40, remaining=30, **fields):
+    base = dict(spent=10, remaining=remaining, seen=50, acceptance_rate=0.2, threshold=0.55,
+                accepted_per_modality={"image": 6, "text": 4},
+                seen_per_modality={"image": 30, "text": 20}, model_version=2,
+                cache_fill={"image": 0.5, "text": 0.25}, cache_evictions={"image": 1, "text": 0},
+                worker_id="w0", pairs_acquired=7, budget_total=total, target_rate=0.1,
+                labels={"MATCH": 7}, dims=dict(DIMS))
+    return EngineStatus(**{**base, **fields})
 
 
 def test_status_round_trip():
@@ -347,7 +349,7 @@ def test_status_round_trip():
     assert (mods["text"].dim, mods["text"].seen, mods["text"].accepted) == (8, 20, 4)
     unlimited = codecs.status_to_proto(_status(total=None, remaining=None), serving=False)
     assert (unlimited.budget_total, unlimited.budget_remaining, unlimited.serving) == (-1, -1, False)
-    assert math.isnan(codecs.status_to_proto({**_status(), "threshold": math.nan}).threshold)
+    assert math.isnan(codecs.status_to_proto(_status(threshold=math.nan)).threshold)
 
 
 def test_dead_letter_bytes():

@@ -17,7 +17,8 @@ from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
-from service.handlers import IncomingEvent, Label, LabelResult, SelectionHandler
+from service.handlers import SelectionHandler
+from service.messages import IncomingEvent, Label, LabelResult
 
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
@@ -123,7 +124,7 @@ def _snap(h):
             [c.embeddings.clone() for c in h.selector.caches.values()],
             [c.size for c in h.selector.caches.values()],
             [i.count for i in h.selector.scorer._index.values()],
-            len(h._decided), len(h._vectors), len(h._pairs))
+            len(h._decided), len(h.learning.items), len(h.learning.pairs))
 
 
 def _same(s1, s2):
@@ -133,7 +134,7 @@ def _same(s1, s2):
 
 
 def _min_dist(h, modality, vec):
-    z = h.selector.model.embed(modality, np.asarray(vec, np.float32)[None, :])
+    z = h.model.embed(modality, np.asarray(vec, np.float32)[None, :])
     return float(h.selector.caches[modality].min_distance(z)[0])
 
 
@@ -162,8 +163,8 @@ def test_accepted_are_published_once_skips_not_and_order_kept(make):
         assert len(r.candidates) <= h.candidates_k
 
     st = h.status()
-    assert st["spent"] == len(accepted) and st["seen"] == len(evs)
-    assert st["worker_id"] == WORKER
+    assert st.spent == len(accepted) and st.seen == len(evs)
+    assert st.worker_id == WORKER
     assert met.batches[-1][0] == outs
 
     # a second batch publishes only its own accepted events
@@ -178,7 +179,7 @@ def test_latencies_from_event_time_reach_metrics(make):
     h = make(RecordingPublisher(), met, clock=lambda: 1000.0)
     run(h.submit([_ev(0, event_time=990.0), _ev(1), _ev(2, event_time=999.5)]))
     assert met.batches[-1][1] == [10.0, 0.5]
-    assert met.states and met.states[-1]["seen"] == 3
+    assert met.states and met.states[-1].seen == 3
 
 
 # --------------------------------------------------------------------------- redelivery
@@ -202,7 +203,7 @@ def test_redelivery_returns_same_decisions_publishes_and_spends_nothing(make):
     mixed = run(h.submit(evs[:4] + _evs(16, 20)))
     assert [o.duplicate for o in mixed] == [True] * 4 + [False] * 4
     assert [o.decision for o in mixed[:4]] == [o.decision for o in first[:4]]
-    assert h.status()["seen"] == 20
+    assert h.status().seen == 20
 
 
 def test_duplicates_inside_one_batch(make):
@@ -215,9 +216,9 @@ def test_duplicates_inside_one_batch(make):
     assert outs[2].decision == outs[0].decision == outs[5].decision
     assert outs[4].decision == outs[1].decision
     st = h.status()
-    assert st["seen"] == 3
+    assert st.seen == 3
     n_acc = sum(o.decision.accept for o in outs[:2] + outs[3:4])
-    assert st["spent"] == n_acc
+    assert st.spent == n_acc
     ids = [r.request_id for r in pub.published]
     assert len(ids) == len(set(ids)) == n_acc
 
@@ -229,7 +230,7 @@ def test_publish_failure_commits_nothing_and_retry_publishes_once(make):
     n_warm = len(good.published)
     evs = _evs(0, 20)  # cold engine: warm-up accepts some of these at random
     before = _snap(h)
-    spent0 = h.status()["spent"]
+    spent0 = h.status().spent
 
     h.publisher = bad
     with pytest.raises(ConnectionError, match="broker unreachable"):
@@ -244,8 +245,8 @@ def test_publish_failure_commits_nothing_and_retry_publishes_once(make):
     assert [r.request_id for r in good.published[n_warm:]] == accepted
     # same state, same batch -> the retry decided exactly what the failed attempt proposed
     assert [r.request_id for r in bad.attempted] == accepted
-    assert h.status()["spent"] == spent0 + len(accepted)
-    assert h.status()["seen"] == 20
+    assert h.status().spent == spent0 + len(accepted)
+    assert h.status().seen == 20
 
     # a redelivery after that is a duplicate and published nowhere
     calls = good.calls
@@ -321,21 +322,22 @@ def test_labels_build_pairs_and_retrain_hot_swaps_the_model(make):
                                 status="MATCH", request_id=d.item_id, partner_vector=pvec))
         r1 = await h.report_alignment(labels[:2])
         assert r1 == LabelResult(accepted=2, ignored=0, model_version=1)
-        assert h.status()["pairs_acquired"] == 2 and h._training is None
+        assert h.status().pairs_acquired == 2 and h.learning.training is None
         # the same label again does not make a second pair
         r_dup = await h.report_alignment(labels[:1])
-        assert r_dup.accepted == 1 and h.status()["pairs_acquired"] == 2 and h._training is None
+        assert (r_dup.accepted == 1 and h.status().pairs_acquired == 2
+                and h.learning.training is None)
         # a revealed partner is now in that modality's selected-set cache
-        other = h.selector.model.other(labels[0].modality)
+        other = h.model.other(labels[0].modality)
         assert _min_dist(h, other, labels[0].partner_vector) < 1e-3
 
         r2 = await h.report_alignment(labels[2:3])  # third pair -> retrain starts
-        assert r2.accepted == 1 and h.status()["pairs_acquired"] == 3
-        assert h._training is not None
+        assert r2.accepted == 1 and h.status().pairs_acquired == 3
+        assert h.learning.training is not None
         await h.wait_for_training()
-        assert h.selector.model_version == 2
-        assert h.status()["model_version"] == 2
-        assert len(models) == 1 and models[0].version == 2 and models[0] is h.selector.model
+        assert h.model_version == 2
+        assert h.status().model_version == 2
+        assert len(models) == 1 and models[0].version == 2 and models[0] is h.model
         assert [(v, ok) for v, _, ok in met.retrains] == [(2, True)]
 
         later = await h.submit(_evs(40, 46))
@@ -344,8 +346,8 @@ def test_labels_build_pairs_and_retrain_hot_swaps_the_model(make):
         # one more pair is below retrain_every: no second retrain
         await h.report_alignment(labels[3:4])
         await h.wait_for_training()
-        assert h.selector.model_version == 2 and len(models) == 1
-        assert h.status()["labels"] == {"MATCH": 5, "NO_MATCH": 0, "UNSURE": 0}
+        assert h.model_version == 2 and len(models) == 1
+        assert h.status().labels == {"MATCH": 5, "NO_MATCH": 0, "UNSURE": 0}
         assert met.labels == [("MATCH", 1)] * 5
 
     run(body())
@@ -363,8 +365,8 @@ def test_label_statuses_unknown_partners_and_unknown_status(make):
             Label(img, "image", "t1", "UNSURE"),
         ])
         assert res == LabelResult(0, 2, 1)
-        assert h.status()["pairs_acquired"] == 0
-        assert h.status()["labels"] == {"MATCH": 0, "NO_MATCH": 1, "UNSURE": 1}
+        assert h.status().pairs_acquired == 0
+        assert h.status().labels == {"MATCH": 0, "NO_MATCH": 1, "UNSURE": 1}
 
         # partner never seen and no vector given -> ignored
         res = await h.report_alignment([Label(img, "image", "t-never-seen", "MATCH")])
@@ -384,7 +386,7 @@ def test_label_statuses_unknown_partners_and_unknown_status(make):
         res = await h.report_alignment([Label("t3", "text", "i3-p", "MATCH",
                                               partner_vector=_vec(3, "image"))])
         assert (res.accepted, res.ignored) == (1, 0)
-        assert h.status()["pairs_acquired"] == 2
+        assert h.status().pairs_acquired == 2
 
         before = _snap(h)
         with pytest.raises(ValueError, match=r"unknown status 'MAYBE'"):
@@ -393,7 +395,7 @@ def test_label_statuses_unknown_partners_and_unknown_status(make):
         with pytest.raises(ValueError, match="unknown modality 'audio'"):
             await h.report_alignment([Label(img, "audio", "t1", "MATCH")])
         _same(before, _snap(h))
-        assert h.status()["labels"] == {"MATCH": 5, "NO_MATCH": 1, "UNSURE": 1}
+        assert h.status().labels == {"MATCH": 5, "NO_MATCH": 1, "UNSURE": 1}
 
     run(body())
 
@@ -415,13 +417,13 @@ def test_failed_retrain_keeps_model_and_stream_running(make, monkeypatch):
         res = await h.report_alignment(labels)
         assert res.accepted == 2
         await h.wait_for_training()
-        assert h.selector.model_version == 1 and not models
+        assert h.model_version == 1 and not models
         assert len(met.retrains) == 1
         version, seconds, ok = met.retrains[0]
         assert (version, ok) == (1, False) and seconds >= 0
         later = await h.submit(_evs(20, 30))
         assert len(later) == 10 and all(o.decision.model_version == 1 for o in later)
-        assert h.status()["seen"] == 30
+        assert h.status().seen == 30
 
     run(body())
 
@@ -444,8 +446,8 @@ def test_remote_selection_counts_here_and_dedups_its_event(make):
 
         assert await h.observe_remote_selection(o, vec) is True
         st1 = h.status()
-        assert st1["spent"] == st0["spent"] + 1
-        assert st1["seen"] == st0["seen"]  # not decided here
+        assert st1.spent == st0.spent + 1
+        assert st1.seen == st0.seen  # not decided here
         assert _min_dist(h, o.decision.modality, vec) < 1e-3
 
         calls = pub.calls
@@ -453,7 +455,7 @@ def test_remote_selection_counts_here_and_dedups_its_event(make):
         assert again[0].duplicate and again[0].decision == o.decision
         assert again[0].worker_id == "w-other"
         assert pub.calls == calls
-        assert h.status()["spent"] == st1["spent"] and h.status()["seen"] == st1["seen"]
+        assert h.status().spent == st1.spent and h.status().seen == st1.seen
         # folding the same remote selection twice changes nothing
         before = _snap(h)
         assert await h.observe_remote_selection(o, vec) is False
@@ -502,7 +504,7 @@ def test_own_selection_read_back_during_submit_is_not_counted_twice(make):
         n_acc = sum(o.decision.accept for o in outs)
         assert n_acc > 0 and len(pub.readbacks) == n_acc
         folded = await asyncio.gather(*pub.readbacks)
-        assert h.status()["spent"] == n_acc
+        assert h.status().spent == n_acc
         assert not any(folded)
 
     run(body())

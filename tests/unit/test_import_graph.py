@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "service"
 ADAPTERS = ("service.wire", "service.streaming", "service.rpc", "service.observability")
 
-#: Cycles known to exist and being removed by concurrent work (issue 12: the benchmark harness
-#: is being moved and ``service/bench/perf.py <-> service/bench/peers.py`` untangled). Each entry
-#: must still be a real cycle (asserted below, so the list cannot rot): once the fix is merged,
-#: that assertion fails and the entry is deleted. Add nothing here.
-KNOWN_CYCLES_BEING_REMOVED: frozenset[frozenset[str]] = frozenset({
-    frozenset({"service.bench.perf", "service.bench.peers"}),
-})
-
-
 # --------------------------------------------------------------------------- graph
 def _modules(root: Path = ROOT / PACKAGE) -> dict[str, Path]:
     """``{dotted module name: file}`` of every ``.py`` file in the package (packages included)."""
@@ -172,16 +163,7 @@ def test_graph_sees_the_package():
 def test_no_import_cycles():
     g = import_graph()
     found = cycles(g)
-    unexpected = [c for c in found if frozenset(c) not in KNOWN_CYCLES_BEING_REMOVED]
-    assert not unexpected, "import cycles: " + "; ".join(
-        " -> ".join(one_cycle(g, c)) for c in unexpected)
-
-
-def test_known_cycles_are_still_real():
-    """An allow-listed cycle that no longer exists must be deleted from the list."""
-    found = {frozenset(c) for c in cycles(import_graph())}
-    stale = [sorted(c) for c in KNOWN_CYCLES_BEING_REMOVED if c not in found]
-    assert not stale, f"no longer cycles, remove from KNOWN_CYCLES_BEING_REMOVED: {stale}"
+    assert not found, "import cycles: " + "; ".join(" -> ".join(one_cycle(g, c)) for c in found)
 
 
 def test_core_imports_only_core():

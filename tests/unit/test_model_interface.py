@@ -10,7 +10,7 @@ import torch
 
 from service.alignment.checkpoint import checkpoint_stem, load_checkpoint, resolve_checkpoint
 from service.alignment.model import AlignmentModel
-from service.core.model import CrossModalModel
+from service.core.cross_modal_model import CrossModalModel
 from service.core.selector import StreamingSelector
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.core.model import CrossModalModel
+from service.core.cross_modal_model import CrossModalModel
 
 
 

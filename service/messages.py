@@ -1,0 +1,292 @@
+"""The domain messages and ports, independent of any transport.
+
+Everything the facade (:mod:`service.handlers`), the learning loop (:mod:`service.learning_loop`),
+the converters (:mod:`service.wire.codecs`) and the adapters (Kafka, gRPC, metrics) exchange is
+defined here, as plain frozen dataclasses and protocols. This module imports nothing from the
+service but :mod:`service.core.types`, so any layer can depend on it.
+
+Messages
+--------
+:class:`IncomingEvent` (a feature event in), :class:`Outcome` (its verdict),
+:class:`AlignmentRequestOut` (an accepted item, to be published), :class:`Label` (an annotator's
+answer), :class:`LabelResult` (what a label call did) and :class:`EngineStatus` (the engine's
+state, typed: a renamed field fails loudly at every consumer).
+
+Ports
+-----
+:class:`Publisher` (durable publication of alignment requests), :class:`MetricsSink` (what the
+engine reports) and :class:`StreamMetricsSink` (what the Kafka stream processor reports; the gRPC
+server's is ``service.rpc.server.GrpcMetrics``);
+:class:`NullPublisher` and :class:`NullMetrics` are the do-nothing implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.core.types import Decision
+
+__all__ = [
+    "LABEL_STATUSES", "IncomingEvent", "Outcome", "AlignmentRequestOut", "Label", "LabelResult",
+    "EngineStatus", "Publisher", "NullPublisher", "MetricsSink", "StreamMetricsSink",
+    "NullMetrics",
+]
+
+#: The answers an annotator can give; only MATCH (with a partner) makes a training pair.
+LABEL_STATUSES = ("MATCH", "NO_MATCH", "UNSURE")
+
+
+# --------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class IncomingEvent:
+    """A decoded, not yet validated feature event (see ``FeatureEvent`` in the proto).
+
+    Attributes
+    ----------
+    event_id : str
+        Idempotency key: a redelivery with the same id gets the earlier decision.
+    item_id : str
+    modality : str
+    vector : np.ndarray, shape (dim,)
+        Raw feature vector of ``modality``.
+    event_time : float or None
+        Seconds since the epoch (for the decision latency), when the producer set it.
+    source : str
+    metadata : dict[str, str]
+    """
+
+    event_id: str
+    item_id: str
+    modality: str
+    vector: np.ndarray
+    event_time: float | None = None  # seconds since the epoch
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict on one event, with its transport-level context.
+
+    Attributes
+    ----------
+    event_id : str
+    decision : Decision
+    duplicate : bool
+        True when the event was decided before (redelivery): nothing was spent again.
+    worker_id : str
+        The worker that made the decision.
+    """
+
+    event_id: str
+    decision: Decision
+    duplicate: bool = False
+    worker_id: str = ""
+
+
+@dataclass(frozen=True)
+class AlignmentRequestOut:
+    """An accepted item to be sent for alignment (see ``AlignmentRequest`` in the proto).
+
+    Attributes
+    ----------
+    request_id, item_id, modality : str
+    vector : np.ndarray, shape (dim,)
+        The item's raw vector (other workers fold it into their caches).
+    candidates : list of (str, float)
+        Likely partners (item id, similarity), best first.
+    outcome : Outcome
+    requested_at : float
+        Seconds since the epoch.
+    metadata : dict[str, str]
+    """
+
+    request_id: str
+    item_id: str
+    modality: str
+    vector: np.ndarray
+    candidates: list[tuple[str, float]]
+    outcome: Outcome
+    requested_at: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Label:
+    """An annotator's answer (see ``AlignmentLabel``); ``status`` is MATCH, NO_MATCH or UNSURE.
+
+    Attributes
+    ----------
+    item_id, modality : str
+        The item that was sent for alignment.
+    partner_item_id : str
+        The item of the other modality it was matched with ("" when none).
+    status : str
+        One of :data:`LABEL_STATUSES`.
+    request_id, annotator : str
+    cost : float
+    partner_vector : np.ndarray, shape (dim_other,), or None
+        The partner's raw vector, when the partner was never seen in the stream.
+    """
+
+    item_id: str
+    modality: str
+    partner_item_id: str
+    status: str
+    request_id: str = ""
+    annotator: str = ""
+    cost: float = 1.0
+    partner_vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """What a label call did: labels that became training pairs, labels ignored, model in use."""
+
+    accepted: int
+    ignored: int
+    model_version: int
+
+
+def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """The engine's state at one moment (``SelectionHandler.status()``).
+
+    Per-modality mappings are read-only copies (``MappingProxyType``); they compare equal to
+    plain dicts. :meth:`as_dict` gives plain nested dicts (e.g. for JSON).
+
+    Attributes
+    ----------
+    worker_id : str
+    spent : int
+        Selections counted against the budget (this worker's and those folded in from others).
+    remaining : int or None
+        Budget left; None = unlimited.
+    budget_total : int or None
+        None = unlimited.
+    seen : int
+        Events decided by this worker.
+    acceptance_rate : float
+    target_rate : float
+    threshold : float
+        Current utility threshold (NaN during warm-up).
+    model_version : int
+    pairs_acquired : int
+        Training pairs (distinct MATCH labels with both vectors known).
+    accepted_per_modality, seen_per_modality : Mapping[str, int]
+    cache_fill : Mapping[str, float]
+        Fill ratio in [0, 1] of each modality's selected-set cache.
+    cache_evictions : Mapping[str, int]
+        Cumulative evictions per modality.
+    labels : Mapping[str, int]
+        Labels received per status (:data:`LABEL_STATUSES`).
+    dims : Mapping[str, int]
+        Raw vector dimension per modality.
+    """
+
+    worker_id: str
+    spent: int
+    remaining: int | None
+    budget_total: int | None
+    seen: int
+    acceptance_rate: float
+    target_rate: float
+    threshold: float
+    model_version: int
+    pairs_acquired: int
+    accepted_per_modality: Mapping[str, int]
+    seen_per_modality: Mapping[str, int]
+    cache_fill: Mapping[str, float]
+    cache_evictions: Mapping[str, int]
+    labels: Mapping[str, int]
+    dims: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        for name in ("accepted_per_modality", "seen_per_modality", "cache_fill",
+                     "cache_evictions", "labels", "dims"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise TypeError(f"EngineStatus.{name} must be a mapping, got {value!r}")
+            object.__setattr__(self, name, _frozen_map(value))
+
+    @classmethod
+    def from_selector(cls, selector_status: Mapping[str, Any], *, worker_id: str,
+                      pairs_acquired: int, budget_total: int | None, target_rate: float,
+                      labels: Mapping[str, int], dims: Mapping[str, int]) -> EngineStatus:
+        """Combine ``StreamingSelector.status()`` (a plain dict) with the facade's fields.
+
+        Raises
+        ------
+        KeyError
+            If the selector's status lacks a field (the message names it).
+        """
+        st = selector_status
+        try:
+            return cls(worker_id=worker_id, spent=st["spent"], remaining=st["remaining"],
+                       budget_total=budget_total, seen=st["seen"],
+                       acceptance_rate=st["acceptance_rate"], target_rate=target_rate,
+                       threshold=st["threshold"], model_version=st["model_version"],
+                       pairs_acquired=pairs_acquired,
+                       accepted_per_modality=st["accepted_per_modality"],
+                       seen_per_modality=st["seen_per_modality"], cache_fill=st["cache_fill"],
+                       cache_evictions=st["cache_evictions"], labels=labels, dims=dims)
+        except KeyError as exc:
+            raise KeyError(f"selector status has no {exc.args[0]!r}; "
+                           f"keys: {sorted(selector_status)}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-data copy: field name -> value, mappings as plain dicts."""
+        return {name: dict(v) if isinstance(v, Mapping) else v
+                for name, v in ((f, getattr(self, f)) for f in self.__dataclass_fields__)}
+
+
+# --------------------------------------------------------------------------- ports
+class Publisher(Protocol):
+    """Where accepted items go (the requests topic, in the service)."""
+
+    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
+        """Durably publish; raise if that cannot be guaranteed."""
+
+
+class NullPublisher:
+    """Publishes nowhere (pool-only or offline use)."""
+
+    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
+        return None
+
+
+class MetricsSink(Protocol):
+    """What the engine (facade and learning loop) reports; ``service.observability``
+    implements it over Prometheus."""
+
+    def batch_decided(self, outcomes: Sequence[Outcome], latencies_s: Sequence[float],
+                      scoring_s: float) -> None: ...
+    def engine_state(self, status: EngineStatus) -> None: ...
+    def labels_received(self, status: str, n: int = 1) -> None: ...
+    def retrained(self, version: int, seconds: float, ok: bool) -> None: ...
+
+
+class StreamMetricsSink(Protocol):
+    """What the Kafka stream processor reports (``PairsieveMetrics`` implements it too)."""
+
+    def dead_lettered(self, reason: str, modality: str = "unknown") -> None: ...
+    def micro_batch(self, n: int) -> None: ...
+    def consumer_lag(self, topic: str, lag: float) -> None: ...
+
+
+class NullMetrics:
+    """Reports nowhere (the engine's :class:`MetricsSink`)."""
+
+    def batch_decided(self, outcomes, latencies_s, scoring_s) -> None: ...
+    def engine_state(self, status) -> None: ...
+    def labels_received(self, status, n=1) -> None: ...
+    def retrained(self, version, seconds, ok) -> None: ...
