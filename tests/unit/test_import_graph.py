@@ -19,6 +19,7 @@ executed on the way, but depending on ``service.alignment.model`` is not dependi
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +172,25 @@ def test_core_imports_only_core():
     bad = {m: sorted(t for t in deps if not _in(t, "service.core"))
            for m, deps in g.items() if _in(m, "service.core")}
     assert not {m: d for m, d in bad.items() if d}
+
+
+def test_core_depends_on_numpy_and_torch_only():
+    """Third-party imports of ``service.core`` (module level or lazy): numpy and torch, nothing
+    else; the standard library and ``service.core`` itself are free."""
+    allowed = {"numpy", "torch", "__future__", "service"} | set(sys.stdlib_module_names)
+    bad = []
+    for name, path in _modules().items():
+        if not _in(name, "service.core"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            bad += [f"{name}: {t}" for t in tops if t not in allowed]
+    assert not bad, bad
 
 
 def test_alignment_imports_only_itself_and_core():

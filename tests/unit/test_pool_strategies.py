@@ -21,7 +21,8 @@ from service.core.pool.bmmal import BMMALStrategy, fused_probs, modality_contrib
 from service.core.pool.kcenter import CoresetStrategy, k_center_greedy
 from service.core.pool.mmal import MMALStrategy, coverage_gaps
 from service.core.pool.random import RandomStrategy, joint_embedded
-from service.core.pool.uncertainty_sampling import EntropyStrategy, MarginStrategy, rank_normalise
+from service.core.pool.uncertainty_sampling import (EntropyStrategy, MarginStrategy, average_ranks,
+                                                    rank_normalise)
 from service.core.pool.vecaf import VeCAFStrategy, loss_distribution, pseudo_loss
 from service.core.uncertainty import uncertainty
 
@@ -295,6 +296,25 @@ def test_rank_normalise():
     np.testing.assert_allclose(rank_normalise(np.array([2.0, 2.0])), [0.5, 0.5])
     assert rank_normalise(np.array([7.0])).tolist() == [0.5]
     assert rank_normalise(np.array([])).size == 0
+
+
+def test_average_ranks_by_hand_with_ties():
+    # sorted: -1 | 0 0 (-0.0 ties 0.0) | 2 | 3 3 3 | inf  ->  ranks 1 | 2.5 2.5 | 4 | 6 6 6 | 8
+    x = np.array([3.0, -1.0, 0.0, 3.0, np.inf, -0.0, 2.0, 3.0])
+    expected = np.array([6.0, 1.0, 2.5, 6.0, 8.0, 2.5, 4.0, 6.0])
+    got = average_ranks(x)
+    assert got.dtype == np.float64 and got.tobytes() == expected.tobytes()
+    assert rank_normalise(x).tobytes() == ((expected - 1.0) / 7.0).tobytes()
+    assert average_ranks(np.array([5.0, 5.0, 5.0])).tolist() == [2.0, 2.0, 2.0]
+    assert average_ranks(np.array([])).size == 0
+    assert np.isnan(average_ranks(np.array([1.0, np.nan]))).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3).map(float) | st.floats(allow_nan=False), max_size=40))
+def test_average_ranks_match_scipy_bit_for_bit(values):
+    x = np.array(values, dtype=np.float64)
+    assert average_ranks(x).tobytes() == rankdata(x, method="average").astype(np.float64).tobytes()
 
 
 # ---------------------------------------------------------------------------------- MMAL

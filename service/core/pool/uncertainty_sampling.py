@@ -18,7 +18,6 @@ index. With fewer than two candidates in the other modality the partner belief i
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 from service.core.pool.base import Pick, PoolState, check_budget, other_modality_sims
 from service.core.pool.random import to_picks
@@ -57,6 +56,27 @@ def cross_modal_scores(
     return uncertainty(kind, sims, tau)
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``; tied values share the mean of their ranks.
+
+    Shape: (n,) -> (n,) float64. The same numbers as ``scipy.stats.rankdata(values,
+    method="average")`` (the core depends on numpy and torch only): a run of ``c`` equal values
+    starting at sorted position ``i`` (0-based) gets ``i + 1 + (c - 1) / 2``, exact in float64.
+    Any NaN makes every rank NaN (scipy's default ``nan_policy="propagate"``).
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    n = x.size
+    if np.isnan(x).any():
+        return np.full(n, np.nan)
+    order = np.argsort(x, kind="stable")
+    y = x[order]
+    starts = np.flatnonzero(np.concatenate(([True], y[1:] != y[:-1])))
+    counts = np.diff(np.append(starts, n))
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat(starts + 1 + (counts - 1) / 2.0, counts)
+    return ranks
+
+
 def rank_normalise(scores: np.ndarray) -> np.ndarray:
     """Map scores to ``(rank - 1) / (n - 1)`` in [0, 1] (average ranks for ties).
 
@@ -67,7 +87,7 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
         return s.copy()
     if s.size == 1:
         return np.full(1, 0.5)
-    return (rankdata(s, method="average") - 1.0) / (s.size - 1.0)
+    return (average_ranks(s) - 1.0) / (s.size - 1.0)
 
 
 class _CrossModalUncertaintyStrategy:
