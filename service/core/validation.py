@@ -186,14 +186,6 @@ def check_dims(dims: Mapping[str, int]) -> dict[str, int]:
     return {m: int(d) for m, d in dims.items()}
 
 
-def check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
-    """Raise ``ValueError`` unless ``value`` is a finite positive number."""
-    ok = np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return value
-
-
 def check_fraction(value: float, name: str) -> float:
     """Raise ``ValueError`` unless ``0 <= value <= 1``."""
     if not (np.isfinite(value) and 0.0 <= value <= 1.0):

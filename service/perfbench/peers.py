@@ -88,12 +88,6 @@ def make_stream(n: int = N_ITEMS, d: int = DIM, seed: int = 0, n_unlabelled: int
     return PeerData(x, y, is_b, x_lab, y_lab, pa, pb, x_cal, ua, ub, seed)
 
 
-def _logreg(data: PeerData):
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(max_iter=1000).fit(data.x_lab, data.y_lab)
-
-
 # ------------------------------------------------------------------------------------ peers
 class Peer:
     """One row. ``prepare`` (once, untimed: imports, fits), ``start`` (per repetition, untimed:

@@ -13,7 +13,7 @@ from service.core.pool.random import RandomStrategy
 from service.core.pool.uncertainty_sampling import EntropyStrategy, MarginStrategy
 from service.core.pool.vecaf import VeCAFStrategy
 
-STRATEGIES: dict[str, type] = {
+STRATEGIES: dict[str, type[PoolStrategy]] = {
     "random": RandomStrategy,
     "coreset": CoresetStrategy,
     "entropy": EntropyStrategy,
@@ -24,24 +24,7 @@ STRATEGIES: dict[str, type] = {
     "vecaf": VeCAFStrategy,
 }
 
-DEFAULT_STRATEGY: type = HybridStrategy  # with its own defaults: margin 0.3 + diversity 0.7, rank
+DEFAULT_STRATEGY: type[PoolStrategy] = HybridStrategy  # with its own defaults: margin 0.3 + diversity 0.7, rank
 
 
-def make_strategy(name: str, **kwargs) -> PoolStrategy:
-    """Instantiate the strategy registered as ``name`` with constructor ``kwargs``.
-
-    Raises
-    ------
-    ValueError
-        ``name`` is not a key of :data:`STRATEGIES`; the message lists the known names.
-    """
-    try:
-        cls = STRATEGIES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown pool strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}"
-        ) from None
-    return cls(**kwargs)
-
-
-__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "make_strategy"]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES"]
