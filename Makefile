@@ -72,8 +72,8 @@ bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/st
 bench: $(STAMP) ## performance benchmark: engine, peers, stream cost, profile, Kafka, gRPC, GPU -> reports/perf.md (< 20 min)
 	$(BIN)/pairsieve bench --out reports/perf.md
 
-bench-quick: $(STAMP) ## reduced performance benchmark for development -> /tmp/pairsieve-perf-quick.md (~3 min)
-	$(BIN)/pairsieve bench --quick --out /tmp/pairsieve-perf-quick.md
+bench-quick: $(STAMP) ## reduced performance benchmark for development -> runs/perf-quick.md (~3 min)
+	$(BIN)/pairsieve bench --quick --out runs/perf-quick.md
 
 proto: $(STAMP) ## regenerate service/wire/gen from protos/ (committed; never edit by hand)
 	$(BIN)/python scripts/gen_proto.py
