@@ -9,10 +9,10 @@ modality's own recent history, then combined::
 
 * ``norm`` is either ``"zscore"`` (exponentially weighted mean/variance) or ``"rank"`` (the
   empirical CDF over a sliding window, in [0, 1]; robust to heavy tails such as margin scores).
-* ``coverage_bonus(m)`` prefers the under-covered modality (paper 000, step 1): a modality whose
+* ``coverage_bonus(m)`` prefers the under-covered modality ([MMAL], step 1): a modality whose
   arrivals are on average farther from its selected set (an EW mean of raw diversity) gets a
   positive bonus, scaled to [-1, 1].
-* Optional **quotas** (paper 004, DUS): a cumulative modality-discrepancy signal (how much more
+* Optional **quotas** ([DUS]): a cumulative modality-discrepancy signal (how much more
   uncertain the model is on one modality than the other, accumulated) sets each modality's share
   of acquisitions; an accept that would push a modality above its share (plus a tolerance) is
   vetoed.

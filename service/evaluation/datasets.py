@@ -10,8 +10,8 @@ shape (n, d_b), both float32, where row ``i`` of ``a`` and row ``i`` of ``b`` ar
     bool (n,): ``False`` marks a row whose ``a`` and ``b`` are *not* partners: each is an orphan
     whose partner is missing (the "missing modality" pitfall). ``None`` means all rows are pairs.
 
-The synthetic generator reproduces the pitfalls studied in "Mind the Gap: assessing pitfalls in
-multimodal active learning": modality difficulty imbalance, missing modalities, shared / unique /
+The synthetic generator reproduces the pitfalls studied in [MindTheGap] ("Mind the Gap: A
+Framework for Assessing Pitfalls in Multimodal Active Learning"): modality difficulty imbalance, missing modalities, shared / unique /
 synergistic interaction structure, noise, class count and long tails, plus near-duplicates.
 
 Nothing here downloads data: the digits views come from the copy bundled with scikit-learn, and

@@ -1,9 +1,9 @@
 """BADGE for cross-modal matching: gradient embeddings + k-means++ seeding, over both modalities.
 
-BADGE (Ash et al., cited as [1] in paper 000 and [3] in paper 002) embeds each candidate as the
-gradient of the loss *with the model's own prediction as label* w.r.t. the last layer, then picks
-a batch by k-means++ seeding, which favours points that are both large-norm (uncertain) and far
-apart (diverse). Paper 002 (BMMAL) builds on exactly this seeding; :func:`kmeans_pp` is shared.
+BADGE [BADGE] embeds each candidate as the gradient of the loss *with the model's own prediction
+as label* w.r.t. the last layer, then picks a batch by k-means++ seeding [KMeansPP], which favours
+points that are both large-norm (uncertain) and far apart (diverse). [BMMAL] builds on exactly
+this seeding; :func:`kmeans_pp` is shared.
 
 Adaptation to unaligned data: there is no classifier. The "prediction" of candidate ``x`` of
 modality ``m`` (embedding ``z``, shape (k,)) is its partner among the other modality's candidates

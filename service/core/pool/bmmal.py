@@ -1,12 +1,13 @@
-"""Balanced multimodal active learning (BMMAL, paper 002) adapted to unaligned items.
+"""Balanced multimodal active learning ([BMMAL]) adapted to unaligned items.
 
-Paper 002 scores a multimodal sample by the Shapley value of each modality feature for the
-model's outcome ``V`` = the largest predicted class probability (eq. 10; two-player form eq. 11,
-with a missing modality replaced by the zero vector), turns them into contributions
-``Phi = |phi| / sum |phi|`` (eq. 12) and a dominance degree ``rho = |Phi_1 - Phi_2|``, weights the
-stronger modality by 1 and the weaker by ``1 - rho`` (eq. 14), scales the per-modality BADGE
-gradient embeddings ``(p - onehot(yhat)) ⊗ z_m`` (eq. 13) by these weights (eq. 15) and picks a
-batch by k-means++ seeding of the modulated embeddings.
+[BMMAL] §3.4-3.5 scores a multimodal sample by the Shapley value [Shapley] of each modality
+feature for the model's outcome ``V`` = the largest predicted class probability (eq. 10;
+two-player form eq. 11, with a missing modality replaced by the zero vector), turns them into
+contributions ``Phi = |phi| / sum |phi|`` (eq. 12) and a dominance degree
+``rho = |Phi_1 - Phi_2|``, weights the stronger modality by 1 and the weaker by ``1 - rho``
+(eq. 14), scales the per-modality [BADGE] gradient embeddings ``(p - onehot(yhat)) ⊗ z_m``
+(eq. 13) by these weights (eq. 15) and picks a batch by k-means++ seeding [KMeansPP] of the
+modulated embeddings.
 
 Adaptations to unaligned data, where there is neither a class label nor a paired sample:
 

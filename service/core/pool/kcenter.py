@@ -1,10 +1,10 @@
 """k-center greedy (core-set) selection with a distance cache, jointly over both modalities.
 
-Follows the core-set approach (Sener & Savarese, cited as [8] in paper 000) in the linear-time
-form of paper 000's appendix: the minimum distance of every candidate to the selection set is
-cached; it is computed once against the already-acquired set (``O(n·s)``) and then refreshed
-against each newly picked point only (``O(n·k)`` per greedy step), instead of recomputing all
-candidate-to-selection distances at every step. Distances are Euclidean in the shared
+Follows the core-set approach [CoreSet] in the linear-time form of the appendix of [MMAL]: the
+minimum distance of every candidate to the selection set is cached; it is computed once against
+the already-acquired set (``O(n·s)``) and then refreshed against each newly picked point only
+(``O(n·k)`` per greedy step), instead of recomputing all candidate-to-selection distances at
+every step. Distances are Euclidean in the shared
 (unit-norm) embedding space; the cache holds *squared* distances (same argmax, no square roots).
 
 Adaptations for unaligned data (:class:`CoresetStrategy`):

@@ -1,6 +1,6 @@
-"""Modality-aware uncertainty + diversity selection for unaligned data (paper 000).
+"""Modality-aware uncertainty + diversity selection for unaligned data ([MMAL]).
 
-Paper 000 ("Towards Multimodal Active Learning: Efficient Learning with Limited Paired Data")
+[MMAL] ("Towards Multimodal Active Learning: Efficient Learning with Limited Paired Data")
 combines, in a modality-aware design, a diversity step and an uncertainty step, and makes the
 diversity step linear-time with a distance cache (its appendix: ``O(|D_t|·|S_{t-1}|)`` once, then
 ``O(|D_t|)`` per greedy step). This module implements the three steps as:
@@ -58,7 +58,7 @@ def coverage_gaps(state: PoolState) -> tuple[dict[str, float], dict[str, np.ndar
 
 
 class MMALStrategy:
-    """Paper 000's modality-aware selection (see the module docstring).
+    """The modality-aware selection of [MMAL] (see the module docstring).
 
     Parameters
     ----------

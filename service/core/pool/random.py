@@ -1,7 +1,8 @@
 """Uniform random selection over the candidates of both modalities, plus the joint-index helpers.
 
-This is the passive-learning baseline every paper in ``/work/shared/papers`` compares against
-(paper 000 §4 "Random", paper 002 and 003 baselines). No adaptation is needed beyond treating the
+This is the passive-learning baseline every paper pairsieve is built from compares against
+(the "Random" baseline of [MMAL] §4 and [BMMAL] §4.2; the randomly sampled finetuning of
+[VeCAF] §4.1; keys: ``docs/references.md``). No adaptation is needed beyond treating the
 candidates of the two modalities as one pool: each unacquired item of either modality has the same
 chance of being sent for alignment.
 

@@ -1,7 +1,7 @@
 """Top-``budget`` cross-modal uncertainty sampling: entropy and margin, over both modalities.
 
-Classic uncertainty sampling (entropy: Shannon; margin: Scheffer et al., both cited in paper 003
-§2 and used as baselines in papers 000 and 002) adapted to unaligned data as in paper 000: an
+Classic uncertainty sampling (entropy [Settles], the Entropy baseline of [BMMAL] §4.2; margin
+[TongKoller], the classification margin of [VeCAF] §2.1) adapted to unaligned data as in [MMAL]: an
 item has no class label, so its "prediction" is the softmax (temperature ``tau``) of its
 similarities to the *other* modality's candidates
 (:func:`service.core.pool.base.other_modality_sims`), i.e. the model's belief about which of them

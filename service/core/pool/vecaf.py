@@ -1,6 +1,6 @@
-"""Objective-aware data selection (ODS) of VeCAF (paper 003), adapted to unaligned items.
+"""Objective-aware data selection (ODS) of VeCAF ([VeCAF]), adapted to unaligned items.
 
-Paper 003 §3.1 picks a subset whose finetuning most reduces the training objective. It assumes
+[VeCAF] §3.1 picks a subset whose finetuning most reduces the training objective. It assumes
 that a point with a larger loss helps convergence more (principle 1: sample with probability
 ``p_L ∝ L``, eq. 3) while keeping the subset diverse (principle 2, the regulariser ``R`` of
 eq. 6). The selection model is a set of ``K`` centroids in an embedding space, each selecting its
