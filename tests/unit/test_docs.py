@@ -50,7 +50,7 @@ def _text_files(*tops: Path):
 
 def _listed_keys(text: str) -> set[str]:
     """Keys of a references table: the first cell of each row, "| `[KEY]` | ..."."""
-    return set(re.findall(r"^\| `\[([A-Za-z0-9]+)\]` \|", text, flags=re.M))
+    return set(re.findall(r"^\| `\[([A-Za-z0-9]+)\]` \|", text, flags=re.MULTILINE))
 
 
 def _cited_keys() -> dict[str, set[str]]:
