@@ -39,8 +39,9 @@ datasets-tools: ## install the Debian packages the real datasets are built from 
 	@command -v npm >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
 
-datasets: $(DSTAMP) datasets-tools ## rebuild service/evaluation/data/*.npz from the packages (~20 min)
-	PYTHONPATH=. $(DVENV)/bin/python -m service.evaluation.real_build bible-en-es emoji-image-name
+datasets: $(DSTAMP) datasets-tools ## rebuild service/evaluation/data/*.npz from the packages (~45 min)
+	PYTHONPATH=. $(DVENV)/bin/python -m service.evaluation.real_build bible-en-es emoji-image-name \
+	  bible-en-es-full
 
 demo: $(STAMP) ## run the service on the embedded broker with a replayed dataset (~1 min)
 	$(BIN)/pairsieve demo --out-dir reports
@@ -59,11 +60,11 @@ test: $(STAMP) deploy-tools ## run all tests (unit, component, integration, depl
 test-unit: $(STAMP) ## fast pure-core tests only
 	$(BIN)/python -m pytest -q tests/unit
 
-bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~20 min on 2 cores)
+bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~30 min on 2 cores)
 	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir reports
 
 bench-long-stream: $(STAMP) ## the whole Bible in book order, budget 3000 -> reports/long-stream.md
-	$(BIN)/pairsieve bench-long-stream --dataset bible-en-es-full --budget 3000 --seeds 3 \
+	$(BIN)/pairsieve bench-long-stream --dataset bible-en-es-full --budget 3000 --seeds 10 \
 	  --out reports/long-stream.md
 
 bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md

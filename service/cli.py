@@ -76,6 +76,9 @@ def _cmd_datasets(args) -> int:
 def _cmd_bench_quality(args) -> int:
     from service.evaluation import quality
 
+    if args.report_only:
+        quality.rewrite_report(args.out_dir)
+        return 0
     strategies = None
     if args.strategies:
         strategies = quality.select_strategies(args.strategies.split(","), tuple(args.modes))
@@ -186,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strategies", help="comma-separated subset of strategies")
     q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
     q.add_argument("--out-dir", default="reports")
+    q.add_argument("--report-only", action="store_true",
+                   help="rebuild quality.md from OUT_DIR/quality-results.json and "
+                        "quality-notes.md without running anything")
     q.set_defaults(func=_cmd_bench_quality)
     from service.settings import Settings
 
@@ -219,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "order: learning curve + per-item cost")
     ls.add_argument("--dataset", default="bible-en-es-full")
     ls.add_argument("--budget", type=int, default=3000)
-    ls.add_argument("--seeds", type=int, default=3)
+    ls.add_argument("--seeds", type=int, default=10)
     ls.add_argument("--first-seed", type=int, default=0)
     ls.add_argument("--retrain-every", type=int, default=100)
     ls.add_argument("--test-size", type=int, default=500)

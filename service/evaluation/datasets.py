@@ -32,6 +32,7 @@ import numpy as np
 __all__ = [
     "BUILTIN",
     "DATA_DIR",
+    "QUALITY_REAL",
     "REAL",
     "Dataset",
     "describe",
@@ -560,6 +561,9 @@ REAL_DESCRIPTIONS = {
                    "(7,730 pairs, book order)",
     "emoji-image-name": "real image-text: emoji pictures (EfficientNet-Lite0) <-> their names "
                         "(MiniLM-L6), 1.9k pairs",
+    "bible-en-es-full": "real text-text: the whole joined Bible, Genesis to Revelation, English "
+                        "MiniLM-L6 <-> Spanish e5-small (30,445 pairs, book order; the long "
+                        "stream of make bench-long-stream)",
 }
 
 
@@ -599,6 +603,9 @@ for _name in REAL_DESCRIPTIONS:
     BUILTIN[_name] = (lambda n: lambda seed=0: load_real(n))(_name)
 REAL = tuple(REAL_DESCRIPTIONS)
 """Names of the real datasets (also keys of ``BUILTIN``; their factories ignore the seed)."""
+QUALITY_REAL = ("bible-en-es", "emoji-image-name")
+"""The real sets of ``make bench-quality`` (the whole Bible is the long stream's, too slow for
+20 seeds x every strategy)."""
 
 
 def get_dataset(name: str, seed: int = 0) -> Dataset:

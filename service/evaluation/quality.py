@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from service.evaluation import curves
-from service.evaluation.datasets import BUILTIN, REAL, describe, get_dataset
+from service.evaluation.datasets import BUILTIN, QUALITY_REAL, REAL, describe, get_dataset
 from service.evaluation.simulator import SimConfig, list_strategies, simulate
 from service.threads import limit_compute_threads
 
@@ -34,7 +34,7 @@ DRAW_SEED_OFFSET = 20_000  # strategy seed of draw k > 0: seed + k * DRAW_SEED_O
 TOY_DATASETS = ("digits", "digits-lr", "synthetic", "synthetic-imbalanced",
                     "synthetic-longtail-dup", "synthetic-missing", "synthetic-unique",
                     "synthetic-synergy")
-DEFAULT_DATASETS = REAL + TOY_DATASETS  # the real sets lead the report
+DEFAULT_DATASETS = QUALITY_REAL + TOY_DATASETS  # the real sets lead the report
 
 
 def ordered(datasets) -> list[str]:
@@ -368,14 +368,41 @@ def main(argv_datasets=None, modes=("pool", "stream"), seeds=5, budget=300, jobs
     results = run_matrix(datasets, modes, strategies, seeds, budget, jobs, log, first_seed,
                          random_draws)
     rows = summarize(results)
-    (out / "quality-results.json").write_text(json.dumps({"rows": rows, "runs": results}))
-    plot_curves(results, out)
-    notes_file = out / "quality-notes.md"
     meta = {"command": command, "machine": _machine(), "minutes": (time.perf_counter() - t0) / 60,
-            "runs": len(results), "seeds": seeds, "budget": budget, "random_draws": random_draws,
-            "notes": ("\n" + notes_file.read_text()) if notes_file.exists() else ""}
-    p = write_report(results, rows, out, meta)
+            "runs": len(results), "seeds": seeds, "budget": budget, "random_draws": random_draws}
+    (out / "quality-results.json").write_text(json.dumps({"rows": rows, "runs": results,
+                                                          "meta": meta}))
+    plot_curves(results, out)
+    p = write_report(results, rows, out, _with_notes(meta, out))
     log(f"wrote {p}")
+    return p
+
+
+def _with_notes(meta: dict, out: Path) -> dict:
+    notes_file = out / "quality-notes.md"
+    return {**meta, "notes": ("\n" + notes_file.read_text()) if notes_file.exists() else ""}
+
+
+def rewrite_report(out_dir="reports", log=print) -> Path:
+    """Rebuild ``quality.md`` from ``quality-results.json`` (and the current ``quality-notes.md``)
+    without running anything: for editing the notes after a run.
+
+    Raises
+    ------
+    ValueError
+        No results file in ``out_dir``, or one without ``meta`` (written before it was
+        recorded): rerun the benchmark.
+    """
+    out = Path(out_dir)
+    path = out / "quality-results.json"
+    if not path.exists():
+        raise ValueError(f"{path} not found: run `pairsieve bench-quality` first")
+    data = json.loads(path.read_text())
+    if "meta" not in data:
+        raise ValueError(f"{path} has no 'meta' (the command, machine and run time of the run): "
+                         "rerun `pairsieve bench-quality`")
+    p = write_report(data["runs"], data["rows"], out, _with_notes(data["meta"], out))
+    log(f"rewrote {p} from {path}")
     return p
 
 

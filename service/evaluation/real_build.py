@@ -280,7 +280,7 @@ def build_bible(out_dir: Path, cache_dir: Path, dims: int = 128, first_book: str
 
     ``first_book`` keeps that book and every later one in canonical order: the default
     ``"Matthew"`` is the New Testament (7,730 pairs, ~8 min of encoding on 2 cores);
-    ``"Genesis"`` the whole joined Bible (30k pairs, about an hour).
+    ``"Genesis"`` the whole joined Bible (30k pairs, ~40 min on 2 cores).
     """
     _say(f"{name}: exporting the SWORD modules with mod2imp")
     en = parse_imp(_mod2imp(BIBLE_MODULES[0]))

@@ -131,9 +131,9 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
 
 def test_bench_quality_report_leads_with_the_real_datasets(tmp_path):
     from service.evaluation.quality import DEFAULT_DATASETS, ordered
-    from service.evaluation.datasets import REAL
+    from service.evaluation.datasets import QUALITY_REAL, REAL
 
-    assert DEFAULT_DATASETS[:len(REAL)] == REAL
+    assert DEFAULT_DATASETS[:len(QUALITY_REAL)] == QUALITY_REAL and set(QUALITY_REAL) <= set(REAL)
     assert ordered(["synthetic", "emoji-image-name", "digits"]) == [
         "emoji-image-name", "digits", "synthetic"]
     out = tmp_path / "rep"
@@ -152,6 +152,24 @@ def test_bench_quality_report_leads_with_the_real_datasets(tmp_path):
     head = next(line for line in report.splitlines() if line.startswith("| strategy | "))
     assert head.index("emoji-image-name (real)") < head.index("synthetic")
     assert head.endswith("| mean real | mean all |")
+
+
+def test_report_only_rebuilds_the_report_from_the_results_and_current_notes(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["bench-quality", "--modes", "stream", "--seeds", "2", "--datasets", "synthetic",
+                 "--strategies", "random,default", "--budget", "40", "--jobs", "1",
+                 "--random-draws", "1", "--out-dir", str(out)]) == 0
+    first = (out / "quality.md").read_text()
+    meta = json.loads((out / "quality-results.json").read_text())["meta"]
+    assert meta["seeds"] == 2 and meta["budget"] == 40 and meta["runs"] == 4
+    (out / "quality-notes.md").write_text("## Findings\n\nwritten after the run\n")
+    before = (out / "quality-results.json").stat().st_mtime_ns
+    assert main(["bench-quality", "--report-only", "--out-dir", str(out)]) == 0
+    again = (out / "quality.md").read_text()
+    assert again.startswith(first.rstrip("\n")) and again.endswith("written after the run\n")
+    assert (out / "quality-results.json").stat().st_mtime_ns == before  # nothing was rerun
+    assert main(["bench-quality", "--report-only", "--out-dir", str(tmp_path / "none")]) == 2
+    assert "quality-results.json not found" in capsys.readouterr().err
 
 
 def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):

@@ -55,7 +55,7 @@ def nn_distances(x: np.ndarray, *, return_index: bool = False):
 
 def test_builtin_names():
     assert list(BUILTIN) == [*TOY, *REAL]
-    assert REAL == ("bible-en-es", "emoji-image-name")
+    assert REAL == ("bible-en-es", "emoji-image-name", "bible-en-es-full")
     assert TOY == [
         "digits",
         "digits-lr",

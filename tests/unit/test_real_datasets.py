@@ -9,7 +9,8 @@ import pytest
 from service.evaluation import real_build
 from service.evaluation.datasets import DATA_DIR, REAL, BUILTIN, load_npz, load_real
 
-EXPECTED_ROWS = {"bible-en-es": (7730, 7730), "emoji-image-name": (1911, 1911)}
+EXPECTED_ROWS = {"bible-en-es": (7730, 7730), "emoji-image-name": (1911, 1911),
+                 "bible-en-es-full": (30445, 30445)}
 
 
 @pytest.mark.parametrize("name", REAL)
