@@ -28,3 +28,11 @@ def test_every_metric_is_documented():
 def test_readme_quick_start_is_the_two_commands():
     quick = README.split("## Quick start", 1)[1].split("##", 1)[0]
     assert "make demo" in quick and "make test" in quick
+
+
+def test_settings_table_is_current():
+    # the README's table is Settings.markdown_table(): variable, flag, default and meaning of
+    # every setting, the same text `pairsieve serve --help` prints
+    assert Settings.markdown_table() in README, (
+        "README's settings table is stale; regenerate it with "
+        "python -c 'from service.settings import Settings; print(Settings.markdown_table())'")
