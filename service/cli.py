@@ -132,7 +132,8 @@ def _cmd_serve(args) -> int:
     from service.settings import Settings
 
     overrides = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if hasattr(args, k)}
-    settings = Settings.from_env(**overrides)
+    settings = Settings.from_env(**overrides)  # SettingsError (one line per bad value) -> exit 2
+    settings.check_environment()  # device, model directory, TLS files: before anything starts
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve_forever(settings))
@@ -195,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_bench_quality)
     from service.settings import Settings
 
-    v = sub.add_parser("serve", help="run the service: Kafka stream processor + gRPC + metrics")
+    v = sub.add_parser("serve", help="run the service: Kafka stream processor + gRPC + metrics",
+                       description="Run the service: Kafka stream processor + gRPC + metrics. "
+                                   "Every setting is a flag and a PAIRSIEVE_* environment "
+                                   "variable (flags win); all are checked before anything "
+                                   "starts, a bad value exits with status 2.")
     Settings.add_arguments(v)
     v.set_defaults(func=_cmd_serve)
 
@@ -251,5 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:
-        print(f"pairsieve: error: {exc}", file=sys.stderr)
+        from service.settings import SettingsError
+
+        for line in exc.errors if isinstance(exc, SettingsError) else [str(exc)]:
+            print(f"pairsieve: error: {line}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Composition root: builds the engine, starts every adapter, owns signals and shutdown.
 
-Startup: broker (embedded tansu when ``PAIRSIEVE_KAFKA_BOOTSTRAP`` is unset) -> topics (explicit
-partition counts) -> engine (model from ``PAIRSIEVE_MODEL_DIR`` if present) -> metrics HTTP ->
-request publisher -> selection follower (replays earlier selections, so budget and caches survive
-a restart) -> faust stream processor -> gRPC server -> health SERVING.
+Startup: settings checks (:meth:`Settings.check_environment`: device, model directory, TLS
+files) and the initial model (from ``PAIRSIEVE_MODEL_DIR`` if present; an unreadable checkpoint
+fails here), all before any side effect -> broker (embedded tansu when
+``PAIRSIEVE_KAFKA_BOOTSTRAP`` is unset) -> topics (explicit partition counts) -> metrics HTTP ->
+request publisher -> engine -> selection follower (replays earlier selections, so budget and
+caches survive a restart) -> faust stream processor -> gRPC server -> health SERVING.
 
 Shutdown on SIGTERM/SIGINT, in this order: health NOT_SERVING, stop consuming (no new batch is
 taken), drain the in-flight batch (it is published and committed), stop the faust app (offsets of
@@ -18,14 +20,13 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from service.alignment import AlignmentModel, AlignmentTrainer, TrainerConfig
-from service.core.acquisition import AcquisitionConfig
-from service.core.budget import BudgetConfig
-from service.core.selector import SelectorConfig, StreamingSelector
+from service.alignment import AlignmentModel, AlignmentTrainer
+from service.core.selector import StreamingSelector
 from service.handlers import SelectionHandler
 from service.observability.metrics import PairsieveMetrics, start_metrics_server
 from service.rpc.server import start_grpc_server
@@ -43,18 +44,24 @@ def initial_model(settings: Settings) -> AlignmentModel:
     """The newest checkpoint in ``model_dir`` or, failing that, a seeded random projection.
 
     Version 0 (random, not aligned) gives meaningful within-modality diversity only; the budget's
-    random warm-up covers the cold start until the first trained version arrives.
+    random warm-up covers the cold start until the first trained version arrives. A model
+    directory that does not exist yet, or holds no checkpoint, is a cold start (the directory is
+    created with the first checkpoint); one whose checkpoint cannot be read raises ``ValueError``
+    (one line) rather than silently starting over.
     """
-    if settings.model_dir:
+    if settings.model_dir and (Path(settings.model_dir) / "LATEST").exists():
         try:
             model = AlignmentModel.load(settings.model_dir)
-            if model.dims == settings.dims and model.dim_out == settings.embedding_dim:
-                log.info("loaded model version %d from %s", model.version, settings.model_dir)
-                return model
-            log.warning("checkpoint in %s does not match the configured modalities; ignoring it",
-                        settings.model_dir)
-        except ValueError:
-            pass
+        except Exception as exc:  # corrupt, truncated or foreign file: say so, in one line
+            raise ValueError(f"{Settings.env_name('model_dir')} = {settings.model_dir!r}: cannot "
+                             f"load its LATEST checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); move it away "
+                             "to start from a cold model") from None
+        if model.dims == settings.dims and model.dim_out == settings.embedding_dim:
+            log.info("loaded model version %d from %s", model.version, settings.model_dir)
+            return model
+        log.warning("checkpoint in %s does not match the configured modalities; ignoring it",
+                    settings.model_dir)
     model = AlignmentModel(settings.dims, settings.embedding_dim, version=0)
     rng = np.random.default_rng(settings.seed)
     k = settings.embedding_dim
@@ -64,21 +71,17 @@ def initial_model(settings: Settings) -> AlignmentModel:
     return model.eval()
 
 
-def build_engine(settings: Settings, metrics=None, publisher=None) -> SelectionHandler:
-    """The selector, trainer and handler for ``settings`` (no I/O besides checkpoints)."""
-    total = None if settings.budget_total < 0 else settings.budget_total
-    cfg = SelectorConfig(
-        uncertainty=settings.uncertainty, index_size=settings.index_size,
-        cache_capacity=settings.cache_capacity,
-        budget=BudgetConfig(total=total, target_rate=settings.target_rate,
-                            explore=settings.explore_fraction,
-                            warmup_accepts=settings.warmup_accepts),
-        acquisition=AcquisitionConfig())
-    model = initial_model(settings)
-    selector = StreamingSelector(model, cfg, seed=settings.seed, device=settings.device or None)
-    trainer = AlignmentTrainer(settings.dims, TrainerConfig(dim_out=settings.embedding_dim,
-                                                            pca_dim=settings.embedding_dim),
-                               seed=settings.seed)
+def build_engine(settings: Settings, metrics=None, publisher=None,
+                 model: AlignmentModel | None = None) -> SelectionHandler:
+    """The selector, trainer and handler for ``settings`` (no I/O besides checkpoints).
+
+    Every engine config comes from ``settings`` (:meth:`Settings.selector_config`,
+    :meth:`Settings.trainer_config`); ``model`` defaults to :func:`initial_model`.
+    """
+    model = initial_model(settings) if model is None else model
+    selector = StreamingSelector(model, settings.selector_config(), seed=settings.seed,
+                                 device=settings.torch_device)
+    trainer = AlignmentTrainer(settings.dims, settings.trainer_config(), seed=settings.seed)
     on_model = (lambda m: m.save(settings.model_dir)) if settings.model_dir else None
     return SelectionHandler(selector, trainer, publisher, metrics,
                             worker_id=settings.effective_worker_id,
@@ -140,7 +143,11 @@ class Service:
 
 async def start_service(settings: Settings) -> Service:
     """Start everything (see module docstring) and return the running :class:`Service`."""
+    # Everything that can be wrong with the settings fails here, before any side effect (no
+    # broker, topic, port or checkpoint write yet): one line per bad value.
+    settings.check_environment()
     limit_compute_threads(settings.compute_threads)
+    model = initial_model(settings)
     broker = None
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
@@ -158,7 +165,7 @@ async def start_service(settings: Settings) -> Service:
     publisher = KafkaRequestPublisher(bootstrap, settings.topic(REQUESTS_TOPIC),
                                       max_request_bytes=settings.max_message_bytes)
     await publisher.start()
-    handler = build_engine(settings, metrics, publisher)
+    handler = build_engine(settings, metrics, publisher, model)
     metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
     follower = SelectionFollower(bootstrap, settings.topic(REQUESTS_TOPIC), handler)
     if settings.follow_selections:

@@ -5,16 +5,55 @@ flags win over the environment, the environment over the defaults. Fixed names f
 contract: ``PAIRSIEVE_KAFKA_BOOTSTRAP`` (unset: start the embedded broker),
 ``PAIRSIEVE_GRPC_PORT`` (50051), ``PAIRSIEVE_METRICS_PORT`` (9464), ``PAIRSIEVE_AUTH_TOKEN``
 (unset: no auth).
+
+**One source for every default.** The engine's knobs take their defaults from the core
+dataclasses (:class:`~service.core.selector.SelectorConfig`,
+:class:`~service.core.budget.BudgetConfig`, :class:`~service.core.acquisition.AcquisitionConfig`,
+:class:`~service.alignment.TrainerConfig`), read with :func:`dataclasses.fields`, never copied
+as literals; :meth:`Settings.selector_config` and :meth:`Settings.trainer_config` build the
+engine's configs from the settings, so what the benchmark measures as the stream ``default``
+(``SelectorConfig()`` and ``TrainerConfig()`` defaults) is what a deployment runs. Only the
+deployment's own values are set here: the budget (``budget_total``, ``target_rate``) and the
+cold-start warm-up (:data:`~service.core.budget.TUNED_WARMUP_ACCEPTS`, shared with the
+simulator).
+
+**Validated before anything starts.** :class:`Settings` checks every value when it is built
+(one line per bad value, naming the variable and flag, echoing the value and saying what is
+allowed: :class:`SettingsError`); :meth:`Settings.check_environment` checks what needs the
+machine (the torch device exists, the model directory and TLS files are usable). The runtime
+calls both before the embedded broker starts, topics are created or ports open.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from service.alignment.trainer import TrainerConfig
+from service.core.acquisition import AcquisitionConfig
+from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
+from service.core.selector import SelectorConfig
 
 ENV_PREFIX = "PAIRSIEVE_"
+UNCERTAINTIES = ("least_confidence", "margin", "entropy")
+NORMALIZATIONS = ("zscore", "rank")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_DEVICE_RE = re.compile(r"^(|auto|cpu|cuda|cuda:\d+)$")
+# Settings whose value is one field of AcquisitionConfig (same name), in its order.
+ACQUISITION_FIELDS = tuple(f.name for f in fields(AcquisitionConfig))
+
+
+class SettingsError(ValueError):
+    """One or more bad settings; ``errors`` holds one line per bad value."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
 
 
 def parse_modalities(spec: str) -> dict[str, int]:
@@ -32,71 +71,296 @@ def parse_modalities(spec: str) -> dict[str, int]:
     return out
 
 
+def core_default(cls, name: str):
+    """The default of field ``name`` of the dataclass ``cls`` (the one source of that value)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            break
+    raise LookupError(f"{cls.__name__} has no field {name!r} with a default")
+
+
+def _s(default, help: str, *, allowed: str = "", check=None):
+    """A setting: its default, its meaning (``--help``, README), and an optional check
+    (``check(value) -> bool``; ``allowed`` says in words what passes)."""
+    return field(default=default, metadata={"help": help, "allowed": allowed, "check": check})
+
+
+def _from(cls, name: str, help: str, **kw):
+    """A setting whose default is ``cls``'s field ``name``'s default."""
+    return _s(core_default(cls, name), help, **kw)
+
+
+def _port(v) -> bool:
+    return isinstance(v, int) and 0 <= v <= 65535
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _non_negative_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
+def _fraction(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1
+
+
+def _rate(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1
+
+
+def _modalities(v) -> bool:
+    try:
+        parse_modalities(v)
+    except ValueError:
+        return False
+    return True
+
+
+PORT = "0 (pick a free port) or 1-65535"
+POS_INT = "an integer >= 1"
+NONNEG_INT = "an integer >= 0"
+POS = "a number > 0"
+NONNEG = "a number >= 0"
+FRACTION = "a number in [0, 1]"
+RATE = "a number in (0, 1]"
+_A = AcquisitionConfig
+
+
 @dataclass(frozen=True)
 class Settings:
-    """All runtime settings. Field ``x`` is read from ``PAIRSIEVE_X`` and ``--x``."""
+    """All runtime settings. Field ``x`` is read from ``PAIRSIEVE_X`` and ``--x``.
 
-    kafka_bootstrap: str = ""  # empty: start the embedded tansu broker
-    grpc_port: int = 50051
-    grpc_host: str = "0.0.0.0"
-    metrics_port: int = 9464
-    metrics_host: str = "0.0.0.0"
-    auth_token: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    modalities: str = "image:512,text:384"
-    worker_id: str = ""  # empty: hostname-pid
-    group_id: str = "pairsieve"
-    topic_suffix: str = ""  # appended to every topic name (tests, isolated demos)
-    features_partitions: int = 4
-    batch_max_items: int = 256
-    max_wait_seconds: float = 0.05
-    max_message_bytes: int = 16 * 1024 * 1024
-    budget_total: int = -1  # -1: unlimited
-    target_rate: float = 0.05
-    explore_fraction: float = 0.05
-    warmup_accepts: int = 50
-    cache_capacity: int = 4096
-    index_size: int = 4096
-    embedding_dim: int = 64
-    uncertainty: str = "least_confidence"
-    retrain_every_pairs: int = 25
-    candidates_k: int = 5
-    follow_selections: int = 1  # 1: fold in every worker's selections (scale-out); 0: only own
-    model_dir: str = ""  # empty: no checkpoints
-    device: str = ""  # empty: cuda when available, else cpu
-    seed: int = 0
-    shutdown_grace_seconds: float = 10.0
-    rebalance_timeout_seconds: float = 10.0
+    Raises :class:`SettingsError` (a ``ValueError``) naming every bad value.
+    """
+
+    kafka_bootstrap: str = _s("", "Kafka bootstrap servers; unset = start the embedded tansu "
+                                  "broker (demos/tests)")
+    grpc_port: int = _s(50051, "gRPC port (0 = pick a free one)", allowed=PORT, check=_port)
+    grpc_host: str = _s("0.0.0.0", "gRPC bind address")
+    metrics_port: int = _s(9464, "Prometheus `/metrics` port (0 = pick a free one)",
+                           allowed=PORT, check=_port)
+    metrics_host: str = _s("0.0.0.0", "metrics bind address")
+    auth_token: str = _s("", "unset = no auth; else clients send `authorization: Bearer <token>`")
+    tls_cert_file: str = _s("", "PEM certificate (with TLS_KEY_FILE: gRPC over TLS); must exist")
+    tls_key_file: str = _s("", "PEM private key; must exist")
+    modalities: str = _s("image:512,text:384", "the two modalities and their feature dimensions, "
+                                               "`NAME:DIM,NAME:DIM`",
+                         allowed="two distinct NAME:DIM (DIM >= 1), e.g. image:512,text:384",
+                         check=_modalities)
+    worker_id: str = _s("", "this worker's name (default hostname-pid); tags its requests")
+    group_id: str = _s("pairsieve", "Kafka consumer group of the workers",
+                       allowed="a non-empty name", check=bool)
+    topic_suffix: str = _s("", "appended to every topic name (isolated test/demo topics)")
+    features_partitions: int = _s(4, "partitions of the features (and requests) topic when "
+                                     "pairsieve creates it", allowed=POS_INT, check=_positive_int)
+    batch_max_items: int = _s(256, "micro-batch size bound", allowed=POS_INT, check=_positive_int)
+    max_wait_seconds: float = _s(0.05, "micro-batch time bound", allowed=POS, check=_positive)
+    max_message_bytes: int = _s(16 * 1024 * 1024, "largest gRPC message / Kafka record accepted "
+                                                  "(bigger -> dead letter / RESOURCE_EXHAUSTED)",
+                                allowed=POS_INT, check=_positive_int)
+    # The deployment's budget: not engine defaults (the benchmark sets both from its budget and
+    # stream length), so they live here.
+    budget_total: int = _s(-1, "alignments to request in total; -1 = unlimited",
+                           allowed="-1 (unlimited) or an integer >= 0",
+                           check=lambda v: isinstance(v, int) and v >= -1)
+    target_rate: float = _s(0.05, "target acceptance rate (share of the stream sent for "
+                                  "alignment)", allowed=RATE, check=_rate)
+    explore_fraction: float = _from(BudgetConfig, "explore", "share of the target rate spent on "
+                                    "random exploration", allowed=FRACTION, check=_fraction)
+    warmup_accepts: int = _s(TUNED_WARMUP_ACCEPTS, "random accepts before utilities are trusted "
+                             "(cold start)", allowed=NONNEG_INT, check=_non_negative_int)
+    threshold_window: int = _from(BudgetConfig, "window", "recent utilities the acceptance "
+                                  "threshold (a quantile) is taken over", allowed=POS_INT,
+                                  check=_positive_int)
+    cache_capacity: int = _from(SelectorConfig, "cache_capacity", "C: selected vectors kept per "
+                                "modality (diversity)", allowed=POS_INT, check=_positive_int)
+    index_size: int = _from(SelectorConfig, "index_size", "K: recent items per modality scored "
+                            "against", allowed=POS_INT, check=_positive_int)
+    embedding_dim: int = _from(TrainerConfig, "dim_out", "k: dimension of the shared embedding "
+                               "space (also the PCA whitening rank)", allowed=POS_INT,
+                               check=_positive_int)
+    uncertainty: str = _from(SelectorConfig, "uncertainty", "uncertainty measure: " +
+                             ", ".join(UNCERTAINTIES), allowed=", ".join(UNCERTAINTIES),
+                             check=lambda v: v in UNCERTAINTIES)
+    # Acquisition (utility = w_u * norm(uncertainty) + w_d * norm(diversity) + w_c * coverage)
+    uncertainty_weight: float = _from(_A, "uncertainty_weight", "w_u: weight of the normalised "
+                                      "uncertainty in the utility", allowed=NONNEG,
+                                      check=_non_negative)
+    diversity_weight: float = _from(_A, "diversity_weight", "w_d: weight of the normalised "
+                                    "diversity (distance to the selected set)", allowed=NONNEG,
+                                    check=_non_negative)
+    coverage_weight: float = _from(_A, "coverage_weight", "w_c: weight of the bonus of the "
+                                   "under-covered modality", allowed=NONNEG, check=_non_negative)
+    normalization: str = _from(_A, "normalization", "per-modality score normalisation: zscore "
+                               "(EW mean/variance) or rank (empirical CDF over a window)",
+                               allowed=" or ".join(NORMALIZATIONS),
+                               check=lambda v: v in NORMALIZATIONS)
+    zscore_alpha: float = _from(_A, "zscore_alpha", "EW factor per item of the zscore "
+                                "normalisation", allowed=RATE, check=_rate)
+    rank_window: int = _from(_A, "rank_window", "values the rank normalisation's CDF is taken "
+                             "over", allowed=POS_INT, check=_positive_int)
+    coverage_alpha: float = _from(_A, "coverage_alpha", "EW factor per item of the coverage "
+                                  "signal (mean distance to the selected set)", allowed=RATE,
+                                  check=_rate)
+    quotas: bool = _from(_A, "quotas", "1: per-modality acquisition quotas from the modality "
+                         "discrepancy (an accept above its share is vetoed); 0: none",
+                         allowed="0 or 1", check=lambda v: v in (0, 1))
+    quota_gamma: float = _from(_A, "quota_gamma", "quotas: how strongly the discrepancy moves "
+                               "the shares", allowed=NONNEG, check=_non_negative)
+    quota_min_share: float = _from(_A, "quota_min_share", "quotas: smallest share a modality "
+                                   "keeps", allowed="a number in [0, 0.5]",
+                                   check=lambda v: _fraction(v) and v <= 0.5)
+    quota_tolerance: float = _from(_A, "quota_tolerance", "quotas: share a modality may exceed "
+                                   "its quota by", allowed=FRACTION, check=_fraction)
+    quota_min_accepts: int = _from(_A, "quota_min_accepts", "quotas: accepts before quotas apply",
+                                   allowed=NONNEG_INT, check=_non_negative_int)
+    retrain_every_pairs: int = _s(25, "new MATCH pairs between two retrains", allowed=POS_INT,
+                                  check=_positive_int)
+    candidates_k: int = _s(5, "partner candidates attached to each request", allowed=NONNEG_INT,
+                           check=_non_negative_int)
+    follow_selections: int = _s(1, "1: fold in every worker's selections (scale-out); 0: own "
+                                   "only", allowed="0 or 1", check=lambda v: v in (0, 1))
+    model_dir: str = _s("", "checkpoint directory (loaded at start, written on every new "
+                            "version; created with the first checkpoint); unset = none")
+    device: str = _s("", "torch device: cpu, cuda, cuda:N, or auto (unset = auto: cuda when "
+                         "available, else cpu)", allowed="cpu, cuda, cuda:N or auto (or unset)",
+                     check=lambda v: bool(_DEVICE_RE.match(v)))
+    seed: int = _s(0, "seed of every random choice", allowed=NONNEG_INT,
+                   check=_non_negative_int)
+    shutdown_grace_seconds: float = _s(10.0, "time allowed to drain the in-flight batch and "
+                                             "finish gRPC calls", allowed=NONNEG,
+                                       check=_non_negative)
+    rebalance_timeout_seconds: float = _s(10.0, "Kafka consumer-group rebalance timeout",
+                                          allowed=POS, check=_positive)
     # tansu holds a group join for about half the session timeout; 3 s keeps joins ~2 s there
     # and is still safe against short stalls. Raise it for a real Kafka under heavy load.
-    session_timeout_seconds: float = 3.0
+    session_timeout_seconds: float = _s(3.0, "Kafka consumer session timeout (tansu holds a "
+                                             "join ~half of it)", allowed=POS, check=_positive)
     # faust hard-codes 1500 ms for its consumer; a broker that holds a fetch until then (tansu
     # holds about half of it) adds that to every decision latency. 50 ms: on a real Kafka a fetch
     # returns as soon as data is there, so this only sets how often an idle consumer re-asks.
-    fetch_max_wait_seconds: float = 0.05
+    fetch_max_wait_seconds: float = _s(0.05, "longest a Kafka fetch of the features consumer may "
+                                             "wait for data (faust's fixed 1.5 s is overridden: "
+                                             "tansu holds a fetch ~half of it, which every "
+                                             "decision latency would include)",
+                                       allowed="a number in (0, 30]",
+                                       check=lambda v: _positive(v) and v <= 30)
     # torch intra-op and BLAS threads of the engine; 1 = one core per worker (scale out with
     # workers and partitions: the engine's small per-batch matmuls gain little from threads)
-    compute_threads: int = 1
-    log_level: str = "INFO"
+    compute_threads: int = _s(1, "torch intra-op and BLAS (numpy) threads of the engine; scale "
+                                 "out with workers instead", allowed=POS_INT,
+                              check=_positive_int)
+    log_level: str = _s("INFO", "Python log level", allowed=", ".join(LOG_LEVELS),
+                        check=lambda v: v in LOG_LEVELS)
 
     def __post_init__(self):
-        parse_modalities(self.modalities)
-        for name in ("grpc_port", "metrics_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise ValueError(f"{name} must be a port number, got {getattr(self, name)}")
-        if not 0 < self.target_rate <= 1:
-            raise ValueError(f"target_rate must be in (0, 1], got {self.target_rate}")
-        if self.compute_threads < 1:
-            raise ValueError(f"compute_threads must be >= 1, got {self.compute_threads}")
-        if not 0 < self.fetch_max_wait_seconds <= 30:
-            raise ValueError("fetch_max_wait_seconds must be in (0, 30], got "
-                             f"{self.fetch_max_wait_seconds}")
-        if self.batch_max_items < 1 or self.max_wait_seconds <= 0:
-            raise ValueError("batch_max_items must be >= 1 and max_wait_seconds > 0")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("TLS needs both PAIRSIEVE_TLS_CERT_FILE and PAIRSIEVE_TLS_KEY_FILE")
+        errors = self.problems()
+        if errors:
+            raise SettingsError(errors)
 
+    # ------------------------------------------------------------------ validation
+    def problems(self) -> list[str]:
+        """One line per bad value (empty when every value is allowed)."""
+        errors = []
+        for f in fields(self):
+            check = f.metadata.get("check")
+            value = getattr(self, f.name)
+            if check is not None and not check(value):
+                errors.append(self.describe_bad(f.name, value, f.metadata["allowed"]))
+        if self.grpc_port == self.metrics_port != 0 and _port(self.grpc_port):
+            errors.append(f"{self.env_name('grpc_port')} (--grpc-port) and "
+                          f"{self.env_name('metrics_port')} (--metrics-port) are both "
+                          f"{self.grpc_port!r}: expected two different ports (or 0 = pick a "
+                          "free one)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            errors.append("TLS needs both PAIRSIEVE_TLS_CERT_FILE (--tls-cert-file) and "
+                          "PAIRSIEVE_TLS_KEY_FILE (--tls-key-file); got only "
+                          + ("the certificate" if self.tls_cert_file else "the key"))
+        if not errors:  # the core's own checks (a backstop: the rules above cover them)
+            try:
+                self.selector_config()
+                self.trainer_config()
+            except ValueError as exc:
+                errors.append(f"settings make no valid engine config: {exc}")
+        return errors
+
+    @classmethod
+    def describe_bad(cls, name: str, value, allowed: str) -> str:
+        return (f"{cls.env_name(name)} ({cls.flag_name(name)}) = {value!r}: expected {allowed}")
+
+    def check_environment(self) -> None:
+        """Check what needs the machine: the torch device exists, the model directory is usable
+        (or can be created), the TLS files are readable. Raises :class:`SettingsError`.
+
+        No side effect (nothing is created, no device memory allocated).
+        """
+        errors = []
+        dev = self.device
+        if dev.startswith("cuda"):
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(dev.partition(":")[2] or 0)
+            if n == 0:
+                errors.append(f"{self.env_name('device')} (--device) = {dev!r}: no CUDA device "
+                              "is available here; use cpu or auto")
+            elif index >= n:
+                errors.append(f"{self.env_name('device')} (--device) = {dev!r}: only {n} CUDA "
+                              f"device(s) here (cuda:0..cuda:{n - 1})")
+        if self.model_dir:
+            problem = _dir_problem(Path(self.model_dir))
+            if problem:
+                errors.append(f"{self.env_name('model_dir')} (--model-dir) = "
+                              f"{self.model_dir!r}: {problem}")
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                errors.append(f"{self.env_name(name)} ({self.flag_name(name)}) = {path!r}: "
+                              "no such readable file")
+        if errors:
+            raise SettingsError(errors)
+
+    # ------------------------------------------------------------------ engine configs
+    @property
+    def torch_device(self) -> str | None:
+        """The device for torch; None = auto (cuda when available, else cpu)."""
+        return None if self.device in ("", "auto") else self.device
+
+    def budget_config(self) -> BudgetConfig:
+        """The budget controller's config: this deployment's budget, core defaults otherwise."""
+        return BudgetConfig(total=None if self.budget_total < 0 else self.budget_total,
+                            target_rate=self.target_rate, explore=self.explore_fraction,
+                            warmup_accepts=self.warmup_accepts, window=self.threshold_window)
+
+    def acquisition_config(self) -> AcquisitionConfig:
+        values = {name: getattr(self, name) for name in ACQUISITION_FIELDS}
+        return AcquisitionConfig(**{**values, "quotas": bool(self.quotas)})
+
+    def selector_config(self) -> SelectorConfig:
+        """The stream selector's config (fields without a setting keep SelectorConfig's)."""
+        return SelectorConfig(uncertainty=self.uncertainty, index_size=self.index_size,
+                              cache_capacity=self.cache_capacity, budget=self.budget_config(),
+                              acquisition=self.acquisition_config())
+
+    def trainer_config(self) -> TrainerConfig:
+        """The alignment trainer's config: k = ``embedding_dim`` (output and PCA rank)."""
+        return TrainerConfig(dim_out=self.embedding_dim, pca_dim=self.embedding_dim)
+
+    # ------------------------------------------------------------------ misc
     @property
     def dims(self) -> dict[str, int]:
         return parse_modalities(self.modalities)
@@ -112,34 +376,105 @@ class Settings:
     def env_name(field_name: str) -> str:
         return ENV_PREFIX + field_name.upper()
 
+    @staticmethod
+    def flag_name(field_name: str) -> str:
+        return "--" + field_name.replace("_", "-")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
-        """Defaults <- ``PAIRSIEVE_*`` environment <- ``overrides`` (e.g. parsed flags)."""
+        """Defaults <- ``PAIRSIEVE_*`` environment <- ``overrides`` (e.g. parsed flags).
+
+        String overrides of non-string settings (flags) are converted like the environment.
+        Raises :class:`SettingsError` naming every value that cannot be read or is not allowed.
+        """
         env = os.environ if environ is None else environ
-        values = {}
+        values, errors = {}, []
         for f in fields(cls):
-            raw = env.get(cls.env_name(f.name))
-            if raw is not None:
-                values[f.name] = _convert(f.name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            raw, source = env.get(cls.env_name(f.name)), cls.env_name(f.name)
+            over = overrides.get(f.name)
+            if over is not None:
+                raw, source = over, cls.flag_name(f.name)
+            if raw is None:
+                continue
+            if isinstance(raw, str) and f.type != "str":
+                try:
+                    raw = _convert(f.type, raw)
+                except ValueError:
+                    errors.append(f"{source} = {raw!r}: expected {_TYPE_WORDS[f.type]}")
+                    continue
+            values[f.name] = raw
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        if errors:
+            raise SettingsError(errors)
         return cls(**values)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One ``--flag`` per field (default None, so the environment is not overridden)."""
+        """One ``--flag`` per field (default None, so the environment is not overridden).
+
+        Values are read as text and converted by :meth:`from_env`, so a bad flag gets the same
+        one-line error as a bad environment variable.
+        """
         for f in fields(cls):
-            typ = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ,
-                                default=None, help=f"env {cls.env_name(f.name)} "
-                                                   f"(default {f.default!r})")
+            parser.add_argument(cls.flag_name(f.name), dest=f.name, default=None,
+                                metavar=_METAVARS[f.type], help=cls.help_text(f.name))
+
+    @classmethod
+    def help_text(cls, name: str) -> str:
+        f = cls.__dataclass_fields__[name]
+        text = f"{f.metadata['help']} (env {cls.env_name(name)}, default {_show(f.default)})"
+        return text.replace("%", "%%")
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The README's settings table (one row per setting)."""
+        rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            rows.append(f"| `{cls.env_name(f.name)}` | `{cls.flag_name(f.name)}` | "
+                        f"`{_show(f.default)}` | {f.metadata['help']} |")
+        return "\n".join(rows)
 
 
-def _convert(name: str, typ: str, raw: str):
-    try:
-        if typ == "int":
-            return int(raw)
-        if typ == "float":
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"{Settings.env_name(name)}={raw!r} is not a valid {typ}") from None
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "0 or 1 (or true/false)"}
+_METAVARS = {"int": "N", "float": "X", "bool": "0|1", "str": "TEXT"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _show(default) -> str:
+    if isinstance(default, bool):
+        return str(int(default))
+    return repr(default)
+
+
+def _convert(typ: str, raw: str):
+    if typ == "int":
+        return int(raw)
+    if typ == "float":
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(raw)
+        return value
+    if typ == "bool":
+        low = raw.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ValueError(raw)
     return raw
+
+
+def _dir_problem(path: Path) -> str:
+    """Why ``path`` cannot serve as the checkpoint directory ('' when it can)."""
+    if path.exists():
+        if not path.is_dir():
+            return "exists but is not a directory"
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            return "directory is not readable and writable"
+        return ""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"does not exist and cannot be created ({str(parent)!r} is not a writable directory)"
+    return ""

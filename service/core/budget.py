@@ -32,6 +32,13 @@ from service.core.reasons import Reason
 from service.core.validation import check_fraction
 
 
+# Random accepts of the tuned stream default before utilities are trusted: the service's
+# PAIRSIEVE_WARMUP_ACCEPTS default and the simulator's warm-up (reports/quality.md, "50 random
+# warm-up accepts"). BudgetConfig's own default stays 0 for library users, who may warm up with
+# labels they already have.
+TUNED_WARMUP_ACCEPTS = 50
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
     """Settings of :class:`BudgetController`.

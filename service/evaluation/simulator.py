@@ -27,7 +27,7 @@ import numpy as np
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
 from service.evaluation.datasets import Dataset
 from service.core.acquisition import AcquisitionConfig
-from service.core.budget import BudgetConfig
+from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT
 from service.core.pool import STRATEGIES as POOL_BASELINES
 from service.core.pool.base import PoolState
@@ -93,7 +93,7 @@ class SimConfig:
     strategy_seed: int | None = None  # randomness of the strategy only (None: = seed)
     test_size: int = 500
     round_size: int = 25  # pool: acquisitions per round
-    warmup: int = 50  # random acquisitions before any strategy acts (both modes)
+    warmup: int = TUNED_WARMUP_ACCEPTS  # random acquisitions before any strategy acts (both modes)
     retrain_every: int = 25  # stream: acquisitions between retrains
     batch_size: int = 32  # stream: micro-batch size
     explore: float = 0.05

@@ -283,6 +283,35 @@ def test_stream_default_is_what_a_deployment_runs():
                                              svc.cross_insert, svc.cache_on_model_change)
 
 
+def test_stream_default_equals_what_default_settings_build():
+    # Field by field: the config the service builds from default Settings is the simulator's
+    # stream `default` except what the deployment sets: the budget total and target rate (the
+    # simulator sets them from its budget and stream length) and the threshold window (the
+    # simulator sizes it to its short streams: 1024).
+    from dataclasses import asdict
+
+    from service.core.budget import BudgetConfig
+    from service.settings import Settings
+
+    s, sim = Settings(), SimConfig(mode="stream")
+    bench = sim_mod._stream_configs()["default"](
+        BudgetConfig(total=sim.budget, target_rate=0.13, warmup_accepts=sim.warmup,
+                     explore=sim.explore, window=1024))
+    svc = s.selector_config()
+    deployment = {"total", "target_rate", "window"}
+    b_bench, b_svc = asdict(bench.budget), asdict(svc.budget)
+    assert {k: v for k, v in b_bench.items() if k not in deployment} == \
+        {k: v for k, v in b_svc.items() if k not in deployment}
+    assert (b_svc["total"], b_svc["target_rate"], b_svc["window"]) == (None, 0.05, 2048)
+    assert bench.acquisition == svc.acquisition
+    assert {k: v for k, v in asdict(bench).items() if k != "budget"} == \
+        {k: v for k, v in asdict(svc).items() if k != "budget"}
+    # the learner and its schedule: the model the service trains is the one benchmarked
+    assert s.trainer_config() == sim.trainer
+    assert s.retrain_every_pairs == sim.retrain_every
+    assert (s.warmup_accepts, s.explore_fraction) == (sim.warmup, sim.explore)
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 

@@ -103,3 +103,11 @@ def test_no_machine_specific_absolute_paths():
                  for p, text in _text_files(ROOT / top)
                  for n, line in enumerate(text.splitlines(), 1) if re.search(pat, line)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_settings_table_is_current():
+    # the README's table is Settings.markdown_table(): variable, flag, default and meaning of
+    # every setting, the same text `pairsieve serve --help` prints
+    assert Settings.markdown_table() in README, (
+        "README's settings table is stale; regenerate it with "
+        "python -c 'from service.settings import Settings; print(Settings.markdown_table())'")
