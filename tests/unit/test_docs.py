@@ -111,3 +111,18 @@ def test_settings_table_is_current():
     assert Settings.markdown_table() in README, (
         "README's settings table is stale; regenerate it with "
         "python -c 'from service.settings import Settings; print(Settings.markdown_table())'")
+
+
+def test_architecture_doc_names_only_files_and_symbols_that_exist():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"(service/[\w/]+(?:\.py|/))", text))
+    assert len(paths) > 25  # the scan found the map
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+    # "file.py  Symbol" pairs on the event path: the symbol is defined in that file
+    named = re.findall(r"(service/[\w/]+\.py)  ([A-Z]\w+|[a-z_]+\w*)\b", text)
+    assert len(named) >= 5
+    for path, symbol in named:
+        body = (ROOT / path).read_text()
+        assert re.search(rf"^\s*(class|def|async def) {symbol}\b|^{symbol} = ", body, re.M) or \
+            f"def {symbol.split('.')[-1]}" in body, f"{symbol} is not defined in {path}"
