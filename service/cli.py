@@ -19,9 +19,14 @@ def _cmd_simulate(args) -> int:
     if not args.data and not args.dataset:
         raise SystemExit("simulate: give --data FILE.npz or --dataset NAME (or --list)")
     ds = load_npz(args.data) if args.data else get_dataset(args.dataset, seed=args.seed)
+    from service.alignment import TrainerConfig
+
+    base = TrainerConfig()
+    dim = args.embedding_dim or base.dim_out
+    trainer = TrainerConfig(method=args.learner or base.method, dim_out=dim, pca_dim=dim)
     cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
-                    retrain_every=args.retrain_every, stream_order=args.order)
+                    retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer)
     if args.plot and not args.out:
         raise SystemExit("simulate: --plot writes beside --out; give --out FILE.json too")
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -169,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", action="store_true",
                    help="also write the learning curve as a PNG beside --out")
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    s.add_argument("--learner", choices=("cca", "ridge", "auto"),
+                   help="alignment learner (default: the service's, TrainerConfig().method): "
+                        "whitened ridge CCA, one ridge map with leave-one-out lambda and "
+                        "direction, or the better of both by cross-validation on the pairs")
+    s.add_argument("--embedding-dim", type=int,
+                   help="shared-space dimension (default: the service's, 32)")
     s.set_defaults(func=_cmd_simulate)
 
     d = sub.add_parser("datasets", help="list, export or (real sets) rebuild the built-in datasets")

@@ -25,6 +25,9 @@ from service.alignment.model import AlignmentModel
 from service.core.validation import as_matrix, check_dims
 
 
+CCA_MARGIN_SE = 1.0  # auto: CCA must beat ridge by this many standard errors to be chosen
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Hyper-parameters of :class:`AlignmentTrainer` (defaults tuned on the digits two-view set)."""
@@ -38,13 +41,33 @@ class TrainerConfig:
     finetune_lr: float = 1e-3
     finetune_tau: float = 0.1
     min_pairs: int = 4  # below this the model stays the (unaligned) cold start
+    # "cca": whitening + ridge CCA (above). "ridge": one ridge map from one modality into the
+    # other's top principal directions, direction and lambda chosen by exact leave-one-out
+    # retrieval on the acquired pairs (see :func:`ridge_loo_choice`).
+    method: str = "cca"  # or "ridge", or "auto": the better of both by cross-validation
+    cv_folds: int = 4  # auto: folds of the acquired pairs
+    ridge_direction: str = "auto"  # "auto" (by leave-one-out), "a_to_b" or "b_to_a"
+    ridge_lambdas: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 13))
+    loo_queries: int = 300  # leave-one-out retrieval: at most this many pairs as queries
+    loo_distractors: int = 300  # ... against their partners plus this many unpaired items
 
     def __post_init__(self):
-        for name in ("dim_out", "pca_dim", "min_pairs"):
+        for name in ("dim_out", "pca_dim", "min_pairs", "loo_queries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cca_reg < 0:
             raise ValueError(f"cca_reg must be >= 0, got {self.cca_reg}")
+        if self.method not in ("cca", "ridge", "auto"):
+            raise ValueError(f"method must be 'cca', 'ridge' or 'auto', got {self.method!r}")
+        if self.cv_folds < 2:
+            raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}")
+        if self.ridge_direction not in ("auto", "a_to_b", "b_to_a"):
+            raise ValueError(f"ridge_direction must be 'auto', 'a_to_b' or 'b_to_a', got "
+                             f"{self.ridge_direction!r}")
+        if not self.ridge_lambdas or min(self.ridge_lambdas) <= 0:
+            raise ValueError(f"ridge_lambdas must be non-empty and > 0, got {self.ridge_lambdas}")
+        if self.loo_distractors < 0:
+            raise ValueError(f"loo_distractors must be >= 0, got {self.loo_distractors}")
 
 
 def _whitening(x: np.ndarray, r: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +79,75 @@ def _whitening(x: np.ndarray, r: int, floor: float) -> tuple[np.ndarray, np.ndar
     top = max(float(var[0]), 1e-12)
     w = vt[:r].T / np.sqrt(var[:r] + floor * top)
     return mu.astype(np.float64), w.astype(np.float64)
+
+
+def _principal(x: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and top principal directions (unscaled). x: (n, d) -> ((d,), (d, r'))."""
+    mu = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+    return mu.astype(np.float64), vt[:max(1, min(r, len(vt)))].T.astype(np.float64)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def ridge_loo_choice(x: np.ndarray, y: np.ndarray, lambdas, distractors: np.ndarray,
+                     queries: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray]:
+    """Ridge map ``x -> y`` with lambda chosen by exact leave-one-out retrieval.
+
+    For each lambda the leave-one-out prediction of every pair comes in closed form from one SVD
+    of ``x`` (``(y_i - h_ii y_hat_i) / (1 - h_ii)`` style: ``r_i / (1 - h_ii)`` residuals). A
+    pair scores the reciprocal rank of its true partner, by cosine, among the partners of the
+    query pairs plus ``distractors`` (unpaired items of the target modality, already mapped into
+    the target space). Nothing outside ``x``, ``y`` and ``distractors`` is looked at.
+
+    Parameters
+    ----------
+    x : ndarray (n, d)
+        Centred source views of the acquired pairs.
+    y : ndarray (n, k)
+        Their partners in the target space.
+    lambdas : sequence of float
+    distractors : ndarray (m, k)
+    queries : int
+        At most this many pairs (a seeded sample) are scored.
+    rng : numpy Generator
+
+    Returns
+    -------
+    (lambda, leave-one-out mean reciprocal rank, W (d, k)) of the best lambda.
+    """
+    n = len(x)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    uty = u.T @ y
+    q = np.arange(n) if n <= queries else np.sort(rng.choice(n, queries, replace=False))
+    cand = _unit(np.concatenate([y[q], distractors]))
+    best = (-1.0, float(lambdas[0]))
+    for lam in lambdas:
+        f = s**2 / (s**2 + lam)
+        h = (u[q] ** 2) @ f
+        pred = u[q] @ (f[:, None] * uty)
+        loo = y[q] - (y[q] - pred) / np.maximum(1.0 - h, 1e-9)[:, None]
+        sims = _unit(loo) @ cand.T
+        true = sims[np.arange(len(q)), np.arange(len(q))]
+        rank = 1 + (sims > true[:, None]).sum(axis=1)
+        mrr = float(np.mean(1.0 / rank))
+        if mrr > best[0]:
+            best = (mrr, float(lam))
+    mrr, lam = best
+    w = vt.T @ ((s / (s**2 + lam))[:, None] * uty)
+    return lam, mrr, w
+
+
+def _reciprocal_ranks(queries: np.ndarray, partners: np.ndarray,
+                      distractors: np.ndarray) -> np.ndarray:
+    """Reciprocal rank of row i of ``partners`` for query i among all partners and the
+    distractors (unit vectors; cosine). Shapes (q, k), (q, k), (m, k) -> (q,)."""
+    cand = np.concatenate([partners, distractors])
+    sims = queries @ cand.T
+    true = sims[np.arange(len(queries)), np.arange(len(queries))]
+    return 1.0 / (1 + (sims > true[:, None]).sum(axis=1))
 
 
 def _inv_sqrt(c: np.ndarray) -> np.ndarray:
@@ -95,6 +187,10 @@ class AlignmentTrainer:
         self.config = config or TrainerConfig()
         self.seed = int(seed)
         self._whiten: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._pca: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ridge: mean, top directions
+        self._unpaired: dict[str, np.ndarray] = {}  # ridge: a sample of distractors
+        self.last_fit: dict = {}  # what the last fit chose (method, direction, lambda, LOO MRR)
+        self._choice: tuple | None = None  # auto: (pairs when chosen, method, CV scores)
 
     # ----------------------------------------------------------------- unpaired data
     def fit_unpaired(self, unpaired: dict[str, np.ndarray]) -> None:
@@ -106,6 +202,11 @@ class AlignmentTrainer:
             if len(x) < 2:
                 raise ValueError(f"fit_unpaired: need >= 2 items of {m!r}, got {len(x)}")
             self._whiten[m] = _whitening(x, self.config.pca_dim, self.config.pca_floor)
+            if self.config.method != "cca":
+                self._pca[m] = _principal(x, self.config.dim_out)
+                rng = np.random.default_rng([self.seed, 7])
+                keep = min(len(x), self.config.loo_distractors)
+                self._unpaired[m] = x[np.sort(rng.choice(len(x), keep, replace=False))]
 
     def _whitening_for(self, m: str, fallback: np.ndarray):
         if m not in self._whiten:
@@ -157,18 +258,106 @@ class AlignmentTrainer:
             model.load_state_dict(src.state_dict())
             model.version = version
         else:
-            ha, hb = (a - mu_a) @ wa, (b - mu_b) @ wb
-            pa, pb, rho, ca, cb = cca(ha, hb, cfg.dim_out, cfg.cca_reg)
-            scale = np.power(np.clip(rho, 1e-6, None), cfg.weight_power)
-            # z = P^T (W^T (x - mu) - c) = (W P)^T (x - mu - W^+ c); fold c into the mean.
-            for m, mu, w, p, c in ((ma, mu_a, wa, pa, ca), (mb, mu_b, wb, pb, cb)):
-                full = w @ (p * scale)
-                shift = np.linalg.lstsq(w.T, c, rcond=None)[0]
-                model.set_affine(m, mu + shift, _pad(full, cfg.dim_out))
+            method = cfg.method if cfg.method != "auto" else self._choose_method(a, b, version)
+            info = (self._fit_ridge if method == "ridge" else self._fit_cca)(model, a, b, version)
+            self.last_fit = {**info, "pairs": len(a),
+                             **({"chosen_by": self._choice[2]} if cfg.method == "auto" else {})}
         if cfg.finetune_steps > 0 and len(a) >= 2:
             self._finetune(model, a, b)
         model.n_pairs = len(a)
         return model.eval()
+
+    def _fit_cca(self, model: AlignmentModel, a: np.ndarray, b: np.ndarray, version: int) -> dict:
+        """Whitening + ridge CCA (the module docstring's steps 1-2) into ``model``'s heads."""
+        cfg = self.config
+        ma, mb = self.modalities
+        mu_a, wa = self._whitening_for(ma, a)
+        mu_b, wb = self._whitening_for(mb, b)
+        ha, hb = (a - mu_a) @ wa, (b - mu_b) @ wb
+        pa, pb, rho, ca, cb = cca(ha, hb, cfg.dim_out, cfg.cca_reg)
+        scale = np.power(np.clip(rho, 1e-6, None), cfg.weight_power)
+        # z = P^T (W^T (x - mu) - c) = (W P)^T (x - mu - W^+ c); fold c into the mean.
+        for m, mu, w, p, c in ((ma, mu_a, wa, pa, ca), (mb, mu_b, wb, pb, cb)):
+            full = w @ (p * scale)
+            shift = np.linalg.lstsq(w.T, c, rcond=None)[0]
+            model.set_affine(m, mu + shift, _pad(full, cfg.dim_out))
+        return {"method": "cca"}
+
+    def _choose_method(self, a: np.ndarray, b: np.ndarray, version: int) -> str:
+        """``method="auto"``: CCA or ridge, by ``cv_folds``-fold cross-validated retrieval.
+
+        Each fold fits both learners on the other folds' pairs (ridge choosing its own lambda and
+        direction inside, by leave-one-out on those pairs only) and scores the held-out pairs'
+        mean reciprocal rank in both retrieval directions, the unpaired distractors added to the
+        candidates. Only the acquired pairs and the unpaired items are used. The choice is kept
+        until the number of pairs has grown by a quarter (model selection is then re-run), so it
+        costs about ``2 * cv_folds`` fits every so often, not per retrain.
+        """
+        n = len(a)
+        if self._choice is not None and self._choice[0] <= n < 1.25 * self._choice[0]:
+            return self._choice[1]
+        cfg = self.config
+        ma, mb = self.modalities
+        folds = np.array_split(np.random.default_rng([self.seed, n, 13]).permutation(n),
+                               min(cfg.cv_folds, n // 2))
+        rr = {}
+        for method, fit in (("cca", self._fit_cca), ("ridge", self._fit_ridge)):
+            parts = []
+            for held in folds:
+                train = np.setdiff1d(np.arange(n), held)
+                trial = AlignmentModel(self.dims, cfg.dim_out, version=version)
+                fit(trial, a[train], b[train], version)
+                za = trial.embed(ma, a[held].astype(np.float32))
+                zb = trial.embed(mb, b[held].astype(np.float32))
+                da = trial.embed(ma, self._distractors(ma, a).astype(np.float32))
+                db = trial.embed(mb, self._distractors(mb, b).astype(np.float32))
+                parts.append(0.5 * (_reciprocal_ranks(za, zb, db) + _reciprocal_ranks(zb, za, da)))
+            rr[method] = np.concatenate(parts)
+        # ridge unless CCA is better by more than CCA_MARGIN_SE standard errors of the paired difference
+        # (per held-out pair): at small budgets the fold scores are noisy, and ridge is the
+        # stronger learner on pretrained-encoder features (reports/quality.md)
+        diff = rr["cca"] - rr["ridge"]
+        sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+        pick = "cca" if diff.mean() > CCA_MARGIN_SE * sem else "ridge"
+        self._choice = (n, pick, {m: round(float(v.mean()), 4) for m, v in rr.items()})
+        return pick
+
+    def _distractors(self, m: str, fallback: np.ndarray) -> np.ndarray:
+        if m not in self._unpaired:
+            self._unpaired[m] = fallback[:self.config.loo_distractors]
+        return self._unpaired[m]
+
+    def _fit_ridge(self, model: AlignmentModel, a: np.ndarray, b: np.ndarray, version: int) -> dict:
+        """One ridge map into the other modality's principal space; see :func:`ridge_loo_choice`.
+
+        The target head is the target modality's top ``dim_out`` principal directions (fitted on
+        the unpaired items); the source head is the ridge map from the centred source into them.
+        With ``ridge_direction="auto"`` both directions are fitted and the one with the better
+        leave-one-out retrieval is kept.
+        """
+        cfg = self.config
+        ma, mb = self.modalities
+        views = {ma: a, mb: b}
+        for m in self.modalities:
+            if m not in self._pca:  # no fit_unpaired: the pairs themselves
+                self._pca[m] = _principal(views[m], cfg.dim_out)
+        directions = {"a_to_b": [(ma, mb)], "b_to_a": [(mb, ma)],
+                      "auto": [(ma, mb), (mb, ma)]}[cfg.ridge_direction]
+        best = None
+        for src, tgt in directions:
+            mu_s, _ = self._pca[src]
+            mu_t, p_t = self._pca[tgt]
+            x = views[src] - mu_s
+            y = (views[tgt] - mu_t) @ p_t
+            dis = (self._distractors(tgt, views[tgt]) - mu_t) @ p_t
+            rng = np.random.default_rng([self.seed, version, 11])
+            lam, mrr, w = ridge_loo_choice(x, y, cfg.ridge_lambdas, dis, cfg.loo_queries, rng)
+            if best is None or mrr > best[0]:
+                best = (mrr, lam, src, tgt, w)
+        mrr, lam, src, tgt, w = best
+        model.set_affine(src, self._pca[src][0], _pad(w, cfg.dim_out))
+        model.set_affine(tgt, self._pca[tgt][0], _pad(self._pca[tgt][1], cfg.dim_out))
+        return {"method": "ridge", "direction": f"{src}->{tgt}", "lambda": lam, "loo_mrr": mrr}
 
     def _finetune(self, model: AlignmentModel, a: np.ndarray, b: np.ndarray) -> None:
         cfg = self.config

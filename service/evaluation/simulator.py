@@ -190,6 +190,7 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
         "dataset": ds.name, "strategy": cfg.strategy, "mode": cfg.mode, "seed": cfg.seed,
         "budget": cfg.budget, "curve": curve,
         "stream_order": cfg.stream_order if cfg.mode == "stream" else None,
+        "learner": cfg.trainer.method, "embedding_dim": cfg.trainer.dim_out,
         "acquisitions_per_modality": {ma: oracle.per_modality[0], mb: oracle.per_modality[1]},
         "no_match": oracle.no_match, "wasted": oracle.wasted, "unique_pairs": len(oracle.revealed_rows),
         "test_size": int(len(test)), "pool_rows": int(len(pool)),

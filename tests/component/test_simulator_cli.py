@@ -414,3 +414,18 @@ def test_dataset_order_stream_follows_rows(tiny):
     assert simulate(tiny, cfg)["curve"][-1]["pairs"] == 20
     with pytest.raises(ValueError, match="stream_order must be 'shuffled' or 'dataset'"):
         SimConfig(stream_order="books")
+
+
+def test_cli_simulate_learner_and_embedding_dim(tmp_path):
+    out = tmp_path / "ridge.json"
+    assert main(["simulate", "--dataset", "bible-en-es", "--strategy", "random", "--budget", "150",
+                 "--seed", "100", "--learner", "ridge", "--embedding-dim", "64", "--quiet",
+                 "--out", str(out)]) == 0
+    ridge = json.loads(out.read_text())
+    assert ridge["learner"] == "ridge" and ridge["embedding_dim"] == 64
+    assert main(["simulate", "--dataset", "bible-en-es", "--strategy", "random", "--budget", "150",
+                 "--seed", "100", "--quiet", "--out", str(tmp_path / "cca.json")]) == 0
+    cca = json.loads((tmp_path / "cca.json").read_text())
+    assert cca["learner"] == "cca" and cca["embedding_dim"] == 32
+    # the same pairs (random, same seed): on real text the ridge map is far ahead
+    assert ridge["curve"][-1]["r1"] > cca["curve"][-1]["r1"] + 0.1

@@ -330,3 +330,94 @@ def test_colliding_modality_keys_are_rejected_or_kept_apart():
     assert model.head("x.y").in_features == 4
     assert model.head("x_y").in_features == 3
     assert model.embed("x.y", np.ones((1, 4))).shape == (1, 2)
+
+
+# --- ridge learner and automatic model selection ----------------------------------------------
+
+
+def test_ridge_loo_choice_matches_brute_force_leave_one_out():
+    from service.alignment.trainer import _unit, ridge_loo_choice
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 6))
+    y = x @ rng.standard_normal((6, 4)) + 0.5 * rng.standard_normal((30, 4))
+    dis = rng.standard_normal((10, 4))
+    lambdas = (0.01, 1.0, 100.0)
+
+    def brute(lam):  # refit without pair i, predict pair i, rank its partner
+        rr = []
+        cand = _unit(np.concatenate([y, dis]))
+        for i in range(len(x)):
+            keep = np.arange(len(x)) != i
+            w = np.linalg.solve(x[keep].T @ x[keep] + lam * np.eye(6), x[keep].T @ y[keep])
+            s = _unit(x[i:i + 1] @ w) @ cand.T
+            rr.append(1.0 / (1 + (s[0] > s[0, i]).sum()))
+        return float(np.mean(rr))
+
+    scores = {lam: brute(lam) for lam in lambdas}
+    lam, mrr, w = ridge_loo_choice(x, y, lambdas, dis, queries=100,
+                                   rng=np.random.default_rng(0))
+    assert lam == max(scores, key=scores.get)
+    assert mrr == pytest.approx(scores[lam], abs=1e-9)
+    np.testing.assert_allclose(w, np.linalg.solve(x.T @ x + lam * np.eye(6), x.T @ y), atol=1e-8)
+
+
+def test_ridge_learner_picks_the_direction_that_generalises(linear_pairs):
+    # b is a noisy linear function of a (10 -> 8): mapping a into b's space is the right
+    # direction; the choice is made on the training pairs only (leave-one-out)
+    a, b = linear_pairs
+    tr = make_trainer(a[:200], b[:200], method="ridge", dim_out=8)
+    model = tr.fit(a[:120], b[:120])
+    assert tr.last_fit["method"] == "ridge" and tr.last_fit["direction"] == "a->b"
+    assert tr.last_fit["lambda"] in TrainerConfig().ridge_lambdas
+    assert retrieval_recall(model, a[200:], b[200:])["r1"] > 0.9
+    forced = make_trainer(a[:200], b[:200], method="ridge", dim_out=8, ridge_direction="b_to_a")
+    forced.fit(a[:120], b[:120])
+    assert forced.last_fit["direction"] == "b->a"
+
+
+def test_auto_learner_chooses_by_cross_validation_on_the_pairs_only(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a[:200], b[:200], method="auto", dim_out=8)
+    m1 = tr.fit(a[:100], b[:100])
+    info = tr.last_fit
+    assert info["method"] in ("cca", "ridge") and set(info["chosen_by"]) == {"cca", "ridge"}
+    # same pairs, same trainer state -> the same model, whatever else exists (no other input)
+    tr2 = make_trainer(a[:200], b[:200], method="auto", dim_out=8)
+    m2 = tr2.fit(a[:100], b[:100])
+    for m in ("a", "b"):
+        np.testing.assert_array_equal(m1.embed(m, (a if m == "a" else b)[200:]),
+                                      m2.embed(m, (a if m == "a" else b)[200:]))
+    # the choice is kept until the pairs grow by a quarter, then re-made
+    tr.fit(a[:110], b[:110])
+    assert tr._choice[0] == 100
+    tr.fit(a[:130], b[:130])
+    assert tr._choice[0] == 130
+
+
+def test_auto_learner_picks_ridge_on_real_text_and_cca_on_digits():
+    from service.evaluation.datasets import get_dataset
+
+    picks = {}
+    for name in ("bible-en-es", "digits"):
+        ds = get_dataset(name)
+        p = np.random.default_rng(100).permutation(len(ds.a))  # not a report seed
+        tr = AlignmentTrainer({ds.modality_a: ds.a.shape[1], ds.modality_b: ds.b.shape[1]},
+                              TrainerConfig(method="auto", dim_out=64), seed=0)
+        tr.fit_unpaired({ds.modality_a: ds.a[p[:1500]], ds.modality_b: ds.b[p[:1500]]})
+        tr.fit(ds.a[p[:300]], ds.b[p[:300]])
+        picks[name] = tr.last_fit["method"]
+    assert picks == {"bible-en-es": "ridge", "digits": "cca"}
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"method": "svm"}, "method must be 'cca', 'ridge' or 'auto', got 'svm'"),
+    ({"ridge_direction": "up"}, "ridge_direction must be"),
+    ({"ridge_lambdas": ()}, "ridge_lambdas must be non-empty and > 0"),
+    ({"ridge_lambdas": (1.0, -1.0)}, "ridge_lambdas must be non-empty and > 0"),
+    ({"cv_folds": 1}, "cv_folds must be >= 2, got 1"),
+    ({"loo_distractors": -1}, "loo_distractors must be >= 0, got -1"),
+])
+def test_learner_config_errors_name_the_value(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainerConfig(**kw)
