@@ -43,9 +43,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from service.perfbench.fixtures import VectorBank, machine_info
-from service.perfbench.loadgen import (grpc_phases_table, parse_ints,
-                                       parse_mix, parse_modalities, pb, percentiles, pyplot,
-                                       save_figure, set_timestamp, write_csv, write_json)
+from service.perfbench.loadgen import (
+    grpc_phases_table,
+    parse_ints,
+    parse_mix,
+    parse_modalities,
+    pb,
+    percentiles,
+    pyplot,
+    save_figure,
+    set_timestamp,
+    write_csv,
+    write_json,
+)
 
 MODES = ("unary", "stream")
 
@@ -239,7 +249,7 @@ class GrpcLoad:
         try:
             try:
                 await asyncio.wait_for(channels[0].channel_ready(), cfg.connect_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RuntimeError(f"no gRPC server answered at {cfg.target} within "
                                            f"{cfg.connect_timeout:g}s") from None
             stubs = [pb_grpc.SelectorStub(c) for c in channels]

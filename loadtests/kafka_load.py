@@ -71,11 +71,27 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from service.perfbench.fixtures import VectorBank, machine_info
-from service.perfbench.loadgen import (HEADER_BATCH, HEADER_EVENT, hist_delta,
-                                       hist_fraction_le, hist_quantile, md_table,
-                                       parse_floats, parse_mix, parse_modalities, pb, percentiles,
-                                       pyplot, save_figure, scrape_pairsieve, set_timestamp, sum_scrapes,
-                                       ts_seconds, write_csv, write_json)
+from service.perfbench.loadgen import (
+    HEADER_BATCH,
+    HEADER_EVENT,
+    hist_delta,
+    hist_fraction_le,
+    hist_quantile,
+    md_table,
+    parse_floats,
+    parse_mix,
+    parse_modalities,
+    pb,
+    percentiles,
+    pyplot,
+    save_figure,
+    scrape_pairsieve,
+    set_timestamp,
+    sum_scrapes,
+    ts_seconds,
+    write_csv,
+    write_json,
+)
 
 FEATURES_TOPIC = "pairsieve.features.v1"
 REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
@@ -416,7 +432,7 @@ class KafkaLoad:
             await self._scrape_once()
             try:
                 await asyncio.wait_for(stop.wait(), self.cfg.scrape_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _committed(self, admin) -> dict[int, int]:
@@ -451,7 +467,7 @@ class KafkaLoad:
                         self.log(f"committed offsets of group {self.cfg.group_id!r}: {exc!r}")
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             await asyncio.to_thread(admin.close)

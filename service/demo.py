@@ -31,7 +31,7 @@ from service.evaluation.datasets import get_dataset
 from service.messages import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings
-from service.streaming.topics import LABELS_TOPIC, REQUESTS_TOPIC, FEATURES_TOPIC
+from service.streaming.topics import FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.demo")

@@ -172,7 +172,7 @@ async def start_service(settings: Settings) -> Service:
         await follower.start()
         try:
             await asyncio.wait_for(follower.caught_up.wait(), 60)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("selection replay still running after 60s; serving anyway")
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "

@@ -381,7 +381,7 @@ class Settings:
         return "--" + field_name.replace("_", "-")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Defaults <- ``PAIRSIEVE_*`` environment <- ``overrides`` (e.g. parsed flags).
 
         String overrides of non-string settings (flags) are converted like the environment.

@@ -103,12 +103,12 @@ class AlignmentModel(nn.Module):
         return save_checkpoint(self, self.meta(), directory)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AlignmentModel":
+    def load(cls, path: str | os.PathLike) -> AlignmentModel:
         """Load a checkpoint file, or the ``LATEST`` one when ``path`` is a directory."""
         return load_checkpoint(path, cls.from_meta)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "AlignmentModel":
+    def from_meta(cls, meta: dict) -> AlignmentModel:
         """An untrained model shaped as ``meta`` (see :meth:`meta`) describes."""
         model = cls({m: meta["dims"][m] for m in meta["modalities"]}, meta["dim_out"],
                     version=meta["version"])

@@ -29,8 +29,8 @@ import torch
 
 from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
-from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 from service.core.cross_modal_model import CrossModalModel
+from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 from service.core.scorer import UncertaintyScorer
 from service.core.types import Decision, FeatureItem
 from service.core.validation import as_matrix, check_modality, item_vectors

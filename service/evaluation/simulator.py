@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
-from service.evaluation.datasets import Dataset
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT
@@ -34,6 +33,7 @@ from service.core.pool.base import PoolState
 from service.core.pool.hybrid import HybridStrategy
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import FeatureItem
+from service.evaluation.datasets import Dataset
 
 MODES = ("pool", "stream")
 

@@ -152,7 +152,7 @@ async def _run_driver(script: str, args: list[str], log, label: str, timeout_s: 
 
     try:
         await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise RuntimeError(f"{script} ({label}) ran past {timeout_s:.0f}s:\n" + "\n".join(tail))

@@ -30,8 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.perfbench.fixtures import (FitData, build_selector, items_from, single_thread,
-                                        warm_selector)
+from service.perfbench.fixtures import (
+    FitData,
+    build_selector,
+    items_from,
+    single_thread,
+    warm_selector,
+)
 
 N_ITEMS = 20_000
 DIM = 512

@@ -48,9 +48,17 @@ import numpy as np
 import torch
 
 from service.core.selector import StreamingSelector
-from service.perfbench.fixtures import (EMB_DIM, TARGET_RATE, TwoViewStream, build_selector,
-                                        fit_data, items_from, machine_info, single_thread,
-                                        warm_selector)
+from service.perfbench.fixtures import (
+    EMB_DIM,
+    TARGET_RATE,
+    TwoViewStream,
+    build_selector,
+    fit_data,
+    items_from,
+    machine_info,
+    single_thread,
+    warm_selector,
+)
 
 SECTIONS = ("engine", "peers", "stream", "profile", "kafka", "grpc", "gpu")
 SECTION_TITLES = {

@@ -227,7 +227,7 @@ class StreamProcessor:
         self.draining.set()
         try:
             await asyncio.wait_for(self.idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("in-flight batch did not finish within %.1fs", timeout_s)
 
     async def stop(self) -> None:

@@ -26,8 +26,8 @@ all-or-nothing: one bad event rejects the whole record, naming the event's index
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 from google.protobuf.message import DecodeError

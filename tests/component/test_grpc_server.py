@@ -23,9 +23,9 @@ from service.rpc.server import MetricsInterceptor, start_grpc_server
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
-
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
+
 TOKEN = "s3cret-token"
 
 

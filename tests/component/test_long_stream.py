@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from service.cli import main
 from service.evaluation import long_stream
 from service.evaluation.datasets import make_synthetic
 from service.evaluation.simulator import SimConfig, simulate
-from service.cli import main
 
 
 def test_stream_runs_record_offered_items_and_seconds_at_every_curve_point():

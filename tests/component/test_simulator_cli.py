@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from service.evaluation import simulator as sim_mod
-from service.evaluation.datasets import BUILTIN, load_npz, make_synthetic
-from service.evaluation.simulator import SimConfig, list_strategies, simulate
 from service.cli import main
 from service.core.pool import STRATEGIES as POOL_REGISTRY
 from service.core.pool.base import PoolState
 from service.core.pool.random import RandomStrategy
+from service.evaluation import simulator as sim_mod
+from service.evaluation.datasets import BUILTIN, load_npz, make_synthetic
+from service.evaluation.simulator import SimConfig, list_strategies, simulate
 
 SMALL = dict(budget=60, round_size=20, warmup=20, retrain_every=20, test_size=50)
 CASES = [(s, m) for m in ("pool", "stream") for s in ("random", "default")]

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.runtime import start_service
 from service.messages import IncomingEvent, Label
+from service.runtime import start_service
 from service.settings import Settings
 from service.streaming.topics import FEATURES_TOPIC
 from service.wire import codecs

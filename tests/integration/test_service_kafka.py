@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from service.runtime import start_service
 from service.messages import IncomingEvent, Label
+from service.runtime import start_service
 from service.settings import Settings
-from service.streaming.topics import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
-                                      REQUESTS_TOPIC)
+from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC
 from service.wire import codecs
 
 pytestmark = pytest.mark.integration

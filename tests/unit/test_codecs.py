@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from service.core.types import Decision
-from service.messages import (AlignmentRequestOut, EngineStatus, IncomingEvent, Label,
-                              LabelResult, Outcome)
+from service.messages import (
+    AlignmentRequestOut,
+    EngineStatus,
+    IncomingEvent,
+    Label,
+    LabelResult,
+    Outcome,
+)
 from service.wire import codecs
 from service.wire.codecs import WireError
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb

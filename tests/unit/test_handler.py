@@ -19,9 +19,9 @@ from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
 from service.messages import IncomingEvent, Label, LabelResult
-
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
+
 WORKER = "w-test"
 
 

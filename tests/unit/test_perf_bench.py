@@ -9,8 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from service.perfbench import fixtures, peers, perf
 from service.cli import build_parser
+from service.perfbench import fixtures, peers, perf
 
 D, SIZE = 96, 64  # pca_dim = k = 64 needs d >= 64
 

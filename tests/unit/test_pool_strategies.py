@@ -21,8 +21,12 @@ from service.core.pool.bmmal import BMMALStrategy, fused_probs, modality_contrib
 from service.core.pool.kcenter import CoresetStrategy, k_center_greedy
 from service.core.pool.mmal import MMALStrategy, coverage_gaps
 from service.core.pool.random import RandomStrategy, joint_embedded
-from service.core.pool.uncertainty_sampling import (EntropyStrategy, MarginStrategy, average_ranks,
-                                                    rank_normalise)
+from service.core.pool.uncertainty_sampling import (
+    EntropyStrategy,
+    MarginStrategy,
+    average_ranks,
+    rank_normalise,
+)
 from service.core.pool.vecaf import VeCAFStrategy, loss_distribution, pseudo_loss
 from service.core.uncertainty import uncertainty
 

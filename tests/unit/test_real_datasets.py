@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.evaluation import real_build
-from service.evaluation.datasets import DATA_DIR, REAL, BUILTIN, load_npz, load_real
+from service.evaluation.datasets import BUILTIN, DATA_DIR, REAL, load_npz, load_real
 
 EXPECTED_ROWS = {"bible-en-es": (7730, 7730), "emoji-image-name": (1911, 1911),
                  "bible-en-es-full": (30445, 30445)}
