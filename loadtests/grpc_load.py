@@ -336,7 +336,8 @@ class GrpcLoad:
                    "items_ok": sum(p["items_ok"] for p in phases),
                    "best_items_per_s": max((p["items_per_s"] for p in phases), default=0.0),
                    "errors": errors}
-        return {"kind": "grpc_load", "config": asdict(self.cfg), "machine": machine_info(torch_info=False),
+        return {"kind": "grpc_load", "config": asdict(self.cfg),
+                "machine": machine_info(torch_info=False),
                 "summary": summary, "phases": phases, "timeseries": self._timeseries()}
 
     # ------------------------------------------------------------------ output
@@ -346,9 +347,9 @@ class GrpcLoad:
         for p in result["phases"]:
             lat = p["latency_ms"]
             rows.append({**{k: p[k] for k in ("phase", "mode", "batch", "concurrency",
-                                                      "deadline_ms", "seconds", "requests", "requests_ok",
-                                                      "items_ok", "requests_per_s", "items_per_s",
-                                                      "error_total", "late")},
+                                          "deadline_ms", "seconds", "requests", "requests_ok",
+                                          "items_ok", "requests_per_s", "items_per_s",
+                                          "error_total", "late")},
                          "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"],
                          "max_ms": lat["max"],
                          "errors": ";".join(f"{k}={v}" for k, v in sorted(p["errors"].items()))})

@@ -399,8 +399,8 @@ class KafkaLoad:
                         except ValueError:
                             continue
                         self.req_rows.append((s, ts_seconds(req.requested_at)
-                                                      if req.HasField("requested_at") else math.nan, now,
-                                                      req.worker_id, req.decision.reason, req.modality))
+                                              if req.HasField("requested_at") else math.nan, now,
+                                              req.worker_id, req.decision.reason, req.modality))
                         self.last_read = now
                 else:
                     for r in recs:
@@ -532,8 +532,8 @@ class KafkaLoad:
                  + ", ".join(f"{p.name} {p.duration:g}s" for p in self.phases))
         consumer = await self._open_reader()
         producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, acks=1, linger_ms=2,
-                                            max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
-                                            client_id=f"pairsieve-loadtest-{self.run_id}")
+                                    max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
+                                    client_id=f"pairsieve-loadtest-{self.run_id}")
         await producer.start()
         stop = asyncio.Event()
         await self._scrape_once()  # baseline of the counters
@@ -680,10 +680,11 @@ class KafkaLoad:
                 cs = [c for t, c in self.commits if t <= b]
                 if cs:
                     row["lag_records_at_end"] = sum(max(0, e - cs[-1].get(p, 0))
-                                                            for p, e in self._end_offsets_before(b).items())
+                                                    for p, e in self._end_offsets_before(b).items())
             steps.append(row)
         series = self._timeseries(sent, dec_ms, e2e_ms, cons, dl_rows)
-        return {"kind": "kafka_load", "config": asdict(cfg), "machine": machine_info(torch_info=False),
+        return {"kind": "kafka_load", "config": asdict(cfg),
+                "machine": machine_info(torch_info=False),
                 "summary": summary, "steps": steps, "timeseries": series,
                 "phases": [asdict(p) for p in self.phases],
                 "requests_detail": self._request_rows(sent, dec_ms, e2e_ms, req_seq)}

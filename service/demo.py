@@ -132,7 +132,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     _say("starting the service on the embedded Kafka-protocol broker (tansu) ...")
     t_start = time.perf_counter()
     svc = await start_service(settings)
-    _say(f"  up in {time.perf_counter() - t_start:.1f}s: kafka {svc.bootstrap}, gRPC :{svc.grpc_port}, "
+    _say(f"  up in {time.perf_counter() - t_start:.1f}s: kafka {svc.bootstrap}, "
+         f"gRPC :{svc.grpc_port}, "
          f"metrics http://127.0.0.1:{svc.metrics_port}/metrics")
     producer = AIOKafkaProducer(bootstrap_servers=svc.bootstrap, acks="all")
     await producer.start()
@@ -213,7 +214,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     _say("measuring the same learner on random pairs at the same pair counts ...")
     rand = random_curve(ds, pool, test, [p["pairs"] for p in curve], embedding_dim, seed)
     result = {
-        "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)), "budget": budget,
+        "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)),
+        "budget": budget,
         "accepted": st.spent, "pairs_acquired": st.pairs_acquired,
         "model_version": st.model_version,
         "accepted_per_modality": dict(st.accepted_per_modality),

@@ -214,14 +214,16 @@ class SelectionHandler:
             return False
         d = outcome.decision
         check_modality(d.modality, self.modalities)
-        vec = as_matrix(vector, self.dims[d.modality], name=f"remote selection {outcome.event_id!r}")
+        vec = as_matrix(vector, self.dims[d.modality],
+                        name=f"remote selection {outcome.event_id!r}")
         loop = asyncio.get_running_loop()
         async with self._lock:
             # Re-check under the lock: submit() records its ids only after publish + commit,
             # and the follower may read this worker's own request back in between.
             if outcome.event_id in self._decided:
                 return False
-            await loop.run_in_executor(self._executor, self.selector.observe_external, d.modality, vec)
+            await loop.run_in_executor(self._executor, self.selector.observe_external,
+                                       d.modality, vec)
             self._decided.put(outcome.event_id, outcome)
             self.learning.remember(d.item_id, d.modality, vec[0])
             self.metrics.engine_state(self.status())  # budget gauges include the others' spend

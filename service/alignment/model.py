@@ -3,7 +3,8 @@
 A head is ``z = normalize(W^T (x - mu))``. Heads are plain ``torch.nn.Linear`` layers so the scorer
 can run them batched on CPU or CUDA; the trainer builds them in closed form (PCA whitening + CCA)
 and may fine-tune them with a contrastive loss. It satisfies the core's
-:class:`~service.core.cross_modal_model.CrossModalModel` interface; checkpoint files are written and read by
+:class:`~service.core.cross_modal_model.CrossModalModel` interface; checkpoint files are written
+and read by
 :mod:`service.alignment.checkpoint`.
 """
 

@@ -105,10 +105,12 @@ class AcquisitionConfig:
 
     def __post_init__(self):
         if self.normalization not in ("zscore", "rank"):
-            raise ValueError(f"normalization must be 'zscore' or 'rank', got {self.normalization!r}")
+            raise ValueError("normalization must be 'zscore' or 'rank', "
+                             f"got {self.normalization!r}")
         for name in ("uncertainty_weight", "diversity_weight", "coverage_weight"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         check_fraction(self.quota_min_share, "quota_min_share")
         if self.quota_min_share > 0.5:
             raise ValueError(f"quota_min_share must be <= 0.5, got {self.quota_min_share}")
@@ -130,7 +132,8 @@ class ModalityAwareAcquisition:
 
     # ------------------------------------------------------------- scoring (pure)
     def coverage_bonus(self) -> dict[str, float]:
-        """Per-modality bonus in [-1, 1]; positive for the modality farther from its selected set."""
+        """Per-modality bonus in [-1, 1]; positive for the modality farther from its selected
+        set."""
         gaps = self._gap
         if any(g is None for g in gaps.values()):
             return {m: 0.0 for m in self.modalities}

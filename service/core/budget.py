@@ -75,7 +75,8 @@ class BudgetConfig:
             raise ValueError(f"target_rate must be in (0, 1], got {self.target_rate!r}")
         check_fraction(self.explore, "explore")
         if self.window < 1 or self.min_history < 1:
-            raise ValueError(f"window and min_history must be >= 1, got {self.window}, {self.min_history}")
+            raise ValueError("window and min_history must be >= 1, "
+                             f"got {self.window}, {self.min_history}")
         if self.warmup_accepts < 0 or self.slack < 0:
             raise ValueError("warmup_accepts and slack must be >= 0")
 

@@ -126,7 +126,8 @@ class DistanceCache:
     def _as_tensor(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             if x.ndim != 2 or x.shape[1] != self.dim:
-                raise ValueError(f"embeddings: expected shape (n, {self.dim}), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"embeddings: expected shape (n, {self.dim}), got {tuple(x.shape)}")
             return x.to(self.device, torch.float32)
         return torch.from_numpy(as_matrix(x, self.dim, name="embeddings")).to(self.device)
 

@@ -113,7 +113,8 @@ class UncertaintyScorer:
 
     def embed(self, modality: str, x) -> torch.Tensor:
         """Validate raw (B, d_m) and embed it -> (B, k) on the scorer's device."""
-        arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)], name=modality)
+        arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)],
+                        name=modality)
         return self.embed_valid(modality, arr)
 
     def embed_valid(self, modality: str, arr: np.ndarray) -> torch.Tensor:

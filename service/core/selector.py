@@ -188,7 +188,8 @@ class StreamingSelector:
             # a decision depends on changes), then let the accept lower later items' diversity.
             allow = np.array([self.acquisition.quota_allows(m, extra) for m in self.modalities])
             k, acc, thr, why = draft.decide_run(u_all[i:], ~allow[mod_idx[i:]])
-            thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = thr, d_all[i:i + k], u_all[i:i + k]
+            thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = (thr, d_all[i:i + k],
+                                                                   u_all[i:i + k])
             reasons += why
             i += k
             if not acc:
@@ -251,7 +252,8 @@ class StreamingSelector:
         return self.modalities.index(modality)
 
     def partner_candidates(self, proposal: Proposal, k: int) -> dict[str, list[tuple[str, float]]]:
-        """Top-k likely partners (other modality, recent index) of each ACCEPTED item, by item id."""
+        """Top-k likely partners (other modality, recent index) of each ACCEPTED item, by item
+        id."""
         out: dict[str, list[tuple[str, float]]] = {}
         for m, r in proposal._rows.items():
             acc = [j for j, i in enumerate(r) if proposal.decisions[i].accept]

@@ -123,7 +123,8 @@ def check_modality(modality: str, known: Iterable[str]) -> str:
     return modality
 
 
-def as_matrix(x, dim: int | None, *, name: str = "vectors", allow_empty: bool = False) -> np.ndarray:
+def as_matrix(x, dim: int | None, *, name: str = "vectors",
+              allow_empty: bool = False) -> np.ndarray:
     """Validate and normalise a batch of vectors to a C-contiguous float32 matrix.
 
     Parameters

@@ -11,7 +11,8 @@ shape (n, d_b), both float32, where row ``i`` of ``a`` and row ``i`` of ``b`` ar
     whose partner is missing (the "missing modality" pitfall). ``None`` means all rows are pairs.
 
 The synthetic generator reproduces the pitfalls studied in [MindTheGap] ("Mind the Gap: A
-Framework for Assessing Pitfalls in Multimodal Active Learning"): modality difficulty imbalance, missing modalities, shared / unique /
+Framework for Assessing Pitfalls in Multimodal Active Learning"): modality difficulty imbalance,
+missing modalities, shared / unique /
 synergistic interaction structure, noise, class count and long tails, plus near-duplicates.
 
 Nothing here downloads data: the digits views come from the copy bundled with scikit-learn, and

@@ -1,4 +1,5 @@
-"""``make bench-long-stream``: one long real stream in dataset order, learning curve + per-item cost.
+"""``make bench-long-stream``: one long real stream in dataset order, learning curve + per-item
+cost.
 
 The whole Bible (``bible-en-es-full``: ~30k verse pairs, ~60k unimodal events) streamed in
 canonical book order is a drifting stream: Genesis first, the Gospels late. Each seed draws its
@@ -29,7 +30,8 @@ from service.evaluation.simulator import SimConfig, simulate
 STRATEGIES = ("default", "random")
 
 
-def run(dataset: str = "bible-en-es-full", budget: int = 3000, seeds: Sequence[int] = tuple(range(10)),
+def run(dataset: str = "bible-en-es-full", budget: int = 3000,
+        seeds: Sequence[int] = tuple(range(10)),
         retrain_every: int = 100, test_size: int = 500,
         log: Callable[[str], None] = print) -> dict:
     """Stream ``dataset`` in its row order once per seed and strategy; return the raw runs.

@@ -594,7 +594,8 @@ def _kafka_table(res: dict) -> str:
         ["broker floor: produce->consume p50 / p99, fetch_max_wait 1500 ms (faust's) / 50 ms "
          "(the service's) / 10 ms",
          " vs ".join(f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p50_ms'])} / "
-                     f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p99_ms'])} ms" for w in (1500, 50, 10))],
+                     f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p99_ms'])} ms"
+                     for w in (1500, 50, 10))],
     ]
     parts = [loadgen.md_table(["Kafka path", "result"], rows),
              _kafka_steps_table({"steps": res["one_worker"]["steps"]},

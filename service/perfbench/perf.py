@@ -18,7 +18,8 @@ Sections (``--sections``, default all):
 ``profile``
     cProfile of the selector at B = 256, d = 512, K = C = 4096, top functions by own time.
 ``kafka``, ``grpc``
-    End-to-end sections from :mod:`service.perfbench.e2e` (``run_kafka(quick)``, ``run_grpc(quick)``,
+    End-to-end sections from :mod:`service.perfbench.e2e` (``run_kafka(quick)``,
+    ``run_grpc(quick)``,
     each returning ``{"table_md": str, ...}``); skipped with a note while that module does not
     exist.
 ``gpu``
@@ -160,7 +161,8 @@ def flops_per_item(d: int, k: int, index_size: int, cache_size: int) -> float:
     return 2.0 * (d * k + k * cache_size + k * index_size)
 
 
-def selector_shapes(sel: StreamingSelector, batch: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+def selector_shapes(sel: StreamingSelector,
+                    batch: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """The same three matmuls as the selector sees them (summed over the two modalities' rows)."""
     m0 = sel.modalities[0]
     d, k = sel.model.dims[m0], sel.model.dim_out
@@ -201,7 +203,8 @@ def _timed(step: Callable[[int], None], n: int, start: int) -> float:
     return time.perf_counter() - t
 
 
-def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] = FULL_GRID["batches"],
+def run_engine(dims: Sequence[int] = FULL_GRID["dims"],
+               batches: Sequence[int] = FULL_GRID["batches"],
                sizes: Sequence[int] = FULL_GRID["sizes"], reps: int = 3, target_s: float = 0.3,
                pool_items: int = 8192, seed: int = 0, log: Callable[[str], None] = print,
                device: str | torch.device = "cpu") -> dict:
@@ -254,7 +257,8 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] =
                         shares.append(s / r)
                     row = {"d": d, "batch": bsz, "K": size, "C": size, "k": ref.k,
                            "flops_per_item": fpi,
-                           "selector": _median_minmax(s_rates), "reference": _median_minmax(r_rates),
+                           "selector": _median_minmax(s_rates),
+                           "reference": _median_minmax(r_rates),
                            "share": _median_minmax(shares),
                            "selector_gflops": statistics.median(s_rates) * fpi / 1e9,
                            "reference_gflops": statistics.median(r_rates) * fpi / 1e9,
@@ -262,7 +266,8 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] =
                            "cache_fill": warm["cache_fill"], "index_fill": warm["index_fill"],
                            "device": str(dev)}
                     rows.append(row)
-                    log(f"engine d={d} B={bsz} K=C={size}: selector {row['selector']['median']:.0f} "
+                    log(f"engine d={d} B={bsz} K=C={size}: "
+                        f"selector {row['selector']['median']:.0f} "
                         f"items/s, reference {row['reference']['median']:.0f} items/s, share "
                         f"{row['share']['median']:.2f} (fill {warm['cache_fill']:.2f})")
                 sel = items = item_batches = arr_batches = None  # free before the next cell
@@ -434,7 +439,8 @@ def _load_e2e():
 def run_e2e(kind: str, quick: bool, log: Callable[[str], None] = print) -> dict:
     e2e = _load_e2e()
     if e2e is None:
-        note = (f"skipped: service.perfbench.e2e does not exist yet (it provides run_{kind}(quick) -> "
+        note = ("skipped: service.perfbench.e2e does not exist yet "
+                f"(it provides run_{kind}(quick) -> "
                 "{'table_md': ...})")
         log(f"{kind}: {note}")
         return {"skipped": note}
@@ -453,7 +459,8 @@ def parse_sections(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [s for s in names if s not in SECTIONS]
     if bad or not names:
-        raise ValueError(f"unknown bench section(s) {bad or names}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown bench section(s) {bad or names}; "
+                         f"choose from {', '.join(SECTIONS)}")
     return tuple(s for s in SECTIONS if s in names)
 
 
@@ -506,11 +513,13 @@ def _render_engine(e: dict) -> list[str]:
            f"({len(e['rows'])} cells), shared-space dimension k = {e['k']}, two modalities "
            f"(half the items each, both d-dimensional), target acceptance {e['target_rate']:.0%}, "
            "no total budget.", "",
-           "**Selector**: `StreamingSelector.propose` + `commit` per micro-batch (FeatureItem lists "
+           "**Selector**: `StreamingSelector.propose` + `commit` per micro-batch "
+           "(FeatureItem lists "
            "built beforehand, not timed). Before timing, the distance caches are filled to "
            "capacity (`observe_external`), both K-item indexes are filled, and 4,096 items are "
            "streamed, so every timed batch runs at steady state (full caches, evictions). "
-           "**Reference** (`MatmulReference`): the same arithmetic on the same rows as plain torch, "
+           "**Reference** (`MatmulReference`): the same arithmetic on the same rows as "
+           "plain torch, "
            "per batch: embed `B×d @ d×k` + normalise; min-distance over C (`B×k @ k×C` + min); "
            "similarities over K (`B×k @ k×K` + softmax). **Peak**: fp32 "
            f"`{peak['n']}×{peak['n']}` matmul = {_mm(peak, '{:.1f}')} GFLOP/s "
@@ -544,7 +553,8 @@ def _render_engine(e: dict) -> list[str]:
 
 def _render_profile(p: dict) -> list[str]:
     out = [f"`cProfile` of {p['n_batches']} steady-state `propose` + `commit` calls at B = "
-           f"{p['batch']}, d = {p['d']}, K = C = {p['K']:,} (caches full): {p['wall_s']:.2f} s wall "
+           f"{p['batch']}, d = {p['d']}, K = C = {p['K']:,} (caches full): "
+           f"{p['wall_s']:.2f} s wall "
            f"under the profiler ({p['items_per_s_profiled']:.0f} items/s; the profiler's own "
            "overhead inflates Python-heavy functions). Top functions by own time (tottime):", "",
            "| function | calls | tottime s | share of profiled time | cumtime s |",
@@ -566,7 +576,8 @@ def _render_stream(s: dict) -> list[str]:
            "report is [stream-cost.md](stream-cost.md)"
            + ("" if s.get("existing_report") else " (not generated on this checkout yet)") + "."]
     if not s.get("rerun"):
-        out += ["", "Quick run: not re-run here (a meaningful run needs a 150k-item warm-up to fill "
+        out += ["", "Quick run: not re-run here (a meaningful run needs a 150k-item warm-up "
+                "to fill "
                 "the caches); the full `pairsieve bench` re-runs a 300k-item version."]
         return out
     from service.perfbench import stream_cost
@@ -580,7 +591,8 @@ def _render_stream(s: dict) -> list[str]:
             f"{stream_cost.TARGET_RATE:.0%}. "
             f"**Last / first segment throughput (medians of {r['median_window']} segments) = "
             f"{r['median_last_over_first']:.3f}** ({ok} the >= 0.9 target); median "
-            f"{r['median_items_per_s']:.0f} items/s; RSS change {r['rss_growth_mib']:+.1f} MiB.", "",
+            f"{r['median_items_per_s']:.0f} items/s; "
+            f"RSS change {r['rss_growth_mib']:+.1f} MiB.", "",
             "| items | items/s (segment) | RSS MiB | cache fill | evictions | acceptance |",
             "|---:|---:|---:|---:|---:|---:|"]
     for g in r["segments"]:
@@ -599,8 +611,10 @@ def _render_gpu(g: dict) -> list[str]:
     big = [r for r in eng["rows"] if r["K"] >= 16384]
     if big:
         best = max(big, key=lambda r: r["selector"]["median"])
-        verdict = "meets" if best["selector"]["median"] >= GPU_TARGET_ITEMS_PER_S else "does NOT meet"
-        out += ["", f"**Scorer + cache at K = C = 16k: best {best['selector']['median']:,.0f} items/s "
+        verdict = ("meets" if best["selector"]["median"] >= GPU_TARGET_ITEMS_PER_S
+                   else "does NOT meet")
+        out += ["", "**Scorer + cache at K = C = 16k: "
+                f"best {best['selector']['median']:,.0f} items/s "
                 f"(B = {best['batch']}), {verdict} the {GPU_TARGET_ITEMS_PER_S:,} items/s target "
                 "(stated for an H100).**"]
     ok = par["agreement"] >= PARITY_MIN_AGREEMENT
@@ -644,7 +658,8 @@ def render(res: dict, command: str = "pairsieve bench") -> str:
              + (f", at end {res['machine_end_loadavg'][0]:.1f}" if res.get("machine_end_loadavg")
                 else "") + ": the machine is shared, so single runs vary; compare medians.", "",
              f"Started {res.get('started', '?')}; total {res.get('seconds', 0):.0f} s"
-             + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in res.get("section_seconds", {}).items())
+             + (" (" + ", ".join(f"{k} {v:.0f} s"
+                                 for k, v in res.get("section_seconds", {}).items())
                 + ")" if res.get("section_seconds") else "") + "."]
     for name in SECTIONS:
         lines += ["", f"## {SECTION_TITLES[name]}", ""]

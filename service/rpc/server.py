@@ -52,7 +52,8 @@ from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("pairsieve.grpc")
 
-SELECTOR_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name  # pairsieve.v1.Selector
+# pairsieve.v1.Selector
+SELECTOR_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 T = TypeVar("T")
 
 

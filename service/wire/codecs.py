@@ -243,7 +243,8 @@ def _header_kind(headers) -> str | None:
     for key, value in headers or ():
         if str(key).lower() != FEATURE_HEADER:
             continue
-        kind = value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
+        kind = (value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray)
+                else str(value))
         kind = kind.strip()
         if kind not in ("FeatureEvent", "FeatureBatch"):
             raise WireError("undecodable",

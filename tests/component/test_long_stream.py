@@ -1,4 +1,5 @@
-"""Component tests: the long-stream benchmark (``pairsieve bench-long-stream``) and the cost trace."""
+"""Component tests: the long-stream benchmark (``pairsieve bench-long-stream``) and the cost
+trace."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Component tests: the offline simulator (``service.evaluation.simulator``) and the ``pairsieve`` CLI."""
+"""Component tests: the offline simulator (``service.evaluation.simulator``) and the
+``pairsieve`` CLI."""
 
 from __future__ import annotations
 
@@ -214,7 +215,8 @@ def test_missing_modality_accounting(tiny_missing, strategy, mode):
 
 
 def test_unknown_strategy_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown pool strategy 'nope'; known: \[.*'default'.*'random'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown pool strategy 'nope'; known: \[.*'default'.*'random'"):
         SimConfig(strategy="nope", mode="pool")
     with pytest.raises(ValueError, match=r"unknown stream strategy 'coreset'; known: \["):
         SimConfig(strategy="coreset", mode="stream")  # a pool-only name

@@ -163,7 +163,8 @@ def test_labels_in_raise_the_model_version(kafka_topics):
         svc = await start_service(s)
         try:
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
-                                    [codecs.encode_feature_batch(evs)], [codecs.FEATURE_HEADER_BATCH])
+                                    [codecs.encode_feature_batch(evs)],
+                                    [codecs.FEATURE_HEADER_BATCH])
             assert await _wait(lambda: svc.handler.status().spent >= 30)
             v0 = svc.handler.model_version
             labels = [codecs.label_to_proto(Label(item_id=f"img-{i}", modality="image",
@@ -189,7 +190,8 @@ def test_sigterm_loses_no_accepted_event(kafka_topics, tmp_path):
     boot = kafka_topics["bootstrap"]
     n = 600
     evs = _events(n, seed=7)
-    env = {**os.environ, "PAIRSIEVE_KAFKA_BOOTSTRAP": boot, "PAIRSIEVE_TOPIC_SUFFIX": s.topic_suffix,
+    env = {**os.environ, "PAIRSIEVE_KAFKA_BOOTSTRAP": boot,
+           "PAIRSIEVE_TOPIC_SUFFIX": s.topic_suffix,
            "PAIRSIEVE_MODALITIES": s.modalities, "PAIRSIEVE_GRPC_PORT": "0",
            "PAIRSIEVE_METRICS_PORT": "0", "PAIRSIEVE_EMBEDDING_DIM": "8",
            "PAIRSIEVE_WARMUP_ACCEPTS": "0", "PAIRSIEVE_TARGET_RATE": "1.0",

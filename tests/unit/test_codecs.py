@@ -317,7 +317,7 @@ def test_label_result_to_proto():
     assert (msg.accepted, msg.ignored, msg.model_version) == (3, 2, 4)
 
 
-# --------------------------------------------------------------------------- pool, status, dead letters
+# ------------------------------------------------------------------ pool, status, dead letters
 def test_pool_request_decoding_and_errors():
     cands = [pb.PoolCandidate(item_id=f"c{i}", modality=m, dim=DIMS[m],
                               vector=codecs.encode_vector(np.full(DIMS[m], i, np.float32)))
@@ -354,7 +354,8 @@ def test_status_round_trip():
             mods["image"].cache_fill, mods["image"].cache_evictions) == (12, 30, 6, 0.5, 1)
     assert (mods["text"].dim, mods["text"].seen, mods["text"].accepted) == (8, 20, 4)
     unlimited = codecs.status_to_proto(_status(total=None, remaining=None), serving=False)
-    assert (unlimited.budget_total, unlimited.budget_remaining, unlimited.serving) == (-1, -1, False)
+    assert ((unlimited.budget_total, unlimited.budget_remaining, unlimited.serving)
+            == (-1, -1, False))
     assert math.isnan(codecs.status_to_proto(_status(threshold=math.nan)).threshold)
 
 
