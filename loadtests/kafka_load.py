@@ -657,7 +657,7 @@ class KafkaLoad:
             "elapsed_s": self.t_end - self.t0, "scrape_errors": self.scrape_errors,
         }
         steps = []
-        for i, ph in enumerate(self.phases):
+        for ph in self.phases:
             a, b = self.t0 + ph.start, self.t0 + ph.end
             in_ph = (sent >= a) & (sent < b) if sent.size else np.zeros(0, bool)
             seq_in = (self.send_t[:n] >= a) & (self.send_t[:n] < b)

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,8 @@ def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) ->
     return out
 
 
-async def _wait_for(cond, what: str, timeout_s: float = 60.0) -> None:
+async def _wait_for(cond: Callable[[], bool], what: Callable[[], str],
+                    timeout_s: float = 60.0) -> None:
     """Poll ``cond()`` every 2 ms until it holds; TimeoutError naming ``what()`` otherwise."""
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -166,8 +168,9 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
             await producer.send_and_wait(settings.topic(LABELS_TOPIC),
                                          codecs.label_to_proto(label).SerializeToString())
             labels_sent += 1
-            await _wait_for(lambda: sum(svc.handler.status().labels.values()) >= labels_sent,
-                            lambda: f"{labels_sent} labels sent, fewer taken in")
+            await _wait_for(
+                lambda n=labels_sent: sum(svc.handler.status().labels.values()) >= n,
+                lambda n=labels_sent: f"{n} labels sent, fewer taken in")
             await svc.handler.settle()
 
     ann_task = asyncio.create_task(annotator())
@@ -186,8 +189,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
                                          codecs.encode_feature_batch(evs), key=str(i).encode(),
                                          headers=[codecs.FEATURE_HEADER_BATCH])
             sent += len(chunk)
-            await _wait_for(lambda: svc.handler.status().seen >= sent,
-                            lambda: f"{svc.handler.status().seen} of {sent} events decided")
+            await _wait_for(lambda n=sent: svc.handler.status().seen >= n,
+                            lambda n=sent: f"{svc.handler.status().seen} of {n} events decided")
             await svc.handler.settle()  # the batch's publish + commit are done
             await answer_new_requests()
             st = svc.handler.status()
@@ -242,7 +245,7 @@ def _print_curve(r: dict) -> None:
     _say("")
     _say(f"learning curve: held-out R@1 among {r['test_pairs']} test pairs")
     _say(f"{'pairs':>6}  {'pairsieve':>9}  {'random':>7}  bar (# pairsieve, . random)")
-    for p, q in zip(r["curve"], r["random_curve"]):
+    for p, q in zip(r["curve"], r["random_curve"], strict=True):
         bar_p, bar_q = int(round(p["r1"] * 40)), int(round(q["r1"] * 40))
         bar = "".join("#" if i < bar_p else ("." if i < bar_q else " ")
                       for i in range(max(bar_p, bar_q)))

@@ -169,7 +169,7 @@ class SelectionHandler:
                 t_score = time.perf_counter() - t0
                 now = self.clock()
                 requests = []
-                for i, dec, vec in zip(fresh_idx, proposal.decisions, vectors):
+                for i, dec, vec in zip(fresh_idx, proposal.decisions, vectors, strict=True):
                     ev = events[i]
                     out = Outcome(ev.event_id, dec, False, self.worker_id)
                     outcomes[ev.event_id] = out
@@ -183,7 +183,7 @@ class SelectionHandler:
                 await loop.run_in_executor(self._executor, self.selector.commit, proposal)
                 for ev_id, out in outcomes.items():
                     self._decided.put(ev_id, out)
-                for i, vec in zip(fresh_idx, vectors):
+                for i, vec in zip(fresh_idx, vectors, strict=True):
                     self.learning.remember(events[i].item_id, events[i].modality, vec)
             result, emitted = [], set()
             for ev in events:

@@ -157,8 +157,9 @@ class UncertaintyScorer:
             sims = z @ idx.emb[:n].T
             vals, pos = torch.topk(sims, min(k, n), dim=1)
         vals, pos = vals.cpu().numpy(), pos.cpu().numpy()
-        return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr) if idx.ids[p] is not None]
-                for vr, pr in zip(vals, pos)]
+        return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr, strict=True)
+                 if idx.ids[p] is not None]
+                for vr, pr in zip(vals, pos, strict=True)]
 
     def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the model and re-embed the recent-item index in the new space."""

@@ -260,7 +260,7 @@ class StreamingSelector:
             if not acc:
                 continue
             z = proposal._emb[m][torch.as_tensor(acc, device=proposal._emb[m].device)]
-            for j, cands in zip(acc, self.scorer.top_partners(m, z, k)):
+            for j, cands in zip(acc, self.scorer.top_partners(m, z, k), strict=True):
                 out[proposal.decisions[r[j]].item_id] = cands
         return out
 

@@ -132,10 +132,10 @@ def write_report(res: dict, out: Path, command: str) -> Path:
                      f"{1000 * np.nanmean(d):+.1f} ± {1000 * se:.1f} | "
                      f"{int(np.sum(d > 0))}/{n} |")
     auc = np.array([curves.auc(a["curve"], budget) - curves.auc(b["curve"], budget)
-                    for a, b in zip(ours, rand)])
+                    for a, b in zip(ours, rand, strict=True)])
     auc_se = auc.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     saved = np.array([curves.savings(a["curve"], *curves.curve_xy(b["curve"]), budget)
-                      for a, b in zip(ours, rand)])
+                      for a, b in zip(ours, rand, strict=True)])
     saved_se = saved.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     lines += ["", f"AUC of R@1 over the budget, default − random: {1000 * auc.mean():+.1f} ± "
               f"{1000 * auc_se:.1f} (x1000), higher on {int(np.sum(auc > 0))}/{n} seeds.", "",

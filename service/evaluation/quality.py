@@ -191,7 +191,7 @@ def paired_vs_random(rows: list[dict], mode: str, dataset: str, strategy: str) -
 
     def by_seed(row):
         ps = row["per_seed"]
-        return dict(zip(ps["seed"], zip(ps["savings"], ps["auc"])))
+        return dict(zip(ps["seed"], zip(ps["savings"], ps["auc"], strict=True), strict=True))
 
     ours, theirs = by_seed(mine), by_seed(rand)
     common = sorted(set(ours) & set(theirs))
@@ -216,7 +216,8 @@ def plot_curves(results: list[dict], out_dir: Path) -> list[Path]:
         cols = 4
         rows_n = (len(dsets) + cols - 1) // cols
         fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
-        for ax, d in zip(axes.ravel(), dsets):
+        # the grid has rows_n * cols >= len(dsets) cells; the spare ones stay empty
+        for ax, d in zip(axes.ravel(), dsets, strict=False):
             group = [r for r in results if r["mode"] == mode and r["dataset"] == d]
             budget = group[0]["budget"]
             grid = np.linspace(0, budget, 61)

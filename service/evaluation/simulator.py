@@ -309,7 +309,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
         position[stream] = np.arange(2 * n)
         left = 2 * n  # open items at the current position or later
         u = rng.random(len(stream))
-        for p, (it, ui) in enumerate(zip(stream, u)):
+        for p, (it, ui) in enumerate(zip(stream, u, strict=True)):
             if oracle.spent >= cfg.budget:
                 break
             s, k = int(it % 2), int(it // 2)

@@ -155,7 +155,8 @@ async def _run_driver(script: str, args: list[str], log, label: str, timeout_s: 
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise RuntimeError(f"{script} ({label}) ran past {timeout_s:.0f}s:\n" + "\n".join(tail))
+        raise RuntimeError(f"{script} ({label}) ran past {timeout_s:.0f}s:\n"
+                           + "\n".join(tail)) from None
     if proc.returncode != 0:
         raise RuntimeError(f"{script} ({label}) exited with {proc.returncode}:\n"
                            + "\n".join(tail))
@@ -292,7 +293,7 @@ async def broker_fetch_floor(bootstrap: str, seconds: float, interval_s: float =
             for recs in got.values():
                 lats[w].extend(now - float(r.value) for r in recs)
 
-    readers = [asyncio.create_task(read(c, w)) for c, w in zip(consumers, waits)]
+    readers = [asyncio.create_task(read(c, w)) for c, w in zip(consumers, waits, strict=True)]
     try:
         for _ in range(n):
             await producer.send_and_wait(topic, repr(time.time()).encode())
@@ -509,7 +510,7 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
             r2 = json.loads((Path(d2) / "kafka_result.json").read_text())
             two = _steps_summary(r2)
             per_worker = {}
-            for name, u in zip(("in-process", "subprocess"), urls):
+            for name, u in zip(("in-process", "subprocess"), urls, strict=True):
                 try:
                     got = await asyncio.to_thread(loadgen.scrape_pairsieve, u)
                     per_worker[name] = got["decided"]

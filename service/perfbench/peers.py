@@ -244,7 +244,7 @@ class _River(Peer):
         from river import linear_model
 
         self.base = linear_model.SoftmaxRegression()
-        for xi, yi in zip(data.x_lab, data.y_lab):
+        for xi, yi in zip(data.x_lab, data.y_lab, strict=True):
             self.base.learn_one(dict(enumerate(xi.tolist())), int(yi))
         ent = []
         for xi in data.x_cal:

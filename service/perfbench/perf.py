@@ -233,12 +233,12 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"],
                     item_batches = [items[j * bsz:(j + 1) * bsz] for j in range(nb)]
                     arr_batches = [x_pool[j * bsz:(j + 1) * bsz] for j in range(nb)]
 
-                    def sel_step(i, _b=item_batches):
-                        sel.commit(sel.propose(_b[i % len(_b)]))
+                    def sel_step(i, _b=item_batches, _sel=sel):
+                        _sel.commit(_sel.propose(_b[i % len(_b)]))
                         _sync(dev)
 
-                    def ref_step(i, _b=arr_batches):
-                        ref(_b[i % len(_b)])
+                    def ref_step(i, _b=arr_batches, _ref=ref):
+                        _ref(_b[i % len(_b)])
                         _sync(dev)
 
                     n_sel = _calibrate(sel_step, target_s)
@@ -314,16 +314,17 @@ def decision_parity(devices: Sequence[str | torch.device] = ("cpu", "cuda"), d: 
     for j in range(n_batches):
         b = items[j * batch:(j + 1) * batch]
         props = [sel.propose(b) for sel in sels]
-        for da, db in zip(props[0].decisions, props[1].decisions):
+        for da, db in zip(props[0].decisions, props[1].decisions, strict=True):
             total += 1
             agree += da.accept == db.accept
             accepts[0] += da.accept
             accepts[1] += db.accept
             diffs.append(abs(da.utility - db.utility))
         if first is None and any(da.accept != db.accept
-                                 for da, db in zip(props[0].decisions, props[1].decisions)):
+                                 for da, db in zip(props[0].decisions, props[1].decisions,
+                                                   strict=True)):
             first = j
-        for sel, prop in zip(sels, props):
+        for sel, prop in zip(sels, props, strict=True):
             sel.commit(prop)
     return {"devices": [str(torch.device(v)) for v in devices], "d": d, "K": size, "C": size,
             "batch": batch, "n_batches": n_batches, "n_decisions": total,

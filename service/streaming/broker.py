@@ -257,7 +257,7 @@ class EmbeddedBroker:
             self.stop()
             raise RuntimeError(
                 f"embedded tansu broker ({' '.join(self.command)}) "
-                f"{'exited with code %s' % rc if rc is not None else 'did not become ready'} "
+                f"{f'exited with code {rc}' if rc is not None else 'did not become ready'} "
                 f"within {self.startup_timeout_s}s: {exc}\n--- broker output tail ---\n{tail}"
             ) from exc
         self.startup_seconds = time.monotonic() - t0

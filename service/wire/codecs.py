@@ -219,7 +219,7 @@ def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
         vectors = np.split(flat, np.cumsum(sizes)[:-1])
     if bad_exc is not None:
         raise bad_exc.prefixed(f"batch event {first_bad} of {n}: ") from None
-    return [_incoming(m, v) for m, v in zip(good, vectors)]
+    return [_incoming(m, v) for m, v in zip(good, vectors, strict=True)]
 
 
 def event_to_proto(ev: IncomingEvent) -> pb.FeatureEvent:

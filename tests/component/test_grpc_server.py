@@ -149,7 +149,7 @@ def test_submit_stream_answers_in_order():
 
             got = [r async for r in env.stub.SubmitStream(gen(), timeout=10)]
             assert len(got) == 3
-            for lo, resp in zip((0, 4, 8), got):
+            for lo, resp in zip((0, 4, 8), got, strict=True):
                 assert ([d.event_id for d in resp.decisions]
                         == [f"ev-{i}" for i in range(lo, lo + 4)])
     run(scenario())

@@ -73,7 +73,8 @@ def test_paired_vs_random_pairs_runs_by_seed_not_by_position():
 
 def _run(strategy, seed, draw, r1s):
     return {"dataset": "d", "mode": "stream", "strategy": strategy, "seed": seed, "draw": draw,
-            "budget": 100, "curve": [{"pairs": p, "r1": r} for p, r in zip((0, 50, 100), r1s)],
+            "budget": 100,
+            "curve": [{"pairs": p, "r1": r} for p, r in zip((0, 50, 100), r1s, strict=True)],
             "acquisitions_per_modality": {"a": 50, "b": 50}, "wall_seconds": 0.1}
 
 

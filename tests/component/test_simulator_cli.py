@@ -49,7 +49,7 @@ def check_contract(res: dict, *, strategy: str, mode: str, seed: int, budget: in
             assert isinstance(p[key], float) and 0.0 <= p[key] <= 1.0
         assert p["r5"] >= p["r1"]
     pairs = [p["pairs"] for p in curve]
-    assert all(x <= y for x, y in zip(pairs, pairs[1:])), pairs
+    assert all(x <= y for x, y in zip(pairs, pairs[1:], strict=False)), pairs  # pairwise
     assert pairs[-1] <= budget
 
 

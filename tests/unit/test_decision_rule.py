@@ -91,7 +91,7 @@ def test_scalar_and_vectorised_entry_points_cannot_disagree(seed, total, rate, e
         while i < len(util):
             k, acc, thr, why = dv.decide_run(util[i:])
             run += [(bool(j == k - 1 and acc), t, r)
-                    for j, (t, r) in enumerate(zip(thr.tolist(), why))]
+                    for j, (t, r) in enumerate(zip(thr.tolist(), why, strict=True))]
             i += k
         assert repr([(d.accept, d.threshold, d.reason) for d in one]) == repr(run)
         assert all(isinstance(d.reason, Reason) for d in one)

@@ -61,7 +61,7 @@ def _eq(s1, s2):
     st1, c1, a1, t1, i1 = s1
     st2, c2, a2, t2, i2 = s2
     assert str(st1) == str(st2) and i1 == i2 and str(t1) == str(t2)
-    assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2, strict=True))
     assert str(a1) == str(a2)
 
 
@@ -143,7 +143,7 @@ def test_invalidate_on_model_change():
 
 def test_memory_is_bounded_by_capacity():
     sel, a, b, _ = _selector(total=None, rate=0.9, cap=16)
-    for rep in range(5):
+    for _rep in range(5):
         for lo in range(0, 400, 40):
             sel.commit(sel.propose(_batch(a, b, lo, lo + 40)))
     assert all(c.size <= 16 for c in sel.caches.values())
