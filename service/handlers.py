@@ -187,12 +187,12 @@ class SelectionHandler:
                     self.learning.remember(events[i].item_id, events[i].modality, vec)
             result, emitted = [], set()
             for ev in events:
-                out = outcomes.get(ev.event_id)
-                if out is not None and ev.event_id not in emitted:
-                    result.append(out)
+                got = outcomes.get(ev.event_id)
+                if got is not None and ev.event_id not in emitted:
+                    result.append(got)
                     emitted.add(ev.event_id)
                 else:  # decided earlier (or earlier in this batch): same verdict, marked duplicate
-                    prev = out or self._decided[ev.event_id]
+                    prev = got or self._decided[ev.event_id]
                     result.append(Outcome(ev.event_id, prev.decision, True, prev.worker_id))
             now = self.clock()
             latencies = [now - ev.event_time for ev in events if ev.event_time]

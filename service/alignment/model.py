@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class AlignmentModel(nn.Module):
 
     def head(self, modality: str) -> nn.Linear:
         check_modality(modality, self.modalities)
-        return self.heads[str(self.modalities.index(modality))]
+        return cast(nn.Linear, self.heads[str(self.modalities.index(modality))])
 
     def other(self, modality: str) -> str:
         """The other modality's name."""

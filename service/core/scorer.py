@@ -155,8 +155,8 @@ class UncertaintyScorer:
             return [[] for _ in range(z.shape[0])]
         with torch.inference_mode():
             sims = z @ idx.emb[:n].T
-            vals, pos = torch.topk(sims, min(k, n), dim=1)
-        vals, pos = vals.cpu().numpy(), pos.cpu().numpy()
+            vals_t, pos_t = torch.topk(sims, min(k, n), dim=1)
+        vals, pos = vals_t.cpu().numpy(), pos_t.cpu().numpy()
         return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr, strict=True)
                  if idx.ids[p] is not None]
                 for vr, pr in zip(vals, pos, strict=True)]
