@@ -90,7 +90,7 @@ def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) ->
     return out
 
 
-async def _wait_for(cond: Callable[[], bool], what: Callable[[], str],
+async def _wait_for(cond: Callable[..., bool], what: Callable[..., str],
                     timeout_s: float = 60.0) -> None:
     """Poll ``cond()`` every 2 ms until it holds; TimeoutError naming ``what()`` otherwise."""
     deadline = time.monotonic() + timeout_s
@@ -143,7 +143,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
                              group_id=None, auto_offset_reset="earliest")
     await annot.start()
     labels_sent = 0
-    requested: list[str] = []
+    requested: list[codecs.pb.AlignmentRequest] = []
 
     async def annotator():  # collects requests; the replay loop answers them in lock step
         async for rec in annot:
@@ -225,7 +225,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
         "r1": ours["r1"], "r5": ours["r5"],
         "random_r1": rand[-1]["r1"], "random_r5": rand[-1]["r5"],
         "curve": curve, "random_curve": rand,
-        "requested": sorted((q.item_id for q in requested), key=position.get),
+        "requested": sorted((q.item_id for q in requested), key=position.__getitem__),
         "events_per_s": sent / elapsed, "dead_letters": svc.processor.dead_letters,
     }
     await annot.stop()
