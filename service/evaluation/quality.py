@@ -94,6 +94,7 @@ def _init_worker() -> None:
 def _run_job(job: Job) -> dict:
     ds = get_dataset(job.dataset, seed=job.seed)
     replicate = job.strategy == REPLICATE
+    sseed: int | None
     if replicate:
         sseed = job.seed + REPLICATE_SEED_OFFSET
     else:
@@ -353,9 +354,9 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
         lines.append(f"- **{d}** ({info['n']} rows, d_a={info['d_a']}, d_b={info['d_b']}, "
                      f"paired {info['n_paired']}): {info['description']}")
     lines.append("")
-    p = out_dir / "quality.md"
-    p.write_text("\n".join(lines) + meta.get("notes", ""))
-    return p
+    md_path = out_dir / "quality.md"
+    md_path.write_text("\n".join(lines) + meta.get("notes", ""))
+    return md_path
 
 
 def main(argv_datasets=None, modes=("pool", "stream"), seeds=5, budget=300, jobs=2,

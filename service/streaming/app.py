@@ -64,8 +64,11 @@ def install_fetch_wait_hook() -> None:
             consumer._fetch_max_wait_ms = int(wait_ms)
         return consumer
 
-    create_worker_consumer._pairsieve_hook = True
-    driver.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+    # a marker on the function (install once) and a deliberate patch of faust's method: mypy
+    # models neither function attributes nor method replacement
+    create_worker_consumer._pairsieve_hook = True  # type: ignore[attr-defined]
+    driver.AIOKafkaConsumerThread._create_worker_consumer = (  # type: ignore[method-assign]
+        create_worker_consumer)
 
 
 class StreamProcessor:

@@ -262,7 +262,7 @@ def _parse(cls, value: bytes):
                         f"cannot parse {len(value)} bytes as {cls.__name__}: {exc}") from None
 
 
-def decode_feature_record(value: bytes, headers: Sequence[tuple[str, bytes]] | None,
+def decode_feature_record(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
                           dims: Mapping[str, int], max_bytes: int) -> list[IncomingEvent]:
     """Decode one ``pairsieve.features.v1`` record value into its events (see module docstring).
 
