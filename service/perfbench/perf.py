@@ -270,7 +270,8 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"],
                         f"selector {row['selector']['median']:.0f} "
                         f"items/s, reference {row['reference']['median']:.0f} items/s, share "
                         f"{row['share']['median']:.2f} (fill {warm['cache_fill']:.2f})")
-                sel = items = item_batches = arr_batches = None  # free before the next cell
+                # free before the next cell (rebinding to None, not del: the names may be unbound)
+                sel = items = item_batches = arr_batches = None  # type: ignore[assignment]
                 gc.collect()
     return {"rows": rows, "peak": peak, "reps": reps, "target_s": target_s,
             "pool_items": max(pool_items, 4 * max(batches)), "k": EMB_DIM,
@@ -385,13 +386,13 @@ def run_profile(d: int = 512, batch: int = 256, size: int = 4096, n_batches: int
             sel.commit(sel.propose(b))
         prof.disable()
         wall = time.perf_counter() - t
-    st = pstats.Stats(prof)
-    total = sum(v[2] for v in st.stats.values())
-    ranked = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]  # typeshed omits Stats.stats
+    total = sum(v[2] for v in stats.values())
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     rows = [{"function": _func_label(k), "ncalls": v[1], "tottime": v[2],
              "share": v[2] / total if total else 0.0, "cumtime": v[3]} for k, v in ranked]
     groups: dict[str, float] = {}
-    for k, v in st.stats.items():
+    for k, v in stats.items():
         g = _func_label(k).split(":", 1)[0] if k[0] != "~" else _builtin_group(k[2])
         groups[g] = groups.get(g, 0.0) + v[2]
     by_file = [{"where": g, "tottime": t, "share": t / total if total else 0.0}
