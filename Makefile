@@ -54,7 +54,11 @@ deploy-tools: ## install promtool + prometheus (Debian package) for the deploy t
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 	@promtool --version 2>&1 | head -1
 
-test: $(STAMP) deploy-tools ## run all tests (unit, component, integration, deploy)
+lint: $(STAMP) ## ruff + mypy (pinned in the dev extra; configured in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint deploy-tools ## run lint, then all tests (unit, component, integration, deploy)
 	$(BIN)/python -m pytest -q
 
 test-unit: $(STAMP) ## fast pure-core tests only
@@ -83,4 +87,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install deploy-tools datasets datasets-tools demo serve test test-unit bench bench-quick bench-quality bench-long-stream bench-stream-cost proto clean
+.PHONY: help install deploy-tools datasets datasets-tools demo serve lint test test-unit bench bench-quick bench-quality bench-long-stream bench-stream-cost proto clean

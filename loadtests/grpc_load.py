@@ -43,9 +43,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from service.perfbench.fixtures import VectorBank, machine_info
-from service.perfbench.loadgen import (grpc_phases_table, parse_ints,
-                                       parse_mix, parse_modalities, pb, percentiles, pyplot,
-                                       save_figure, set_timestamp, write_csv, write_json)
+from service.perfbench.loadgen import (
+    grpc_phases_table,
+    parse_ints,
+    parse_mix,
+    parse_modalities,
+    pb,
+    percentiles,
+    pyplot,
+    save_figure,
+    set_timestamp,
+    write_csv,
+    write_json,
+)
 
 MODES = ("unary", "stream")
 
@@ -239,7 +249,7 @@ class GrpcLoad:
         try:
             try:
                 await asyncio.wait_for(channels[0].channel_ready(), cfg.connect_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RuntimeError(f"no gRPC server answered at {cfg.target} within "
                                            f"{cfg.connect_timeout:g}s") from None
             stubs = [pb_grpc.SelectorStub(c) for c in channels]
@@ -326,7 +336,8 @@ class GrpcLoad:
                    "items_ok": sum(p["items_ok"] for p in phases),
                    "best_items_per_s": max((p["items_per_s"] for p in phases), default=0.0),
                    "errors": errors}
-        return {"kind": "grpc_load", "config": asdict(self.cfg), "machine": machine_info(torch_info=False),
+        return {"kind": "grpc_load", "config": asdict(self.cfg),
+                "machine": machine_info(torch_info=False),
                 "summary": summary, "phases": phases, "timeseries": self._timeseries()}
 
     # ------------------------------------------------------------------ output
@@ -336,9 +347,9 @@ class GrpcLoad:
         for p in result["phases"]:
             lat = p["latency_ms"]
             rows.append({**{k: p[k] for k in ("phase", "mode", "batch", "concurrency",
-                                                      "deadline_ms", "seconds", "requests", "requests_ok",
-                                                      "items_ok", "requests_per_s", "items_per_s",
-                                                      "error_total", "late")},
+                                          "deadline_ms", "seconds", "requests", "requests_ok",
+                                          "items_ok", "requests_per_s", "items_per_s",
+                                          "error_total", "late")},
                          "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"],
                          "max_ms": lat["max"],
                          "errors": ";".join(f"{k}={v}" for k, v in sorted(p["errors"].items()))})

@@ -71,11 +71,27 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from service.perfbench.fixtures import VectorBank, machine_info
-from service.perfbench.loadgen import (HEADER_BATCH, HEADER_EVENT, hist_delta,
-                                       hist_fraction_le, hist_quantile, md_table,
-                                       parse_floats, parse_mix, parse_modalities, pb, percentiles,
-                                       pyplot, save_figure, scrape_pairsieve, set_timestamp, sum_scrapes,
-                                       ts_seconds, write_csv, write_json)
+from service.perfbench.loadgen import (
+    HEADER_BATCH,
+    HEADER_EVENT,
+    hist_delta,
+    hist_fraction_le,
+    hist_quantile,
+    md_table,
+    parse_floats,
+    parse_mix,
+    parse_modalities,
+    pb,
+    percentiles,
+    pyplot,
+    save_figure,
+    scrape_pairsieve,
+    set_timestamp,
+    sum_scrapes,
+    ts_seconds,
+    write_csv,
+    write_json,
+)
 
 FEATURES_TOPIC = "pairsieve.features.v1"
 REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
@@ -383,8 +399,8 @@ class KafkaLoad:
                         except ValueError:
                             continue
                         self.req_rows.append((s, ts_seconds(req.requested_at)
-                                                      if req.HasField("requested_at") else math.nan, now,
-                                                      req.worker_id, req.decision.reason, req.modality))
+                                              if req.HasField("requested_at") else math.nan, now,
+                                              req.worker_id, req.decision.reason, req.modality))
                         self.last_read = now
                 else:
                     for r in recs:
@@ -416,7 +432,7 @@ class KafkaLoad:
             await self._scrape_once()
             try:
                 await asyncio.wait_for(stop.wait(), self.cfg.scrape_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _committed(self, admin) -> dict[int, int]:
@@ -451,7 +467,7 @@ class KafkaLoad:
                         self.log(f"committed offsets of group {self.cfg.group_id!r}: {exc!r}")
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             await asyncio.to_thread(admin.close)
@@ -516,8 +532,8 @@ class KafkaLoad:
                  + ", ".join(f"{p.name} {p.duration:g}s" for p in self.phases))
         consumer = await self._open_reader()
         producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, acks=1, linger_ms=2,
-                                            max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
-                                            client_id=f"pairsieve-loadtest-{self.run_id}")
+                                    max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
+                                    client_id=f"pairsieve-loadtest-{self.run_id}")
         await producer.start()
         stop = asyncio.Event()
         await self._scrape_once()  # baseline of the counters
@@ -641,7 +657,7 @@ class KafkaLoad:
             "elapsed_s": self.t_end - self.t0, "scrape_errors": self.scrape_errors,
         }
         steps = []
-        for i, ph in enumerate(self.phases):
+        for ph in self.phases:
             a, b = self.t0 + ph.start, self.t0 + ph.end
             in_ph = (sent >= a) & (sent < b) if sent.size else np.zeros(0, bool)
             seq_in = (self.send_t[:n] >= a) & (self.send_t[:n] < b)
@@ -664,10 +680,11 @@ class KafkaLoad:
                 cs = [c for t, c in self.commits if t <= b]
                 if cs:
                     row["lag_records_at_end"] = sum(max(0, e - cs[-1].get(p, 0))
-                                                            for p, e in self._end_offsets_before(b).items())
+                                                    for p, e in self._end_offsets_before(b).items())
             steps.append(row)
         series = self._timeseries(sent, dec_ms, e2e_ms, cons, dl_rows)
-        return {"kind": "kafka_load", "config": asdict(cfg), "machine": machine_info(torch_info=False),
+        return {"kind": "kafka_load", "config": asdict(cfg),
+                "machine": machine_info(torch_info=False),
                 "summary": summary, "steps": steps, "timeseries": series,
                 "phases": [asdict(p) for p in self.phases],
                 "requests_detail": self._request_rows(sent, dec_ms, e2e_ms, req_seq)}

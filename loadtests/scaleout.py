@@ -481,7 +481,10 @@ def measure(ws: WorkerSet, seed: int, progress=log) -> dict:
     """Run one configuration on a started WorkerSet: wait for the group, stream, read back,
     collect statuses. Does NOT stop the workers (the caller does, in a finally)."""
     p = ws.params
-    say = (lambda msg: progress(f"[{ws.name}] {msg}"))
+
+    def say(msg: str) -> None:
+        progress(f"[{ws.name}] {msg}")
+
     t0 = time.monotonic()
     asg = ws.wait_ready()
     say(f"{len(ws.procs)} worker(s) ready {ws.ready_s:.1f}s after start; assignment "
@@ -567,7 +570,7 @@ def run_configs(bootstrap: str, params: ScaleoutParams, configs=CONFIGS, log_dir
     finally:
         for ws in sets:  # on an error: never leave a worker behind
             ws.stop()
-    for name, r in results.items():
+    for r in results.values():
         r["log_dir"] = log_dir
     return results
 
@@ -661,4 +664,4 @@ if __name__ == "__main__":
     try:
         raise SystemExit(main())
     except KeyboardInterrupt:  # the finally blocks above already stopped every subprocess
-        raise SystemExit(130)
+        raise SystemExit(130) from None

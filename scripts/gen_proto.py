@@ -33,7 +33,8 @@ def generate(out: Path) -> list[Path]:
     for p in sorted(out.rglob("*.py*")):
         text = p.read_text()
         # "from pairsieve.v1 import x_pb2" -> "from . import x_pb2" (same package)
-        text = re.sub(r"^from pairsieve\.v1 import (\w+_pb2)", r"from . import \1", text, flags=re.M)
+        text = re.sub(r"^from pairsieve\.v1 import (\w+_pb2)", r"from . import \1", text,
+                      flags=re.M)
         p.write_text(text)
         written.append(p)
     for d in [out, *[d for d in out.rglob("*") if d.is_dir()]]:

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_datasets)
 
-    q = sub.add_parser("bench-quality", help="strategies x datasets x seeds; writes reports/quality.md")
+    q = sub.add_parser("bench-quality",
+                       help="strategies x datasets x seeds; writes reports/quality.md")
     q.add_argument("--seeds", type=int, default=20)
     q.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     q.add_argument("--random-draws", type=int, default=None,

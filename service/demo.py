@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from service.evaluation.datasets import get_dataset
 from service.messages import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings
-from service.streaming.topics import LABELS_TOPIC, REQUESTS_TOPIC, FEATURES_TOPIC
+from service.streaming.topics import FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.demo")
@@ -89,7 +90,8 @@ def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) ->
     return out
 
 
-async def _wait_for(cond, what: str, timeout_s: float = 60.0) -> None:
+async def _wait_for(cond: Callable[..., bool], what: Callable[..., str],
+                    timeout_s: float = 60.0) -> None:
     """Poll ``cond()`` every 2 ms until it holds; TimeoutError naming ``what()`` otherwise."""
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -132,7 +134,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     _say("starting the service on the embedded Kafka-protocol broker (tansu) ...")
     t_start = time.perf_counter()
     svc = await start_service(settings)
-    _say(f"  up in {time.perf_counter() - t_start:.1f}s: kafka {svc.bootstrap}, gRPC :{svc.grpc_port}, "
+    _say(f"  up in {time.perf_counter() - t_start:.1f}s: kafka {svc.bootstrap}, "
+         f"gRPC :{svc.grpc_port}, "
          f"metrics http://127.0.0.1:{svc.metrics_port}/metrics")
     producer = AIOKafkaProducer(bootstrap_servers=svc.bootstrap, acks="all")
     await producer.start()
@@ -140,7 +143,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
                              group_id=None, auto_offset_reset="earliest")
     await annot.start()
     labels_sent = 0
-    requested: list[str] = []
+    requested: list[codecs.pb.AlignmentRequest] = []
 
     async def annotator():  # collects requests; the replay loop answers them in lock step
         async for rec in annot:
@@ -165,8 +168,9 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
             await producer.send_and_wait(settings.topic(LABELS_TOPIC),
                                          codecs.label_to_proto(label).SerializeToString())
             labels_sent += 1
-            await _wait_for(lambda: sum(svc.handler.status().labels.values()) >= labels_sent,
-                            lambda: f"{labels_sent} labels sent, fewer taken in")
+            await _wait_for(
+                lambda n=labels_sent: sum(svc.handler.status().labels.values()) >= n,
+                lambda n=labels_sent: f"{n} labels sent, fewer taken in")
             await svc.handler.settle()
 
     ann_task = asyncio.create_task(annotator())
@@ -185,8 +189,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
                                          codecs.encode_feature_batch(evs), key=str(i).encode(),
                                          headers=[codecs.FEATURE_HEADER_BATCH])
             sent += len(chunk)
-            await _wait_for(lambda: svc.handler.status().seen >= sent,
-                            lambda: f"{svc.handler.status().seen} of {sent} events decided")
+            await _wait_for(lambda n=sent: svc.handler.status().seen >= n,
+                            lambda n=sent: f"{svc.handler.status().seen} of {n} events decided")
             await svc.handler.settle()  # the batch's publish + commit are done
             await answer_new_requests()
             st = svc.handler.status()
@@ -213,14 +217,15 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     _say("measuring the same learner on random pairs at the same pair counts ...")
     rand = random_curve(ds, pool, test, [p["pairs"] for p in curve], embedding_dim, seed)
     result = {
-        "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)), "budget": budget,
+        "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)),
+        "budget": budget,
         "accepted": st.spent, "pairs_acquired": st.pairs_acquired,
         "model_version": st.model_version,
         "accepted_per_modality": dict(st.accepted_per_modality),
         "r1": ours["r1"], "r5": ours["r5"],
         "random_r1": rand[-1]["r1"], "random_r5": rand[-1]["r5"],
         "curve": curve, "random_curve": rand,
-        "requested": sorted((q.item_id for q in requested), key=position.get),
+        "requested": sorted((q.item_id for q in requested), key=position.__getitem__),
         "events_per_s": sent / elapsed, "dead_letters": svc.processor.dead_letters,
     }
     await annot.stop()
@@ -240,7 +245,7 @@ def _print_curve(r: dict) -> None:
     _say("")
     _say(f"learning curve: held-out R@1 among {r['test_pairs']} test pairs")
     _say(f"{'pairs':>6}  {'pairsieve':>9}  {'random':>7}  bar (# pairsieve, . random)")
-    for p, q in zip(r["curve"], r["random_curve"]):
+    for p, q in zip(r["curve"], r["random_curve"], strict=True):
         bar_p, bar_q = int(round(p["r1"] * 40)), int(round(q["r1"] * 40))
         bar = "".join("#" if i < bar_p else ("." if i < bar_q else " ")
                       for i in range(max(bar_p, bar_q)))

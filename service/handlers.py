@@ -169,7 +169,7 @@ class SelectionHandler:
                 t_score = time.perf_counter() - t0
                 now = self.clock()
                 requests = []
-                for i, dec, vec in zip(fresh_idx, proposal.decisions, vectors):
+                for i, dec, vec in zip(fresh_idx, proposal.decisions, vectors, strict=True):
                     ev = events[i]
                     out = Outcome(ev.event_id, dec, False, self.worker_id)
                     outcomes[ev.event_id] = out
@@ -183,16 +183,16 @@ class SelectionHandler:
                 await loop.run_in_executor(self._executor, self.selector.commit, proposal)
                 for ev_id, out in outcomes.items():
                     self._decided.put(ev_id, out)
-                for i, vec in zip(fresh_idx, vectors):
+                for i, vec in zip(fresh_idx, vectors, strict=True):
                     self.learning.remember(events[i].item_id, events[i].modality, vec)
             result, emitted = [], set()
             for ev in events:
-                out = outcomes.get(ev.event_id)
-                if out is not None and ev.event_id not in emitted:
-                    result.append(out)
+                got = outcomes.get(ev.event_id)
+                if got is not None and ev.event_id not in emitted:
+                    result.append(got)
                     emitted.add(ev.event_id)
                 else:  # decided earlier (or earlier in this batch): same verdict, marked duplicate
-                    prev = out or self._decided[ev.event_id]
+                    prev = got or self._decided[ev.event_id]
                     result.append(Outcome(ev.event_id, prev.decision, True, prev.worker_id))
             now = self.clock()
             latencies = [now - ev.event_time for ev in events if ev.event_time]
@@ -214,14 +214,16 @@ class SelectionHandler:
             return False
         d = outcome.decision
         check_modality(d.modality, self.modalities)
-        vec = as_matrix(vector, self.dims[d.modality], name=f"remote selection {outcome.event_id!r}")
+        vec = as_matrix(vector, self.dims[d.modality],
+                        name=f"remote selection {outcome.event_id!r}")
         loop = asyncio.get_running_loop()
         async with self._lock:
             # Re-check under the lock: submit() records its ids only after publish + commit,
             # and the follower may read this worker's own request back in between.
             if outcome.event_id in self._decided:
                 return False
-            await loop.run_in_executor(self._executor, self.selector.observe_external, d.modality, vec)
+            await loop.run_in_executor(self._executor, self.selector.observe_external,
+                                       d.modality, vec)
             self._decided.put(outcome.event_id, outcome)
             self.learning.remember(d.item_id, d.modality, vec[0])
             self.metrics.engine_state(self.status())  # budget gauges include the others' spend

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from types import MappingProxyType
+from typing import cast
 
 import numpy as np
 
@@ -93,7 +94,9 @@ class LearningLoop:
     @property
     def model(self) -> AlignmentModel:
         """The model in use."""
-        return self.selector.model
+        # the service builds the selector on an AlignmentModel and swap_in_pending only swaps
+        # AlignmentModels in
+        return cast(AlignmentModel, self.selector.model)
 
     @property
     def model_version(self) -> int:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -29,7 +31,7 @@ from service.alignment import AlignmentModel, AlignmentTrainer
 from service.core.selector import StreamingSelector
 from service.handlers import SelectionHandler
 from service.observability.metrics import PairsieveMetrics, start_metrics_server
-from service.rpc.server import start_grpc_server
+from service.rpc.server import GrpcServer, start_grpc_server
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
 from service.streaming.broker import EmbeddedBroker
@@ -101,8 +103,8 @@ class Service:
     publisher: KafkaRequestPublisher
     follower: SelectionFollower
     processor: StreamProcessor
-    grpc: object
-    metrics_server: object
+    grpc: GrpcServer
+    metrics_server: tuple[WSGIServer, threading.Thread]
     broker: EmbeddedBroker | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -172,7 +174,7 @@ async def start_service(settings: Settings) -> Service:
         await follower.start()
         try:
             await asyncio.wait_for(follower.caught_up.wait(), 60)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("selection replay still running after 60s; serving anyway")
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "

@@ -31,8 +31,9 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any, cast
 
 from service.alignment.trainer import TrainerConfig
 from service.core.acquisition import AcquisitionConfig
@@ -381,14 +382,15 @@ class Settings:
         return "--" + field_name.replace("_", "-")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Defaults <- ``PAIRSIEVE_*`` environment <- ``overrides`` (e.g. parsed flags).
 
         String overrides of non-string settings (flags) are converted like the environment.
         Raises :class:`SettingsError` naming every value that cannot be read or is not allowed.
         """
         env = os.environ if environ is None else environ
-        values, errors = {}, []
+        values: dict[str, Any] = {}
+        errors: list[str] = []
         for f in fields(cls):
             raw, source = env.get(cls.env_name(f.name)), cls.env_name(f.name)
             over = overrides.get(f.name)
@@ -396,11 +398,12 @@ class Settings:
                 raw, source = over, cls.flag_name(f.name)
             if raw is None:
                 continue
-            if isinstance(raw, str) and f.type != "str":
+            ftype = _field_type(f)
+            if isinstance(raw, str) and ftype != "str":
                 try:
-                    raw = _convert(f.type, raw)
+                    raw = _convert(ftype, raw)
                 except ValueError:
-                    errors.append(f"{source} = {raw!r}: expected {_TYPE_WORDS[f.type]}")
+                    errors.append(f"{source} = {raw!r}: expected {_TYPE_WORDS[ftype]}")
                     continue
             values[f.name] = raw
         unknown = set(overrides) - {f.name for f in fields(cls)}
@@ -419,7 +422,7 @@ class Settings:
         """
         for f in fields(cls):
             parser.add_argument(cls.flag_name(f.name), dest=f.name, default=None,
-                                metavar=_METAVARS[f.type], help=cls.help_text(f.name))
+                                metavar=_METAVARS[_field_type(f)], help=cls.help_text(f.name))
 
     @classmethod
     def help_text(cls, name: str) -> str:
@@ -446,6 +449,11 @@ def _show(default) -> str:
     if isinstance(default, bool):
         return str(int(default))
     return repr(default)
+
+
+def _field_type(f: Field) -> str:
+    """A field's type name: ``from __future__ import annotations`` keeps annotations as text."""
+    return cast(str, f.type)
 
 
 def _convert(typ: str, raw: str):

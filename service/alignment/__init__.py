@@ -1,7 +1,7 @@
 """Cross-modal alignment model (per-modality linear heads into a shared space) and its trainer."""
 
+from service.alignment.evaluate import retrieval_recall
 from service.alignment.model import AlignmentModel
 from service.alignment.trainer import AlignmentTrainer, TrainerConfig
-from service.alignment.evaluate import retrieval_recall
 
 __all__ = ["AlignmentModel", "AlignmentTrainer", "TrainerConfig", "retrieval_recall"]

@@ -3,7 +3,8 @@
 A head is ``z = normalize(W^T (x - mu))``. Heads are plain ``torch.nn.Linear`` layers so the scorer
 can run them batched on CPU or CUDA; the trainer builds them in closed form (PCA whitening + CCA)
 and may fine-tune them with a contrastive loss. It satisfies the core's
-:class:`~service.core.cross_modal_model.CrossModalModel` interface; checkpoint files are written and read by
+:class:`~service.core.cross_modal_model.CrossModalModel` interface; checkpoint files are written
+and read by
 :mod:`service.alignment.checkpoint`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -55,7 +57,7 @@ class AlignmentModel(nn.Module):
 
     def head(self, modality: str) -> nn.Linear:
         check_modality(modality, self.modalities)
-        return self.heads[str(self.modalities.index(modality))]
+        return cast(nn.Linear, self.heads[str(self.modalities.index(modality))])
 
     def other(self, modality: str) -> str:
         """The other modality's name."""
@@ -103,12 +105,12 @@ class AlignmentModel(nn.Module):
         return save_checkpoint(self, self.meta(), directory)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AlignmentModel":
+    def load(cls, path: str | os.PathLike) -> AlignmentModel:
         """Load a checkpoint file, or the ``LATEST`` one when ``path`` is a directory."""
         return load_checkpoint(path, cls.from_meta)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "AlignmentModel":
+    def from_meta(cls, meta: dict) -> AlignmentModel:
         """An untrained model shaped as ``meta`` (see :meth:`meta`) describes."""
         model = cls({m: meta["dims"][m] for m in meta["modalities"]}, meta["dim_out"],
                     version=meta["version"])

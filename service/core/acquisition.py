@@ -105,10 +105,12 @@ class AcquisitionConfig:
 
     def __post_init__(self):
         if self.normalization not in ("zscore", "rank"):
-            raise ValueError(f"normalization must be 'zscore' or 'rank', got {self.normalization!r}")
+            raise ValueError("normalization must be 'zscore' or 'rank', "
+                             f"got {self.normalization!r}")
         for name in ("uncertainty_weight", "diversity_weight", "coverage_weight"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         check_fraction(self.quota_min_share, "quota_min_share")
         if self.quota_min_share > 0.5:
             raise ValueError(f"quota_min_share must be <= 0.5, got {self.quota_min_share}")
@@ -123,16 +125,18 @@ class ModalityAwareAcquisition:
         make = (lambda: RankNormalizer(cfg.rank_window)) if cfg.normalization == "rank" \
             else (lambda: EWNormalizer(cfg.zscore_alpha))
         self._norm = {(m, c): make() for m in self.modalities for c in ("u", "d")}
-        self._gap = {m: None for m in self.modalities}  # EW mean of raw diversity
-        self._unc = {m: None for m in self.modalities}  # EW mean of raw uncertainty
+        # EW means of raw diversity / uncertainty (None until the modality's first batch)
+        self._gap: dict[str, float | None] = {m: None for m in self.modalities}
+        self._unc: dict[str, float | None] = {m: None for m in self.modalities}
         self.discrepancy = 0.0  # cumulative: > 0 means modalities[0] is the harder one
         self.accepts = {m: 0 for m in self.modalities}
 
     # ------------------------------------------------------------- scoring (pure)
     def coverage_bonus(self) -> dict[str, float]:
-        """Per-modality bonus in [-1, 1]; positive for the modality farther from its selected set."""
-        gaps = self._gap
-        if any(g is None for g in gaps.values()):
+        """Per-modality bonus in [-1, 1]; positive for the modality farther from its selected
+        set."""
+        gaps = {m: g for m, g in self._gap.items() if g is not None}
+        if len(gaps) < len(self._gap):
             return {m: 0.0 for m in self.modalities}
         mean = sum(gaps.values()) / len(gaps)
         return {m: float(np.clip((g - mean) / (mean + 1e-9), -1.0, 1.0)) for m, g in gaps.items()}
@@ -186,8 +190,10 @@ class ModalityAwareAcquisition:
         a = 1.0 - (1.0 - cfg.coverage_alpha) ** len(d)
         for store, vals in ((self._gap, d), (self._unc, u)):
             m_ = float(vals.mean())
-            store[modality] = m_ if store[modality] is None else (1 - a) * store[modality] + a * m_
+            prev = store[modality]
+            store[modality] = m_ if prev is None else (1 - a) * prev + a * m_
         self.accepts[modality] += int(accepted)
         m0, m1 = self.modalities
-        if self._unc[m0] is not None and self._unc[m1] is not None:
-            self.discrepancy += (self._unc[m0] - self._unc[m1]) * len(u) * cfg.coverage_alpha
+        u0, u1 = self._unc[m0], self._unc[m1]
+        if u0 is not None and u1 is not None:
+            self.discrepancy += (u0 - u1) * len(u) * cfg.coverage_alpha

@@ -31,7 +31,6 @@ from service.core.quantile import SlidingQuantile
 from service.core.reasons import Reason
 from service.core.validation import check_fraction
 
-
 # Random accepts of the tuned stream default before utilities are trusted: the service's
 # PAIRSIEVE_WARMUP_ACCEPTS default and the simulator's warm-up (reports/quality.md, "50 random
 # warm-up accepts"). BudgetConfig's own default stays 0 for library users, who may warm up with
@@ -76,7 +75,8 @@ class BudgetConfig:
             raise ValueError(f"target_rate must be in (0, 1], got {self.target_rate!r}")
         check_fraction(self.explore, "explore")
         if self.window < 1 or self.min_history < 1:
-            raise ValueError(f"window and min_history must be >= 1, got {self.window}, {self.min_history}")
+            raise ValueError("window and min_history must be >= 1, "
+                             f"got {self.window}, {self.min_history}")
         if self.warmup_accepts < 0 or self.slack < 0:
             raise ValueError("warmup_accepts and slack must be >= 0")
 
@@ -102,7 +102,7 @@ _REASON_OF = (Reason.SKIP_QUOTA, Reason.SKIP_BUDGET_EXHAUSTED, Reason.SKIP_PACIN
 class BudgetDraft:
     """Tentative, item-by-item decisions for one batch. Never touches the controller."""
 
-    def __init__(self, ctl: "BudgetController", n: int):
+    def __init__(self, ctl: BudgetController, n: int):
         self._ctl = ctl
         self.spent = ctl.spent
         self.own_spent = ctl.spent - ctl.external

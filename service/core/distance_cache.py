@@ -126,7 +126,8 @@ class DistanceCache:
     def _as_tensor(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             if x.ndim != 2 or x.shape[1] != self.dim:
-                raise ValueError(f"embeddings: expected shape (n, {self.dim}), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"embeddings: expected shape (n, {self.dim}), got {tuple(x.shape)}")
             return x.to(self.device, torch.float32)
         return torch.from_numpy(as_matrix(x, self.dim, name="embeddings")).to(self.device)
 
@@ -190,8 +191,8 @@ class DistanceCache:
             use_e = best_e < new_nn
             new_nn = torch.where(use_e, best_e, new_nn)
             new_idx = torch.where(use_e, best_e_idx, new_idx)
-            col_min, col_idx = d_xe.min(dim=0)  # for existing points
-            col_min = col_min.sqrt().double().cpu().numpy()
+            col_min_t, col_idx = d_xe.min(dim=0)  # for existing points
+            col_min = col_min_t.sqrt().double().cpu().numpy()
             closer = col_min < self._nn[:m]  # exact for stale rows too (theirs underestimate)
             self._nn[:m][closer] = col_min[closer]
             self._nn_idx[:m][closer] = col_idx.cpu().numpy()[closer] + m
@@ -296,7 +297,8 @@ class DistanceCache:
         self._stale[:] = False
         self.model_version = int(model_version)
 
-    def reproject(self, embed: Callable[[np.ndarray, int], np.ndarray], model_version: int) -> None:
+    def reproject(self, embed: Callable[[np.ndarray, int], torch.Tensor | np.ndarray],
+                  model_version: int) -> None:
         """Re-embed the cached raw vectors with a new model and rebuild the neighbour cache.
 
         ``embed(raw, tag)`` maps the raw rows (n, d) of one tag to (n, k); ``d`` is the length

@@ -113,7 +113,8 @@ class UncertaintyScorer:
 
     def embed(self, modality: str, x) -> torch.Tensor:
         """Validate raw (B, d_m) and embed it -> (B, k) on the scorer's device."""
-        arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)], name=modality)
+        arr = as_matrix(x, self.model.dims[check_modality(modality, self.modalities)],
+                        name=modality)
         return self.embed_valid(modality, arr)
 
     def embed_valid(self, modality: str, arr: np.ndarray) -> torch.Tensor:
@@ -154,10 +155,11 @@ class UncertaintyScorer:
             return [[] for _ in range(z.shape[0])]
         with torch.inference_mode():
             sims = z @ idx.emb[:n].T
-            vals, pos = torch.topk(sims, min(k, n), dim=1)
-        vals, pos = vals.cpu().numpy(), pos.cpu().numpy()
-        return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr) if idx.ids[p] is not None]
-                for vr, pr in zip(vals, pos)]
+            vals_t, pos_t = torch.topk(sims, min(k, n), dim=1)
+        vals, pos = vals_t.cpu().numpy(), pos_t.cpu().numpy()
+        return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr, strict=True)
+                 if idx.ids[p] is not None]
+                for vr, pr in zip(vals, pos, strict=True)]
 
     def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the model and re-embed the recent-item index in the new space."""

@@ -29,8 +29,8 @@ import torch
 
 from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
-from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 from service.core.cross_modal_model import CrossModalModel
+from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 from service.core.scorer import UncertaintyScorer
 from service.core.types import Decision, FeatureItem
 from service.core.validation import as_matrix, check_modality, item_vectors
@@ -188,7 +188,8 @@ class StreamingSelector:
             # a decision depends on changes), then let the accept lower later items' diversity.
             allow = np.array([self.acquisition.quota_allows(m, extra) for m in self.modalities])
             k, acc, thr, why = draft.decide_run(u_all[i:], ~allow[mod_idx[i:]])
-            thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = thr, d_all[i:i + k], u_all[i:i + k]
+            thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = (thr, d_all[i:i + k],
+                                                                   u_all[i:i + k])
             reasons += why
             i += k
             if not acc:
@@ -251,14 +252,15 @@ class StreamingSelector:
         return self.modalities.index(modality)
 
     def partner_candidates(self, proposal: Proposal, k: int) -> dict[str, list[tuple[str, float]]]:
-        """Top-k likely partners (other modality, recent index) of each ACCEPTED item, by item id."""
+        """Top-k likely partners (other modality, recent index) of each ACCEPTED item, by item
+        id."""
         out: dict[str, list[tuple[str, float]]] = {}
         for m, r in proposal._rows.items():
             acc = [j for j, i in enumerate(r) if proposal.decisions[i].accept]
             if not acc:
                 continue
             z = proposal._emb[m][torch.as_tensor(acc, device=proposal._emb[m].device)]
-            for j, cands in zip(acc, self.scorer.top_partners(m, z, k)):
+            for j, cands in zip(acc, self.scorer.top_partners(m, z, k), strict=True):
                 out[proposal.decisions[r[j]].item_id] = cands
         return out
 

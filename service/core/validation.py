@@ -96,7 +96,7 @@ def item_vectors(vectors, dim: int, *, item_ids, modality: str,
     """
     pos = range(len(vectors)) if positions is None else positions
     arrs = []
-    for v, item_id, p in zip(vectors, item_ids, pos):
+    for v, item_id, p in zip(vectors, item_ids, pos, strict=True):
         a = np.asarray(v)
         if a.ndim == 2 and a.shape[0] == 1:  # one row of a matrix: (1, dim) reads as (dim,)
             a = a[0]
@@ -108,7 +108,7 @@ def item_vectors(vectors, dim: int, *, item_ids, modality: str,
         arrs.append(a)
     mat = np.ascontiguousarray(np.stack(arrs), dtype=np.float32)
     if not np.isfinite(mat).all() or (mat.size and np.abs(mat).max() > MAX_ABS_FEATURE):
-        for row, a, item_id, p in zip(mat, arrs, item_ids, pos):
+        for row, a, item_id, p in zip(mat, arrs, item_ids, pos, strict=True):
             err = vector_value_problem(row, f"item {item_id!r} ({modality})", p, original=a)
             if err is not None:
                 raise err
@@ -123,7 +123,8 @@ def check_modality(modality: str, known: Iterable[str]) -> str:
     return modality
 
 
-def as_matrix(x, dim: int | None, *, name: str = "vectors", allow_empty: bool = False) -> np.ndarray:
+def as_matrix(x, dim: int | None, *, name: str = "vectors",
+              allow_empty: bool = False) -> np.ndarray:
     """Validate and normalise a batch of vectors to a C-contiguous float32 matrix.
 
     Parameters

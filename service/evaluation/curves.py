@@ -4,7 +4,8 @@ A curve is a list of ``{"pairs": acquisitions spent, "r1": recall@1, ...}`` poin
 increasing ``pairs``. Headline: **% of pairs saved vs random** =
 ``1 - (pairs the strategy needs to reach R*) / budget``, where R* is the R@1 that random reaches at
 the full budget (the mean over seeds of random's final R@1, so the target itself is not one noisy
-run). When a strategy never reaches R*, the saving is negative: ``pairs_random(R_final) / budget - 1``,
+run). When a strategy never reaches R*, the saving is negative:
+``pairs_random(R_final) / budget - 1``,
 where ``pairs_random(r)`` reads the mean random curve backwards (how much less it achieved,
 expressed as budget).
 """

@@ -11,7 +11,8 @@ shape (n, d_b), both float32, where row ``i`` of ``a`` and row ``i`` of ``b`` ar
     whose partner is missing (the "missing modality" pitfall). ``None`` means all rows are pairs.
 
 The synthetic generator reproduces the pitfalls studied in [MindTheGap] ("Mind the Gap: A
-Framework for Assessing Pitfalls in Multimodal Active Learning"): modality difficulty imbalance, missing modalities, shared / unique /
+Framework for Assessing Pitfalls in Multimodal Active Learning"): modality difficulty imbalance,
+missing modalities, shared / unique /
 synergistic interaction structure, noise, class count and long tails, plus near-duplicates.
 
 Nothing here downloads data: the digits views come from the copy bundled with scikit-learn, and
@@ -26,6 +27,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -191,7 +193,7 @@ class Dataset:
         path : str or os.PathLike
             Destination; numpy appends ``.npz`` if the name lacks it.
         """
-        arrays: dict[str, np.ndarray] = {
+        arrays: dict[str, Any] = {  # Any: numpy types savez(**kw) against its bool options
             "a": self.a,
             "b": self.b,
             "modality_a": np.array(self.modality_a),
@@ -239,7 +241,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     missing = [k for k in ("a", "b") if k not in data]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(data)}")
-    names = {}
+    names: dict[str, Any] = {}
     for key in ("modality_a", "modality_b"):
         if key in data:
             v = data[key]
@@ -510,7 +512,7 @@ def _synthetic(
     return factory
 
 
-BUILTIN: dict[str, Callable[[int], Dataset]] = {
+BUILTIN: dict[str, Callable[..., Dataset]] = {
     "digits": lambda seed=0: make_digits_two_view("top_bottom", seed=seed),
     "digits-lr": lambda seed=0: make_digits_two_view("left_right", seed=seed),
     "synthetic": _synthetic(

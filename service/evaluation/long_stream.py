@@ -1,4 +1,5 @@
-"""``make bench-long-stream``: one long real stream in dataset order, learning curve + per-item cost.
+"""``make bench-long-stream``: one long real stream in dataset order, learning curve + per-item
+cost.
 
 The whole Bible (``bible-en-es-full``: ~30k verse pairs, ~60k unimodal events) streamed in
 canonical book order is a drifting stream: Genesis first, the Gospels late. Each seed draws its
@@ -29,7 +30,8 @@ from service.evaluation.simulator import SimConfig, simulate
 STRATEGIES = ("default", "random")
 
 
-def run(dataset: str = "bible-en-es-full", budget: int = 3000, seeds: Sequence[int] = tuple(range(10)),
+def run(dataset: str = "bible-en-es-full", budget: int = 3000,
+        seeds: Sequence[int] = tuple(range(10)),
         retrain_every: int = 100, test_size: int = 500,
         log: Callable[[str], None] = print) -> dict:
     """Stream ``dataset`` in its row order once per seed and strategy; return the raw runs.
@@ -130,10 +132,10 @@ def write_report(res: dict, out: Path, command: str) -> Path:
                      f"{1000 * np.nanmean(d):+.1f} ± {1000 * se:.1f} | "
                      f"{int(np.sum(d > 0))}/{n} |")
     auc = np.array([curves.auc(a["curve"], budget) - curves.auc(b["curve"], budget)
-                    for a, b in zip(ours, rand)])
+                    for a, b in zip(ours, rand, strict=True)])
     auc_se = auc.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     saved = np.array([curves.savings(a["curve"], *curves.curve_xy(b["curve"]), budget)
-                      for a, b in zip(ours, rand)])
+                      for a, b in zip(ours, rand, strict=True)])
     saved_se = saved.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     lines += ["", f"AUC of R@1 over the budget, default − random: {1000 * auc.mean():+.1f} ± "
               f"{1000 * auc_se:.1f} (x1000), higher on {int(np.sum(auc > 0))}/{n} seeds.", "",

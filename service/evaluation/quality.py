@@ -94,6 +94,7 @@ def _init_worker() -> None:
 def _run_job(job: Job) -> dict:
     ds = get_dataset(job.dataset, seed=job.seed)
     replicate = job.strategy == REPLICATE
+    sseed: int | None
     if replicate:
         sseed = job.seed + REPLICATE_SEED_OFFSET
     else:
@@ -191,7 +192,7 @@ def paired_vs_random(rows: list[dict], mode: str, dataset: str, strategy: str) -
 
     def by_seed(row):
         ps = row["per_seed"]
-        return dict(zip(ps["seed"], zip(ps["savings"], ps["auc"])))
+        return dict(zip(ps["seed"], zip(ps["savings"], ps["auc"], strict=True), strict=True))
 
     ours, theirs = by_seed(mine), by_seed(rand)
     common = sorted(set(ours) & set(theirs))
@@ -216,7 +217,8 @@ def plot_curves(results: list[dict], out_dir: Path) -> list[Path]:
         cols = 4
         rows_n = (len(dsets) + cols - 1) // cols
         fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
-        for ax, d in zip(axes.ravel(), dsets):
+        # the grid has rows_n * cols >= len(dsets) cells; the spare ones stay empty
+        for ax, d in zip(axes.ravel(), dsets, strict=False):
             group = [r for r in results if r["mode"] == mode and r["dataset"] == d]
             budget = group[0]["budget"]
             grid = np.linspace(0, budget, 61)
@@ -352,9 +354,9 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
         lines.append(f"- **{d}** ({info['n']} rows, d_a={info['d_a']}, d_b={info['d_b']}, "
                      f"paired {info['n_paired']}): {info['description']}")
     lines.append("")
-    p = out_dir / "quality.md"
-    p.write_text("\n".join(lines) + meta.get("notes", ""))
-    return p
+    md_path = out_dir / "quality.md"
+    md_path.write_text("\n".join(lines) + meta.get("notes", ""))
+    return md_path
 
 
 def main(argv_datasets=None, modes=("pool", "stream"), seeds=5, budget=300, jobs=2,

@@ -39,6 +39,7 @@ import tarfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -336,15 +337,23 @@ def _npm_pack(package: str, work: Path) -> Path:
     return tgz
 
 
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The open file of a regular member (``extractfile`` is None for directories, links)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise ValueError(f"{member.name}: not a regular file in the npm package")
+    return f
+
+
 def _emoji_items(tgz: Path) -> list[tuple[str, str, bytes]]:
     """(unified code, name, 64-px PNG bytes) of every emoji with a Google image."""
     meta, pngs = None, {}
     with tarfile.open(tgz, "r:gz") as tar:  # one sequential pass: random access re-inflates
         for member in tar:
             if member.name == "package/emoji.json":
-                meta = json.load(tar.extractfile(member))
+                meta = json.load(_member_file(tar, member))
             elif member.name.startswith("package/img/google/64/") and member.name.endswith(".png"):
-                pngs[Path(member.name).name] = tar.extractfile(member).read()
+                pngs[Path(member.name).name] = _member_file(tar, member).read()
     if meta is None:
         raise RuntimeError(f"{tgz}: no package/emoji.json")
     items = []
@@ -371,7 +380,8 @@ def _image_batch(pngs: Sequence[bytes]) -> np.ndarray:
     for i, raw in enumerate(pngs):
         img = Image.open(io.BytesIO(raw)).convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(white, img).convert("RGB").resize((224, 224), Image.BICUBIC)
+        rgb = Image.alpha_composite(white, img).convert("RGB").resize(
+            (224, 224), Image.Resampling.BICUBIC)
         out[i] = ((np.asarray(rgb, dtype=np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
     return out
 

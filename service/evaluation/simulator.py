@@ -1,4 +1,5 @@
-"""Offline active-learning simulator (``pairsieve simulate``): hides the pairing, reveals on acquisition.
+"""Offline active-learning simulator (``pairsieve simulate``): hides the pairing, reveals on
+acquisition.
 
 A dataset's rows are true pairs. The simulator shuffles them, holds out ``test_size`` paired rows
 for evaluation, and turns the rest into a pool of *unimodal* items (each row's ``a`` and ``b``).
@@ -25,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
-from service.evaluation.datasets import Dataset
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT
@@ -34,6 +34,7 @@ from service.core.pool.base import PoolState
 from service.core.pool.hybrid import HybridStrategy
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import FeatureItem
+from service.evaluation.datasets import Dataset
 
 MODES = ("pool", "stream")
 
@@ -162,7 +163,8 @@ def _split(ds: Dataset, cfg: SimConfig, rng: np.random.Generator):
     paired_perm = perm[paired[perm]]
     test_size = min(cfg.test_size, len(paired_perm) // 4)
     if test_size < 10:
-        raise ValueError(f"dataset {ds.name!r} has too few paired rows ({len(paired_perm)}) for a test split")
+        raise ValueError(f"dataset {ds.name!r} has too few paired rows ({len(paired_perm)}) "
+                         "for a test split")
     test = paired_perm[:test_size]
     pool = np.setdiff1d(perm, test, assume_unique=False)
     pool = pool[rng.permutation(len(pool))]
@@ -192,7 +194,8 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
         "stream_order": cfg.stream_order if cfg.mode == "stream" else None,
         "learner": cfg.trainer.method, "embedding_dim": cfg.trainer.dim_out,
         "acquisitions_per_modality": {ma: oracle.per_modality[0], mb: oracle.per_modality[1]},
-        "no_match": oracle.no_match, "wasted": oracle.wasted, "unique_pairs": len(oracle.revealed_rows),
+        "no_match": oracle.no_match, "wasted": oracle.wasted,
+        "unique_pairs": len(oracle.revealed_rows),
         "test_size": int(len(test)), "pool_rows": int(len(pool)),
         "wall_seconds": round(time.perf_counter() - t0, 3),
         # stream: one entry per curve point (items offered so far, cumulative seconds spent in
@@ -307,7 +310,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
         position[stream] = np.arange(2 * n)
         left = 2 * n  # open items at the current position or later
         u = rng.random(len(stream))
-        for p, (it, ui) in enumerate(zip(stream, u)):
+        for p, (it, ui) in enumerate(zip(stream, u, strict=True)):
             if oracle.spent >= cfg.budget:
                 break
             s, k = int(it % 2), int(it // 2)
@@ -339,7 +342,8 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
                 pos += 1
                 s, k = it % 2, it // 2
                 if oracle.open[s][k]:  # already-aligned items are known to the service: not offered
-                    batch.append(FeatureItem(f"item-{opaque[it]}", mods[s], raws[s][oracle.rows[k]]))
+                    batch.append(FeatureItem(f"item-{opaque[it]}", mods[s],
+                                             raws[s][oracle.rows[k]]))
             if not batch:
                 break
             t = time.perf_counter()

@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.core.reasons import label_values as reason_label_values
@@ -531,7 +530,8 @@ def observe_many(hist, values) -> None:
     if not len(v):
         return
     bounds, buckets = getattr(hist, "_upper_bounds", None), getattr(hist, "_buckets", None)
-    if bounds is None or buckets is None or not hasattr(hist, "_sum") or len(bounds) != len(buckets):
+    if (bounds is None or buckets is None or not hasattr(hist, "_sum")
+            or len(bounds) != len(buckets)):
         for x in v.tolist():
             hist.observe(x)
         return

@@ -152,10 +152,11 @@ async def _run_driver(script: str, args: list[str], log, label: str, timeout_s: 
 
     try:
         await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise RuntimeError(f"{script} ({label}) ran past {timeout_s:.0f}s:\n" + "\n".join(tail))
+        raise RuntimeError(f"{script} ({label}) ran past {timeout_s:.0f}s:\n"
+                           + "\n".join(tail)) from None
     if proc.returncode != 0:
         raise RuntimeError(f"{script} ({label}) exited with {proc.returncode}:\n"
                            + "\n".join(tail))
@@ -292,7 +293,7 @@ async def broker_fetch_floor(bootstrap: str, seconds: float, interval_s: float =
             for recs in got.values():
                 lats[w].extend(now - float(r.value) for r in recs)
 
-    readers = [asyncio.create_task(read(c, w)) for c, w in zip(consumers, waits)]
+    readers = [asyncio.create_task(read(c, w)) for c, w in zip(consumers, waits, strict=True)]
     try:
         for _ in range(n):
             await producer.send_and_wait(topic, repr(time.time()).encode())
@@ -509,7 +510,7 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
             r2 = json.loads((Path(d2) / "kafka_result.json").read_text())
             two = _steps_summary(r2)
             per_worker = {}
-            for name, u in zip(("in-process", "subprocess"), urls):
+            for name, u in zip(("in-process", "subprocess"), urls, strict=True):
                 try:
                     got = await asyncio.to_thread(loadgen.scrape_pairsieve, u)
                     per_worker[name] = got["decided"]
@@ -594,7 +595,8 @@ def _kafka_table(res: dict) -> str:
         ["broker floor: produce->consume p50 / p99, fetch_max_wait 1500 ms (faust's) / 50 ms "
          "(the service's) / 10 ms",
          " vs ".join(f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p50_ms'])} / "
-                     f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p99_ms'])} ms" for w in (1500, 50, 10))],
+                     f"{_fmt(floor[f'fetch_max_wait_{w}ms']['p99_ms'])} ms"
+                     for w in (1500, 50, 10))],
     ]
     parts = [loadgen.md_table(["Kafka path", "result"], rows),
              _kafka_steps_table({"steps": res["one_worker"]["steps"]},

@@ -242,7 +242,7 @@ def machine_info(torch_info: bool = True) -> dict:
     except OSError:
         pass
     try:
-        usable = len(os.sched_getaffinity(0))
+        usable: int | None = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     try:

@@ -1,6 +1,7 @@
 """Helpers shared by the load drivers (``loadtests/kafka_load.py``, ``loadtests/grpc_load.py``)
 and :mod:`service.perfbench.e2e`: parsing, percentiles and histogram quantiles, ``/metrics``
-scraping, CSV/JSON/Markdown/PNG output. Their vectors (:class:`~service.perfbench.fixtures.VectorBank`)
+scraping, CSV/JSON/Markdown/PNG output. Their vectors
+(:class:`~service.perfbench.fixtures.VectorBank`)
 and machine facts (:func:`~service.perfbench.fixtures.machine_info`) come from the fixtures.
 
 Nothing here imports torch or the service's engine: a driver only needs the generated protobuf

@@ -30,8 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.perfbench.fixtures import (FitData, build_selector, items_from, single_thread,
-                                        warm_selector)
+from service.perfbench.fixtures import (
+    FitData,
+    build_selector,
+    items_from,
+    single_thread,
+    warm_selector,
+)
 
 N_ITEMS = 20_000
 DIM = 512
@@ -58,7 +63,8 @@ class PeerData:
     seed: int
 
 
-def make_stream(n: int = N_ITEMS, d: int = DIM, seed: int = 0, n_unlabelled: int = 4000) -> PeerData:
+def make_stream(n: int = N_ITEMS, d: int = DIM, seed: int = 0,
+                n_unlabelled: int = 4000) -> PeerData:
     """The seeded stream and side data (see the module doc)."""
     rng = np.random.default_rng(seed)
     latent = 32
@@ -141,7 +147,8 @@ class _SkalVariableUncertainty(Peer):
     key = "skactiveml-vu"
     label = "scikit-activeml VariableUncertainty"
     dist = "scikit-activeml"
-    what = ("`skactiveml.stream.VariableUncertainty` + `VariableUncertaintyBudgetManager(budget=0.1)`"
+    what = ("`skactiveml.stream.VariableUncertainty` + "
+            "`VariableUncertaintyBudgetManager(budget=0.1)`"
             ": per item `query(candidate, clf)` then `update(candidate, queried)`; clf = "
             "`SklearnClassifier(LogisticRegression)` pre-fit on the 200 labelled items")
     state = "classifier (fixed); budget manager: a self-adjusting confidence threshold, counters"
@@ -151,7 +158,8 @@ class _SkalVariableUncertainty(Peer):
         from skactiveml.classifier import SklearnClassifier
         from sklearn.linear_model import LogisticRegression
 
-        self.clf = SklearnClassifier(LogisticRegression(max_iter=1000), classes=np.arange(N_CLASSES))
+        self.clf = SklearnClassifier(LogisticRegression(max_iter=1000),
+                                     classes=np.arange(N_CLASSES))
         self.clf.fit(data.x_lab, data.y_lab)
 
     def _strategy(self):
@@ -236,7 +244,7 @@ class _River(Peer):
         from river import linear_model
 
         self.base = linear_model.SoftmaxRegression()
-        for xi, yi in zip(data.x_lab, data.y_lab):
+        for xi, yi in zip(data.x_lab, data.y_lab, strict=True):
             self.base.learn_one(dict(enumerate(xi.tolist())), int(yi))
         ent = []
         for xi in data.x_cal:
@@ -274,7 +282,8 @@ class _Apricot(Peer):
     label = "apricot FacilityLocation, sieve streaming"
     dist = "apricot-select"
     diversity = True
-    state = (f"reservoir of 1,000 rows + the sieve: one candidate set of up to k = {APRICOT_K} rows per "
+    state = ("reservoir of 1,000 rows + the sieve: one candidate set of up to "
+             f"k = {APRICOT_K} rows per "
              "threshold (~1,150 thresholds at epsilon 0.01), about 0.94 GB")
 
     def __init__(self, chunk: int = 256):
@@ -284,7 +293,8 @@ class _Apricot(Peer):
         self.what = (f"`apricot.FacilityLocationSelection(k={APRICOT_K}, metric='euclidean')`, "
                      f"`partial_fit` per chunk of {chunk} rows (apricot's streaming optimizer, "
                      "`SieveGreedy`); accepted = rows in the best sieve's set at the end. "
-                     f"k = {APRICOT_K} is 10% of a 2,000-row prefix: k = 2,000 for the whole stream "
+                     f"k = {APRICOT_K} is 10% of a 2,000-row prefix: "
+                     "k = 2,000 for the whole stream "
                      "would need ~9.4 GB of sieve state. apricot 0.6.1 re-JIT-compiles its numba "
                      "sieve kernel on every `partial_fit`, which dominates each call here")
 
@@ -294,7 +304,8 @@ class _Apricot(Peer):
         from apricot import FacilityLocationSelection
 
         self.cls = FacilityLocationSelection
-        FacilityLocationSelection(8, metric="euclidean", random_state=0).partial_fit(data.x_cal[:64])
+        FacilityLocationSelection(8, metric="euclidean",
+                                  random_state=0).partial_fit(data.x_cal[:64])
 
     def start(self):
         self.sel = self.cls(APRICOT_K, metric="euclidean", random_state=self.data.seed)
@@ -314,7 +325,8 @@ class _Pairsieve(Peer):
     label = "pairsieve StreamingSelector"
     dist = "pairsieve"
     diversity = True
-    what = ("`StreamingSelector.propose` + `commit` per micro-batch, TWO modalities (each row is an "
+    what = ("`StreamingSelector.propose` + `commit` per micro-batch, TWO modalities "
+            "(each row is an "
             "image or a text item, own 512-d head), closed-form alignment model from the 200 "
             "labelled pairs (k = 64), uncertainty against the other modality's K = 4,096 most "
             "recent items, diversity against a C = 4,096 selected-set cache, target rate 10%")
@@ -507,7 +519,8 @@ def _verdict(rows: list[dict]) -> dict:
                                         "granularity": best_same["granularity"],
                                         "ratio": best_same["pairsieve_ratio"]},
             "best_any": {"key": best_any["key"], "label": best_any["label"],
-                         "granularity": best_any["granularity"], "ratio": best_any["pairsieve_ratio"]}}
+                         "granularity": best_any["granularity"],
+                         "ratio": best_any["pairsieve_ratio"]}}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -527,7 +540,8 @@ def render(res: dict) -> list[str]:
            "nothing retrains inside the timed loop. Set-up (imports, classifier fits, JIT "
            "warm-up, converting rows to river's dicts, building pairsieve's FeatureItems) is not "
            "timed.", "",
-           f"Timing: {res['reps']} repetitions, interleaved (every row once, then again, ...); each "
+           f"Timing: {res['reps']} repetitions, interleaved (every row once, then again, ...); "
+           "each "
            f"repetition streams from the first row until the stream ends or {res['cap_s']:.2f} s "
            "have passed (a call in progress finishes). Where that is a prefix, items/s is measured "
            f"on the prefix and the time for all {n:,} rows is extrapolated from it (marked *). "
@@ -574,13 +588,15 @@ def render(res: dict) -> list[str]:
         if (base, r["what"]) in seen:
             continue
         seen.add((base, r["what"]))
-        out.append(f"- **{base}** ({r['library']} {r['version']}): {r['what']}. State: {r['state']}.")
+        out.append(f"- **{base}** ({r['library']} {r['version']}): {r['what']}. "
+                   f"State: {r['state']}.")
     out.append("- Rows marked *micro-batch 256* for scikit-activeml and modAL make the same calls "
                "with 256 candidate rows at a time (both APIs take candidate batches; the strategy "
                "is updated after the batch, as pairsieve commits after the batch). "
                "StreamDensityBasedAL's budget manager over-spends when it decides a batch before "
                "its update (acceptance column).")
-    out.append(f"- Acceptance is measured (accepted / rows decided) and flagged when it is more than "
+    out.append("- Acceptance is measured (accepted / rows decided) and flagged when it is "
+               "more than "
                f"1.5x off the {BUDGET:.0%} budget; apricot's is k / rows seen (its k is fixed, "
                "see above).")
     out.append("")

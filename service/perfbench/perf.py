@@ -18,7 +18,8 @@ Sections (``--sections``, default all):
 ``profile``
     cProfile of the selector at B = 256, d = 512, K = C = 4096, top functions by own time.
 ``kafka``, ``grpc``
-    End-to-end sections from :mod:`service.perfbench.e2e` (``run_kafka(quick)``, ``run_grpc(quick)``,
+    End-to-end sections from :mod:`service.perfbench.e2e` (``run_kafka(quick)``,
+    ``run_grpc(quick)``,
     each returning ``{"table_md": str, ...}``); skipped with a note while that module does not
     exist.
 ``gpu``
@@ -48,9 +49,17 @@ import numpy as np
 import torch
 
 from service.core.selector import StreamingSelector
-from service.perfbench.fixtures import (EMB_DIM, TARGET_RATE, TwoViewStream, build_selector,
-                                        fit_data, items_from, machine_info, single_thread,
-                                        warm_selector)
+from service.perfbench.fixtures import (
+    EMB_DIM,
+    TARGET_RATE,
+    TwoViewStream,
+    build_selector,
+    fit_data,
+    items_from,
+    machine_info,
+    single_thread,
+    warm_selector,
+)
 
 SECTIONS = ("engine", "peers", "stream", "profile", "kafka", "grpc", "gpu")
 SECTION_TITLES = {
@@ -152,7 +161,8 @@ def flops_per_item(d: int, k: int, index_size: int, cache_size: int) -> float:
     return 2.0 * (d * k + k * cache_size + k * index_size)
 
 
-def selector_shapes(sel: StreamingSelector, batch: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+def selector_shapes(sel: StreamingSelector,
+                    batch: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """The same three matmuls as the selector sees them (summed over the two modalities' rows)."""
     m0 = sel.modalities[0]
     d, k = sel.model.dims[m0], sel.model.dim_out
@@ -193,7 +203,8 @@ def _timed(step: Callable[[int], None], n: int, start: int) -> float:
     return time.perf_counter() - t
 
 
-def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] = FULL_GRID["batches"],
+def run_engine(dims: Sequence[int] = FULL_GRID["dims"],
+               batches: Sequence[int] = FULL_GRID["batches"],
                sizes: Sequence[int] = FULL_GRID["sizes"], reps: int = 3, target_s: float = 0.3,
                pool_items: int = 8192, seed: int = 0, log: Callable[[str], None] = print,
                device: str | torch.device = "cpu") -> dict:
@@ -222,12 +233,12 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] =
                     item_batches = [items[j * bsz:(j + 1) * bsz] for j in range(nb)]
                     arr_batches = [x_pool[j * bsz:(j + 1) * bsz] for j in range(nb)]
 
-                    def sel_step(i, _b=item_batches):
-                        sel.commit(sel.propose(_b[i % len(_b)]))
+                    def sel_step(i, _b=item_batches, _sel=sel):
+                        _sel.commit(_sel.propose(_b[i % len(_b)]))
                         _sync(dev)
 
-                    def ref_step(i, _b=arr_batches):
-                        ref(_b[i % len(_b)])
+                    def ref_step(i, _b=arr_batches, _ref=ref):
+                        _ref(_b[i % len(_b)])
                         _sync(dev)
 
                     n_sel = _calibrate(sel_step, target_s)
@@ -246,7 +257,8 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] =
                         shares.append(s / r)
                     row = {"d": d, "batch": bsz, "K": size, "C": size, "k": ref.k,
                            "flops_per_item": fpi,
-                           "selector": _median_minmax(s_rates), "reference": _median_minmax(r_rates),
+                           "selector": _median_minmax(s_rates),
+                           "reference": _median_minmax(r_rates),
                            "share": _median_minmax(shares),
                            "selector_gflops": statistics.median(s_rates) * fpi / 1e9,
                            "reference_gflops": statistics.median(r_rates) * fpi / 1e9,
@@ -254,10 +266,12 @@ def run_engine(dims: Sequence[int] = FULL_GRID["dims"], batches: Sequence[int] =
                            "cache_fill": warm["cache_fill"], "index_fill": warm["index_fill"],
                            "device": str(dev)}
                     rows.append(row)
-                    log(f"engine d={d} B={bsz} K=C={size}: selector {row['selector']['median']:.0f} "
+                    log(f"engine d={d} B={bsz} K=C={size}: "
+                        f"selector {row['selector']['median']:.0f} "
                         f"items/s, reference {row['reference']['median']:.0f} items/s, share "
                         f"{row['share']['median']:.2f} (fill {warm['cache_fill']:.2f})")
-                sel = items = item_batches = arr_batches = None  # free before the next cell
+                # free before the next cell (rebinding to None, not del: the names may be unbound)
+                sel = items = item_batches = arr_batches = None  # type: ignore[assignment]
                 gc.collect()
     return {"rows": rows, "peak": peak, "reps": reps, "target_s": target_s,
             "pool_items": max(pool_items, 4 * max(batches)), "k": EMB_DIM,
@@ -301,16 +315,17 @@ def decision_parity(devices: Sequence[str | torch.device] = ("cpu", "cuda"), d: 
     for j in range(n_batches):
         b = items[j * batch:(j + 1) * batch]
         props = [sel.propose(b) for sel in sels]
-        for da, db in zip(props[0].decisions, props[1].decisions):
+        for da, db in zip(props[0].decisions, props[1].decisions, strict=True):
             total += 1
             agree += da.accept == db.accept
             accepts[0] += da.accept
             accepts[1] += db.accept
             diffs.append(abs(da.utility - db.utility))
         if first is None and any(da.accept != db.accept
-                                 for da, db in zip(props[0].decisions, props[1].decisions)):
+                                 for da, db in zip(props[0].decisions, props[1].decisions,
+                                                   strict=True)):
             first = j
-        for sel, prop in zip(sels, props):
+        for sel, prop in zip(sels, props, strict=True):
             sel.commit(prop)
     return {"devices": [str(torch.device(v)) for v in devices], "d": d, "K": size, "C": size,
             "batch": batch, "n_batches": n_batches, "n_decisions": total,
@@ -371,13 +386,13 @@ def run_profile(d: int = 512, batch: int = 256, size: int = 4096, n_batches: int
             sel.commit(sel.propose(b))
         prof.disable()
         wall = time.perf_counter() - t
-    st = pstats.Stats(prof)
-    total = sum(v[2] for v in st.stats.values())
-    ranked = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]  # typeshed omits Stats.stats
+    total = sum(v[2] for v in stats.values())
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     rows = [{"function": _func_label(k), "ncalls": v[1], "tottime": v[2],
              "share": v[2] / total if total else 0.0, "cumtime": v[3]} for k, v in ranked]
     groups: dict[str, float] = {}
-    for k, v in st.stats.items():
+    for k, v in stats.items():
         g = _func_label(k).split(":", 1)[0] if k[0] != "~" else _builtin_group(k[2])
         groups[g] = groups.get(g, 0.0) + v[2]
     by_file = [{"where": g, "tottime": t, "share": t / total if total else 0.0}
@@ -426,7 +441,8 @@ def _load_e2e():
 def run_e2e(kind: str, quick: bool, log: Callable[[str], None] = print) -> dict:
     e2e = _load_e2e()
     if e2e is None:
-        note = (f"skipped: service.perfbench.e2e does not exist yet (it provides run_{kind}(quick) -> "
+        note = ("skipped: service.perfbench.e2e does not exist yet "
+                f"(it provides run_{kind}(quick) -> "
                 "{'table_md': ...})")
         log(f"{kind}: {note}")
         return {"skipped": note}
@@ -445,7 +461,8 @@ def parse_sections(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [s for s in names if s not in SECTIONS]
     if bad or not names:
-        raise ValueError(f"unknown bench section(s) {bad or names}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown bench section(s) {bad or names}; "
+                         f"choose from {', '.join(SECTIONS)}")
     return tuple(s for s in SECTIONS if s in names)
 
 
@@ -498,11 +515,13 @@ def _render_engine(e: dict) -> list[str]:
            f"({len(e['rows'])} cells), shared-space dimension k = {e['k']}, two modalities "
            f"(half the items each, both d-dimensional), target acceptance {e['target_rate']:.0%}, "
            "no total budget.", "",
-           "**Selector**: `StreamingSelector.propose` + `commit` per micro-batch (FeatureItem lists "
+           "**Selector**: `StreamingSelector.propose` + `commit` per micro-batch "
+           "(FeatureItem lists "
            "built beforehand, not timed). Before timing, the distance caches are filled to "
            "capacity (`observe_external`), both K-item indexes are filled, and 4,096 items are "
            "streamed, so every timed batch runs at steady state (full caches, evictions). "
-           "**Reference** (`MatmulReference`): the same arithmetic on the same rows as plain torch, "
+           "**Reference** (`MatmulReference`): the same arithmetic on the same rows as "
+           "plain torch, "
            "per batch: embed `B×d @ d×k` + normalise; min-distance over C (`B×k @ k×C` + min); "
            "similarities over K (`B×k @ k×K` + softmax). **Peak**: fp32 "
            f"`{peak['n']}×{peak['n']}` matmul = {_mm(peak, '{:.1f}')} GFLOP/s "
@@ -536,7 +555,8 @@ def _render_engine(e: dict) -> list[str]:
 
 def _render_profile(p: dict) -> list[str]:
     out = [f"`cProfile` of {p['n_batches']} steady-state `propose` + `commit` calls at B = "
-           f"{p['batch']}, d = {p['d']}, K = C = {p['K']:,} (caches full): {p['wall_s']:.2f} s wall "
+           f"{p['batch']}, d = {p['d']}, K = C = {p['K']:,} (caches full): "
+           f"{p['wall_s']:.2f} s wall "
            f"under the profiler ({p['items_per_s_profiled']:.0f} items/s; the profiler's own "
            "overhead inflates Python-heavy functions). Top functions by own time (tottime):", "",
            "| function | calls | tottime s | share of profiled time | cumtime s |",
@@ -558,7 +578,8 @@ def _render_stream(s: dict) -> list[str]:
            "report is [stream-cost.md](stream-cost.md)"
            + ("" if s.get("existing_report") else " (not generated on this checkout yet)") + "."]
     if not s.get("rerun"):
-        out += ["", "Quick run: not re-run here (a meaningful run needs a 150k-item warm-up to fill "
+        out += ["", "Quick run: not re-run here (a meaningful run needs a 150k-item warm-up "
+                "to fill "
                 "the caches); the full `pairsieve bench` re-runs a 300k-item version."]
         return out
     from service.perfbench import stream_cost
@@ -572,7 +593,8 @@ def _render_stream(s: dict) -> list[str]:
             f"{stream_cost.TARGET_RATE:.0%}. "
             f"**Last / first segment throughput (medians of {r['median_window']} segments) = "
             f"{r['median_last_over_first']:.3f}** ({ok} the >= 0.9 target); median "
-            f"{r['median_items_per_s']:.0f} items/s; RSS change {r['rss_growth_mib']:+.1f} MiB.", "",
+            f"{r['median_items_per_s']:.0f} items/s; "
+            f"RSS change {r['rss_growth_mib']:+.1f} MiB.", "",
             "| items | items/s (segment) | RSS MiB | cache fill | evictions | acceptance |",
             "|---:|---:|---:|---:|---:|---:|"]
     for g in r["segments"]:
@@ -591,8 +613,10 @@ def _render_gpu(g: dict) -> list[str]:
     big = [r for r in eng["rows"] if r["K"] >= 16384]
     if big:
         best = max(big, key=lambda r: r["selector"]["median"])
-        verdict = "meets" if best["selector"]["median"] >= GPU_TARGET_ITEMS_PER_S else "does NOT meet"
-        out += ["", f"**Scorer + cache at K = C = 16k: best {best['selector']['median']:,.0f} items/s "
+        verdict = ("meets" if best["selector"]["median"] >= GPU_TARGET_ITEMS_PER_S
+                   else "does NOT meet")
+        out += ["", "**Scorer + cache at K = C = 16k: "
+                f"best {best['selector']['median']:,.0f} items/s "
                 f"(B = {best['batch']}), {verdict} the {GPU_TARGET_ITEMS_PER_S:,} items/s target "
                 "(stated for an H100).**"]
     ok = par["agreement"] >= PARITY_MIN_AGREEMENT
@@ -636,7 +660,8 @@ def render(res: dict, command: str = "pairsieve bench") -> str:
              + (f", at end {res['machine_end_loadavg'][0]:.1f}" if res.get("machine_end_loadavg")
                 else "") + ": the machine is shared, so single runs vary; compare medians.", "",
              f"Started {res.get('started', '?')}; total {res.get('seconds', 0):.0f} s"
-             + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in res.get("section_seconds", {}).items())
+             + (" (" + ", ".join(f"{k} {v:.0f} s"
+                                 for k, v in res.get("section_seconds", {}).items())
                 + ")" if res.get("section_seconds") else "") + "."]
     for name in SECTIONS:
         lines += ["", f"## {SECTION_TITLES[name]}", ""]

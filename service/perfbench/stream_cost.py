@@ -18,8 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from service.core.types import FeatureItem
-from service.perfbench.fixtures import (EMB_DIM, TwoViewStream, build_selector, fit_data,
-                                        machine_info)
+from service.perfbench.fixtures import (
+    EMB_DIM,
+    TwoViewStream,
+    build_selector,
+    fit_data,
+    machine_info,
+)
 
 D_A, D_B = 384, 256   # the two views' dimensions
 TARGET_RATE = 0.05    # lower than the engine grid's: a long stream, a realistic rate

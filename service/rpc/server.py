@@ -33,7 +33,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -52,7 +52,8 @@ from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("pairsieve.grpc")
 
-SELECTOR_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name  # pairsieve.v1.Selector
+# pairsieve.v1.Selector
+SELECTOR_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Selector"].full_name
 T = TypeVar("T")
 
 
@@ -104,7 +105,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         events = codecs.submit_request_from_proto(request, self.dims)
         return codecs.submit_response_to_proto(await self.handler.submit(events))
 
-    async def _call(self, context, work: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, context, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``work`` as its own task within the call's deadline; map its errors."""
         remaining = context.time_remaining()
         if remaining is not None and remaining < self.min_deadline_s:
@@ -128,6 +129,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         log.error("gRPC call failed", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL,
                             f"internal error ({type(exc).__name__}); see the server log")
+        raise AssertionError("unreachable: context.abort raises")  # grpc is untyped: no NoReturn
 
     def _finished(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)
@@ -285,7 +287,7 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
         (SELECTOR_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
     try:
-        if tls_cert:
+        if tls_cert and tls_key:  # both or neither (checked above)
             creds = grpc.ssl_server_credentials(
                 [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
             bound = server.add_secure_port(address, creds)

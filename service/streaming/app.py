@@ -64,8 +64,11 @@ def install_fetch_wait_hook() -> None:
             consumer._fetch_max_wait_ms = int(wait_ms)
         return consumer
 
-    create_worker_consumer._pairsieve_hook = True
-    driver.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+    # a marker on the function (install once) and a deliberate patch of faust's method: mypy
+    # models neither function attributes nor method replacement
+    create_worker_consumer._pairsieve_hook = True  # type: ignore[attr-defined]
+    driver.AIOKafkaConsumerThread._create_worker_consumer = (  # type: ignore[method-assign]
+        create_worker_consumer)
 
 
 class StreamProcessor:
@@ -227,7 +230,7 @@ class StreamProcessor:
         self.draining.set()
         try:
             await asyncio.wait_for(self.idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("in-flight batch did not finish within %.1fs", timeout_s)
 
     async def stop(self) -> None:

@@ -247,9 +247,10 @@ class EmbeddedBroker:
                  self.stdout_path,
                  "" if self.stderr_path == self.stdout_path else f" and {self.stderr_path}")
         try:
+            proc = self.proc
             wait_for_broker(f"{self.host}:{self.port}", self.startup_timeout_s,
-                            _alive=lambda: self.proc.poll() is None)
-            if self.proc.poll() is not None:  # e.g. another broker answered on that port
+                            _alive=lambda: proc.poll() is None)
+            if proc.poll() is not None:  # e.g. another broker answered on that port
                 raise RuntimeError("broker process exited right after start")
         except (TimeoutError, RuntimeError) as exc:
             rc = self.proc.poll()
@@ -257,7 +258,7 @@ class EmbeddedBroker:
             self.stop()
             raise RuntimeError(
                 f"embedded tansu broker ({' '.join(self.command)}) "
-                f"{'exited with code %s' % rc if rc is not None else 'did not become ready'} "
+                f"{f'exited with code {rc}' if rc is not None else 'did not become ready'} "
                 f"within {self.startup_timeout_s}s: {exc}\n--- broker output tail ---\n{tail}"
             ) from exc
         self.startup_seconds = time.monotonic() - t0

@@ -36,7 +36,8 @@ class KafkaRequestPublisher:
         await self._producer.start()
 
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        futs = [await self._producer.send(self.topic, codecs.request_to_proto(r).SerializeToString(),
+        futs = [await self._producer.send(self.topic,
+                                          codecs.request_to_proto(r).SerializeToString(),
                                           key=r.item_id.encode())
                 for r in requests]
         await asyncio.gather(*futs)  # raises if any was not acknowledged

@@ -26,8 +26,8 @@ all-or-nothing: one bad event rejects the whole record, naming the event's index
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -219,7 +219,7 @@ def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
         vectors = np.split(flat, np.cumsum(sizes)[:-1])
     if bad_exc is not None:
         raise bad_exc.prefixed(f"batch event {first_bad} of {n}: ") from None
-    return [_incoming(m, v) for m, v in zip(good, vectors)]
+    return [_incoming(m, v) for m, v in zip(good, vectors, strict=True)]
 
 
 def event_to_proto(ev: IncomingEvent) -> pb.FeatureEvent:
@@ -243,7 +243,8 @@ def _header_kind(headers) -> str | None:
     for key, value in headers or ():
         if str(key).lower() != FEATURE_HEADER:
             continue
-        kind = value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
+        kind = (value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray)
+                else str(value))
         kind = kind.strip()
         if kind not in ("FeatureEvent", "FeatureBatch"):
             raise WireError("undecodable",
@@ -261,7 +262,7 @@ def _parse(cls, value: bytes):
                         f"cannot parse {len(value)} bytes as {cls.__name__}: {exc}") from None
 
 
-def decode_feature_record(value: bytes, headers: Sequence[tuple[str, bytes]] | None,
+def decode_feature_record(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None,
                           dims: Mapping[str, int], max_bytes: int) -> list[IncomingEvent]:
     """Decode one ``pairsieve.features.v1`` record value into its events (see module docstring).
 

@@ -23,9 +23,9 @@ from service.rpc.server import MetricsInterceptor, start_grpc_server
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
-
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
+
 TOKEN = "s3cret-token"
 
 
@@ -149,8 +149,9 @@ def test_submit_stream_answers_in_order():
 
             got = [r async for r in env.stub.SubmitStream(gen(), timeout=10)]
             assert len(got) == 3
-            for lo, resp in zip((0, 4, 8), got):
-                assert [d.event_id for d in resp.decisions] == [f"ev-{i}" for i in range(lo, lo + 4)]
+            for lo, resp in zip((0, 4, 8), got, strict=True):
+                assert ([d.event_id for d in resp.decisions]
+                        == [f"ev-{i}" for i in range(lo, lo + 4)])
     run(scenario())
 
 
@@ -183,14 +184,15 @@ def test_bad_pool_and_label_requests_are_invalid_argument():
                 candidates=[pb.PoolCandidate(item_id="c", modality="image", dim=12,
                                              vector=codecs.encode_vector(np.zeros(12)))],
                 budget=1, strategy="nope"), timeout=10))
-            assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown pool strategy 'nope'" in details
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "unknown pool strategy 'nope'" in details
             code, details = await _code(env.stub.ReportAlignment(pb.ReportAlignmentRequest(
                 labels=[pb.AlignmentLabel(item_id="i0", modality="image")]), timeout=10))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "missing field 'status'" in details
     run(scenario())
 
 
-# --------------------------------------------------------------------------- auth, health, reflection
+# ------------------------------------------------------------------ auth, health, reflection
 def test_token_auth_and_open_health():
     async def scenario():
         async with serving(auth_token=TOKEN) as env:
@@ -370,7 +372,8 @@ def self_signed(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return cert, key

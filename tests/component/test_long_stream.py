@@ -1,4 +1,5 @@
-"""Component tests: the long-stream benchmark (``pairsieve bench-long-stream``) and the cost trace."""
+"""Component tests: the long-stream benchmark (``pairsieve bench-long-stream``) and the cost
+trace."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from service.cli import main
 from service.evaluation import long_stream
 from service.evaluation.datasets import make_synthetic
 from service.evaluation.simulator import SimConfig, simulate
-from service.cli import main
 
 
 def test_stream_runs_record_offered_items_and_seconds_at_every_curve_point():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from service.evaluation import quality
 from service.cli import main
+from service.evaluation import quality
 
 
 def test_select_strategies_takes_any_registered_name_per_mode():
@@ -73,7 +73,8 @@ def test_paired_vs_random_pairs_runs_by_seed_not_by_position():
 
 def _run(strategy, seed, draw, r1s):
     return {"dataset": "d", "mode": "stream", "strategy": strategy, "seed": seed, "draw": draw,
-            "budget": 100, "curve": [{"pairs": p, "r1": r} for p, r in zip((0, 50, 100), r1s)],
+            "budget": 100,
+            "curve": [{"pairs": p, "r1": r} for p, r in zip((0, 50, 100), r1s, strict=True)],
             "acquisitions_per_modality": {"a": 50, "b": 50}, "wall_seconds": 0.1}
 
 
@@ -130,8 +131,8 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
 
 
 def test_bench_quality_report_leads_with_the_real_datasets(tmp_path):
-    from service.evaluation.quality import DEFAULT_DATASETS, ordered
     from service.evaluation.datasets import QUALITY_REAL, REAL
+    from service.evaluation.quality import DEFAULT_DATASETS, ordered
 
     assert DEFAULT_DATASETS[:len(QUALITY_REAL)] == QUALITY_REAL and set(QUALITY_REAL) <= set(REAL)
     assert ordered(["synthetic", "emoji-image-name", "digits"]) == [

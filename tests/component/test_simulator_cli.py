@@ -1,4 +1,5 @@
-"""Component tests: the offline simulator (``service.evaluation.simulator``) and the ``pairsieve`` CLI."""
+"""Component tests: the offline simulator (``service.evaluation.simulator``) and the
+``pairsieve`` CLI."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from service.evaluation import simulator as sim_mod
-from service.evaluation.datasets import BUILTIN, load_npz, make_synthetic
-from service.evaluation.simulator import SimConfig, list_strategies, simulate
 from service.cli import main
 from service.core.pool import STRATEGIES as POOL_REGISTRY
 from service.core.pool.base import PoolState
 from service.core.pool.random import RandomStrategy
+from service.evaluation import simulator as sim_mod
+from service.evaluation.datasets import BUILTIN, load_npz, make_synthetic
+from service.evaluation.simulator import SimConfig, list_strategies, simulate
 
 SMALL = dict(budget=60, round_size=20, warmup=20, retrain_every=20, test_size=50)
 CASES = [(s, m) for m in ("pool", "stream") for s in ("random", "default")]
@@ -48,7 +49,7 @@ def check_contract(res: dict, *, strategy: str, mode: str, seed: int, budget: in
             assert isinstance(p[key], float) and 0.0 <= p[key] <= 1.0
         assert p["r5"] >= p["r1"]
     pairs = [p["pairs"] for p in curve]
-    assert all(x <= y for x, y in zip(pairs, pairs[1:])), pairs
+    assert all(x <= y for x, y in zip(pairs, pairs[1:], strict=False)), pairs  # pairwise
     assert pairs[-1] <= budget
 
 
@@ -214,7 +215,8 @@ def test_missing_modality_accounting(tiny_missing, strategy, mode):
 
 
 def test_unknown_strategy_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown pool strategy 'nope'; known: \[.*'default'.*'random'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown pool strategy 'nope'; known: \[.*'default'.*'random'"):
         SimConfig(strategy="nope", mode="pool")
     with pytest.raises(ValueError, match=r"unknown stream strategy 'coreset'; known: \["):
         SimConfig(strategy="coreset", mode="stream")  # a pool-only name

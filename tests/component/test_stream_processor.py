@@ -23,9 +23,9 @@ from service.streaming.app import StreamProcessor
 from service.streaming.records import KafkaRecord
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
-
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
+
 MAX_BYTES = 4096
 SRC = "pairsieve.features.v1.t"
 

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.runtime import start_service
 from service.messages import IncomingEvent, Label
+from service.runtime import start_service
 from service.settings import Settings
 from service.streaming.topics import FEATURES_TOPIC
 from service.wire import codecs
@@ -310,7 +310,7 @@ def render_overview_png(base: str, path: Path, seconds: float = 40.0) -> None:
     start = end - seconds
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
     target = prom_query(base, "max(pairsieve_acceptance_rate_target)")["result"]
-    for ax, (title, expr, legend) in zip(axes.flat, PNG_PANELS):
+    for ax, (title, expr, legend) in zip(axes.flat, PNG_PANELS, strict=True):
         data = prom_query(base, expr, start=start, end=end, step=1)
         for series in data["result"]:
             t = np.array([float(v[0]) for v in series["values"]]) - end

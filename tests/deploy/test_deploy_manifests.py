@@ -25,8 +25,13 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from service.streaming.topics import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
-                                      REQUESTS_TOPIC, TOPICS)
+from service.streaming.topics import (
+    DEAD_LETTER_TOPIC,
+    FEATURES_TOPIC,
+    LABELS_TOPIC,
+    REQUESTS_TOPIC,
+    TOPICS,
+)
 
 try:
     import yaml

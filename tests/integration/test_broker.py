@@ -13,10 +13,15 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KTopicPartition
 from kafka.admin import KafkaAdminClient
 
-from service.streaming.broker import (FAST_GROUP_CONSUMER_SETTINGS, EmbeddedBroker,
-                                      wait_for_broker)
-from service.streaming.topics import (FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC, TOPICS,
-                                      create_topics, topic_specs)
+from service.streaming.broker import FAST_GROUP_CONSUMER_SETTINGS, EmbeddedBroker, wait_for_broker
+from service.streaming.topics import (
+    FEATURES_TOPIC,
+    LABELS_TOPIC,
+    REQUESTS_TOPIC,
+    TOPICS,
+    create_topics,
+    topic_specs,
+)
 
 pytestmark = pytest.mark.integration
 

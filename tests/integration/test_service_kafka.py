@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from service.runtime import start_service
 from service.messages import IncomingEvent, Label
+from service.runtime import start_service
 from service.settings import Settings
-from service.streaming.topics import (DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC,
-                                      REQUESTS_TOPIC)
+from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC
 from service.wire import codecs
 
 pytestmark = pytest.mark.integration
@@ -164,7 +163,8 @@ def test_labels_in_raise_the_model_version(kafka_topics):
         svc = await start_service(s)
         try:
             await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
-                                    [codecs.encode_feature_batch(evs)], [codecs.FEATURE_HEADER_BATCH])
+                                    [codecs.encode_feature_batch(evs)],
+                                    [codecs.FEATURE_HEADER_BATCH])
             assert await _wait(lambda: svc.handler.status().spent >= 30)
             v0 = svc.handler.model_version
             labels = [codecs.label_to_proto(Label(item_id=f"img-{i}", modality="image",
@@ -190,7 +190,8 @@ def test_sigterm_loses_no_accepted_event(kafka_topics, tmp_path):
     boot = kafka_topics["bootstrap"]
     n = 600
     evs = _events(n, seed=7)
-    env = {**os.environ, "PAIRSIEVE_KAFKA_BOOTSTRAP": boot, "PAIRSIEVE_TOPIC_SUFFIX": s.topic_suffix,
+    env = {**os.environ, "PAIRSIEVE_KAFKA_BOOTSTRAP": boot,
+           "PAIRSIEVE_TOPIC_SUFFIX": s.topic_suffix,
            "PAIRSIEVE_MODALITIES": s.modalities, "PAIRSIEVE_GRPC_PORT": "0",
            "PAIRSIEVE_METRICS_PORT": "0", "PAIRSIEVE_EMBEDDING_DIM": "8",
            "PAIRSIEVE_WARMUP_ACCEPTS": "0", "PAIRSIEVE_TARGET_RATE": "1.0",

@@ -56,7 +56,8 @@ def test_recall_known_permutation_gives_exact_fraction():
 
 
 def test_recall_rank_counts_strictly_higher_scores():
-    # Row 0 of zb scores 0.9 with za[0] but za[0]·zb[1] = 1.0 > 0.9: rank 1, so miss at k=1, hit at k=2.
+    # Row 0 of zb scores 0.9 with za[0] but za[0]·zb[1] = 1.0 > 0.9: rank 1, so miss at k=1,
+    # hit at k=2.
     za = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     zb = np.array([[0.9, 0.0], [1.0, 1.0]], dtype=np.float32)
     r = recall_at_k(za, zb, ks=(1, 2))
@@ -153,7 +154,8 @@ def test_fit_rejects_nan(linear_pairs):
     tr = make_trainer(a, b)
     bad = b[:20].copy()
     bad[7, 2] = np.nan
-    with pytest.raises(ValueError, match=r"pairs\['b'\]: 1 row\(s\) contain NaN or inf \(first bad row index 7\)"):
+    with pytest.raises(ValueError, match=r"pairs\['b'\]: 1 row\(s\) contain NaN or inf "
+                                         r"\(first bad row index 7\)"):
         tr.fit(a[:20], bad)
 
 

@@ -64,7 +64,8 @@ def test_acceptance_rate_tracks_target_on_a_stationary_stream():
 
 
 def test_pacing_blocks_overspend_on_a_rising_stream():
-    # Utilities that keep rising would all clear a stale threshold; the gate keeps spend near rate*seen.
+    # Utilities that keep rising would all clear a stale threshold; the gate keeps spend near
+    # rate*seen.
     ctl = BudgetController(BudgetConfig(target_rate=0.05, window=64, explore=0.0, slack=4), seed=0)
     for i in range(100):
         d = ctl.begin(10)

@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from service.core.types import Decision
-from service.messages import (AlignmentRequestOut, EngineStatus, IncomingEvent, Label,
-                              LabelResult, Outcome)
+from service.messages import (
+    AlignmentRequestOut,
+    EngineStatus,
+    IncomingEvent,
+    Label,
+    LabelResult,
+    Outcome,
+)
 from service.wire import codecs
 from service.wire.codecs import WireError
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
@@ -123,7 +129,7 @@ def test_decode_batch_record_with_and_without_header(headers):
     evs = [_ev(i, "image" if i % 2 else "text") for i in range(5)]
     out = codecs.decode_feature_record(codecs.encode_feature_batch(evs), headers, DIMS, MAX)
     assert len(out) == 5
-    for a, b in zip(evs, out):
+    for a, b in zip(evs, out, strict=True):
         _same_event(a, b)
 
 
@@ -202,7 +208,7 @@ def test_batch_is_all_or_nothing_and_names_the_index():
     evs = [_ev(0), _ev(1, "text"), _ev(2, "image", vector=np.zeros(7, np.float32))]
     value = codecs.encode_feature_batch(evs)
     for headers in ([codecs.FEATURE_HEADER_BATCH], None):
-        _reason(lambda: codecs.decode_feature_record(value, headers, DIMS, MAX),
+        _reason(lambda headers=headers: codecs.decode_feature_record(value, headers, DIMS, MAX),
                 "wrong_dimension", "batch event 2 of 3: event 'e2': dim 7 but modality 'image'")
     bad_nan = [_ev(0), _ev(1, vector=np.full(12, np.inf, np.float32))]
     _reason(lambda: codecs.decode_feature_record(codecs.encode_feature_batch(bad_nan),
@@ -214,7 +220,7 @@ def test_submit_request_and_empty_batch():
     evs = [_ev(0), _ev(1, "text")]
     req = pb.SubmitRequest(events=[codecs.event_to_proto(e) for e in evs])
     out = codecs.submit_request_from_proto(req, DIMS)
-    for a, b in zip(evs, out):
+    for a, b in zip(evs, out, strict=True):
         _same_event(a, b)
     _reason(lambda: codecs.submit_request_from_proto(pb.SubmitRequest(), DIMS), "empty_batch",
             "empty batch")
@@ -311,7 +317,7 @@ def test_label_result_to_proto():
     assert (msg.accepted, msg.ignored, msg.model_version) == (3, 2, 4)
 
 
-# --------------------------------------------------------------------------- pool, status, dead letters
+# ------------------------------------------------------------------ pool, status, dead letters
 def test_pool_request_decoding_and_errors():
     cands = [pb.PoolCandidate(item_id=f"c{i}", modality=m, dim=DIMS[m],
                               vector=codecs.encode_vector(np.full(DIMS[m], i, np.float32)))
@@ -348,7 +354,8 @@ def test_status_round_trip():
             mods["image"].cache_fill, mods["image"].cache_evictions) == (12, 30, 6, 0.5, 1)
     assert (mods["text"].dim, mods["text"].seen, mods["text"].accepted) == (8, 20, 4)
     unlimited = codecs.status_to_proto(_status(total=None, remaining=None), serving=False)
-    assert (unlimited.budget_total, unlimited.budget_remaining, unlimited.serving) == (-1, -1, False)
+    assert ((unlimited.budget_total, unlimited.budget_remaining, unlimited.serving)
+            == (-1, -1, False))
     assert math.isnan(codecs.status_to_proto(_status(threshold=math.nan)).threshold)
 
 
@@ -426,7 +433,7 @@ def test_bulk_batch_decoding_equals_event_by_event(seed, n, faults):
         return
     got = codecs.events_from_protos(msgs, DIMS)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert (g.event_id, g.item_id, g.modality, g.event_time, g.source, g.metadata) == \
             (w.event_id, w.item_id, w.modality, w.event_time, w.source, w.metadata)
         assert g.vector.dtype == np.float32 and g.vector.flags.writeable

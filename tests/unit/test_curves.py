@@ -9,7 +9,7 @@ from service.evaluation.curves import auc, curve_xy, first_crossing, mean_curve,
 
 
 def curve(xs, ys, key="r1"):
-    return [{"pairs": int(x), key: float(y)} for x, y in zip(xs, ys)]
+    return [{"pairs": int(x), key: float(y)} for x, y in zip(xs, ys, strict=True)]
 
 
 # --- first_crossing ----------------------------------------------------------------------

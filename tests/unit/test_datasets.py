@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from service.evaluation.datasets import (
-    REAL,
     BUILTIN,
+    REAL,
     Dataset,
     describe,
     get_dataset,

@@ -60,7 +60,8 @@ def test_reason_travels_on_the_wire_and_comes_back_as_the_enum():
 
 def test_docs_list_exactly_the_reason_codes():
     readme = (ROOT / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `pairsieve_decisions_total`"))
+    row = next(line for line in readme.splitlines()
+               if line.startswith("| `pairsieve_decisions_total`"))
     for d, codes in label_values().items():
         listed = re.search(rf"{d}: ([a-z_, ]+)", row).group(1)
         assert [c.strip() for c in listed.split(",")] == list(codes), row
@@ -89,7 +90,8 @@ def test_scalar_and_vectorised_entry_points_cannot_disagree(seed, total, rate, e
         run, i = [], 0
         while i < len(util):
             k, acc, thr, why = dv.decide_run(util[i:])
-            run += [(bool(j == k - 1 and acc), t, r) for j, (t, r) in enumerate(zip(thr.tolist(), why))]
+            run += [(bool(j == k - 1 and acc), t, r)
+                    for j, (t, r) in enumerate(zip(thr.tolist(), why, strict=True))]
             i += k
         assert repr([(d.accept, d.threshold, d.reason) for d in one]) == repr(run)
         assert all(isinstance(d.reason, Reason) for d in one)

@@ -1,4 +1,5 @@
-"""Distance cache invariants: bounded size, exact distances, monotone coverage, coverage-keeping eviction."""
+"""Distance cache invariants: bounded size, exact distances, monotone coverage,
+coverage-keeping eviction."""
 
 import numpy as np
 import pytest

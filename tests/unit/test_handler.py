@@ -19,9 +19,9 @@ from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
 from service.messages import IncomingEvent, Label, LabelResult
-
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
+
 WORKER = "w-test"
 
 
@@ -129,7 +129,7 @@ def _snap(h):
 
 def _same(s1, s2):
     assert s1[0] == s2[0]
-    assert all(torch.equal(x, y) for x, y in zip(s1[1], s2[1]))
+    assert all(torch.equal(x, y) for x, y in zip(s1[1], s2[1], strict=True))
     assert s1[2:] == s2[2:]
 
 

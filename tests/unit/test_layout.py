@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "service" / "perfbench" / "fixtures.py"
 SKIP_DIRS = {".git", "node_modules", "__pycache__", "build", "dist"}
-# sys.path.insert/append/extend/remove/clear, sys.path[...] = ..., sys.path = / += ..., site.addsitedir
+# sys.path.insert/append/extend/remove/clear, sys.path[...] = ..., sys.path = / += ...,
+# site.addsitedir
 SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend|remove|clear|pop)\s*\(|"
                            r"(\[[^\]]*\])?\s*\+?=(?!=))|site\.addsitedir\s*\(")
 

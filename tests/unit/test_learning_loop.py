@@ -13,7 +13,6 @@ from service.alignment import AlignmentTrainer
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.learning_loop import LearningLoop
 from service.messages import Label, LabelResult
-
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
 

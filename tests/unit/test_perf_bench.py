@@ -1,4 +1,5 @@
-"""`pairsieve bench` (service/perfbench: perf, peers, fixtures) on tiny sizes: shapes, rows, report."""
+"""`pairsieve bench` (service/perfbench: perf, peers, fixtures) on tiny sizes: shapes, rows,
+report."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from service.perfbench import fixtures, peers, perf
 from service.cli import build_parser
+from service.perfbench import fixtures, peers, perf
 
 D, SIZE = 96, 64  # pca_dim = k = 64 needs d >= 64
 
@@ -58,7 +59,8 @@ def test_tiny_grid_returns_one_row_per_cell(tiny_engine):
                                                                     (D, 8, SIZE, SIZE)]
     for r in rows:
         assert r["selector"]["median"] > 0 and r["reference"]["median"] > 0
-        assert r["share"]["n"] == 3 and 0 < r["share"]["min"] <= r["share"]["median"] <= r["share"]["max"]
+        assert r["share"]["n"] == 3
+        assert 0 < r["share"]["min"] <= r["share"]["median"] <= r["share"]["max"]
         assert r["cache_fill"] == 1.0
     assert tiny_engine["peak"]["median"] > 0
 
@@ -102,10 +104,12 @@ def test_peers_report_not_runnable_rows_when_an_import_fails(monkeypatch):
                peers._SkalVariableUncertainty(), peers._SkalDensity(256)]
     res = peers.run(n_items=256, d=D, reps=1, cap_s=0.05, peers=rows_in, log=lambda s: None)
     by_key = {r["key"]: r for r in res["rows"]}
-    assert by_key["pairsieve-b32"]["runnable"] and by_key["pairsieve-b32"]["items_per_s"]["median"] > 0
+    assert by_key["pairsieve-b32"]["runnable"]
+    assert by_key["pairsieve-b32"]["items_per_s"]["median"] > 0
     for key in ("skactiveml-vu", "skactiveml-dbal-b256"):
         assert not by_key[key]["runnable"]
-        assert by_key[key]["reason"].startswith("not runnable") and "simulated" in by_key[key]["reason"]
+        assert by_key[key]["reason"].startswith("not runnable")
+        assert "simulated" in by_key[key]["reason"]
     text = "\n".join(peers.render(res))
     assert text.count("not runnable") >= 2
     assert not res["verdict"]["evaluated"]  # no diversity peer ran (and no B=256 pairsieve row)

@@ -21,8 +21,12 @@ from service.core.pool.bmmal import BMMALStrategy, fused_probs, modality_contrib
 from service.core.pool.kcenter import CoresetStrategy, k_center_greedy
 from service.core.pool.mmal import MMALStrategy, coverage_gaps
 from service.core.pool.random import RandomStrategy, joint_embedded
-from service.core.pool.uncertainty_sampling import (EntropyStrategy, MarginStrategy, average_ranks,
-                                                    rank_normalise)
+from service.core.pool.uncertainty_sampling import (
+    EntropyStrategy,
+    MarginStrategy,
+    average_ranks,
+    rank_normalise,
+)
 from service.core.pool.vecaf import VeCAFStrategy, loss_distribution, pseudo_loss
 from service.core.uncertainty import uncertainty
 
@@ -54,7 +58,7 @@ def make_state(n=(150, 120), s=(30, 25), seed=0, affine=False, acquired=None) ->
     rng = np.random.default_rng(seed)
     model = _model(seed, affine)
     raw, emb, sel = {}, {}, {}
-    for m, n_m, s_m in zip(MODS, n, s):
+    for m, n_m, s_m in zip(MODS, n, s, strict=True):
         raw[m] = rng.standard_normal((n_m, DIMS[m])).astype(np.float32)
         emb[m] = model.embed(m, raw[m]) if n_m else np.zeros((0, K), np.float32)
         sel[m] = (model.embed(m, rng.standard_normal((s_m, DIMS[m])).astype(np.float32))
@@ -112,7 +116,7 @@ def test_every_strategy_returns_distinct_valid_picks_without_side_effects(name, 
         assert again == picks  # deterministic for the same rng seed
     # never mutates the state, never touches the global RNGs
     for before, after in zip(snapshot, (state.raw, state.embedded, state.selected,
-                                         state.acquired_per_modality)):
+                                         state.acquired_per_modality), strict=True):
         assert before.keys() == after.keys()
         for key in before:
             assert np.array_equal(before[key], after[key])
@@ -420,7 +424,7 @@ _v = st.floats(0.0, 1.0)
 @HYP
 @given(st.lists(st.tuples(_v, _v, _v, _v), min_size=1, max_size=20))
 def test_bmmal_contribution_properties(rows):
-    vb, v1, v2, v0 = (np.array(col) for col in zip(*rows))
+    vb, v1, v2, v0 = (np.array(col) for col in zip(*rows, strict=True))
     c = modality_contributions(vb, v1, v2, v0)
     np.testing.assert_allclose(c.phi_first + c.phi_second, vb - v0, atol=1e-12)  # efficiency
     np.testing.assert_allclose(c.contrib_first + c.contrib_second, 1.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.evaluation import real_build
-from service.evaluation.datasets import DATA_DIR, REAL, BUILTIN, load_npz, load_real
+from service.evaluation.datasets import BUILTIN, DATA_DIR, REAL, load_npz, load_real
 
 EXPECTED_ROWS = {"bible-en-es": (7730, 7730), "emoji-image-name": (1911, 1911),
                  "bible-en-es-full": (30445, 30445)}
@@ -36,7 +36,8 @@ def test_real_dataset_pairs_are_learnable_from_a_slice():
     ds = load_real("bible-en-es")
     probe = real_build._ridge_probe(ds.a[:1500], ds.b[:1500])
     assert probe["r1@400"] > 0.2
-    shuffled = real_build._ridge_probe(ds.a[:1500], np.random.default_rng(0).permutation(ds.b[:1500]))
+    shuffled = real_build._ridge_probe(ds.a[:1500],
+                                       np.random.default_rng(0).permutation(ds.b[:1500]))
     assert shuffled["r1@400"] < 0.05
 
 
@@ -59,7 +60,8 @@ def test_load_real_unknown_name():
          "ids must be unique; 'x' appears 2 times"),
         ({"a": np.zeros((2, 2)), "b": np.zeros((2, 2)), "ids": np.array([1, 2])},
          "ids must be a str array, got dtype int64"),
-        ({"a": np.zeros((2, 2), bool), "b": np.zeros((2, 2))}, "a must hold real numbers, got dtype bool"),
+        ({"a": np.zeros((2, 2), bool), "b": np.zeros((2, 2))},
+         "a must hold real numbers, got dtype bool"),
         ({"b": np.zeros((2, 2))}, r"missing key\(s\) \['a'\]"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Streaming selector: pure propose, bounded commit, in-batch sequential acceptance, clear errors."""
+"""Streaming selector: pure propose, bounded commit, in-batch sequential acceptance, clear
+errors."""
 
 import copy
 
@@ -39,7 +40,8 @@ def _selector(total=40, rate=0.2, cap=64, uw=0.7, dw=0.3, seed=0, **kw):
 
 
 def _batch(a, b, lo, hi):
-    return [FeatureItem(f"i{j}", "image", a[j]) if j % 2 == 0 else FeatureItem(f"t{j}", "text", b[j])
+    return [FeatureItem(f"i{j}", "image", a[j]) if j % 2 == 0
+            else FeatureItem(f"t{j}", "text", b[j])
             for j in range(lo, hi)]
 
 
@@ -59,7 +61,7 @@ def _eq(s1, s2):
     st1, c1, a1, t1, i1 = s1
     st2, c2, a2, t2, i2 = s2
     assert str(st1) == str(st2) and i1 == i2 and str(t1) == str(t2)
-    assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2, strict=True))
     assert str(a1) == str(a2)
 
 
@@ -141,7 +143,7 @@ def test_invalidate_on_model_change():
 
 def test_memory_is_bounded_by_capacity():
     sel, a, b, _ = _selector(total=None, rate=0.9, cap=16)
-    for rep in range(5):
+    for _rep in range(5):
         for lo in range(0, 400, 40):
             sel.commit(sel.propose(_batch(a, b, lo, lo + 40)))
     assert all(c.size <= 16 for c in sel.caches.values())
@@ -163,7 +165,8 @@ def test_bad_input_raises_value_error_naming_the_problem(items, msg):
 
 def test_quota_vetoes_overrepresented_modality():
     sel, a, b, _ = _selector(total=None, rate=0.9, uw=0.0, dw=1.0)
-    sel.acquisition.config = AcquisitionConfig(quotas=True, quota_min_accepts=4, quota_tolerance=0.0)
+    sel.acquisition.config = AcquisitionConfig(quotas=True, quota_min_accepts=4,
+                                               quota_tolerance=0.0)
     sel.acquisition.discrepancy = -10.0  # text is the harder modality: image share at the floor
     only_images = [FeatureItem(f"i{j}", "image", a[j] * (1 + j)) for j in range(40)]
     for lo in range(0, 40, 10):

@@ -239,7 +239,8 @@ def test_acquisition_config_validation():
     for name in ("uncertainty_weight", "diversity_weight", "coverage_weight"):
         with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got -0.5"):
             AcquisitionConfig(**{name: -0.5})
-    with pytest.raises(ValueError, match=r"uncertainty_weight must be a finite number >= 0, got nan"):
+    with pytest.raises(ValueError,
+                       match=r"uncertainty_weight must be a finite number >= 0, got nan"):
         AcquisitionConfig(uncertainty_weight=float("nan"))
     with pytest.raises(ValueError, match="quota_min_share must be <= 0.5, got 0.6"):
         AcquisitionConfig(quota_min_share=0.6)
@@ -343,7 +344,8 @@ def test_set_model_reembeds_index_and_checks_dims(scorer):
     scorer.set_model(new)
     assert scorer.model_version == 3
     torch.testing.assert_close(scorer._index["b"].emb[:5], scorer.embed("b", xb))
-    with pytest.raises(ValueError, match=r"new model has dims \{'a': 4, 'b': 2\}->5, scorer expects"):
+    with pytest.raises(ValueError,
+                       match=r"new model has dims \{'a': 4, 'b': 2\}->5, scorer expects"):
         scorer.set_model(AlignmentModel({"a": 4, "b": 2}, dim_out=5))
     with pytest.raises(ValueError, match=r"->6, scorer expects"):
         scorer.set_model(AlignmentModel({"a": 4, "b": 3}, dim_out=6))

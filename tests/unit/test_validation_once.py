@@ -88,7 +88,8 @@ def test_a_submitted_batch_is_checked_once_at_the_core_entry(monkeypatch):
     finally:
         h.close()
     assert len(outs) == 10 and calls == {"entry": 2, "again": 0}  # one stacked check per modality
-    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for _, v in h.learning.items.values())
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32
+               for _, v in h.learning.items.values())
 
 
 def test_handler_names_the_event_of_a_bad_vector():

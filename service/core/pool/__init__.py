@@ -1,5 +1,6 @@
 """Pool-based selection strategies. ``STRATEGIES`` maps each baseline's name to its class;
-``DEFAULT_STRATEGY`` is pairsieve's own (what ``default`` means to the service and the benchmark)."""
+``DEFAULT_STRATEGY`` is pairsieve's own (what ``default`` means to the service and the
+benchmark)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ STRATEGIES: dict[str, type[PoolStrategy]] = {
     "vecaf": VeCAFStrategy,
 }
 
-DEFAULT_STRATEGY: type[PoolStrategy] = HybridStrategy  # with its own defaults: margin 0.3 + diversity 0.7, rank
+# with its own defaults: margin 0.3 + diversity 0.7, rank
+DEFAULT_STRATEGY: type[PoolStrategy] = HybridStrategy
 
 
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES"]

@@ -15,7 +15,6 @@ import numpy as np
 from service.core.cross_modal_model import CrossModalModel
 
 
-
 @dataclass(frozen=True)
 class PoolState:
     """Everything a pool strategy may look at. Nothing in it reveals the hidden pairing.

@@ -76,7 +76,8 @@ class HybridStrategy:
         unc, div, taken = {}, {}, {}
         for m in mods:
             if state.size(state.other(m)) >= 2:
-                unc[m] = self.norm(uncertainty_score(self.kind, other_modality_sims(state, m), self.tau))
+                unc[m] = self.norm(
+                    uncertainty_score(self.kind, other_modality_sims(state, m), self.tau))
             else:
                 unc[m] = np.zeros(state.size(m))
             div[m] = min_dist_to(state.embedded[m], state.selected[m])
