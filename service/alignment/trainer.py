@@ -24,7 +24,6 @@ import torch
 from service.alignment.model import AlignmentModel
 from service.core.validation import as_matrix, check_dims
 
-
 CCA_MARGIN_SE = 1.0  # auto: CCA must beat ridge by this many standard errors to be chosen
 
 
@@ -260,8 +259,9 @@ class AlignmentTrainer:
         else:
             method = cfg.method if cfg.method != "auto" else self._choose_method(a, b, version)
             info = (self._fit_ridge if method == "ridge" else self._fit_cca)(model, a, b, version)
-            self.last_fit = {**info, "pairs": len(a),
-                             **({"chosen_by": self._choice[2]} if cfg.method == "auto" else {})}
+            self.last_fit = {**info, "pairs": len(a)}
+            if cfg.method == "auto" and self._choice is not None:
+                self.last_fit["chosen_by"] = self._choice[2]
         if cfg.finetune_steps > 0 and len(a) >= 2:
             self._finetune(model, a, b)
         model.n_pairs = len(a)
@@ -311,11 +311,12 @@ class AlignmentTrainer:
                 zb = trial.embed(mb, b[held].astype(np.float32))
                 da = trial.embed(ma, self._distractors(ma, a).astype(np.float32))
                 db = trial.embed(mb, self._distractors(mb, b).astype(np.float32))
-                parts.append(0.5 * (_reciprocal_ranks(za, zb, db) + _reciprocal_ranks(zb, za, da)))
+                parts.append(0.5 * (_reciprocal_ranks(za, zb, db)
+                                    + _reciprocal_ranks(zb, za, da)))
             rr[method] = np.concatenate(parts)
-        # ridge unless CCA is better by more than CCA_MARGIN_SE standard errors of the paired difference
-        # (per held-out pair): at small budgets the fold scores are noisy, and ridge is the
-        # stronger learner on pretrained-encoder features (reports/quality.md)
+        # ridge unless CCA is better by more than CCA_MARGIN_SE standard errors of the paired
+        # difference (per held-out pair): at small budgets the fold scores are noisy, and ridge
+        # is the stronger learner on pretrained-encoder features
         diff = rr["cca"] - rr["ridge"]
         sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
         pick = "cca" if diff.mean() > CCA_MARGIN_SE * sem else "ridge"
@@ -354,6 +355,7 @@ class AlignmentTrainer:
             lam, mrr, w = ridge_loo_choice(x, y, cfg.ridge_lambdas, dis, cfg.loo_queries, rng)
             if best is None or mrr > best[0]:
                 best = (mrr, lam, src, tgt, w)
+        assert best is not None  # directions is never empty
         mrr, lam, src, tgt, w = best
         model.set_affine(src, self._pca[src][0], _pad(w, cfg.dim_out))
         model.set_affine(tgt, self._pca[tgt][0], _pad(self._pca[tgt][1], cfg.dim_out))

@@ -62,6 +62,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,16 +72,16 @@ ROOT = Path(__file__).resolve().parents[2]
 LOADTESTS = ROOT / "loadtests"
 _SERVING = re.compile(r"pairsieve serving: gRPC :(\d+), metrics :(\d+)")
 
-KAFKA_FULL = dict(rates=[500, 1000, 2000, 4000, 8000], step_s=5.0, ramp_s=1.0, drain_s=25.0,
-                  half_s=6.0, two_worker_rates=[1000, 2000, 4000, 8000], ceiling_s=4.0,
-                  probe_s=2.5, metrics_ceiling=True)
-KAFKA_QUICK = dict(rates=[500, 2000, 6000], step_s=3.0, ramp_s=1.0, drain_s=6.0,
-                   half_s=0.0, two_worker_rates=[6000], ceiling_s=2.0, probe_s=1.5,
-                   metrics_ceiling=False)
-GRPC_FULL = dict(concurrency=8, duration=5.0, ramp=1.0, batches=[1, 32, 256],
-                 modes=["unary", "stream"])
-GRPC_QUICK = dict(concurrency=4, duration=2.0, ramp=0.4, batches=[1, 32, 256],
-                  modes=["unary", "stream"])
+KAFKA_FULL: dict[str, Any] = dict(
+    rates=[500, 1000, 2000, 4000, 8000], step_s=5.0, ramp_s=1.0, drain_s=25.0, half_s=6.0,
+    two_worker_rates=[1000, 2000, 4000, 8000], ceiling_s=4.0, probe_s=2.5, metrics_ceiling=True)
+KAFKA_QUICK: dict[str, Any] = dict(
+    rates=[500, 2000, 6000], step_s=3.0, ramp_s=1.0, drain_s=6.0, half_s=0.0,
+    two_worker_rates=[6000], ceiling_s=2.0, probe_s=1.5, metrics_ceiling=False)
+GRPC_FULL: dict[str, Any] = dict(concurrency=8, duration=5.0, ramp=1.0, batches=[1, 32, 256],
+                                 modes=["unary", "stream"])
+GRPC_QUICK: dict[str, Any] = dict(concurrency=4, duration=2.0, ramp=0.4, batches=[1, 32, 256],
+                                  modes=["unary", "stream"])
 MODALITIES = "image:512,text:384"
 MIX = "0.7,0.3"
 THROUGHPUT_TARGET = 0.70

@@ -27,6 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -446,7 +447,7 @@ def run(quick: bool = False, n_items: int = N_ITEMS, d: int = DIM, reps: int | N
     t_all = time.perf_counter()
     data = make_stream(n_items, d, seed)
     peers = peers if peers is not None else default_peers(quick)
-    results = {p.key: {"runs": [], "reason": None} for p in peers}
+    results: dict[str, dict[str, Any]] = {p.key: {"runs": [], "reason": None} for p in peers}
     thread_resets = 0
     _numba_one_thread()
     with single_thread():
@@ -476,13 +477,14 @@ def run(quick: bool = False, n_items: int = N_ITEMS, d: int = DIM, reps: int | N
                 res["runs"].append({"items": done, "seconds": dt, "accepted": acc})
                 log(f"peers rep {r + 1}/{reps}: {p.key:22s} {done / dt:9.0f} items/s over {done:,} "
                     f"items, accept {acc / max(done, 1):.3f}")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for p in peers:
         res = results[p.key]
-        row = {"key": p.key, "label": p.label, "library": p.dist, "version": p.version(),
-               "granularity": p.granularity, "diversity": p.diversity, "what": p.what,
-               "state": p.state, "runnable": not res["reason"] and bool(res["runs"]),
-               "reason": res["reason"]}
+        row: dict[str, Any] = {
+            "key": p.key, "label": p.label, "library": p.dist, "version": p.version(),
+            "granularity": p.granularity, "diversity": p.diversity, "what": p.what,
+            "state": p.state, "runnable": not res["reason"] and bool(res["runs"]),
+            "reason": res["reason"]}
         if row["runnable"]:
             rates = [x["items"] / x["seconds"] for x in res["runs"]]
             items = [x["items"] for x in res["runs"]]
@@ -493,9 +495,9 @@ def run(quick: bool = False, n_items: int = N_ITEMS, d: int = DIM, reps: int | N
                         "accept_rate": sum(x["accepted"] for x in res["runs"]) / sum(items)})
         rows.append(row)
     ref = next((r for r in rows if r["key"] == "pairsieve-b256" and r["runnable"]), None)
-    for r in rows:
-        if ref and r["runnable"]:
-            r["pairsieve_ratio"] = ref["items_per_s"]["median"] / r["items_per_s"]["median"]
+    for one in rows:
+        if ref and one["runnable"]:
+            one["pairsieve_ratio"] = ref["items_per_s"]["median"] / one["items_per_s"]["median"]
     out = {"rows": rows, "n_items": n_items, "d": d, "reps": reps, "cap_s": cap_s, "seed": seed,
            "thread_resets": thread_resets,
            "budget": BUDGET, "seconds": time.perf_counter() - t_all, "verdict": _verdict(rows)}
