@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
 from service.evaluation.datasets import get_dataset
+from service.learning_loop import DEFAULT_RETRAIN_EVERY
 from service.messages import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings
@@ -126,7 +127,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
         kafka_bootstrap="", modalities=f"{ma}:{ds.a.shape[1]},{mb}:{ds.b.shape[1]}",
         topic_suffix=suffix, budget_total=budget,
         target_rate=min(1.0, budget / max(1, len(stream) - budget)), warmup_accepts=50,
-        embedding_dim=embedding_dim, retrain_every_pairs=25, grpc_port=0, metrics_port=0,
+        embedding_dim=embedding_dim, retrain_every_pairs=DEFAULT_RETRAIN_EVERY, grpc_port=0,
+        metrics_port=0,
         index_size=2048, cache_capacity=2048,
         worker_id="demo-worker", seed=seed, log_level="WARNING")
     _say(f"pairsieve demo: {dataset} ({len(pool)} pool rows -> {len(stream)} unaligned events, "

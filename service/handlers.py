@@ -36,7 +36,7 @@ from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
 from service.core.types import FeatureItem
 from service.core.validation import VectorError, as_matrix, check_modality
-from service.learning_loop import LearningLoop
+from service.learning_loop import DEFAULT_RETRAIN_EVERY, LearningLoop
 from service.lru import LRU
 from service.messages import (
     AlignmentRequestOut,
@@ -85,7 +85,8 @@ class SelectionHandler:
 
     def __init__(self, selector: StreamingSelector, trainer: AlignmentTrainer,
                  publisher: Publisher | None = None, metrics: MetricsSink | None = None, *,
-                 worker_id: str = "worker-0", retrain_every: int = 25, candidates_k: int = 5,
+                 worker_id: str = "worker-0", retrain_every: int = DEFAULT_RETRAIN_EVERY,
+                 candidates_k: int = 5,
                  dedup_capacity: int = 1_000_000, vector_capacity: int = 200_000,
                  clock: Callable[[], float] = time.time,
                  on_model: Callable[[AlignmentModel], None] | None = None):

@@ -36,6 +36,11 @@ from service.core.validation import as_matrix, check_modality
 from service.lru import LRU
 from service.messages import LABEL_STATUSES, Label, LabelResult, MetricsSink, NullMetrics
 
+DEFAULT_RETRAIN_EVERY = 25
+"""New MATCH pairs between two retrains: the service's default (``Settings.retrain_every_pairs``)
+and the simulator's stream cadence (``SimConfig.retrain_every``), so the benchmark retrains as
+often as a deployment."""
+
 log = logging.getLogger("pairsieve.handler")
 
 PairKey = tuple[str, str]  # (item id, partner item id)
@@ -70,7 +75,7 @@ class LearningLoop:
 
     def __init__(self, selector: StreamingSelector, trainer: AlignmentTrainer, *,
                  executor: Executor, lock: asyncio.Lock, metrics: MetricsSink | None = None,
-                 retrain_every: int = 25, vector_capacity: int = 200_000,
+                 retrain_every: int = DEFAULT_RETRAIN_EVERY, vector_capacity: int = 200_000,
                  on_model: Callable[[AlignmentModel], None] | None = None):
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")

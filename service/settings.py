@@ -39,6 +39,7 @@ from service.alignment.trainer import TrainerConfig
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.selector import SelectorConfig
+from service.learning_loop import DEFAULT_RETRAIN_EVERY
 
 ENV_PREFIX = "PAIRSIEVE_"
 UNCERTAINTIES = ("least_confidence", "margin", "entropy")
@@ -229,8 +230,8 @@ class Settings:
                                    "its quota by", allowed=FRACTION, check=_fraction)
     quota_min_accepts: int = _from(_A, "quota_min_accepts", "quotas: accepts before quotas apply",
                                    allowed=NONNEG_INT, check=_non_negative_int)
-    retrain_every_pairs: int = _s(25, "new MATCH pairs between two retrains", allowed=POS_INT,
-                                  check=_positive_int)
+    retrain_every_pairs: int = _s(DEFAULT_RETRAIN_EVERY, "new MATCH pairs between two retrains",
+                                  allowed=POS_INT, check=_positive_int)
     candidates_k: int = _s(5, "partner candidates attached to each request", allowed=NONNEG_INT,
                            check=_non_negative_int)
     follow_selections: int = _s(1, "1: fold in every worker's selections (scale-out); 0: own "

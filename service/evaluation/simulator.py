@@ -35,6 +35,7 @@ from service.core.pool.hybrid import HybridStrategy
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import FeatureItem
 from service.evaluation.datasets import Dataset
+from service.learning_loop import DEFAULT_RETRAIN_EVERY
 
 MODES = ("pool", "stream")
 
@@ -95,7 +96,7 @@ class SimConfig:
     test_size: int = 500
     round_size: int = 25  # pool: acquisitions per round
     warmup: int = TUNED_WARMUP_ACCEPTS  # random acquisitions before any strategy acts (both modes)
-    retrain_every: int = 25  # stream: acquisitions between retrains
+    retrain_every: int = DEFAULT_RETRAIN_EVERY  # stream: acquisitions between retrains
     batch_size: int = 32  # stream: micro-batch size
     explore: float = 0.05
     stream_order: str = "shuffled"  # stream: "shuffled", or "dataset" (row order, e.g. books)
