@@ -23,7 +23,7 @@ def _cmd_simulate(args) -> int:
 
     base = TrainerConfig()
     dim = args.embedding_dim or base.dim_out
-    trainer = TrainerConfig(method=args.learner or base.method, dim_out=dim, pca_dim=dim)
+    trainer = TrainerConfig(method=args.learner or base.method, dim_out=dim)
     cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
                     retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer)
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "whitened ridge CCA, one ridge map with leave-one-out lambda and "
                         "direction, or the better of both by cross-validation on the pairs")
     s.add_argument("--embedding-dim", type=int,
-                   help="shared-space dimension (default: the service's, 32)")
+                   help="shared-space dimension (default: the service's, TrainerConfig().dim_out)")
     s.set_defaults(func=_cmd_simulate)
 
     d = sub.add_parser("datasets", help="list, export or (real sets) rebuild the built-in datasets")

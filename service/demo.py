@@ -62,7 +62,7 @@ def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) ->
     counts : sequence of int
         Pair counts at which to measure (those the service's model versions were trained on).
     dim : int
-        The service's embedding size (its ``TrainerConfig(dim_out=dim, pca_dim=dim)``).
+        The service's embedding size (its ``TrainerConfig(dim_out=dim)``).
     seed : int
         Draw ``j`` uses ``np.random.default_rng([seed, 7, j])``; nested prefixes, so the curve of
         one draw only grows with ``k``.
@@ -81,7 +81,7 @@ def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) ->
         recs = []
         for order in orders:
             tr = AlignmentTrainer({ma: ds.a.shape[1], mb: ds.b.shape[1]},
-                                  TrainerConfig(dim_out=dim, pca_dim=dim), seed=seed)
+                                  TrainerConfig(dim_out=dim), seed=seed)
             tr.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
             pick = order[:k]
             model = tr.fit(ds.a[pick], ds.b[pick]) if k else tr.cold_model()
@@ -103,7 +103,7 @@ async def _wait_for(cond: Callable[..., bool], what: Callable[..., str],
 
 async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 0,
                    out_dir: str = "reports", max_rows: int = 3000, test_size: int = 400,
-                   batch: int = 32, embedding_dim: int = 32) -> dict:
+                   batch: int = 32, embedding_dim: int = TrainerConfig().dim_out) -> dict:
     """Replay ``dataset`` through the running service in lock step; see the module docstring.
 
     Returns

@@ -43,6 +43,7 @@ from service.learning_loop import DEFAULT_RETRAIN_EVERY
 
 ENV_PREFIX = "PAIRSIEVE_"
 UNCERTAINTIES = ("least_confidence", "margin", "entropy")
+LEARNERS = ("cca", "ridge", "auto")
 NORMALIZATIONS = ("zscore", "rank")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 _DEVICE_RE = re.compile(r"^(|auto|cpu|cuda|cuda:\d+)$")
@@ -193,8 +194,11 @@ class Settings:
     index_size: int = _from(SelectorConfig, "index_size", "K: recent items per modality scored "
                             "against", allowed=POS_INT, check=_positive_int)
     embedding_dim: int = _from(TrainerConfig, "dim_out", "k: dimension of the shared embedding "
-                               "space (also the PCA whitening rank)", allowed=POS_INT,
-                               check=_positive_int)
+                               "space", allowed=POS_INT, check=_positive_int)
+    learner: str = _from(TrainerConfig, "method", "alignment learner: cca (whitened ridge CCA), "
+                         "ridge (one ridge map, lambda and direction by leave-one-out) or auto "
+                         "(the better of both by cross-validation on the acquired pairs)",
+                         allowed="cca, ridge or auto", check=lambda v: v in LEARNERS)
     uncertainty: str = _from(SelectorConfig, "uncertainty", "uncertainty measure: " +
                              ", ".join(UNCERTAINTIES), allowed=", ".join(UNCERTAINTIES),
                              check=lambda v: v in UNCERTAINTIES)
@@ -359,8 +363,9 @@ class Settings:
                               acquisition=self.acquisition_config())
 
     def trainer_config(self) -> TrainerConfig:
-        """The alignment trainer's config: k = ``embedding_dim`` (output and PCA rank)."""
-        return TrainerConfig(dim_out=self.embedding_dim, pca_dim=self.embedding_dim)
+        """The alignment trainer's config: ``embedding_dim`` outputs, ``learner``; the rest are
+        :class:`TrainerConfig`'s defaults."""
+        return TrainerConfig(dim_out=self.embedding_dim, method=self.learner)
 
     # ------------------------------------------------------------------ misc
     @property

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from service.alignment import TrainerConfig
 from service.cli import main
 from service.core.pool import STRATEGIES as POOL_REGISTRY
 from service.core.pool.base import PoolState
@@ -173,8 +174,9 @@ def test_strategy_sees_only_open_pool_items(tiny, recorded):
             assert not set(ids[m]) & test_rows  # held-out pairs are never candidates
             # fully paired data: each revealed pair closed one item of each modality
             assert len(ids[m]) == res["pool_rows"] - revealed
-            assert rnd["embedded"][m] == (len(ids[m]), 32)
-            assert rnd["selected"][m] == (revealed, 32)
+            dim = TrainerConfig().dim_out
+            assert rnd["embedded"][m] == (len(ids[m]), dim)
+            assert rnd["selected"][m] == (revealed, dim)
         assert sum(rnd["acquired"].values()) == res["curve"][i]["pairs"]
         if i + 1 < len(rec.rounds):
             nxt = rec.rounds[i + 1]
@@ -426,8 +428,14 @@ def test_cli_simulate_learner_and_embedding_dim(tmp_path):
     ridge = json.loads(out.read_text())
     assert ridge["learner"] == "ridge" and ridge["embedding_dim"] == 64
     assert main(["simulate", "--dataset", "bible-en-es", "--strategy", "random", "--budget", "150",
-                 "--seed", "100", "--quiet", "--out", str(tmp_path / "cca.json")]) == 0
+                 "--seed", "100", "--learner", "cca", "--embedding-dim", "32", "--quiet",
+                 "--out", str(tmp_path / "cca.json")]) == 0
     cca = json.loads((tmp_path / "cca.json").read_text())
     assert cca["learner"] == "cca" and cca["embedding_dim"] == 32
+    assert main(["simulate", "--dataset", "emoji-image-name", "--strategy", "random",
+                 "--budget", "60", "--quiet", "--out", str(tmp_path / "default.json")]) == 0
+    default = json.loads((tmp_path / "default.json").read_text())
+    assert (default["learner"], default["embedding_dim"]) == (TrainerConfig().method,
+                                                              TrainerConfig().dim_out)
     # the same pairs (random, same seed): on real text the ridge map is far ahead
     assert ridge["curve"][-1]["r1"] > cca["curve"][-1]["r1"] + 0.1

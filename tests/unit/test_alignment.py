@@ -423,3 +423,20 @@ def test_auto_learner_picks_ridge_on_real_text_and_cca_on_digits():
 def test_learner_config_errors_name_the_value(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TrainerConfig(**kw)
+
+
+def test_auto_choice_does_not_depend_on_torch_threads(linear_pairs):
+    """Model selection embeds in float64 numpy: a 1- vs 2-thread torch matmul rounds
+    differently, and once flipped a near-tied CCA/ridge choice (and the whole curve after it)."""
+    a, b = linear_pairs
+    old = torch.get_num_threads()
+    choices = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            tr = make_trainer(a[:200], b[:200], method="auto", dim_out=8)
+            tr.fit(a[:40], b[:40])
+            choices.append(tr._choice)
+    finally:
+        torch.set_num_threads(old)
+    assert choices[0] == choices[1] == choices[2]

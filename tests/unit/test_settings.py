@@ -23,7 +23,7 @@ def test_engine_defaults_come_from_the_core_dataclasses():
     assert (s.uncertainty, s.index_size, s.cache_capacity) == (sel.uncertainty, sel.index_size,
                                                                sel.cache_capacity)
     assert (s.explore_fraction, s.threshold_window) == (bud.explore, bud.window)
-    assert s.embedding_dim == tr.dim_out == tr.pca_dim
+    assert (s.embedding_dim, s.learner) == (tr.dim_out, tr.method)  # pca_dim: the trainer's own
     assert s.warmup_accepts == TUNED_WARMUP_ACCEPTS
     assert s.acquisition_config() == AcquisitionConfig()
     assert set(ACQUISITION_FIELDS) == {f.name for f in fields(AcquisitionConfig)}
