@@ -78,6 +78,10 @@ class SlidingQuantile:
         """The q-quantile (numpy's "lower" method) of the window; NaN while it is empty."""
         if not (0.0 <= q <= 1.0 and math.isfinite(q)):
             raise ValueError(f"quantile q must be in [0, 1], got {q!r}")
-        if self._n == 0:
+        # One read of the sorted array: a status reader on another thread (the service's
+        # ``status()`` while a commit runs in the engine's worker thread) may see ``_n`` updated
+        # before ``_sorted``; indexing the array by its own length never goes out of bounds.
+        s = self._sorted
+        if len(s) == 0:
             return math.nan
-        return float(self._sorted[int(math.floor(q * (self._n - 1)))])
+        return float(s[int(math.floor(q * (len(s) - 1)))])

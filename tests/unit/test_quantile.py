@@ -55,3 +55,34 @@ def test_empty_is_nan_and_bad_args_raise():
         SlidingQuantile(0)
     with pytest.raises(ValueError, match="NaN"):
         SlidingQuantile(3).add(float("nan"))
+
+
+def test_value_never_fails_while_another_thread_extends():
+    """``status()`` reads the threshold on the event loop while a commit extends the window in
+    the engine's worker thread; the demo once died with IndexError (index 552 of size 544)."""
+    import threading
+
+    sq = SlidingQuantile(64)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer():
+        rng = np.random.default_rng(0)
+        for _ in range(3000):
+            sq.extend(rng.random(int(rng.integers(1, 40))))
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reads = 0
+    while not done.is_set():
+        try:
+            v = sq.value(0.9)
+            assert math.isnan(v) or 0.0 <= v <= 1.0
+        except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+            break
+        reads += 1
+    t.join()
+    assert not errors, errors[0]
+    assert reads > 0 and len(sq) == 64
