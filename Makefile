@@ -64,7 +64,7 @@ test: lint deploy-tools ## run lint, then all tests (unit, component, integratio
 test-unit: $(STAMP) ## fast pure-core tests only
 	$(BIN)/python -m pytest -q tests/unit
 
-bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~30 min on 2 cores)
+bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~45 min on 2 cores)
 	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir reports
 
 bench-long-stream: $(STAMP) ## the whole Bible in book order, budget 3000 -> reports/long-stream.md
