@@ -11,6 +11,11 @@ Recipe, chosen for small budgets where a good learner is worth more than clever 
 3. **Optional contrastive fine-tune**: symmetric InfoNCE on the pairs, starting from the CCA heads
    (or from a previous model when warm-starting), for ``finetune_steps`` Adam steps.
 
+Alternative to steps 1-2 (``method="ridge"``): one ridge map from one modality into the other's
+top principal directions (PCA on all items), lambda and direction by exact leave-one-out retrieval
+on the pairs; far stronger on pretrained-encoder features. ``method="auto"`` (the default) picks
+CCA or ridge by cross-validated retrieval on the acquired pairs (:meth:`_choose_method`).
+
 The result is composed into one affine head per modality (see :class:`AlignmentModel`).
 """
 
@@ -27,7 +32,8 @@ from service.core.validation import as_matrix, check_dims
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """Hyper-parameters of :class:`AlignmentTrainer` (defaults tuned on the digits two-view set)."""
+    """Hyper-parameters of :class:`AlignmentTrainer` (CCA's tuned on digits; the learner choice
+    and ``dim_out`` on seeds 100-104 of every benchmark set, ``reports/learner-tuning.md``)."""
 
     # 128: what pretrained-encoder features need (the ridge map's R@1 on the Bible at 300 pairs:
     # 0.63 / 0.75 / 0.80 at 32 / 64 / 128 dimensions); padded with zero columns below that
