@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
     q.add_argument("--out-dir", default="reports")
     q.add_argument("--report-only", action="store_true",
-                   help="rebuild quality.md from OUT_DIR/quality-results.json and "
+                   help="rebuild quality.md from OUT_DIR/quality-results.json.gz and "
                         "quality-notes.md without running anything")
     q.set_defaults(func=_cmd_bench_quality)
     from service.settings import Settings

@@ -3,8 +3,6 @@ selection) and `bench-stream-cost`."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from service.cli import main
@@ -106,7 +104,7 @@ def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
     progress = capsys.readouterr().out
     assert "[   8/8]" in progress and "eta" in progress  # progress line per run
     assert "random #1" in progress
-    data = json.loads((out / "quality-results.json").read_text())
+    data = quality.read_results(out / "quality-results.json.gz")
     assert sorted((r["strategy"], r["seed"], r["draw"]) for r in data["runs"]) == [
         ("default", 0, 0), ("default", 1, 0), ("entropy-0.7", 0, 0), ("entropy-0.7", 1, 0),
         ("random", 0, 0), ("random", 0, 1), ("random", 1, 0), ("random", 1, 1)]
@@ -161,16 +159,16 @@ def test_report_only_rebuilds_the_report_from_the_results_and_current_notes(tmp_
                  "--strategies", "random,default", "--budget", "40", "--jobs", "1",
                  "--random-draws", "1", "--out-dir", str(out)]) == 0
     first = (out / "quality.md").read_text()
-    meta = json.loads((out / "quality-results.json").read_text())["meta"]
+    meta = quality.read_results(out / "quality-results.json.gz")["meta"]
     assert meta["seeds"] == 2 and meta["budget"] == 40 and meta["runs"] == 4
     (out / "quality-notes.md").write_text("## Findings\n\nwritten after the run\n")
-    before = (out / "quality-results.json").stat().st_mtime_ns
+    before = (out / "quality-results.json.gz").stat().st_mtime_ns
     assert main(["bench-quality", "--report-only", "--out-dir", str(out)]) == 0
     again = (out / "quality.md").read_text()
     assert again.startswith(first.rstrip("\n")) and again.endswith("written after the run\n")
-    assert (out / "quality-results.json").stat().st_mtime_ns == before  # nothing was rerun
+    assert (out / "quality-results.json.gz").stat().st_mtime_ns == before  # nothing was rerun
     assert main(["bench-quality", "--report-only", "--out-dir", str(tmp_path / "none")]) == 2
-    assert "quality-results.json not found" in capsys.readouterr().err
+    assert "quality-results.json.gz not found" in capsys.readouterr().err
 
 
 def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):
