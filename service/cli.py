@@ -23,7 +23,8 @@ def _cmd_simulate(args) -> int:
 
     base = TrainerConfig()
     dim = args.embedding_dim or base.dim_out
-    trainer = TrainerConfig(method=args.learner or base.method, dim_out=dim)
+    trainer = TrainerConfig(method=args.learner or base.method, dim_out=dim,
+                            self_learning=args.self_learning or base.self_learning)
     cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
                     retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer)
@@ -178,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alignment learner (default: the service's, TrainerConfig().method): "
                         "whitened ridge CCA, one ridge map with leave-one-out lambda and "
                         "direction, or the better of both by cross-validation on the pairs")
+    s.add_argument("--self-learning", choices=("auto", "on", "off"),
+                   help="grow the training set from mutual-nearest unpaired items (default: the "
+                        "service's, TrainerConfig().self_learning): auto = when cross-validation "
+                        "on the pairs prefers it")
     s.add_argument("--embedding-dim", type=int,
                    help="shared-space dimension (default: the service's, TrainerConfig().dim_out)")
     s.set_defaults(func=_cmd_simulate)

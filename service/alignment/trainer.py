@@ -14,7 +14,17 @@ Recipe, chosen for small budgets where a good learner is worth more than clever 
 Alternative to steps 1-2 (``method="ridge"``): one ridge map from one modality into the other's
 top principal directions (PCA on all items), lambda and direction by exact leave-one-out retrieval
 on the pairs; far stronger on pretrained-encoder features. ``method="auto"`` (the default) picks
-CCA or ridge by cross-validated retrieval on the acquired pairs (:meth:`_choose_method`).
+CCA or ridge by cross-validated retrieval on the acquired pairs (:meth:`_model_selection`).
+
+**Self-learning** (``self_learning``, after [Artetxe2017]'s iterative self-learning for bilingual
+lexicon induction): the acquired pairs are anchors; the fitted map matches a sample of the
+*unpaired* items of both modalities, the mutual nearest neighbours under CSLS
+([Lample2018]) become pseudo-pairs, ranked by their CSLS score, and the map is refitted on anchors
++ pseudo-pairs, ``self_learning_rounds`` times with a growing share of them. With
+``"auto"`` it is kept only when it beats the plain fit in the same cross-validation
+on the acquired pairs (the held-out pairs' own items are removed from the unpaired sample first),
+so a modality pair whose unpaired structure misleads (drifts into wrong pairs) keeps the plain
+map.
 
 The result is composed into one affine head per modality (see :class:`AlignmentModel`).
 """
@@ -58,9 +68,21 @@ class TrainerConfig:
     ridge_lambdas: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 13))
     loo_queries: int = 300  # leave-one-out retrieval: at most this many pairs as queries
     loo_distractors: int = 300  # ... against their partners plus this many unpaired items
+    # "auto": kept when cross-validation on the acquired pairs prefers it; "on"; "off".
+    # Off by default until the quality benchmark has been re-run with it (a self-learning fit
+    # costs ~1.5 s at 3000 items, the 5,200-run benchmark would take hours; reports/quality.md)
+    self_learning: str = "off"
+    self_learning_rounds: int = 4  # refits; round t keeps the best t/rounds of the pseudo-pairs
+    # the most recent unpaired items per modality that are matched: the more of both sides of
+    # the same pairs it sees, the more true pseudo-pairs (3000: ~0.1 s per round)
+    self_learning_items: int = 3000
+    self_learning_min_pairs: int = 20  # fewer anchors: never (the first map is too weak)
+    self_learning_margin_se: float = 1.0  # auto: it must win by this many standard errors
+    csls_k: int = 10  # neighbourhood size of the CSLS hubness correction
 
     def __post_init__(self):
-        for name in ("dim_out", "pca_dim", "min_pairs", "loo_queries"):
+        for name in ("dim_out", "pca_dim", "min_pairs", "loo_queries", "self_learning_rounds",
+                     "self_learning_items", "csls_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cca_reg < 0:
@@ -76,6 +98,9 @@ class TrainerConfig:
             raise ValueError(f"ridge_lambdas must be non-empty and > 0, got {self.ridge_lambdas}")
         if self.loo_distractors < 0:
             raise ValueError(f"loo_distractors must be >= 0, got {self.loo_distractors}")
+        if self.self_learning not in ("auto", "on", "off"):
+            raise ValueError(f"self_learning must be 'auto', 'on' or 'off', got "
+                             f"{self.self_learning!r}")
 
 
 def _whitening(x: np.ndarray, r: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +126,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def ridge_loo_choice(x: np.ndarray, y: np.ndarray, lambdas, distractors: np.ndarray,
-                     queries: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray]:
+                     queries: int, rng: np.random.Generator,
+                     anchors: int | None = None) -> tuple[float, float, np.ndarray]:
     """Ridge map ``x -> y`` with lambda chosen by exact leave-one-out retrieval.
 
     For each lambda the leave-one-out prediction of every pair comes in closed form from one SVD
@@ -121,14 +147,17 @@ def ridge_loo_choice(x: np.ndarray, y: np.ndarray, lambdas, distractors: np.ndar
     queries : int
         At most this many pairs (a seeded sample) are scored.
     rng : numpy Generator
+    anchors : int, optional
+        Only the first ``anchors`` rows (the acquired pairs; the rest are self-learning
+        pseudo-pairs) are scored as queries. Default: all rows.
 
     Returns
     -------
     (lambda, leave-one-out mean reciprocal rank, W (d, k)) of the best lambda.
     """
-    n = len(x)
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    u, s, vt = _thin_svd(x)
     uty = u.T @ y
+    n = len(x) if anchors is None else min(int(anchors), len(x))
     q = np.arange(n) if n <= queries else np.sort(rng.choice(n, queries, replace=False))
     cand = _unit(np.concatenate([y[q], distractors]))
     best = (-1.0, float(lambdas[0]))
@@ -146,6 +175,60 @@ def ridge_loo_choice(x: np.ndarray, y: np.ndarray, lambdas, distractors: np.ndar
     mrr, lam = best
     w = vt.T @ ((s / (s**2 + lam))[:, None] * uty)
     return lam, mrr, w
+
+
+def _thin_svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of a tall x (n, d), n >= 4 d, through the eigendecomposition of the (d, d) Gram
+    matrix (several times faster than LAPACK's SVD of the tall matrix, e.g. anchors +
+    self-learning pseudo-pairs; singular values below 1e-6 of the largest are dropped, so u stays
+    orthonormal). Otherwise LAPACK's SVD (the plain learners' fits stay bit-for-bit as before)."""
+    if len(x) < 4 * x.shape[1]:
+        return np.linalg.svd(x, full_matrices=False)
+    w, v = np.linalg.eigh(x.T @ x)
+    keep = w > max(float(w[-1]), 1e-300) * 1e-12
+    s = np.sqrt(w[keep])[::-1]
+    v = v[:, keep][:, ::-1]
+    return (x @ v) / s, s, v.T
+
+
+def mutual_nearest_pairs(za: np.ndarray, zb: np.ndarray,
+                         k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours of two sets of unit vectors under CSLS.
+
+    CSLS ([Lample2018]) is ``2 cos(a, b) - r_a - r_b`` with ``r_x`` the mean cosine of ``x`` to
+    its ``k`` nearest neighbours in the other set: it discounts hubs (items close to everything),
+    which plain nearest neighbours pair with many partners.
+
+    Parameters
+    ----------
+    za : ndarray (p, k_dim)
+    zb : ndarray (q, k_dim)
+        Unit rows in the shared space.
+    k : int
+        Neighbourhood size of the hubness correction (capped at the set sizes).
+
+    Returns
+    -------
+    (i (m,), j (m,), score (m,)): row ``i[t]`` of ``za`` and row ``j[t]`` of ``zb`` are each
+    other's best CSLS match; ``score[t]`` is that CSLS value. Empty when either set is.
+    """
+    if len(za) == 0 or len(zb) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    # torch: its top-k and in-place float32 passes are several times numpy's partition + copies
+    with torch.inference_mode():
+        sims = torch.from_numpy(np.asarray(za, np.float32)) @ torch.from_numpy(
+            np.asarray(zb, np.float32)).T
+        r_a = sims.topk(min(k, sims.shape[1]), dim=1).values.mean(dim=1)
+        r_b = sims.topk(min(k, sims.shape[0]), dim=0).values.mean(dim=0)
+        sims.mul_(2).sub_(r_b[None, :])  # row-wise argmax of CSLS ignores r_a
+        best_b = sims.argmax(dim=1)
+        sims.sub_(r_a[:, None])  # now the CSLS itself
+        best_a = sims.argmax(dim=0)
+        i = torch.nonzero(best_a[best_b] == torch.arange(len(za))).flatten()
+        j = best_b[i]
+        score = sims[i, j]
+    return i.numpy().astype(np.int64), j.numpy().astype(np.int64), score.numpy().astype(np.float64)
 
 
 def _reciprocal_ranks(queries: np.ndarray, partners: np.ndarray,
@@ -213,12 +296,15 @@ class AlignmentTrainer:
         self._whiten: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._pca: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # ridge: mean, top directions
         self._unpaired: dict[str, np.ndarray] = {}  # ridge: a sample of distractors
+        self._sl_items: dict[str, np.ndarray] = {}  # self-learning: unpaired items it matches
         self.last_fit: dict = {}  # what the last fit chose (method, direction, lambda, LOO MRR)
-        self._choice: tuple | None = None  # auto: (pairs when chosen, method, CV scores)
+        # model selection by cross-validation: (pairs when chosen, method, self-learning?, scores)
+        self._choice: tuple | None = None
 
     # ----------------------------------------------------------------- unpaired data
     def fit_unpaired(self, unpaired: dict[str, np.ndarray]) -> None:
-        """Fit the per-modality whitening on unpaired items. unpaired[m]: (n_m, d_m), n_m >= 2."""
+        """Fit the per-modality whitening on unpaired items. unpaired[m]: (n_m, d_m), n_m >= 2,
+        oldest first (self-learning matches the last ``self_learning_items`` of them)."""
         for m in self.modalities:
             if m not in unpaired:
                 raise ValueError(f"fit_unpaired: missing modality {m!r}")
@@ -231,6 +317,9 @@ class AlignmentTrainer:
                 rng = np.random.default_rng([self.seed, 7])
                 keep = min(len(x), self.config.loo_distractors)
                 self._unpaired[m] = x[np.sort(rng.choice(len(x), keep, replace=False))]
+            if self.config.self_learning != "off":
+                # the most recent items: in a stream, partners arrive close together
+                self._sl_items[m] = x[-self.config.self_learning_items:]
 
     def _whitening_for(self, m: str, fallback: np.ndarray):
         if m not in self._whiten:
@@ -282,19 +371,24 @@ class AlignmentTrainer:
             model.load_state_dict(src.state_dict())
             model.version = version
         else:
-            method = cfg.method if cfg.method != "auto" else self._choose_method(a, b, version)
-            info = (self._fit_ridge if method == "ridge" else self._fit_cca)(model, a, b, version)
+            method, self_learn = self._model_selection(a, b, version)
+            fit = self._fit_ridge if method == "ridge" else self._fit_cca
+            if self_learn:
+                info = self._self_learn(fit, model, a, b, version, self._sl_items)
+            else:
+                info = fit(model, a, b, version)
             self.last_fit = {**info, "pairs": len(a)}
-            if cfg.method == "auto" and self._choice is not None:
-                self.last_fit["chosen_by"] = self._choice[2]
+            if self._choice is not None and self._choice[0] <= len(a):
+                self.last_fit["chosen_by"] = self._choice[3]
         if cfg.finetune_steps > 0 and len(a) >= 2:
             self._finetune(model, a, b)
         model.n_pairs = len(a)
         return model.eval()
 
     def _fit_cca(self, model: AlignmentModel | _Heads, a: np.ndarray, b: np.ndarray,
-                 version: int) -> dict:
-        """Whitening + ridge CCA (the module docstring's steps 1-2) into ``model``'s heads."""
+                 version: int, anchors: int | None = None) -> dict:
+        """Whitening + ridge CCA (the module docstring's steps 1-2) into ``model``'s heads
+        (``anchors``: unused, CCA has no per-pair model selection)."""
         cfg = self.config
         ma, mb = self.modalities
         mu_a, wa = self._whitening_for(ma, a)
@@ -309,44 +403,110 @@ class AlignmentTrainer:
             model.set_affine(m, mu + shift, _pad(full, cfg.dim_out))
         return {"method": "cca"}
 
-    def _choose_method(self, a: np.ndarray, b: np.ndarray, version: int) -> str:
-        """``method="auto"``: CCA or ridge, by ``cv_folds``-fold cross-validated retrieval.
+    def _can_self_learn(self, n: int) -> bool:
+        cfg = self.config
+        return (cfg.self_learning != "off" and n >= cfg.self_learning_min_pairs
+                and all(m in self._sl_items for m in self.modalities))
 
-        Each fold fits both learners on the other folds' pairs (ridge choosing its own lambda and
-        direction inside, by leave-one-out on those pairs only) and scores the held-out pairs'
-        mean reciprocal rank in both retrieval directions, the unpaired distractors added to the
-        candidates. Only the acquired pairs and the unpaired items are used. The choice is kept
-        until the number of pairs has grown by a quarter (model selection is then re-run), so it
-        costs about ``2 * cv_folds`` fits every so often, not per retrain.
+    def _model_selection(self, a: np.ndarray, b: np.ndarray, version: int) -> tuple[str, bool]:
+        """The learner (``method``) and whether to self-learn, for ``n = len(a)`` pairs.
+
+        What the config fixes is used as is; what it leaves to ``"auto"`` is chosen by
+        ``cv_folds``-fold cross-validated retrieval on the acquired pairs (:meth:`_cross_validate`).
+        The choice is kept until the number of pairs has grown by a quarter (model selection is
+        then re-run), so it costs a few fits every so often, not per retrain.
         """
+        cfg = self.config
         n = len(a)
+        sl_auto = cfg.self_learning == "auto" and self._can_self_learn(n)
+        if cfg.method != "auto" and not sl_auto:
+            return cfg.method, cfg.self_learning == "on" and self._can_self_learn(n)
         if self._choice is not None and self._choice[0] <= n < 1.25 * self._choice[0]:
-            return self._choice[1]
+            return self._choice[1], self._choice[2]
+        method, self_learn, scores = self._cross_validate(a, b, version, sl_auto)
+        if cfg.self_learning == "on":
+            self_learn = self._can_self_learn(n)
+        self._choice = (n, method, self_learn, scores)
+        return method, self_learn
+
+    def _cross_validate(self, a: np.ndarray, b: np.ndarray, version: int,
+                        try_self_learning: bool) -> tuple[str, bool, dict]:
+        """Model selection on the acquired pairs only.
+
+        Each fold fits the candidates on the other folds' pairs (ridge choosing its own lambda
+        and direction inside, by leave-one-out on those pairs only) and scores the held-out
+        pairs' mean reciprocal rank in both retrieval directions, the unpaired distractors added
+        to the candidates. The learner is CCA or ridge (``method="auto"``): ridge unless CCA is
+        better by more than ``cca_margin_se`` standard errors of the paired difference (per
+        held-out pair; at small budgets the fold scores are noisy, and ridge is the stronger
+        learner on pretrained-encoder features). Self-learning on top of it is then kept only
+        when it beats the plain fit by more than ``self_learning_margin_se`` standard errors;
+        its unpaired sample loses the held-out pairs' own items first, so their structure
+        cannot vouch for it.
+
+        Returns
+        -------
+        (method, self-learning?, mean reciprocal rank per candidate)
+        """
         cfg = self.config
         ma, mb = self.modalities
+        n = len(a)
         folds = np.array_split(np.random.default_rng([self.seed, n, 13]).permutation(n),
                                min(cfg.cv_folds, n // 2))
-        rr = {}
-        for method, fit in (("cca", self._fit_cca), ("ridge", self._fit_ridge)):
+        fits = {"cca": self._fit_cca, "ridge": self._fit_ridge}
+        methods = ("cca", "ridge") if cfg.method == "auto" else (cfg.method,)
+
+        def score(fit, self_learn: bool) -> np.ndarray:
             parts = []
             for held in folds:
                 train = np.setdiff1d(np.arange(n), held)
                 trial = _Heads()
-                fit(trial, a[train], b[train], version)
+                if self_learn:
+                    items = {ma: _without_rows(self._sl_items[ma], a[held]),
+                             mb: _without_rows(self._sl_items[mb], b[held])}
+                    self._self_learn(fit, trial, a[train], b[train], version, items)
+                else:
+                    fit(trial, a[train], b[train], version)
                 za, zb = trial.embed(ma, a[held]), trial.embed(mb, b[held])
                 da = trial.embed(ma, self._distractors(ma, a))
                 db = trial.embed(mb, self._distractors(mb, b))
                 parts.append(0.5 * (_reciprocal_ranks(za, zb, db)
                                     + _reciprocal_ranks(zb, za, da)))
-            rr[method] = np.concatenate(parts)
-        # ridge unless CCA is better by more than cca_margin_se standard errors of the paired
-        # difference (per held-out pair): at small budgets the fold scores are noisy, and ridge
-        # is the stronger learner on pretrained-encoder features
-        diff = rr["cca"] - rr["ridge"]
-        sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
-        pick = "cca" if diff.mean() > cfg.cca_margin_se * sem + 1e-12 else "ridge"
-        self._choice = (n, pick, {m: round(float(v.mean()), 4) for m, v in rr.items()})
-        return pick
+            return np.concatenate(parts)
+
+        rr = {m: score(fits[m], False) for m in methods}
+        method = methods[0]
+        if len(methods) == 2:
+            method = "cca" if _wins(rr["cca"], rr["ridge"], cfg.cca_margin_se) else "ridge"
+        self_learn = False
+        if try_self_learning:
+            rr[f"{method}+self"] = score(fits[method], True)
+            self_learn = _wins(rr[f"{method}+self"], rr[method], cfg.self_learning_margin_se)
+        return method, self_learn, {m: round(float(v.mean()), 4) for m, v in rr.items()}
+
+    def _self_learn(self, fit, target: AlignmentModel | _Heads, a: np.ndarray, b: np.ndarray,
+                    version: int, items: dict[str, np.ndarray]) -> dict:
+        """Fit on the anchors ``(a, b)``, then refit ``self_learning_rounds`` times on anchors +
+        the best CSLS mutual-nearest pseudo-pairs among ``items`` (unpaired (p_m, d_m) per
+        modality; round t keeps the top t/rounds of them); the last fit goes into ``target``.
+        Only the anchors are leave-one-out queries in the ridge's lambda choice."""
+        cfg = self.config
+        ma, mb = self.modalities
+        ua, ub = items[ma], items[mb]
+        trial = _Heads()
+        info = fit(trial, a, b, version)
+        kept = 0
+        for t in range(1, cfg.self_learning_rounds + 1):
+            i, j, csls = mutual_nearest_pairs(trial.embed(ma, ua), trial.embed(mb, ub),
+                                              cfg.csls_k)
+            keep = np.argsort(-csls, kind="stable")[:len(i) * t // cfg.self_learning_rounds]
+            into: AlignmentModel | _Heads = target if t == cfg.self_learning_rounds else _Heads()
+            info = fit(into, np.concatenate([a, ua[i[keep]]]),
+                       np.concatenate([b, ub[j[keep]]]), version, anchors=len(a))
+            if isinstance(into, _Heads):
+                trial = into
+            kept = len(keep)
+        return {**info, "pseudo_pairs": kept}
 
     def _distractors(self, m: str, fallback: np.ndarray) -> np.ndarray:
         if m not in self._unpaired:
@@ -354,13 +514,14 @@ class AlignmentTrainer:
         return self._unpaired[m]
 
     def _fit_ridge(self, model: AlignmentModel | _Heads, a: np.ndarray, b: np.ndarray,
-                   version: int) -> dict:
+                   version: int, anchors: int | None = None) -> dict:
         """One ridge map into the other modality's principal space; see :func:`ridge_loo_choice`.
 
         The target head is the target modality's top ``dim_out`` principal directions (fitted on
         the unpaired items); the source head is the ridge map from the centred source into them.
         With ``ridge_direction="auto"`` both directions are fitted and the one with the better
-        leave-one-out retrieval is kept.
+        leave-one-out retrieval is kept. Only the first ``anchors`` pairs (default: all) are
+        leave-one-out queries; the rest are self-learning pseudo-pairs.
         """
         cfg = self.config
         ma, mb = self.modalities
@@ -378,7 +539,8 @@ class AlignmentTrainer:
             y = (views[tgt] - mu_t) @ p_t
             dis = (self._distractors(tgt, views[tgt]) - mu_t) @ p_t
             rng = np.random.default_rng([self.seed, version, 11])
-            lam, mrr, w = ridge_loo_choice(x, y, cfg.ridge_lambdas, dis, cfg.loo_queries, rng)
+            lam, mrr, w = ridge_loo_choice(x, y, cfg.ridge_lambdas, dis, cfg.loo_queries, rng,
+                                           anchors)
             if best is None or mrr > best[0]:
                 best = (mrr, lam, src, tgt, w)
         assert best is not None  # directions is never empty
@@ -407,6 +569,21 @@ class AlignmentTrainer:
             loss.backward()
             opt.step()
         model.eval()
+
+
+def _wins(challenger: np.ndarray, incumbent: np.ndarray, margin_se: float) -> bool:
+    """Whether the paired per-pair scores favour ``challenger`` by more than ``margin_se``
+    standard errors of the mean difference (shapes (n,), (n,))."""
+    diff = challenger - incumbent
+    sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+    return bool(diff.mean() > margin_se * sem + 1e-12)
+
+
+def _without_rows(items: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``items`` (p, d) without the rows that equal a row of ``rows`` (r, d) exactly."""
+    drop = {r.tobytes() for r in np.ascontiguousarray(rows, dtype=items.dtype)}
+    keep = [k for k, r in enumerate(items) if r.tobytes() not in drop]
+    return items[keep]
 
 
 def _pad(w: np.ndarray, k: int) -> np.ndarray:

@@ -182,7 +182,14 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
         raise ValueError(f"budget {cfg.budget} exceeds the pool of {len(pool)} rows")
     ma, mb = ds.modality_a, ds.modality_b
     trainer = AlignmentTrainer({ma: ds.a.shape[1], mb: ds.b.shape[1]}, cfg.trainer, seed=cfg.seed)
-    trainer.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
+    if cfg.trainer.self_learning == "off":
+        trainer.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
+    else:
+        # each modality's pool in its own random order: self-learning matches the last items it
+        # is given, and the row order of the pool would tell it which items are partners
+        order = np.random.default_rng([cfg.seed, 3])
+        trainer.fit_unpaired({ma: ds.a[order.permutation(pool)],
+                              mb: ds.b[order.permutation(pool)]})
     oracle = _Oracle(ds, pool)
     run = _run_pool if cfg.mode == "pool" else _run_stream
     sseed = cfg.seed if cfg.strategy_seed is None else cfg.strategy_seed
@@ -211,6 +218,10 @@ def _evaluate(trainer, model, ds, oracle, test, prev):
     rec = retrieval_recall(model, ds.a[test], ds.b[test])
     point = {"pairs": oracle.spent, "unique_pairs": int(len(rows)),
              "r1": round(rec["r1"], 5), "r5": round(rec["r5"], 5)}
+    fit = trainer.last_fit
+    if len(rows) and fit.get("pairs") == len(rows):  # what the learner chose for this point
+        point["fit"] = fit["method"] + (f"+self({fit['pseudo_pairs']})"
+                                        if "pseudo_pairs" in fit else "")
     return model, point
 
 

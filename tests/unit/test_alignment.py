@@ -440,3 +440,158 @@ def test_auto_choice_does_not_depend_on_torch_threads(linear_pairs):
     finally:
         torch.set_num_threads(old)
     assert choices[0] == choices[1] == choices[2]
+
+
+# --- self-learning --------------------------------------------------------------------------
+
+
+def test_thin_svd_matches_lapack_and_drops_null_directions():
+    from service.alignment.trainer import _thin_svd
+
+    x = np.random.default_rng(1).standard_normal((200, 12))  # n >= 4 d: the Gram path
+    u, s, vt = _thin_svd(x)
+    np.testing.assert_allclose(s, np.linalg.svd(x, compute_uv=False), rtol=1e-10)
+    np.testing.assert_allclose((u * s) @ vt, x, atol=1e-10)
+    np.testing.assert_allclose(u.T @ u, np.eye(12), atol=1e-10)
+    low_rank = np.repeat(x[:, :4], 3, axis=1)  # rank 4 in 12 columns
+    u, s, vt = _thin_svd(low_rank)
+    assert len(s) == 4
+    np.testing.assert_allclose((u * s) @ vt, low_rank, atol=1e-9)
+
+
+def test_mutual_nearest_pairs_recovers_a_shuffled_pairing():
+    from service.alignment.trainer import _unit, mutual_nearest_pairs
+
+    rng = np.random.default_rng(2)
+    za = _unit(rng.standard_normal((50, 16)))
+    perm = rng.permutation(50)
+    zb = _unit(za[perm] + 0.01 * rng.standard_normal((50, 16)))  # zb[t] ~ za[perm[t]]
+    i, j, score = mutual_nearest_pairs(za, zb, k=5)
+    assert len(i) == 50
+    np.testing.assert_array_equal(perm[j], i)
+    assert score.shape == (50,) and np.isfinite(score).all()
+    e = mutual_nearest_pairs(za[:0], zb, k=5)
+    assert all(len(v) == 0 for v in e)
+
+
+def test_mutual_nearest_pairs_are_one_to_one_even_with_a_hub():
+    """A b item close to every a item (a hub) is the plain nearest neighbour of many; mutual
+    pairs use every item at most once, the hub included."""
+    from service.alignment.trainer import _unit, mutual_nearest_pairs
+
+    rng = np.random.default_rng(3)
+    za = _unit(rng.standard_normal((30, 8)) + 3.0)  # all in one cone
+    zb = np.concatenate([_unit(za + 0.2 * rng.standard_normal((30, 8))),
+                         _unit(za.mean(axis=0, keepdims=True))])  # row 30: the hub
+    assert (np.argmax(za @ zb.T, axis=1) == 30).sum() >= 10
+    i, j, _ = mutual_nearest_pairs(za, zb, k=5)
+    assert len(i) > 0
+    assert len(set(i.tolist())) == len(i) and len(set(j.tolist())) == len(j)
+
+
+LATENT_DIMS = {"a": 40, "b": 30}
+
+
+def _latent_pairs(n, seed, noise=1.0):
+    """Two noisy linear views (d_a=40, d_b=30) of one 20-d latent: 25 anchors leave the ridge
+    map short of what the unpaired structure can teach it."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 20))
+    a = z @ rng.standard_normal((20, 40)) + noise * rng.standard_normal((n, 40))
+    b = z @ rng.standard_normal((20, 30)) + noise * rng.standard_normal((n, 30))
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def test_self_learning_from_unpaired_items_beats_the_anchors_alone():
+    a, b = _latent_pairs(1400, seed=4)
+    pool, test = slice(0, 1200), slice(1200, 1400)
+    rng = np.random.default_rng(5)
+    # each modality's unpaired items in its own order: nothing aligns them but the model
+    unpaired = {"a": a[pool][rng.permutation(1200)], "b": b[pool][rng.permutation(1200)]}
+    r1 = {}
+    for mode in ("off", "on"):
+        tr = AlignmentTrainer(LATENT_DIMS, TrainerConfig(method="ridge", dim_out=16,
+                                                         self_learning=mode,
+                                                         self_learning_min_pairs=10), seed=0)
+        tr.fit_unpaired(unpaired)
+        model = tr.fit(a[:25], b[:25])
+        r1[mode] = retrieval_recall(model, a[test], b[test])["r1"]
+        assert ("pseudo_pairs" in tr.last_fit) == (mode == "on")
+    assert r1["on"] > r1["off"] + 0.05, r1
+
+
+def test_auto_self_learning_is_refused_when_the_unpaired_items_mislead():
+    """Unpaired b items from another latent (none is a partner of an a item): their mutual
+    nearest neighbours are wrong pairs, and the cross-validation on the acquired pairs alone
+    must keep the plain map."""
+    a, b = _latent_pairs(1200, seed=6)
+    _, b_other = _latent_pairs(1000, seed=7)
+    tr = AlignmentTrainer(LATENT_DIMS, TrainerConfig(method="ridge", dim_out=16,
+                                                     self_learning="auto",
+                                                     self_learning_min_pairs=10), seed=0)
+    tr.fit_unpaired({"a": a[200:], "b": b_other})
+    tr.fit(a[:60], b[:60])
+    assert tr._choice is not None and tr._choice[2] is False
+    assert "pseudo_pairs" not in tr.last_fit
+    assert set(tr.last_fit["chosen_by"]) == {"ridge", "ridge+self"}
+
+
+def test_auto_self_learning_is_chosen_when_it_generalises():
+    a, b = _latent_pairs(1400, seed=4)
+    rng = np.random.default_rng(5)
+    tr = AlignmentTrainer(LATENT_DIMS, TrainerConfig(method="ridge", dim_out=16,
+                                                     self_learning="auto",
+                                                     self_learning_min_pairs=10), seed=0)
+    tr.fit_unpaired({"a": a[:1200][rng.permutation(1200)], "b": b[:1200][rng.permutation(1200)]})
+    tr.fit(a[:25], b[:25])
+    assert tr._choice[2] is True and tr.last_fit["pseudo_pairs"] > 0
+
+
+def test_cross_validated_self_learning_drops_the_held_out_pairs_items():
+    from service.alignment.trainer import _without_rows
+
+    items = np.arange(20, dtype=np.float64).reshape(10, 2)
+    kept = _without_rows(items, items[[1, 4]].astype(np.float32))
+    assert len(kept) == 8 and not any((kept == items[1]).all(axis=1))
+
+
+def test_self_learning_below_its_minimum_of_anchors_is_off(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a[:200], b[:200], method="ridge", dim_out=8, self_learning="on",
+                      self_learning_min_pairs=50)
+    tr.fit(a[:30], b[:30])
+    assert "pseudo_pairs" not in tr.last_fit
+    tr.fit(a[:60], b[:60])
+    assert tr.last_fit["pseudo_pairs"] >= 0
+
+
+def test_ridge_loo_queries_only_the_anchors():
+    from service.alignment.trainer import ridge_loo_choice
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((80, 5))
+    y = x @ rng.standard_normal((5, 4))
+    lambdas = (0.1, 1.0)
+    full = ridge_loo_choice(x, y, lambdas, np.zeros((0, 4)), 300, np.random.default_rng(0))
+    same = ridge_loo_choice(x, y, lambdas, np.zeros((0, 4)), 300, np.random.default_rng(0),
+                            anchors=80)
+    assert full[:2] == same[:2]
+    # rows past the anchors with garbage targets: fitted on, never scored as queries
+    y2 = np.concatenate([y, rng.standard_normal((40, 4)) * 10])
+    x2 = np.concatenate([x, rng.standard_normal((40, 5))])
+    scored_all = ridge_loo_choice(x2, y2, lambdas, np.zeros((0, 4)), 300,
+                                  np.random.default_rng(0))[1]
+    scored_anchors = ridge_loo_choice(x2, y2, lambdas, np.zeros((0, 4)), 300,
+                                      np.random.default_rng(0), anchors=80)[1]
+    assert scored_anchors != scored_all
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"self_learning": "yes"}, "self_learning must be 'auto', 'on' or 'off', got 'yes'"),
+    ({"self_learning_rounds": 0}, "self_learning_rounds must be >= 1, got 0"),
+    ({"self_learning_items": 0}, "self_learning_items must be >= 1, got 0"),
+    ({"csls_k": 0}, "csls_k must be >= 1, got 0"),
+])
+def test_self_learning_config_errors_name_the_value(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainerConfig(**kw)
