@@ -23,11 +23,14 @@ def _cmd_simulate(args) -> int:
 
     base = TrainerConfig()
     dim = args.embedding_dim or base.dim_out
-    trainer = TrainerConfig(method=args.learner or base.method, dim_out=dim,
+    baseline = args.learner == "ridge-baseline"
+    trainer = TrainerConfig(method=base.method if baseline or not args.learner else args.learner,
+                            dim_out=dim,
                             self_learning=args.self_learning or base.self_learning)
     cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
-                    retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer)
+                    retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer,
+                    learner="ridge-baseline" if baseline else "pairsieve")
     if args.plot and not args.out:
         raise SystemExit("simulate: --plot writes beside --out; give --out FILE.json too")
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -175,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", action="store_true",
                    help="also write the learning curve as a PNG beside --out")
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    s.add_argument("--learner", choices=("cca", "ridge", "auto"),
+    s.add_argument("--learner", choices=("cca", "ridge", "auto", "ridge-baseline"),
                    help="alignment learner (default: the service's, TrainerConfig().method): "
                         "whitened ridge CCA, one ridge map with leave-one-out lambda and "
-                        "direction, or the better of both by cross-validation on the pairs")
+                        "direction, or the better of both by cross-validation on the pairs; "
+                        "ridge-baseline: the plain two-map ridge reference (random only)")
     s.add_argument("--self-learning", choices=("auto", "on", "off"),
                    help="grow the training set from mutual-nearest unpaired items (default: the "
                         "service's, TrainerConfig().self_learning): auto = when cross-validation "

@@ -35,6 +35,7 @@ from service.core.pool.hybrid import HybridStrategy
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import FeatureItem
 from service.evaluation.datasets import Dataset
+from service.evaluation.ridge_baseline import RidgeBaseline, recall_from_scores
 from service.learning_loop import DEFAULT_RETRAIN_EVERY
 
 MODES = ("pool", "stream")
@@ -101,6 +102,9 @@ class SimConfig:
     explore: float = 0.05
     stream_order: str = "shuffled"  # stream: "shuffled", or "dataset" (row order, e.g. books)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # "pairsieve" (``trainer``) or "ridge-baseline" (issue 13's plain two-map ridge,
+    # service/evaluation/ridge_baseline.py; with ``strategy="random"`` only: a reference curve)
+    learner: str = "pairsieve"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -116,6 +120,12 @@ class SimConfig:
                              f"{self.stream_order!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.learner not in ("pairsieve", "ridge-baseline"):
+            raise ValueError(f"learner must be 'pairsieve' or 'ridge-baseline', got "
+                             f"{self.learner!r}")
+        if self.learner == "ridge-baseline" and self.strategy != "random":
+            raise ValueError(f"the ridge baseline is a reference for random selection only, got "
+                             f"strategy {self.strategy!r}")
 
 
 class _Oracle:
@@ -200,7 +210,8 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
         "dataset": ds.name, "strategy": cfg.strategy, "mode": cfg.mode, "seed": cfg.seed,
         "budget": cfg.budget, "curve": curve,
         "stream_order": cfg.stream_order if cfg.mode == "stream" else None,
-        "learner": cfg.trainer.method, "embedding_dim": cfg.trainer.dim_out,
+        "learner": cfg.trainer.method if cfg.learner == "pairsieve" else cfg.learner,
+        "self_learning": cfg.trainer.self_learning, "embedding_dim": cfg.trainer.dim_out,
         "acquisitions_per_modality": {ma: oracle.per_modality[0], mb: oracle.per_modality[1]},
         "no_match": oracle.no_match, "wasted": oracle.wasted,
         "unique_pairs": len(oracle.revealed_rows),
@@ -212,8 +223,15 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
     }
 
 
-def _evaluate(trainer, model, ds, oracle, test, prev):
+def _evaluate(cfg, trainer, model, ds, oracle, test, prev):
     rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
+    if cfg.learner == "ridge-baseline":
+        # the selection keeps the cold model (random ignores it); recall from the baseline
+        rec = (recall_from_scores(RidgeBaseline(ds.a[rows], ds.b[rows]).scores(ds.a[test],
+                                                                               ds.b[test]))
+               if len(rows) >= 2 else retrieval_recall(model, ds.a[test], ds.b[test]))
+        return model, {"pairs": oracle.spent, "unique_pairs": int(len(rows)),
+                       "r1": round(rec["r1"], 5), "r5": round(rec["r5"], 5)}
     model = trainer.fit(ds.a[rows], ds.b[rows], init=prev) if len(rows) else prev
     rec = retrieval_recall(model, ds.a[test], ds.b[test])
     point = {"pairs": oracle.spent, "unique_pairs": int(len(rows)),
@@ -240,7 +258,7 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     strategy = _pool_strategies()[cfg.strategy]()
     _warmup_picks(oracle, min(cfg.warmup, cfg.budget), rng)
     order_rng, rng = rng, srng
-    model, point = _evaluate(trainer, trainer.cold_model(), ds, oracle, test, None)
+    model, point = _evaluate(cfg, trainer, trainer.cold_model(), ds, oracle, test, None)
     curve = [point]
     while oracle.spent < cfg.budget:
         k = min(cfg.round_size, cfg.budget - oracle.spent)
@@ -264,7 +282,7 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
         for m, j in picks:
             s = mods.index(m)
             oracle.acquire(s, cand[s][j])
-        model, point = _evaluate(trainer, model, ds, oracle, test, model)
+        model, point = _evaluate(cfg, trainer, model, ds, oracle, test, model)
         curve.append(point)
         if progress:
             progress(f"{cfg.strategy}/{cfg.mode} seed {cfg.seed}: {oracle.spent}/{cfg.budget} "
@@ -293,7 +311,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     rng = srng
     factory = _stream_configs()[cfg.strategy]
     model = trainer.cold_model()
-    _, point = _evaluate(trainer, model, ds, oracle, test, model)
+    _, point = _evaluate(cfg, trainer, model, ds, oracle, test, model)
     point["pairs"] = 0
     curve = [point]
     clock = {"offered": 0, "select": 0.0, "train": 0.0}
@@ -305,7 +323,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
 
     def retrain(model):
         t = time.perf_counter()
-        out = _evaluate(trainer, model, ds, oracle, test, model)
+        out = _evaluate(cfg, trainer, model, ds, oracle, test, model)
         clock["train"] += time.perf_counter() - t
         return out
 
