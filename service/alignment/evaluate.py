@@ -24,18 +24,23 @@ def recall_at_k(za: np.ndarray, zb: np.ndarray, ks=(1, 5)) -> dict[str, float]:
     """
     if za.shape[0] != zb.shape[0] or za.shape[0] == 0:
         raise ValueError(f"need the same non-zero number of rows, got {za.shape} and {zb.shape}")
-    s = torch.as_tensor(za) @ torch.as_tensor(zb).T
-    n = s.shape[0]
-    diag = s.diagonal()
+    return recall_from_scores((torch.as_tensor(za) @ torch.as_tensor(zb).T).numpy(), ks)
+
+
+def recall_from_scores(s: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+    """Recall@k from a square score matrix: column i is row i's true partner; both directions
+    (rows retrieve columns, ``_ab``; columns retrieve rows, ``_ba``). Shape (n, n); keys as
+    :func:`recall_at_k`."""
+    diag = np.diagonal(s)
     # rank of the true partner = number of candidates scored strictly higher
-    rank_ab = (s > diag[:, None]).sum(dim=1)
-    rank_ba = (s > diag[None, :]).sum(dim=0)
+    rank_ab = (s > diag[:, None]).sum(axis=1)
+    rank_ba = (s > diag[None, :]).sum(axis=0)
     out: dict[str, float] = {}
     for k in ks:
-        ab = float((rank_ab < k).float().mean())
-        ba = float((rank_ba < k).float().mean())
+        ab = float((rank_ab < k).mean())
+        ba = float((rank_ba < k).mean())
         out[f"r{k}_ab"], out[f"r{k}_ba"], out[f"r{k}"] = ab, ba, (ab + ba) / 2
-    out["n"] = n
+    out["n"] = len(s)
     return out
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.alignment.evaluate import recall_from_scores
+
+__all__ = ["RidgeBaseline", "recall_from_scores", "ridge_loo_mse"]
+
 LAMBDAS = tuple(float(x) for x in np.logspace(-3, 3, 13))
 
 
@@ -71,17 +75,3 @@ class RidgeBaseline:
         ca = np.asarray(a, np.float64) - self.mean_a
         cb = np.asarray(b, np.float64) - self.mean_b
         return 0.5 * (_unit(ca @ self.w_ab) @ _unit(cb).T + _unit(ca) @ _unit(cb @ self.w_ba).T)
-
-
-def recall_from_scores(s: np.ndarray, ks=(1, 5)) -> dict[str, float]:
-    """Recall@k of row i's partner (column i) in a square score matrix, both directions (as
-    :func:`service.alignment.evaluate.recall_at_k`)."""
-    diag = np.diagonal(s)
-    rank_ab = (s > diag[:, None]).sum(axis=1)
-    rank_ba = (s > diag[None, :]).sum(axis=0)
-    out: dict[str, float] = {}
-    for k in ks:
-        ab, ba = float((rank_ab < k).mean()), float((rank_ba < k).mean())
-        out[f"r{k}_ab"], out[f"r{k}_ba"], out[f"r{k}"] = ab, ba, (ab + ba) / 2
-    out["n"] = len(s)
-    return out
