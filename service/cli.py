@@ -30,7 +30,8 @@ def _cmd_simulate(args) -> int:
     cfg = SimConfig(strategy=args.strategy, mode=args.mode, budget=args.budget, seed=args.seed,
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
                     retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer,
-                    learner="ridge-baseline" if baseline else "pairsieve")
+                    learner="ridge-baseline" if baseline else "pairsieve",
+                    stream_unpaired=args.stream_unpaired)
     if args.plot and not args.out:
         raise SystemExit("simulate: --plot writes beside --out; give --out FILE.json too")
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -180,13 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     s.add_argument("--learner", choices=("cca", "ridge", "auto", "ridge-baseline"),
                    help="alignment learner (default: the service's, TrainerConfig().method): "
-                        "whitened ridge CCA, one ridge map with leave-one-out lambda and "
-                        "direction, or the better of both by cross-validation on the pairs; "
+                        "whitened ridge CCA, two ridge maps (a->b, b->a) with leave-one-out "
+                        "lambda, or the better of both by cross-validation on the pairs; "
                         "ridge-baseline: the plain two-map ridge reference (random only)")
     s.add_argument("--self-learning", choices=("auto", "on", "off"),
                    help="grow the training set from mutual-nearest unpaired items (default: the "
                         "service's, TrainerConfig().self_learning): auto = when cross-validation "
                         "on the pairs prefers it")
+    s.add_argument("--stream-unpaired", choices=("pool", "seen"), default="pool",
+                   help="stream mode: the learner's unpaired data is the whole pool from the "
+                        "start (pool, the reports' setting) or the items offered so far (seen, "
+                        "as in the service)")
     s.add_argument("--embedding-dim", type=int,
                    help="shared-space dimension (default: the service's, TrainerConfig().dim_out)")
     s.set_defaults(func=_cmd_simulate)

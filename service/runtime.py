@@ -59,12 +59,15 @@ def initial_model(settings: Settings) -> AlignmentModel:
                              f"load its LATEST checkpoint ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); move it away "
                              "to start from a cold model") from None
-        if model.dims == settings.dims and model.dim_out == settings.embedding_dim:
+        blocks = settings.trainer_config().blocks
+        if (model.dims == settings.dims and model.dim_out == settings.embedding_dim
+                and model.blocks == blocks):
             log.info("loaded model version %d from %s", model.version, settings.model_dir)
             return model
         log.warning("checkpoint in %s does not match the configured modalities; ignoring it",
                     settings.model_dir)
-    model = AlignmentModel(settings.dims, settings.embedding_dim, version=0)
+    model = AlignmentModel(settings.dims, settings.embedding_dim, version=0,
+                           blocks=settings.trainer_config().blocks)
     rng = np.random.default_rng(settings.seed)
     k = settings.embedding_dim
     for m, d in settings.dims.items():

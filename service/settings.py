@@ -194,11 +194,18 @@ class Settings:
     index_size: int = _from(SelectorConfig, "index_size", "K: recent items per modality scored "
                             "against", allowed=POS_INT, check=_positive_int)
     embedding_dim: int = _from(TrainerConfig, "dim_out", "k: dimension of the shared embedding "
-                               "space", allowed=POS_INT, check=_positive_int)
+                               "space (even unless the learner is cca: half per ridge map)",
+                               allowed=POS_INT, check=_positive_int)
     learner: str = _from(TrainerConfig, "method", "alignment learner: cca (whitened ridge CCA), "
-                         "ridge (one ridge map, lambda and direction by leave-one-out) or auto "
-                         "(the better of both by cross-validation on the acquired pairs)",
+                         "ridge (two ridge maps, a->b and b->a, lambda by leave-one-out; a pair "
+                         "scores the mean of both cosines) or auto (the better of both by "
+                         "cross-validation on the acquired pairs)",
                          allowed="cca, ridge or auto", check=lambda v: v in LEARNERS)
+    self_learning: str = _from(TrainerConfig, "self_learning", "grow the training set with "
+                               "mutual-nearest pseudo-pairs among the unpaired items: auto (kept "
+                               "when cross-validation on the acquired pairs prefers it), on, off",
+                               allowed="auto, on or off",
+                               check=lambda v: v in ("auto", "on", "off"))
     uncertainty: str = _from(SelectorConfig, "uncertainty", "uncertainty measure: " +
                              ", ".join(UNCERTAINTIES), allowed=", ".join(UNCERTAINTIES),
                              check=lambda v: v in UNCERTAINTIES)
@@ -296,6 +303,11 @@ class Settings:
             errors.append("TLS needs both PAIRSIEVE_TLS_CERT_FILE (--tls-cert-file) and "
                           "PAIRSIEVE_TLS_KEY_FILE (--tls-key-file); got only "
                           + ("the certificate" if self.tls_cert_file else "the key"))
+        if (self.learner != "cca" and isinstance(self.embedding_dim, int)
+                and self.embedding_dim % 2):
+            errors.append(f"{self.env_name('embedding_dim')} (--embedding-dim) = "
+                          f"{self.embedding_dim!r}: expected an even number with learner "
+                          f"{self.learner!r} (half of the space per ridge map), or learner cca")
         if not errors:  # the core's own checks (a backstop: the rules above cover them)
             try:
                 self.selector_config()
@@ -363,9 +375,11 @@ class Settings:
                               acquisition=self.acquisition_config())
 
     def trainer_config(self) -> TrainerConfig:
-        """The alignment trainer's config: ``embedding_dim`` outputs, ``learner``; the rest are
+        """The alignment trainer's config: ``embedding_dim`` outputs, ``learner``,
+        ``self_learning``; the rest are
         :class:`TrainerConfig`'s defaults."""
-        return TrainerConfig(dim_out=self.embedding_dim, method=self.learner)
+        return TrainerConfig(dim_out=self.embedding_dim, method=self.learner,
+                             self_learning=self.self_learning)
 
     # ------------------------------------------------------------------ misc
     @property

@@ -1,11 +1,13 @@
 """The alignment model: one affine projection head per modality into a shared, L2-normalised space.
 
-A head is ``z = normalize(W^T (x - mu))``. Heads are plain ``torch.nn.Linear`` layers so the scorer
-can run them batched on CPU or CUDA; the trainer builds them in closed form (PCA whitening + CCA)
-and may fine-tune them with a contrastive loss. It satisfies the core's
-:class:`~service.core.cross_modal_model.CrossModalModel` interface; checkpoint files are written
-and read by
-:mod:`service.alignment.checkpoint`.
+A head is ``z = normalize(W^T (x - mu))``; with ``blocks = 2`` the ``dim_out`` outputs are two
+halves, each L2-normalised on its own before the whole is (so the cosine of two embeddings is the
+mean of the two halves' cosines: the two-way ridge learner scores a pair by the mean of its
+``a -> b`` and ``b -> a`` maps' cosines this way). Heads are plain ``torch.nn.Linear`` layers so
+the scorer can run them batched on CPU or CUDA; the trainer builds them in closed form (ridge
+maps, or PCA whitening + CCA) and may fine-tune them with a contrastive loss. It satisfies the
+core's :class:`~service.core.cross_modal_model.CrossModalModel` interface; checkpoint files are
+written and read by :mod:`service.alignment.checkpoint`.
 """
 
 from __future__ import annotations
@@ -33,19 +35,25 @@ class AlignmentModel(nn.Module):
         Dimension ``k`` of the shared space.
     version : int
         Monotonic model version; 0 means "not trained on any pair yet".
+    blocks : int
+        Number of equal slices of the output normalised separately (1 or more; must divide
+        ``dim_out``).
 
     Shape
     -----
     embed(modality, x): (n, d_modality) -> (n, dim_out), rows of unit norm.
     """
 
-    def __init__(self, dims: dict[str, int], dim_out: int, version: int = 0):
+    def __init__(self, dims: dict[str, int], dim_out: int, version: int = 0, blocks: int = 1):
         super().__init__()
         self.dims = check_dims(dims)
         self.modalities: tuple[str, str] = tuple(self.dims)  # type: ignore[assignment]
         if dim_out <= 0:
             raise ValueError(f"dim_out must be positive, got {dim_out}")
+        if blocks < 1 or dim_out % blocks:
+            raise ValueError(f"blocks must be >= 1 and divide dim_out = {dim_out}, got {blocks}")
         self.dim_out = int(dim_out)
+        self.blocks = int(blocks)
         self.version = int(version)
         self.n_pairs = 0
         # Heads are keyed by position ("0", "1"): modality names are user strings and may hold
@@ -66,8 +74,12 @@ class AlignmentModel(nn.Module):
         return b if modality == a else a
 
     def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """Project and L2-normalise. Shape: (n, d_modality) -> (n, dim_out)."""
+        """Project and L2-normalise (each block, then the whole). Shape: (n, d_modality) ->
+        (n, dim_out)."""
         z = self.head(modality)(x)
+        if self.blocks > 1:
+            n = z.shape[0]
+            z = nn.functional.normalize(z.reshape(n, self.blocks, -1), dim=2).reshape(n, -1)
         return nn.functional.normalize(z, dim=1)
 
     def set_affine(self, modality: str, mean: np.ndarray, weight: np.ndarray) -> None:
@@ -95,7 +107,8 @@ class AlignmentModel(nn.Module):
     def meta(self) -> dict:
         """What a checkpoint records besides the weights (plain JSON data)."""
         return {"dims": self.dims, "dim_out": self.dim_out, "version": self.version,
-                "n_pairs": self.n_pairs, "modalities": list(self.modalities)}
+                "n_pairs": self.n_pairs, "modalities": list(self.modalities),
+                "blocks": self.blocks}
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``model-v{version:06d}.pt`` (+ ``.json`` metadata) and point ``LATEST`` at it.
@@ -113,6 +126,6 @@ class AlignmentModel(nn.Module):
     def from_meta(cls, meta: dict) -> AlignmentModel:
         """An untrained model shaped as ``meta`` (see :meth:`meta`) describes."""
         model = cls({m: meta["dims"][m] for m in meta["modalities"]}, meta["dim_out"],
-                    version=meta["version"])
+                    version=meta["version"], blocks=int(meta.get("blocks", 1)))
         model.n_pairs = int(meta.get("n_pairs", 0))
         return model

@@ -11,10 +11,13 @@ Recipe, chosen for small budgets where a good learner is worth more than clever 
 3. **Optional contrastive fine-tune**: symmetric InfoNCE on the pairs, starting from the CCA heads
    (or from a previous model when warm-starting), for ``finetune_steps`` Adam steps.
 
-Alternative to steps 1-2 (``method="ridge"``): one ridge map from one modality into the other's
-top principal directions (PCA on all items), lambda and direction by exact leave-one-out retrieval
-on the pairs; far stronger on pretrained-encoder features. ``method="auto"`` (the default) picks
-CCA or ridge by cross-validated retrieval on the acquired pairs (:meth:`_model_selection`).
+Alternative to steps 1-2 (``method="ridge"``): ridge maps from one modality into the other's
+top principal directions (PCA on all items), lambda by exact leave-one-out retrieval on the pairs;
+far stronger on pretrained-encoder features. By default (``ridge_direction="both"``) both maps are
+fitted, ``a -> b`` and ``b -> a``, each into one half of the shared space (the model's two
+``blocks``), so a pair scores the mean of both maps' cosines: at or above the plain two-map ridge
+baseline at every budget measured (``reports/learner-tuning.md``). ``method="auto"`` (the default)
+picks CCA or ridge by cross-validated retrieval on the acquired pairs (:meth:`_model_selection`).
 
 **Self-learning** (``self_learning``, after [Artetxe2017]'s iterative self-learning for bilingual
 lexicon induction): the acquired pairs are anchors; the fitted map matches the most recent
@@ -45,9 +48,10 @@ class TrainerConfig:
     """Hyper-parameters of :class:`AlignmentTrainer` (CCA's tuned on digits; the learner choice
     and ``dim_out`` on seeds 100-104 of every benchmark set, ``reports/learner-tuning.md``)."""
 
-    # 128: what pretrained-encoder features need (the ridge map's R@1 on the Bible at 300 pairs:
-    # 0.63 / 0.75 / 0.80 at 32 / 64 / 128 dimensions); padded with zero columns below that
-    dim_out: int = 128
+    # 256 = two blocks of 128 (ridge_direction="both"): 128 per map is what pretrained-encoder
+    # features need (the ridge map's R@1 on the Bible at 300 pairs: 0.63 / 0.75 / 0.80 at 32 / 64
+    # / 128 dimensions); padded with zero columns below that
+    dim_out: int = 256
     pca_dim: int = 32  # CCA whitening rank (tuned on digits; independent of dim_out)
     pca_floor: float = 1e-3  # variance floor, relative to the top component
     cca_reg: float = 0.3  # ridge added to each whitened covariance
@@ -56,23 +60,31 @@ class TrainerConfig:
     finetune_lr: float = 1e-3
     finetune_tau: float = 0.1
     min_pairs: int = 4  # below this the model stays the (unaligned) cold start
-    # "cca": whitening + ridge CCA (above). "ridge": one ridge map from one modality into the
-    # other's top principal directions, direction and lambda chosen by exact leave-one-out
-    # retrieval on the acquired pairs (see :func:`ridge_loo_choice`).
+    # "cca": whitening + ridge CCA (above). "ridge": ridge maps from one modality into the
+    # other's top principal directions (both directions by default, see ridge_direction), lambda
+    # chosen by exact leave-one-out retrieval on the acquired pairs (:func:`ridge_loo_choice`).
     # "auto": CCA or ridge, whichever cross-validates better on the acquired pairs. Chosen on
     # seeds 100-104 (reports/learner-tuning.md): ridge wins on the real sets, CCA on most toys
     method: str = "auto"
     cv_folds: int = 4  # auto: folds of the acquired pairs
     cca_margin_se: float = 0.0  # auto: CCA must beat ridge by this many standard errors
-    ridge_direction: str = "auto"  # "auto" (by leave-one-out), "a_to_b" or "b_to_a"
+    # "both" (two maps, one per block of the shared space; the mean of their cosines), "auto"
+    # (the one with the better leave-one-out retrieval), "a_to_b" or "b_to_a"
+    ridge_direction: str = "both"
     ridge_lambdas: tuple[float, ...] = tuple(float(x) for x in np.logspace(-3, 3, 13))
     loo_queries: int = 300  # leave-one-out retrieval: at most this many pairs as queries
     loo_distractors: int = 300  # ... against their partners plus this many unpaired items
     # "auto": kept when cross-validation on the acquired pairs prefers it; "on"; "off".
-    # Off by default until the quality benchmark has been re-run with it (a self-learning fit
-    # costs ~1.7 s at 3000 items, the 5,200-run benchmark would take hours; reports/quality.md)
-    self_learning: str = "off"
+    # A self-learning fit costs ~1 s at 3000 items (2 cores), ~3 s when the choice is re-run
+    self_learning: str = "auto"
     self_learning_rounds: int = 4  # refits; round t keeps the best t/rounds of the pseudo-pairs
+    # refits inside the cross-validation that decides whether to self-learn (a cheaper proxy of
+    # the final fit: it only has to tell whether the unpaired structure helps)
+    self_learning_cv_rounds: int = 2
+    # model selection is re-run once the pairs have grown by this factor since the last choice
+    # (1.5: the same R@1 as 1.25 at every curve point of the Bible on tuning seeds 100-102, with
+    # a third fewer cross-validations)
+    reselect_growth: float = 1.5
     # the most recent unpaired items per modality that are matched: the more of both sides of
     # the same pairs it sees, the more true pseudo-pairs (3000: ~0.3 s per matching, 2 cores)
     self_learning_items: int = 3000
@@ -82,6 +94,7 @@ class TrainerConfig:
 
     def __post_init__(self):
         for name in ("dim_out", "pca_dim", "min_pairs", "loo_queries", "self_learning_rounds",
+                     "self_learning_cv_rounds",
                      "self_learning_items", "csls_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -89,11 +102,16 @@ class TrainerConfig:
             raise ValueError(f"cca_reg must be >= 0, got {self.cca_reg}")
         if self.method not in ("cca", "ridge", "auto"):
             raise ValueError(f"method must be 'cca', 'ridge' or 'auto', got {self.method!r}")
+        if not self.reselect_growth > 1.0:
+            raise ValueError(f"reselect_growth must be > 1, got {self.reselect_growth}")
         if self.cv_folds < 2:
             raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}")
-        if self.ridge_direction not in ("auto", "a_to_b", "b_to_a"):
-            raise ValueError(f"ridge_direction must be 'auto', 'a_to_b' or 'b_to_a', got "
+        if self.ridge_direction not in RIDGE_DIRECTIONS:
+            raise ValueError(f"ridge_direction must be one of {RIDGE_DIRECTIONS}, got "
                              f"{self.ridge_direction!r}")
+        if self.dim_out % self.blocks:
+            raise ValueError(f"dim_out must be a multiple of {self.blocks} (one block per ridge "
+                             f"map with ridge_direction='both'), got {self.dim_out}")
         if not self.ridge_lambdas or min(self.ridge_lambdas) <= 0:
             raise ValueError(f"ridge_lambdas must be non-empty and > 0, got {self.ridge_lambdas}")
         if self.loo_distractors < 0:
@@ -101,6 +119,20 @@ class TrainerConfig:
         if self.self_learning not in ("auto", "on", "off"):
             raise ValueError(f"self_learning must be 'auto', 'on' or 'off', got "
                              f"{self.self_learning!r}")
+
+    @property
+    def blocks(self) -> int:
+        """Separately normalised slices of the shared space (:class:`AlignmentModel`): 2 when the
+        ridge learner may fit both maps, else 1."""
+        return 2 if self.method != "cca" and self.ridge_direction == "both" else 1
+
+    @property
+    def block_dim(self) -> int:
+        """Width of one block: ``dim_out // blocks``."""
+        return self.dim_out // self.blocks
+
+
+RIDGE_DIRECTIONS = ("both", "auto", "a_to_b", "b_to_a")
 
 
 def _whitening(x: np.ndarray, r: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +155,14 @@ def _principal(x: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _unit_blocks(z: np.ndarray, blocks: int) -> np.ndarray:
+    """:meth:`AlignmentModel.forward`'s normalisation in numpy: each of ``blocks`` equal column
+    slices to unit norm, then the whole row. (n, k) -> (n, k)."""
+    if blocks > 1:
+        z = np.concatenate([_unit(part) for part in np.split(z, blocks, axis=1)], axis=1)
+    return _unit(z)
 
 
 def ridge_loo_choice(x: np.ndarray, y: np.ndarray, lambdas, distractors: np.ndarray,
@@ -247,7 +287,8 @@ class _Heads:
     float64 numpy, so its discrete choice does not depend on torch's thread count (a 1- vs
     2-thread matmul rounds differently and flipped near-tied choices)."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: int) -> None:
+        self.blocks = blocks
         self.maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def set_affine(self, modality: str, mean: np.ndarray, weight: np.ndarray) -> None:
@@ -255,7 +296,7 @@ class _Heads:
 
     def embed(self, modality: str, x: np.ndarray) -> np.ndarray:
         mean, weight = self.maps[modality]
-        return _unit((x - mean) @ weight)
+        return _unit_blocks((x - mean) @ weight, self.blocks)
 
 
 def _inv_sqrt(c: np.ndarray) -> np.ndarray:
@@ -314,7 +355,7 @@ class AlignmentTrainer:
                 raise ValueError(f"fit_unpaired: need >= 2 items of {m!r}, got {len(x)}")
             self._whiten[m] = _whitening(x, self.config.pca_dim, self.config.pca_floor)
             if self.config.method != "cca":
-                self._pca[m] = _principal(x, self.config.dim_out)
+                self._pca[m] = _principal(x, self.config.block_dim)
                 rng = np.random.default_rng([self.seed, 7])
                 keep = min(len(x), self.config.loo_distractors)
                 self._unpaired[m] = x[np.sort(rng.choice(len(x), keep, replace=False))]
@@ -334,13 +375,23 @@ class AlignmentTrainer:
         Useful for within-modality diversity before any pair exists; cross-modal scores from it
         are meaningless (the selector warms up at random until a trained version arrives).
         """
-        model = AlignmentModel(self.dims, self.config.dim_out, version=0)
+        model = self.empty_model(0)
         for m in self.modalities:
             if m not in self._whiten:
                 raise ValueError("cold_model needs fit_unpaired() first")
             mu, w = self._whiten[m]
-            model.set_affine(m, mu, _pad(w, self.config.dim_out))
+            model.set_affine(m, mu, self._same_in_every_block(w))
         return model.eval()
+
+    def empty_model(self, version: int) -> AlignmentModel:
+        """An untrained model of this trainer's shape (``dim_out``, ``blocks``)."""
+        return AlignmentModel(self.dims, self.config.dim_out, version=version,
+                              blocks=self.config.blocks)
+
+    def _same_in_every_block(self, w: np.ndarray) -> np.ndarray:
+        """One map (d, k') written into every block: (d, dim_out); the cosines are then that
+        map's own."""
+        return np.concatenate([_pad(w, self.config.block_dim)] * self.config.blocks, axis=1)
 
     def fit(self, xa, xb, init: AlignmentModel | None = None) -> AlignmentModel:
         """Train a new version on pairs (row i of ``xa`` with row i of ``xb``).
@@ -366,7 +417,7 @@ class AlignmentTrainer:
         version = (init.version if init is not None else 0) + 1
         mu_a, wa = self._whitening_for(ma, a)
         mu_b, wb = self._whitening_for(mb, b)
-        model = AlignmentModel(self.dims, cfg.dim_out, version=version)
+        model = self.empty_model(version)
         if len(a) < cfg.min_pairs:
             src = init if init is not None else self.cold_model()
             model.load_state_dict(src.state_dict())
@@ -395,13 +446,13 @@ class AlignmentTrainer:
         mu_a, wa = self._whitening_for(ma, a)
         mu_b, wb = self._whitening_for(mb, b)
         ha, hb = (a - mu_a) @ wa, (b - mu_b) @ wb
-        pa, pb, rho, ca, cb = cca(ha, hb, cfg.dim_out, cfg.cca_reg)
+        pa, pb, rho, ca, cb = cca(ha, hb, cfg.block_dim, cfg.cca_reg)
         scale = np.power(np.clip(rho, 1e-6, None), cfg.weight_power)
         # z = P^T (W^T (x - mu) - c) = (W P)^T (x - mu - W^+ c); fold c into the mean.
         for m, mu, w, p, c in ((ma, mu_a, wa, pa, ca), (mb, mu_b, wb, pb, cb)):
             full = w @ (p * scale)
             shift = np.linalg.lstsq(w.T, c, rcond=None)[0]
-            model.set_affine(m, mu + shift, _pad(full, cfg.dim_out))
+            model.set_affine(m, mu + shift, self._same_in_every_block(full))
         return {"method": "cca"}
 
     def _can_self_learn(self, n: int) -> bool:
@@ -422,7 +473,8 @@ class AlignmentTrainer:
         sl_auto = cfg.self_learning == "auto" and self._can_self_learn(n)
         if cfg.method != "auto" and not sl_auto:
             return cfg.method, cfg.self_learning == "on" and self._can_self_learn(n)
-        if self._choice is not None and self._choice[0] <= n < 1.25 * self._choice[0]:
+        if (self._choice is not None
+                and self._choice[0] <= n < cfg.reselect_growth * self._choice[0]):
             return self._choice[1], self._choice[2]
         method, self_learn, scores = self._cross_validate(a, b, version, sl_auto)
         if cfg.self_learning == "on":
@@ -461,11 +513,12 @@ class AlignmentTrainer:
             parts = []
             for held in folds:
                 train = np.setdiff1d(np.arange(n), held)
-                trial = _Heads()
+                trial = _Heads(cfg.blocks)
                 if self_learn:
                     items = {ma: _without_rows(self._sl_items[ma], a[held]),
                              mb: _without_rows(self._sl_items[mb], b[held])}
-                    self._self_learn(fit, trial, a[train], b[train], version, items)
+                    self._self_learn(fit, trial, a[train], b[train], version, items,
+                                     rounds=cfg.self_learning_cv_rounds)
                 else:
                     fit(trial, a[train], b[train], version)
                 za, zb = trial.embed(ma, a[held]), trial.embed(mb, b[held])
@@ -486,7 +539,8 @@ class AlignmentTrainer:
         return method, self_learn, {m: round(float(v.mean()), 4) for m, v in rr.items()}
 
     def _self_learn(self, fit, target: AlignmentModel | _Heads, a: np.ndarray, b: np.ndarray,
-                    version: int, items: dict[str, np.ndarray]) -> dict:
+                    version: int, items: dict[str, np.ndarray],
+                    rounds: int | None = None) -> dict:
         """Fit on the anchors ``(a, b)``, then refit ``self_learning_rounds`` times on anchors +
         the best CSLS mutual-nearest pseudo-pairs among ``items`` (unpaired (p_m, d_m) per
         modality; round t keeps the top t/rounds of them); the last fit goes into ``target``.
@@ -494,14 +548,16 @@ class AlignmentTrainer:
         cfg = self.config
         ma, mb = self.modalities
         ua, ub = items[ma], items[mb]
-        trial = _Heads()
+        trial = _Heads(cfg.blocks)
         info = fit(trial, a, b, version)
         kept = 0
-        for t in range(1, cfg.self_learning_rounds + 1):
+        rounds = cfg.self_learning_rounds if rounds is None else rounds
+        for t in range(1, rounds + 1):
             i, j, csls = mutual_nearest_pairs(trial.embed(ma, ua), trial.embed(mb, ub),
                                               cfg.csls_k)
-            keep = np.argsort(-csls, kind="stable")[:len(i) * t // cfg.self_learning_rounds]
-            into: AlignmentModel | _Heads = target if t == cfg.self_learning_rounds else _Heads()
+            keep = np.argsort(-csls, kind="stable")[:len(i) * t // rounds]
+            into: AlignmentModel | _Heads = (target if t == rounds
+                                             else _Heads(cfg.blocks))
             info = fit(into, np.concatenate([a, ua[i[keep]]]),
                        np.concatenate([b, ub[j[keep]]]), version, anchors=len(a))
             if isinstance(into, _Heads):
@@ -516,12 +572,14 @@ class AlignmentTrainer:
 
     def _fit_ridge(self, model: AlignmentModel | _Heads, a: np.ndarray, b: np.ndarray,
                    version: int, anchors: int | None = None) -> dict:
-        """One ridge map into the other modality's principal space; see :func:`ridge_loo_choice`.
+        """Ridge maps into the other modality's principal space; see :func:`ridge_loo_choice`.
 
-        The target head is the target modality's top ``dim_out`` principal directions (fitted on
-        the unpaired items); the source head is the ridge map from the centred source into them.
-        With ``ridge_direction="auto"`` both directions are fitted and the one with the better
-        leave-one-out retrieval is kept. Only the first ``anchors`` pairs (default: all) are
+        A map's target head is the target modality's top ``block_dim`` principal directions
+        (fitted on the unpaired items); its source head is the ridge map from the centred source
+        into them, lambda by leave-one-out retrieval. ``ridge_direction="both"``: the ``a -> b``
+        map fills block 0 of both heads and the ``b -> a`` map block 1 (a pair scores the mean of
+        the two cosines); ``"auto"``: both are fitted and the one with the better leave-one-out
+        retrieval fills every block. Only the first ``anchors`` pairs (default: all) are
         leave-one-out queries; the rest are self-learning pseudo-pairs.
         """
         cfg = self.config
@@ -529,11 +587,11 @@ class AlignmentTrainer:
         views = {ma: a, mb: b}
         for m in self.modalities:
             if m not in self._pca:  # no fit_unpaired: the pairs themselves
-                self._pca[m] = _principal(views[m], cfg.dim_out)
+                self._pca[m] = _principal(views[m], cfg.block_dim)
         directions = {"a_to_b": [(ma, mb)], "b_to_a": [(mb, ma)],
-                      "auto": [(ma, mb), (mb, ma)]}[cfg.ridge_direction]
-        best = None
-        for src, tgt in directions:
+                      "auto": [(ma, mb), (mb, ma)], "both": [(ma, mb), (mb, ma)]}
+        fitted = []
+        for src, tgt in directions[cfg.ridge_direction]:
             mu_s, _ = self._pca[src]
             mu_t, p_t = self._pca[tgt]
             x = views[src] - mu_s
@@ -542,12 +600,21 @@ class AlignmentTrainer:
             rng = np.random.default_rng([self.seed, version, 11])
             lam, mrr, w = ridge_loo_choice(x, y, cfg.ridge_lambdas, dis, cfg.loo_queries, rng,
                                            anchors)
-            if best is None or mrr > best[0]:
-                best = (mrr, lam, src, tgt, w)
-        assert best is not None  # directions is never empty
-        mrr, lam, src, tgt, w = best
-        model.set_affine(src, self._pca[src][0], _pad(w, cfg.dim_out))
-        model.set_affine(tgt, self._pca[tgt][0], _pad(self._pca[tgt][1], cfg.dim_out))
+            fitted.append((mrr, lam, src, tgt, w))
+        if cfg.ridge_direction == "both":
+            k = cfg.block_dim
+            blocks = {m: np.zeros((self.dims[m], cfg.dim_out)) for m in self.modalities}
+            for block, (_, _, src, tgt, w) in enumerate(fitted):
+                blocks[src][:, block * k:(block + 1) * k] = _pad(w, k)
+                blocks[tgt][:, block * k:(block + 1) * k] = _pad(self._pca[tgt][1], k)
+            for m in self.modalities:
+                model.set_affine(m, self._pca[m][0], blocks[m])
+            return {"method": "ridge", "direction": "both",
+                    "lambda": [round(f[1], 6) for f in fitted],
+                    "loo_mrr": round(float(np.mean([f[0] for f in fitted])), 6)}
+        mrr, lam, src, tgt, w = max(fitted, key=lambda f: f[0])  # first of equals: a -> b
+        model.set_affine(src, self._pca[src][0], self._same_in_every_block(w))
+        model.set_affine(tgt, self._pca[tgt][0], self._same_in_every_block(self._pca[tgt][1]))
         return {"method": "ridge", "direction": f"{src}->{tgt}", "lambda": lam, "loo_mrr": mrr}
 
     def _finetune(self, model: AlignmentModel, a: np.ndarray, b: np.ndarray) -> None:

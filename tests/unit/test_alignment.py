@@ -313,10 +313,10 @@ def test_dotted_modality_names(tmp_path):
     dims = {"image.clip": 5, "text.v2": 3}
     rng = np.random.default_rng(0)
     xa, xb = rng.standard_normal((50, 5)), rng.standard_normal((50, 3))
-    tr = AlignmentTrainer(dims, TrainerConfig(dim_out=3))
+    tr = AlignmentTrainer(dims, TrainerConfig(dim_out=4))
     tr.fit_unpaired({"image.clip": xa, "text.v2": xb})
     model = tr.fit(xa, xb)
-    assert model.embed("image.clip", xa[:4]).shape == (4, 3)
+    assert model.embed("image.clip", xa[:4]).shape == (4, 4)
     assert model.other("image.clip") == "text.v2"
     model.save(tmp_path)
     back = AlignmentModel.load(tmp_path)
@@ -368,7 +368,7 @@ def test_ridge_learner_picks_the_direction_that_generalises(linear_pairs):
     # b is a noisy linear function of a (10 -> 8): mapping a into b's space is the right
     # direction; the choice is made on the training pairs only (leave-one-out)
     a, b = linear_pairs
-    tr = make_trainer(a[:200], b[:200], method="ridge", dim_out=8)
+    tr = make_trainer(a[:200], b[:200], method="ridge", dim_out=8, ridge_direction="auto")
     model = tr.fit(a[:120], b[:120])
     assert tr.last_fit["method"] == "ridge" and tr.last_fit["direction"] == "a->b"
     assert tr.last_fit["lambda"] in TrainerConfig().ridge_lambdas
@@ -383,18 +383,19 @@ def test_auto_learner_chooses_by_cross_validation_on_the_pairs_only(linear_pairs
     tr = make_trainer(a[:200], b[:200], method="auto", dim_out=8)
     m1 = tr.fit(a[:100], b[:100])
     info = tr.last_fit
-    assert info["method"] in ("cca", "ridge") and set(info["chosen_by"]) == {"cca", "ridge"}
+    assert info["method"] in ("cca", "ridge") and {"cca", "ridge"} <= set(info["chosen_by"])
     # same pairs, same trainer state -> the same model, whatever else exists (no other input)
     tr2 = make_trainer(a[:200], b[:200], method="auto", dim_out=8)
     m2 = tr2.fit(a[:100], b[:100])
     for m in ("a", "b"):
         np.testing.assert_array_equal(m1.embed(m, (a if m == "a" else b)[200:]),
                                       m2.embed(m, (a if m == "a" else b)[200:]))
-    # the choice is kept until the pairs grow by a quarter, then re-made
-    tr.fit(a[:110], b[:110])
+    # the choice is kept until the pairs grow by reselect_growth (1.5), then re-made
+    assert TrainerConfig().reselect_growth == 1.5
+    tr.fit(a[:149], b[:149])
     assert tr._choice[0] == 100
-    tr.fit(a[:130], b[:130])
-    assert tr._choice[0] == 130
+    tr.fit(a[:150], b[:150])
+    assert tr._choice[0] == 150
 
 
 def test_auto_learner_picks_ridge_on_real_text_and_cca_on_digits():
@@ -412,12 +413,93 @@ def test_auto_learner_picks_ridge_on_real_text_and_cca_on_digits():
     assert picks == {"bible-en-es": "ridge", "digits": "cca"}
 
 
+def test_blocked_model_scores_the_mean_of_the_block_cosines():
+    # blocks=2: each half normalised on its own, so cos(z_a, z_b) = mean of the halves' cosines
+    rng = np.random.default_rng(3)
+    model = AlignmentModel({"a": 5, "b": 4}, 6, blocks=2)
+    wa, wb = rng.standard_normal((5, 6)), rng.standard_normal((4, 6))
+    model.set_affine("a", np.zeros(5), wa)
+    model.set_affine("b", np.zeros(4), wb)
+    xa, xb = rng.standard_normal((7, 5)), rng.standard_normal((9, 4))
+    za, zb = model.embed("a", xa), model.embed("b", xb)
+    np.testing.assert_allclose(np.linalg.norm(za, axis=1), 1, atol=1e-6)
+
+    def cos(x, y):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+        return x @ y.T
+
+    ha, hb = xa @ wa, xb @ wb
+    want = 0.5 * (cos(ha[:, :3], hb[:, :3]) + cos(ha[:, 3:], hb[:, 3:]))
+    np.testing.assert_allclose(za @ zb.T, want, atol=1e-5)
+    with pytest.raises(ValueError, match="blocks must be >= 1 and divide dim_out = 6, got 4"):
+        AlignmentModel({"a": 5, "b": 4}, 6, blocks=4)
+
+
+def test_blocks_survive_a_checkpoint(tmp_path, linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a[:200], b[:200], method="ridge", dim_out=8)
+    model = tr.fit(a[:100], b[:100])
+    assert model.blocks == 2 and tr.last_fit["direction"] == "both"
+    model.save(tmp_path)
+    back = AlignmentModel.load(tmp_path)
+    assert back.blocks == 2
+    np.testing.assert_array_equal(back.embed("a", a[200:]), model.embed("a", a[200:]))
+
+
+def test_two_way_ridge_is_the_mean_of_both_one_way_maps(linear_pairs):
+    # ridge_direction="both": block 0 is the a->b map, block 1 the b->a map, so a pair's score is
+    # the mean of the scores each one-way learner gives it (same lambdas: same pairs, same LOO;
+    # a one-way learner of dim_out 4 has the same 4 principal directions as one block of 8)
+    a, b = linear_pairs
+    kw = {"method": "ridge", "self_learning": "off"}
+    both = make_trainer(a[:200], b[:200], dim_out=8, **kw).fit(a[:60], b[:60])
+    ab = make_trainer(a[:200], b[:200], dim_out=4, ridge_direction="a_to_b", **kw).fit(a[:60],
+                                                                                      b[:60])
+    ba = make_trainer(a[:200], b[:200], dim_out=4, ridge_direction="b_to_a", **kw).fit(a[:60],
+                                                                                      b[:60])
+    ta, tb = a[200:], b[200:]
+    want = 0.5 * (ab.embed("a", ta) @ ab.embed("b", tb).T + ba.embed("a", ta) @ ba.embed("b", tb).T)
+    np.testing.assert_allclose(both.embed("a", ta) @ both.embed("b", tb).T, want, atol=1e-5)
+
+
+def test_odd_dim_out_with_two_maps_is_refused():
+    with pytest.raises(ValueError, match="dim_out must be a multiple of 2 .* got 7"):
+        TrainerConfig(dim_out=7)
+    assert TrainerConfig(dim_out=7, method="cca").blocks == 1
+
+
+@pytest.mark.parametrize("name", ["bible-en-es", "emoji-image-name"])
+def test_learner_at_or_above_the_ridge_baseline_on_real_sets(name):
+    """Issue 13's bar on the committed real sets: random pairs, the default learner (without
+    self-learning, which only adds on the Bible) against the plain two-map ridge baseline, at
+    200 and 300 pairs; tuning seed 100 (not a report seed). Mean R@1 of the two budgets, within
+    0.005 (one hit in 200 among 500 held-out pairs) or above."""
+    from service.evaluation.datasets import get_dataset
+    from service.evaluation.ridge_baseline import RidgeBaseline, recall_from_scores
+    from service.evaluation.simulator import SimConfig, _split
+
+    ds = get_dataset(name)
+    test, pool = _split(ds, SimConfig(seed=100), np.random.default_rng(100))
+    dims = {ds.modality_a: ds.a.shape[1], ds.modality_b: ds.b.shape[1]}
+    tr = AlignmentTrainer(dims, TrainerConfig(self_learning="off"), seed=100)
+    tr.fit_unpaired({ds.modality_a: ds.a[pool], ds.modality_b: ds.b[pool]})
+    ours, base = [], []
+    for n in (200, 300):
+        a, b = ds.a[pool[:n]], ds.b[pool[:n]]
+        ours.append(retrieval_recall(tr.fit(a, b), ds.a[test], ds.b[test])["r1"])
+        base.append(recall_from_scores(RidgeBaseline(a, b).scores(ds.a[test], ds.b[test]))["r1"])
+    assert np.mean(ours) >= np.mean(base) - 0.005, (ours, base)
+
+
 @pytest.mark.parametrize(("kw", "msg"), [
     ({"method": "svm"}, "method must be 'cca', 'ridge' or 'auto', got 'svm'"),
     ({"ridge_direction": "up"}, "ridge_direction must be"),
     ({"ridge_lambdas": ()}, "ridge_lambdas must be non-empty and > 0"),
     ({"ridge_lambdas": (1.0, -1.0)}, "ridge_lambdas must be non-empty and > 0"),
     ({"cv_folds": 1}, "cv_folds must be >= 2, got 1"),
+    ({"reselect_growth": 1.0}, "reselect_growth must be > 1, got 1.0"),
+    ({"self_learning_cv_rounds": 0}, "self_learning_cv_rounds must be >= 1, got 0"),
     ({"loo_distractors": -1}, "loo_distractors must be >= 0, got -1"),
 ])
 def test_learner_config_errors_name_the_value(kw, msg):

@@ -23,7 +23,9 @@ def test_engine_defaults_come_from_the_core_dataclasses():
     assert (s.uncertainty, s.index_size, s.cache_capacity) == (sel.uncertainty, sel.index_size,
                                                                sel.cache_capacity)
     assert (s.explore_fraction, s.threshold_window) == (bud.explore, bud.window)
-    assert (s.embedding_dim, s.learner) == (tr.dim_out, tr.method)  # pca_dim: the trainer's own
+    assert (s.embedding_dim, s.learner, s.self_learning) == (tr.dim_out, tr.method,
+                                                             tr.self_learning)  # pca_dim: its own
+    assert s.trainer_config() == tr
     assert s.warmup_accepts == TUNED_WARMUP_ACCEPTS
     assert s.acquisition_config() == AcquisitionConfig()
     assert set(ACQUISITION_FIELDS) == {f.name for f in fields(AcquisitionConfig)}
@@ -134,6 +136,16 @@ def test_ports_must_differ_unless_picked_free():
         Settings(grpc_port=9000, metrics_port=9000)
     Settings(grpc_port=0, metrics_port=0)  # both pick a free one: fine
     Settings(grpc_port=1, metrics_port=65535)
+
+
+def test_odd_embedding_dim_needs_the_cca_learner():
+    with pytest.raises(SettingsError, match=r"PAIRSIEVE_EMBEDDING_DIM \(--embedding-dim\) = 127: "
+                       "expected an even number with learner 'auto'"):
+        Settings(embedding_dim=127)
+    assert Settings(embedding_dim=127, learner="cca").trainer_config().blocks == 1
+    with pytest.raises(SettingsError,
+                       match=r"PAIRSIEVE_SELF_LEARNING \(--self-learning\) = 'yes'"):
+        Settings(self_learning="yes")
 
 
 def test_tls_needs_both_files():
