@@ -103,7 +103,11 @@ class SelectionHandler:
         self._decided: LRU = LRU(dedup_capacity)  # event_id -> Outcome
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairsieve-torch")
+        # retraining (about a second with self-learning) must not stall the decisions
+        self._train_executor = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="pairsieve-train")
         self.learning = LearningLoop(selector, trainer, executor=self._executor, lock=self._lock,
+                                     train_executor=self._train_executor,
                                      metrics=self.metrics, retrain_every=retrain_every,
                                      vector_capacity=vector_capacity, on_model=on_model)
 
@@ -287,4 +291,5 @@ class SelectionHandler:
             labels=dict(self.learning.labels_by_status), dims=dict(self.dims))
 
     def close(self) -> None:
+        self._train_executor.shutdown(wait=True)
         self._executor.shutdown(wait=True)

@@ -6,8 +6,9 @@
   the two vectors of a labelled pair and, as unpaired data, to refit the whitening;
 * the **pairs store**: one training pair per (item, partner) MATCH label whose two vectors are
   known (:attr:`LearningLoop.pairs`); a repeated label replaces its pair, it does not add one;
-* **retraining**: every ``retrain_every`` new pairs a new model version is trained in the torch
-  executor (:meth:`LearningLoop.maybe_retrain`), off the event loop;
+* **retraining**: every ``retrain_every`` new pairs a new model version is trained in the
+  training executor (:meth:`LearningLoop.maybe_retrain`), off the event loop and, in the
+  service, off the scoring thread (a self-learning fit takes about a second);
 * the **model swap**: the trained model replaces the selector's between two batches
   (:meth:`LearningLoop.swap_in_pending`), its caches following the new space, and ``on_model``
   is called (e.g. to checkpoint it).
@@ -57,6 +58,10 @@ class LearningLoop:
         Trains new model versions from the acquired pairs.
     executor : concurrent.futures.Executor
         Where torch work runs (the engine's single-thread executor).
+    train_executor : concurrent.futures.Executor, optional
+        Where retraining runs (default: ``executor``). The trainer and the snapshot of pairs it
+        is given are touched by nothing else, so a separate thread lets decisions go on while a
+        new version trains; the swap itself still happens under ``lock``.
     lock : asyncio.Lock
         The engine lock (label calls and model swaps hold it, as batch decisions do).
     metrics : MetricsSink, optional
@@ -75,6 +80,7 @@ class LearningLoop:
 
     def __init__(self, selector: StreamingSelector, trainer: AlignmentTrainer, *,
                  executor: Executor, lock: asyncio.Lock, metrics: MetricsSink | None = None,
+                 train_executor: Executor | None = None,
                  retrain_every: int = DEFAULT_RETRAIN_EVERY, vector_capacity: int = 200_000,
                  on_model: Callable[[AlignmentModel], None] | None = None):
         if retrain_every < 1:
@@ -87,6 +93,7 @@ class LearningLoop:
         self.modalities = selector.modalities
         self.dims = dict(selector.model.dims)
         self._executor = executor
+        self._train_executor = train_executor if train_executor is not None else executor
         self._lock = lock
         self._items: LRU = LRU(vector_capacity)  # item_id -> (modality, vector)
         self._pairs: dict[PairKey, tuple[np.ndarray, np.ndarray]] = {}
@@ -208,7 +215,7 @@ class LearningLoop:
             return self.trainer.fit(a, b, init=init)
 
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self._executor, work)
+            model = await asyncio.get_running_loop().run_in_executor(self._train_executor, work)
         except Exception:  # a failed retrain must not stop the stream
             log.exception("retraining failed; keeping model version %s", init.version)
             self.metrics.retrained(init.version, time.perf_counter() - t0, False)

@@ -159,6 +159,40 @@ def test_failed_retrain_keeps_the_model():
     run_loop(body, retrain_every=2)
 
 
+def test_retraining_on_its_own_executor_leaves_the_torch_executor_free():
+    """With ``train_executor`` a retrain in flight does not hold up the scoring thread: work
+    submitted to the torch executor completes while the trainer is still blocked."""
+    import threading
+
+    release = threading.Event()
+
+    async def main():
+        _, _, model = _data_and_model()
+        sel = StreamingSelector(copy.deepcopy(model),
+                                SelectorConfig(index_size=64, cache_capacity=32), seed=0,
+                                device="cpu")
+        with ThreadPoolExecutor(max_workers=1) as ex, ThreadPoolExecutor(max_workers=1) as tx:
+            loop = LearningLoop(sel, AlignmentTrainer(DIMS, seed=0), executor=ex,
+                                train_executor=tx, lock=asyncio.Lock(), retrain_every=2)
+            fit = loop.trainer.fit
+
+            def slow_fit(*a, **k):
+                release.wait(10)
+                return fit(*a, **k)
+            loop.trainer.fit = slow_fit
+            _remember_rows(loop, range(2))
+            await loop.add_labels([Label(f"i{i}", "image", f"t{i}", "MATCH") for i in range(2)])
+            assert loop.training is not None and not loop.training.done()
+            # the scoring thread answers while the retrain waits
+            got = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(ex, lambda: "scored"), 5)
+            assert got == "scored" and not loop.training.done() and loop.model_version == 1
+            release.set()
+            await loop.settle()
+            assert loop.model_version == 2
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_an_older_pending_model_is_not_swapped_in():
     async def body(loop, metrics, models):
         old = copy.deepcopy(loop.model)
