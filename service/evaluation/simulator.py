@@ -102,6 +102,11 @@ class SimConfig:
     explore: float = 0.05
     stream_order: str = "shuffled"  # stream: "shuffled", or "dataset" (row order, e.g. books)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # stream: what the learner knows as unpaired data (whitening, principal directions,
+    # self-learning's items). "pool": the whole pool from the start (what the committed reports
+    # use; optimistic: a service has only what it has seen, and self-learning feeds on it);
+    # "seen": refitted at each retrain on the items offered so far, as the service does
+    stream_unpaired: str = "pool"
     # "pairsieve" (``trainer``) or "ridge-baseline" (issue 13's plain two-map ridge,
     # service/evaluation/ridge_baseline.py; with ``strategy="random"`` only: a reference curve)
     learner: str = "pairsieve"
@@ -118,6 +123,9 @@ class SimConfig:
         if self.stream_order not in ("shuffled", "dataset"):
             raise ValueError(f"stream_order must be 'shuffled' or 'dataset', got "
                              f"{self.stream_order!r}")
+        if self.stream_unpaired not in ("pool", "seen"):
+            raise ValueError(f"stream_unpaired must be 'pool' or 'seen', got "
+                             f"{self.stream_unpaired!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.learner not in ("pairsieve", "ridge-baseline"):
@@ -212,6 +220,7 @@ def simulate(ds: Dataset, config: SimConfig, progress: Callable[[str], None] | N
         "stream_order": cfg.stream_order if cfg.mode == "stream" else None,
         "learner": cfg.trainer.method if cfg.learner == "pairsieve" else cfg.learner,
         "self_learning": cfg.trainer.self_learning, "embedding_dim": cfg.trainer.dim_out,
+        "stream_unpaired": cfg.stream_unpaired if cfg.mode == "stream" else None,
         "acquisitions_per_modality": {ma: oracle.per_modality[0], mb: oracle.per_modality[1]},
         "no_match": oracle.no_match, "wasted": oracle.wasted,
         "unique_pairs": len(oracle.revealed_rows),
@@ -310,11 +319,13 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     rate = min(1.0, cfg.budget / max(1, len(stream) - cfg.budget))
     rng = srng
     factory = _stream_configs()[cfg.strategy]
+    if cfg.stream_unpaired == "seen":  # the cold model's whitening from the first events only
+        _refit_unpaired_on_seen(trainer, ds, oracle, stream[:2 * cfg.batch_size])
     model = trainer.cold_model()
     _, point = _evaluate(cfg, trainer, model, ds, oracle, test, model)
     point["pairs"] = 0
     curve = [point]
-    clock = {"offered": 0, "select": 0.0, "train": 0.0}
+    clock = {"offered": 0, "select": 0.0, "train": 0.0, "position": 0}
 
     def log_cost():
         cost.append({"pairs": curve[-1]["pairs"], "offered": clock["offered"],
@@ -323,6 +334,8 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
 
     def retrain(model):
         t = time.perf_counter()
+        if cfg.stream_unpaired == "seen":
+            _refit_unpaired_on_seen(trainer, ds, oracle, stream[:clock["position"]])
         out = _evaluate(cfg, trainer, model, ds, oracle, test, model)
         clock["train"] += time.perf_counter() - t
         return out
@@ -349,6 +362,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
             accept = ui * left < cfg.budget - oracle.spent
             left -= 1
             clock["offered"] += 1
+            clock["position"] = p + 1
             if accept:
                 partner_open = oracle.open[1 - s][k]
                 oracle.acquire(s, k)
@@ -381,6 +395,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
             selector.commit(proposal)  # the simulator "publishes" instantly
             clock["select"] += time.perf_counter() - t
             clock["offered"] += len(batch)
+            clock["position"] = pos
             for d in proposal.accepted:
                 it = int(item_of[int(d.item_id.removeprefix("item-"))])
                 s, k = it % 2, it // 2
@@ -401,6 +416,19 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
         curve.append(point)
         log_cost()
     return curve
+
+
+def _refit_unpaired_on_seen(trainer: AlignmentTrainer, ds: Dataset, oracle: _Oracle,
+                            seen: np.ndarray) -> None:
+    """``SimConfig.stream_unpaired="seen"``: the trainer's unpaired statistics from the stream
+    items offered so far (``seen``: item codes ``2 k + side`` in arrival order, oldest first)."""
+    views = (ds.a, ds.b)
+    items = {}
+    for side, m in enumerate((ds.modality_a, ds.modality_b)):
+        ks = seen[seen % 2 == side] // 2
+        items[m] = views[side][oracle.rows[ks]]
+    if all(len(v) >= 2 for v in items.values()):
+        trainer.fit_unpaired(items)
 
 
 def plot_result(result: dict, path: Path) -> Path:

@@ -439,3 +439,31 @@ def test_cli_simulate_learner_and_embedding_dim(tmp_path):
                                                               TrainerConfig().dim_out)
     # the same pairs (random, same seed): on real text the ridge map is far ahead
     assert ridge["curve"][-1]["r1"] > cca["curve"][-1]["r1"] + 0.1
+
+
+@pytest.mark.parametrize("strategy", ["random", "default"])
+def test_stream_seen_refits_the_unpaired_data_on_the_items_offered_so_far(tiny, strategy,
+                                                                          monkeypatch):
+    """stream_unpaired='seen': each retrain's unpaired data is the stream so far, growing, never
+    the whole pool (what a service knows); 'pool' fits the whole pool once, up front."""
+    sizes = []
+    real = sim_mod.AlignmentTrainer.fit_unpaired
+
+    def record(self, unpaired):
+        sizes.append(sum(len(v) for v in unpaired.values()))
+        return real(self, unpaired)
+
+    monkeypatch.setattr(sim_mod.AlignmentTrainer, "fit_unpaired", record)
+    res = simulate(tiny, SimConfig(strategy=strategy, mode="stream", stream_unpaired="seen",
+                                   **SMALL))
+    pool_items = 2 * res["pool_rows"]
+    # the up-front fit on the pool, the cold start's first events, then one per retrain
+    assert sizes[0] == pool_items and sizes[1] == 2 * SimConfig().batch_size
+    grown = sizes[2:]
+    assert len(grown) == len(res["curve"]) - 1 and grown == sorted(grown)
+    assert 0 < grown[0] < grown[-1] < pool_items and res["stream_unpaired"] == "seen"
+    sizes.clear()
+    simulate(tiny, SimConfig(strategy=strategy, mode="stream", **SMALL))
+    assert sizes == [pool_items]
+    with pytest.raises(ValueError, match="stream_unpaired must be 'pool' or 'seen', got 'all'"):
+        SimConfig(stream_unpaired="all")
