@@ -10,8 +10,12 @@
    ``pairsieve.alignment-labels.v1`` from the hidden ground truth (MATCH + the partner's vector);
 4. labels retrain the alignment model, new versions are hot-swapped into the running stream;
 5. after each model swap the service's model is scored (R@1/@5 among the held-out pairs); at the
-   end the same learner is trained on random pairs at the same pair counts (mean of 3 draws), and
-   both learning curves are printed and drawn (``demo.png``) with acceptance per modality.
+   end the same learner is trained on random picks from the same stream prefix at the same pair
+   counts (knowing, as unpaired data, only the events seen by then; mean of 3 draws), and so is
+   issue 13's plain two-map ridge baseline (what a user gets without pairsieve, on the same random
+   pairs); the three learning curves are printed and drawn (``demo.png``) with acceptance
+   per modality, and the end-to-end saving: how many fewer pairs the service needed to reach the
+   R@1 the baseline reaches with all of them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
+from service.evaluation.curves import first_crossing
 from service.evaluation.datasets import get_dataset
+from service.evaluation.ridge_baseline import RidgeBaseline, recall_from_scores
 from service.learning_loop import DEFAULT_RETRAIN_EVERY
 from service.messages import IncomingEvent, Label
 from service.runtime import start_service
@@ -51,44 +57,102 @@ def _demo_rows(ds, seed: int, max_rows: int, test_size: int):
     return rng, test, pool
 
 
-def random_curve(ds, pool, test, counts, dim: int, seed: int, draws: int = 3) -> list[dict]:
-    """Held-out recall of the service's learner trained on ``k`` random pool pairs, per ``k``.
+def random_curve(ds, stream, test, points, dim: int, seed: int, draws: int = 3,
+                 progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Held-out recall of random selection on the same stream, at the service's curve points.
+
+    At a point where the service had seen ``seen`` events and held ``pairs`` pairs, the random
+    arm picks ``pairs`` items uniformly among those same first ``seen`` events (their rows are the
+    pairs: an answer reveals the partner) and its learner knows, as unpaired data, exactly those
+    events: what the service knew. Comparing against a learner that saw the whole pool up front
+    would flatter the random arm (self-learning feeds on unpaired items).
 
     Parameters
     ----------
     ds : Dataset
-    pool, test : ndarray of int, shapes (n_pool,), (n_test,)
-        Row indices.
-    counts : sequence of int
-        Pair counts at which to measure (those the service's model versions were trained on).
+    stream : sequence of (modality, row)
+        The events in the order the service got them.
+    test : ndarray of int, shape (n_test,)
+        Held-out rows.
+    points : sequence of (seen, pairs)
+        Events seen and pairs held at each of the service's curve points.
     dim : int
         The service's embedding size (its ``TrainerConfig(dim_out=dim)``).
     seed : int
-        Draw ``j`` uses ``np.random.default_rng([seed, 7, j])``; nested prefixes, so the curve of
-        one draw only grows with ``k``.
+        Draw ``j`` gives every event a priority from ``np.random.default_rng([seed, 7, j])`` and
+        picks the lowest-priority events of the prefix, so a draw's picks are consistent along the
+        stream.
     draws : int
-        Independent random draws averaged at each count.
+        Independent random draws averaged at each point.
+    progress : callable(str), optional
+        Called with a line after each point (a point costs a few seconds with self-learning).
 
     Returns
     -------
     list of dict
-        ``{"pairs", "r1", "r5"}`` per count (means over the draws).
+        ``{"pairs", "seen", "r1", "r5", "baseline_r1", "baseline_r5"}`` per point (means over
+        the draws): the service's learner and the plain ridge baseline
+        (:class:`~service.evaluation.ridge_baseline.RidgeBaseline`) on the same random pairs.
     """
     ma, mb = ds.modality_a, ds.modality_b
-    orders = [np.random.default_rng([seed, 7, j]).permutation(pool) for j in range(draws)]
+    views = {ma: ds.a, mb: ds.b}
+    priorities = [np.random.default_rng([seed, 7, j]).random(len(stream)) for j in range(draws)]
     out = []
-    for k in counts:
-        recs = []
-        for order in orders:
+    for seen, k in points:
+        prefix = stream[:seen]
+        recs, base = [], []
+        for prio in priorities:
             tr = AlignmentTrainer({ma: ds.a.shape[1], mb: ds.b.shape[1]},
                                   TrainerConfig(dim_out=dim), seed=seed)
-            tr.fit_unpaired({ma: ds.a[pool], mb: ds.b[pool]})
-            pick = order[:k]
-            model = tr.fit(ds.a[pick], ds.b[pick]) if k else tr.cold_model()
+            unpaired = {m: np.stack([views[m][r] for mm, r in prefix if mm == m] or
+                                    [np.zeros(views[m].shape[1])] * 2) for m in (ma, mb)}
+            tr.fit_unpaired(unpaired)
+            rows: dict[int, None] = {}  # the first k distinct rows in priority order
+            for i in np.argsort(prio[:seen], kind="stable"):
+                if len(rows) == k:
+                    break
+                rows.setdefault(prefix[i][1])
+            pick = np.array(list(rows), dtype=np.int64)
+            model = tr.fit(ds.a[pick], ds.b[pick]) if len(pick) else tr.cold_model()
             recs.append(retrieval_recall(model, ds.a[test], ds.b[test]))
-        out.append({"pairs": int(k), "r1": float(np.mean([r["r1"] for r in recs])),
-                    "r5": float(np.mean([r["r5"] for r in recs]))})
+            # fewer than 2 pairs: no baseline map; it ranks at chance like the cold model
+            base.append(recall_from_scores(RidgeBaseline(ds.a[pick], ds.b[pick]).scores(
+                ds.a[test], ds.b[test])) if len(pick) >= 2 else recs[-1])
+        out.append({"pairs": int(k), "seen": int(seen),
+                    "r1": float(np.mean([r["r1"] for r in recs])),
+                    "r5": float(np.mean([r["r5"] for r in recs])),
+                    "baseline_r1": float(np.mean([r["r1"] for r in base])),
+                    "baseline_r5": float(np.mean([r["r5"] for r in base]))})
+        if progress is not None:
+            progress(f"  {k:4d} random pairs among the first {seen:5d} events: R@1 "
+                     f"{out[-1]['r1']:.3f} (learner), {out[-1]['baseline_r1']:.3f} (baseline)")
     return out
+
+
+def end_to_end_saving(curve: list[dict], baseline_curve: list[dict]) -> dict:
+    """Pairs the service needed to reach the R@1 the baseline reaches at its last point.
+
+    Parameters
+    ----------
+    curve : list of dict
+        The service's ``{"pairs", "r1"}`` points.
+    baseline_curve : list of dict
+        The baseline's points (``baseline_r1`` at the same pair counts).
+
+    Returns
+    -------
+    dict
+        ``target_r1``, ``pairs_needed`` (interpolated; None if never reached) and ``saved``
+        (``1 - pairs_needed / last pair count``; None if never reached).
+    """
+    target = float(baseline_curve[-1]["baseline_r1"])
+    x = np.array([p["pairs"] for p in curve], dtype=float)
+    y = np.array([p["r1"] for p in curve], dtype=float)
+    need = first_crossing(x, y, target)
+    if not np.isfinite(need) or x[-1] <= 0:
+        return {"target_r1": target, "pairs_needed": None, "saved": None}
+    return {"target_r1": target, "pairs_needed": round(need, 1),
+            "saved": round(1.0 - need / float(baseline_curve[-1]["pairs"]), 4)}
 
 
 async def _wait_for(cond: Callable[..., bool], what: Callable[..., str],
@@ -179,7 +243,7 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     t0 = time.perf_counter()
     sent = 0
     last = 0.0
-    curve = [{"pairs": 0, "version": 0,
+    curve = [{"pairs": 0, "version": 0, "seen": 0,
               **retrieval_recall(svc.handler.model, ds.a[test], ds.b[test])}]
     try:
         for i in range(0, len(stream), batch):
@@ -198,7 +262,8 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
             st = svc.handler.status()
             if st.model_version != curve[-1]["version"]:
                 rec = retrieval_recall(svc.handler.model, ds.a[test], ds.b[test])
-                curve.append({"pairs": st.pairs_acquired, "version": st.model_version, **rec})
+                curve.append({"pairs": st.pairs_acquired, "version": st.model_version,
+                              "seen": st.seen, **rec})
             if time.perf_counter() - last > 2.0 or sent == len(stream):
                 last = time.perf_counter()
                 _say(f"  sent {sent:5d}/{len(stream)}  decided {st.seen:5d}  accepted "
@@ -215,9 +280,16 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
     model = svc.handler.model
     ours = retrieval_recall(model, ds.a[test], ds.b[test])
     if curve[-1]["version"] != st.model_version:
-        curve.append({"pairs": st.pairs_acquired, "version": st.model_version, **ours})
-    _say("measuring the same learner on random pairs at the same pair counts ...")
-    rand = random_curve(ds, pool, test, [p["pairs"] for p in curve], embedding_dim, seed)
+        curve.append({"pairs": st.pairs_acquired, "version": st.model_version,
+                      "seen": st.seen, **ours})
+    dead_letters = svc.processor.dead_letters
+    await annot.stop()
+    await producer.stop()
+    await svc.shutdown()  # before the reference curves: they are CPU-bound (the loop would stall)
+    _say("measuring the same learner and the plain ridge baseline on random picks from the same "
+         "stream prefixes ...")
+    rand = random_curve(ds, stream, test, [(p["seen"], p["pairs"]) for p in curve],
+                        embedding_dim, seed, progress=_say)
     result = {
         "dataset": dataset, "seed": seed, "events": sent, "test_pairs": int(len(test)),
         "budget": budget,
@@ -226,13 +298,12 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
         "accepted_per_modality": dict(st.accepted_per_modality),
         "r1": ours["r1"], "r5": ours["r5"],
         "random_r1": rand[-1]["r1"], "random_r5": rand[-1]["r5"],
+        "baseline_r1": rand[-1]["baseline_r1"],
+        "end_to_end": end_to_end_saving(curve, rand),
         "curve": curve, "random_curve": rand,
         "requested": sorted((q.item_id for q in requested), key=position.__getitem__),
-        "events_per_s": sent / elapsed, "dead_letters": svc.processor.dead_letters,
+        "events_per_s": sent / elapsed, "dead_letters": dead_letters,
     }
-    await annot.stop()
-    await producer.stop()
-    await svc.shutdown()
     _print_curve(result)
     _print_table(result)
     out = Path(out_dir)
@@ -246,12 +317,16 @@ async def run_demo(dataset: str = "bible-en-es", budget: int = 200, seed: int = 
 def _print_curve(r: dict) -> None:
     _say("")
     _say(f"learning curve: held-out R@1 among {r['test_pairs']} test pairs")
-    _say(f"{'pairs':>6}  {'pairsieve':>9}  {'random':>7}  bar (# pairsieve, . random)")
+    _say("(random: the same learner on random picks from the same stream prefix; baseline: those "
+         "random pairs + two plain ridge maps, what you get without pairsieve)")
+    _say(f"{'pairs':>6}  {'pairsieve':>9}  {'random':>7}  {'baseline':>8}  "
+         "bar (# pairsieve, . baseline)")
     for p, q in zip(r["curve"], r["random_curve"], strict=True):
-        bar_p, bar_q = int(round(p["r1"] * 40)), int(round(q["r1"] * 40))
+        bar_p, bar_q = int(round(p["r1"] * 40)), int(round(q["baseline_r1"] * 40))
         bar = "".join("#" if i < bar_p else ("." if i < bar_q else " ")
                       for i in range(max(bar_p, bar_q)))
-        _say(f"{p['pairs']:>6}  {p['r1']:>9.3f}  {q['r1']:>7.3f}  {bar}")
+        _say(f"{p['pairs']:>6}  {p['r1']:>9.3f}  {q['r1']:>7.3f}  {q['baseline_r1']:>8.3f}  "
+             f"{bar}")
 
 
 def _print_table(r: dict) -> None:
@@ -261,6 +336,8 @@ def _print_table(r: dict) -> None:
             ("model version", f"v{r['model_version']}"),
             ("R@1 held out: pairsieve", f"{r['r1']:.3f}"),
             ("R@1 held out: same budget at random", f"{r['random_r1']:.3f}"),
+            ("R@1 held out: plain ridge baseline, random pairs", f"{r['baseline_r1']:.3f}"),
+            ("pairs pairsieve needed for the baseline's R@1", _saving_text(r)),
             ("R@5 held out: pairsieve / random", f"{r['r5']:.3f} / {r['random_r5']:.3f}"),
             ("acceptance per modality", ", ".join(f"{m} {v}" for m, v in acc.items())),
             ("throughput (replay-paced)", f"{r['events_per_s']:.0f} events/s"),
@@ -271,6 +348,14 @@ def _print_table(r: dict) -> None:
     for a, b in rows:
         _say(f"{a:<{w}}  {b}")
     _say("=" * (w + 20))
+
+
+def _saving_text(r: dict) -> str:
+    e2e = r["end_to_end"]
+    if e2e["pairs_needed"] is None:
+        return f"not reached ({e2e['target_r1']:.3f})"
+    return (f"{e2e['pairs_needed']:.0f} of {r['random_curve'][-1]['pairs']} "
+            f"({100 * e2e['saved']:.0f} % fewer)")
 
 
 def _plot(r: dict, path: Path) -> Path:
@@ -284,6 +369,9 @@ def _plot(r: dict, path: Path) -> Path:
                  label="pairsieve (running service)")
     axes[0].plot([p["pairs"] for p in r["random_curve"]], [p["r1"] for p in r["random_curve"]],
                  "-s", color="0.6", ms=3, label="same learner, random pairs (mean of 3)")
+    axes[0].plot([p["pairs"] for p in r["random_curve"]],
+                 [p["baseline_r1"] for p in r["random_curve"]], ":^", color="tab:red", ms=3,
+                 label="plain ridge baseline, random pairs (mean of 3)")
     axes[0].set_xlabel("pairs acquired")
     axes[0].set_ylabel("held-out R@1")
     axes[0].set_title("learning curve")

@@ -36,6 +36,13 @@ def test_demo_on_real_data_is_reproducible_and_measures_both_arms(tmp_path):
     assert pairs[0] == 0 and n - 25 < pairs[-1] <= n and pairs == sorted(pairs)
     assert a["curve"][-1]["r1"] == a["r1"] and a["curve"][-1]["version"] == a["model_version"]
     assert [p["pairs"] for p in a["random_curve"]] == pairs
+    # the random arm picks from the same stream prefix the service had seen at each point
+    seen = [p["seen"] for p in a["curve"]]
+    assert [p["seen"] for p in a["random_curve"]] == seen and seen == sorted(seen)
     # real data is learnable: both arms end far above chance (1/200) and above their start
     assert a["curve"][-1]["r1"] > 0.05 and a["random_curve"][-1]["r1"] > 0.05
+    # the plain ridge baseline on the same random pairs, and the end-to-end figure against it
+    assert a["baseline_r1"] == a["random_curve"][-1]["baseline_r1"] > 0.05
+    assert a["end_to_end"]["target_r1"] == a["baseline_r1"]
+    assert a["end_to_end"]["saved"] is None or -1.0 < a["end_to_end"]["saved"] < 1.0
     assert len(a["requested"]) == n and len(set(a["requested"])) == n
