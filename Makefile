@@ -64,8 +64,12 @@ test: lint deploy-tools ## run lint, then all tests (unit, component, integratio
 test-unit: $(STAMP) ## fast pure-core tests only
 	$(BIN)/python -m pytest -q tests/unit
 
-bench-quality: $(STAMP) ## annotation-savings benchmark -> reports/quality.md (~45 min on 2 cores)
-	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir reports
+bench-quality: $(STAMP) ## annotation savings on the real sets vs random and the ridge baseline -> reports/quality.md (~75 min on 2 cores)
+	$(BIN)/pairsieve bench-quality --datasets bible-en-es,emoji-image-name --seeds 20 \
+	  --random-draws 1 --strategies random,random-replicate,ridge-baseline,default --out-dir reports
+
+bench-quality-full: $(STAMP) ## every dataset x strategy (toys, published baselines) -> runs/quality-full/ (hours: self-learning)
+	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir runs/quality-full
 
 bench-long-stream: $(STAMP) ## the whole Bible in book order, budget 3000 -> reports/long-stream.md
 	$(BIN)/pairsieve bench-long-stream --dataset bible-en-es-full --budget 3000 --seeds 10 \
@@ -87,4 +91,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install deploy-tools datasets datasets-tools demo serve lint test test-unit bench bench-quick bench-quality bench-long-stream bench-stream-cost proto clean
+.PHONY: help install deploy-tools datasets datasets-tools demo serve lint test test-unit bench bench-quick bench-quality bench-quality-full bench-long-stream bench-stream-cost proto clean

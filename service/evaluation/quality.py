@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,11 @@ from service.evaluation.simulator import SimConfig, list_strategies, simulate
 from service.threads import limit_compute_threads
 
 REPLICATE = "random-replicate"
+# issue 13's plain learner as a named strategy: random picks (draw 0's, so paired with random's
+# learner), scored by two ridge maps (service/evaluation/ridge_baseline.py). What a user gets
+# without pairsieve; the "end to end" table measures pairsieve against it.
+BASELINE = "ridge-baseline"
+CHECKPOINTS = (50, 100, 200, 300)  # budgets at which the learner table compares R@1
 RANDOM_DRAWS = 4  # random runs per seed in the baseline (each ~0.1 s: a cheap variance cut)
 REPLICATE_SEED_OFFSET = 10_000
 DRAW_SEED_OFFSET = 20_000  # strategy seed of draw k > 0: seed + k * DRAW_SEED_OFFSET
@@ -44,9 +50,9 @@ def ordered(datasets) -> list[str]:
     names = set(datasets)
     return [d for d in REAL if d in names] + sorted(names - set(REAL))
 DEFAULT_STRATEGIES = {
-    "pool": ("random", REPLICATE, "default", "margin-0.7", "hybrid-zscore", "mmal", "entropy",
-             "margin", "coreset", "badge", "bmmal", "vecaf"),
-    "stream": ("random", REPLICATE, "default", "entropy-0.7", "entropy", "diversity",
+    "pool": ("random", REPLICATE, BASELINE, "default", "margin-0.7", "hybrid-zscore", "mmal",
+             "entropy", "margin", "coreset", "badge", "bmmal", "vecaf"),
+    "stream": ("random", REPLICATE, BASELINE, "default", "entropy-0.7", "entropy", "diversity",
                "margin-rank", "quota"),
 }
 
@@ -60,7 +66,7 @@ def select_strategies(names, modes) -> dict[str, tuple[str, ...]]:
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise ValueError("--strategies is empty")
-    known = {m: set(list_strategies()[m]) | {REPLICATE} for m in modes}
+    known = {m: set(list_strategies()[m]) | {REPLICATE, BASELINE} for m in modes}
     unknown = [n for n in names if not any(n in known[m] for m in modes)]
     if unknown:
         raise ValueError(f"unknown strategies {unknown} for modes {list(modes)}; known: "
@@ -101,8 +107,10 @@ def _run_job(job: Job) -> dict:
         sseed = job.seed + REPLICATE_SEED_OFFSET
     else:
         sseed = job.seed + job.draw * DRAW_SEED_OFFSET if job.draw else None
-    cfg = SimConfig(strategy="random" if replicate else job.strategy, mode=job.mode,
-                    budget=job.budget, seed=job.seed, strategy_seed=sseed)
+    baseline = job.strategy == BASELINE
+    cfg = SimConfig(strategy="random" if replicate or baseline else job.strategy, mode=job.mode,
+                    budget=job.budget, seed=job.seed, strategy_seed=sseed,
+                    learner="ridge-baseline" if baseline else "pairsieve")
     res = simulate(ds, cfg)
     res["strategy"] = job.strategy
     res["draw"] = job.draw
@@ -150,6 +158,9 @@ def summarize(results: list[dict]) -> list[dict]:
         grid = grid[grid <= budget]
         ref = np.array([np.nanmean([curves.on_grid(r["curve"], np.array([g]))[0] for r in rand])
                         for g in grid])
+        base = [r for r in group if r["strategy"] == BASELINE]
+        base_ref = (np.array([np.nanmean([curves.on_grid(r["curve"], np.array([g]))[0]
+                                          for r in base]) for g in grid]) if base else None)
         for strategy in sorted({r["strategy"] for r in group}):
             runs = [r for r in group if r["strategy"] == strategy]
             by_seed: dict[int, list[dict]] = {}
@@ -160,6 +171,15 @@ def summarize(results: list[dict]) -> list[dict]:
             sv = np.array([np.mean([curves.savings(r["curve"], grid, ref, budget)
                                     for r in by_seed[k]]) for k in seeds])
             au = np.array([np.mean([curves.auc(r["curve"], budget) for r in by_seed[k]])
+                           for k in seeds])
+            # end to end: pairs needed to reach what random + the ridge baseline reach at the
+            # full budget (its mean over seeds), the same metric as the savings vs random
+            e2e = (np.array([np.mean([curves.savings(r["curve"], grid, base_ref, budget)
+                                      for r in by_seed[k]]) for k in seeds])
+                   if base_ref is not None else None)
+            # R@1 at the checkpoints, per seed (mean over draws): the learner table
+            at = np.array([[np.mean([curves.on_grid(r["curve"], np.array([float(c)]))[0]
+                                     for r in by_seed[k]]) for c in CHECKPOINTS]
                            for k in seeds])
             fin = np.array([r["curve"][-1]["r1"] for r in runs])
             mods = list(runs[0]["acquisitions_per_modality"])
@@ -173,7 +193,12 @@ def summarize(results: list[dict]) -> list[dict]:
                          "frac_first_modality": float(frac0), "first_modality": mods[0],
                          "budget": budget, "target_r1": float(ref[-1]),
                          "per_seed": {"seed": [int(k) for k in seeds],
-                                      "savings": sv.tolist(), "auc": au.tolist()},
+                                      "savings": sv.tolist(), "auc": au.tolist(),
+                                      "r1_at": at.tolist(),
+                                      **({"vs_baseline": e2e.tolist()} if e2e is not None
+                                         else {})},
+                         **({"baseline_target_r1": float(base_ref[-1])}
+                            if base_ref is not None else {}),
                          "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs]))})
     return rows
 
@@ -216,7 +241,7 @@ def plot_curves(results: list[dict], out_dir: Path) -> list[Path]:
     paths = []
     for mode in sorted({r["mode"] for r in results}):
         dsets = ordered({r["dataset"] for r in results if r["mode"] == mode})
-        cols = 4
+        cols = min(4, len(dsets))
         rows_n = (len(dsets) + cols - 1) // cols
         fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
         # the grid has rows_n * cols >= len(dsets) cells; the spare ones stay empty
@@ -280,6 +305,75 @@ def _real_lead(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _seed_values(row: dict, key: str) -> dict[int, Any]:
+    ps = row["per_seed"]
+    return dict(zip(ps["seed"], ps[key], strict=True)) if key in ps else {}
+
+
+def _mean_sem(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def _baseline_tables(rows: list[dict]) -> list[str]:
+    """Issue 13's two readings against the plain ridge baseline (strategy ``ridge-baseline``):
+    the learner alone (same random picks, R@1 at each checkpoint, paired by seed) and end to end
+    (pairs pairsieve needs to reach the baseline's R@1 at the full budget)."""
+    have = {(r["mode"], r["dataset"]) for r in rows if r["strategy"] == BASELINE}
+    pairs = [(m, d) for m in sorted({m for m, _ in have})
+             for d in ordered({d for _, d in have}) if (m, d) in have]
+    if not pairs:
+        return []
+    lines = ["## Against the plain ridge baseline (issue 13)", "",
+             f"`{BASELINE}`: random picks (the same as `random`'s first draw), two ridge maps "
+             "a->b and b->a, lambda by leave-one-out on the acquired pairs, a pair scored by the "
+             "mean of both cosines (`service/evaluation/ridge_baseline.py`).", "",
+             "**The learner alone**: mean R@1 of `random` (pairsieve's learner, mean of its "
+             "draws) and of the baseline at each number of acquisitions; Δ paired by seed, "
+             "± standard error.", "",
+             "| mode | dataset | " + " | ".join(f"R@1 at {c}: pairsieve / baseline (Δ)"
+                                              for c in CHECKPOINTS) + " |",
+             "|---|---|" + "---|" * len(CHECKPOINTS)]
+    for mode, d in pairs:
+        ours, base = _find(rows, mode, d, "random"), _find(rows, mode, d, BASELINE)
+        if ours is None or base is None or "r1_at" not in ours["per_seed"]:
+            continue
+        a, b = _seed_values(ours, "r1_at"), _seed_values(base, "r1_at")
+        common = sorted(set(a) & set(b))
+        cells = []
+        for i in range(len(CHECKPOINTS)):
+            x = np.asarray([a[k][i] for k in common], dtype=np.float64)
+            y = np.asarray([b[k][i] for k in common], dtype=np.float64)
+            ok = ~(np.isnan(x) | np.isnan(y))  # a checkpoint past the budget or the curve
+            if not ok.any():
+                cells.append("–")
+                continue
+            m, se = _mean_sem(x[ok] - y[ok])
+            cells.append(f"{x[ok].mean():.3f} / {y[ok].mean():.3f} ({m:+.3f} ± {se:.3f})")
+        lines.append(f"| {mode} | {d} | " + " | ".join(cells) + " |")
+    lines += ["", "**End to end** (what a user saves): % fewer acquisitions than the budget "
+              "that pairsieve (its learner + the strategy) needs to reach the R@1 that random "
+              "pairs + the baseline reach at the full budget; mean ± standard error over seeds. "
+              "Issue 13's goal: >= 40 % on every real set, pool and stream.", "",
+              "| mode | dataset | baseline's R@1 at the budget | default | random | "
+              "random-replicate |", "|---|---|---|---|---|---|"]
+    for mode, d in pairs:
+        cells = []
+        target = None
+        for s in ("default", "random", REPLICATE):
+            r = _find(rows, mode, d, s)
+            v = list(_seed_values(r, "vs_baseline").values()) if r is not None else []
+            if not v:
+                cells.append("–")
+                continue
+            target = r.get("baseline_target_r1", target)
+            m, se = _mean_sem(v)
+            cells.append(f"{100*m:+.0f} ± {100*se:.0f}")
+        tgt = f"{target:.3f}" if target is not None else "–"
+        lines.append(f"| {mode} | {d} | {tgt} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dict) -> Path:
     learnable = {d: describe(get_dataset(d)).get("learnable", True)
                  for d in ordered({r["dataset"] for r in results})}
@@ -297,6 +391,7 @@ def write_report(results: list[dict], rows: list[dict], out_dir: Path, meta: dic
              "over the budget. `a-share` = fraction of acquisitions that picked an item of the "
              "first modality. Real datasets (marked *real*) come first in every table.", ""]
     lines += _real_lead(rows)
+    lines += _baseline_tables(rows)
     for mode in sorted({r["mode"] for r in rows}):
         lines += [f"## {mode} mode", ""]
         dsets = ordered({r["dataset"] for r in rows if r["mode"] == mode})
@@ -402,7 +497,7 @@ def _with_notes(meta: dict, out: Path) -> dict:
 
 
 def rewrite_report(out_dir="reports", log=print) -> Path:
-    """Rebuild ``quality.md`` from ``quality-results.json.gz`` (and the current
+    """Rebuild ``quality.md`` and its figures from ``quality-results.json.gz`` (and the current
     ``quality-notes.md``) without running anything: for editing the notes after a run.
 
     Raises
@@ -419,8 +514,9 @@ def rewrite_report(out_dir="reports", log=print) -> Path:
     if "meta" not in data:
         raise ValueError(f"{path} has no 'meta' (the command, machine and run time of the run): "
                          "rerun `pairsieve bench-quality`")
+    plot_curves(data["runs"], out)
     p = write_report(data["runs"], data["rows"], out, _with_notes(data["meta"], out))
-    log(f"rewrote {p} from {path}")
+    log(f"rewrote {p} and its learning-curve figures from {path}")
     return p
 
 

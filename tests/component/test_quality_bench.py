@@ -95,6 +95,29 @@ def test_summarize_averages_random_draws_per_seed_into_the_baseline():
     assert default["per_seed"]["savings"] == pytest.approx([0.5, 0.5])
 
 
+def test_summarize_measures_every_strategy_against_the_ridge_baseline_end_to_end():
+    runs = [_run("random", 0, 0, (0.0, 0.2, 0.4)), _run("random", 1, 0, (0.0, 0.4, 0.6)),
+            _run(quality.BASELINE, 0, 0, (0.0, 0.1, 0.2)),
+            _run(quality.BASELINE, 1, 0, (0.0, 0.1, 0.4)),
+            _run("default", 0, 0, (0.0, 0.3, 0.6)), _run("default", 1, 0, (0.0, 0.1, 0.2))]
+    rows = {r["strategy"]: r for r in quality.summarize(runs)}
+    # the baseline's mean curve reaches 0.3 at the budget: default crosses it at 50 pairs on seed
+    # 0 (+50 %) and never on seed 1 (its best, 0.2, is where the baseline is at 100 * 0.2 / 0.3
+    # pairs: a shortfall)
+    assert rows["default"]["baseline_target_r1"] == pytest.approx(0.3)
+    want = [0.5, (50 + 50 * 0.1 / 0.2) / 100 - 1]
+    assert rows["default"]["per_seed"]["vs_baseline"] == pytest.approx(want)
+    want = [1 - (50 + 50 * 0.1 / 0.2) / 100, 1 - 50 * 0.3 / 0.4 / 100]
+    assert rows["random"]["per_seed"]["vs_baseline"] == pytest.approx(want)
+    # R@1 at the checkpoints (NaN past the curve's end)
+    at = rows["random"]["per_seed"]["r1_at"]
+    assert at[0][:2] == pytest.approx([0.2, 0.4]) and all(v != v for v in at[0][2:])
+    report = "\n".join(quality._baseline_tables(list(rows.values())))
+    assert ("| stream | d | 0.300 / 0.100 (+0.200 ± 0.100) | 0.500 / 0.300 (+0.200 ± 0.000) "
+            "| – | – |") in report
+    assert "| stream | d | 0.300 | " in report  # the baseline's R@1 at the budget, then % saved
+
+
 def test_cli_bench_quality_writes_report_json_and_curves(tmp_path, capsys):
     out = tmp_path / "rep"
     rc = main(["bench-quality", "--modes", "stream", "--seeds", "2", "--datasets", "synthetic",
@@ -163,7 +186,9 @@ def test_report_only_rebuilds_the_report_from_the_results_and_current_notes(tmp_
     assert meta["seeds"] == 2 and meta["budget"] == 40 and meta["runs"] == 4
     (out / "quality-notes.md").write_text("## Findings\n\nwritten after the run\n")
     before = (out / "quality-results.json.gz").stat().st_mtime_ns
+    (out / "quality-stream.png").unlink()
     assert main(["bench-quality", "--report-only", "--out-dir", str(out)]) == 0
+    assert (out / "quality-stream.png").stat().st_size > 1000  # the figures are redrawn too
     again = (out / "quality.md").read_text()
     assert again.startswith(first.rstrip("\n")) and again.endswith("written after the run\n")
     assert (out / "quality-results.json.gz").stat().st_mtime_ns == before  # nothing was rerun
