@@ -89,6 +89,14 @@ def _cmd_bench_quality(args) -> int:
     if args.report_only:
         quality.rewrite_report(args.out_dir)
         return 0
+    if args.rerun:
+        mode, _, strategy = args.rerun.partition(":")
+        if mode not in ("pool", "stream") or not strategy:
+            raise ValueError(f"--rerun takes MODE:STRATEGY (e.g. pool:default), got "
+                             f"{args.rerun!r}")
+        quality.rerun_strategy(mode, strategy, args.out_dir, args.jobs,
+                               command="pairsieve " + " ".join(sys.argv[1:]))
+        return 0
     strategies = None
     if args.strategies:
         strategies = quality.select_strategies(args.strategies.split(","), tuple(args.modes))
@@ -216,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strategies", help="comma-separated subset of strategies")
     q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
     q.add_argument("--out-dir", default="reports")
+    q.add_argument("--rerun", metavar="MODE:STRATEGY",
+                   help="re-run one strategy of one mode for every dataset and seed of "
+                        "OUT_DIR's results (the other runs are kept) and rebuild the report")
     q.add_argument("--report-only", action="store_true",
                    help="rebuild quality.md from OUT_DIR/quality-results.json.gz and "
                         "quality-notes.md without running anything")

@@ -43,10 +43,13 @@ MODES = ("pool", "stream")
 
 def _pool_strategies() -> dict[str, Callable[[], object]]:
     out: dict[str, Callable[[], object]] = {name: cls for name, cls in POOL_BASELINES.items()}
-    # default: the service's pool default (what the gRPC SelectPool runs): margin 0.3 +
-    # diversity 0.7, rank-normalised per modality (margin scores are heavy-tailed; z-scoring them
-    # let one modality's tail dominate in early experiments). Each ablation changes one knob.
+    # default: the service's pool default (what the gRPC SelectPool runs): diversity 0.5 +
+    # typicality 0.5, rank-normalised per modality (service/core/pool/__init__.py). The margin-*
+    # entries are the earlier default's family (margin w + diversity 1-w; margin scores are
+    # heavy-tailed, z-scoring them let one modality's tail dominate in early experiments).
     out["default"] = POOL_DEFAULT
+    out["margin-0.3"] = HybridStrategy  # the default before typicality (margin 0.3, rank)
+    out["margin-0.3-typicality-0.35"] = lambda: HybridStrategy(weight=0.3, typicality=0.35)
     # the pool tuning run (reports/pool-tuning.md, seeds 100-119): 0.7 was the default before it
     out["margin-0.5"] = lambda: HybridStrategy(weight=0.5)
     out["margin-0.7"] = lambda: HybridStrategy(weight=0.7)

@@ -196,6 +196,39 @@ def test_report_only_rebuilds_the_report_from_the_results_and_current_notes(tmp_
     assert "quality-results.json.gz not found" in capsys.readouterr().err
 
 
+def test_rerun_replaces_one_strategy_and_keeps_the_other_runs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rep"
+    # budget 80: 30 picks after the 50 random warm-up ones
+    assert main(["bench-quality", "--modes", "pool", "--seeds", "2", "--datasets", "synthetic",
+                 "--strategies", "random,default", "--budget", "80", "--jobs", "1",
+                 "--random-draws", "1", "--out-dir", str(out)]) == 0
+    before = quality.read_results(out / "quality-results.json.gz")
+    # the change being measured: the pool default becomes coreset (another pick rule); the
+    # workers are forked after the patch, so they run it
+    from service.core.pool.kcenter import CoresetStrategy
+    from service.evaluation import simulator
+
+    real = simulator._pool_strategies
+    monkeypatch.setattr(simulator, "_pool_strategies", lambda: {**real(),
+                                                                 "default": CoresetStrategy})
+    assert main(["bench-quality", "--rerun", "pool:default", "--jobs", "1",
+                 "--out-dir", str(out)]) == 0
+    after = quality.read_results(out / "quality-results.json.gz")
+    key = lambda r: (r["strategy"], r["seed"])  # noqa: E731
+    old = {key(r): r["curve"] for r in before["runs"]}
+    new = {key(r): r["curve"] for r in after["runs"]}
+    assert set(old) == set(new)
+    assert all(new[k] == old[k] for k in new if k[0] == "random")  # kept as they were
+    assert any(new[k] != old[k] for k in new if k[0] == "default")  # re-run with the change
+    report = (out / "quality.md").read_text()
+    assert "Then `pairsieve " in report and "re-ran 2 of them" in report  # both commands
+    assert main(["bench-quality", "--rerun", "stream:default", "--out-dir", str(out)]) == 2
+    assert "has no stream runs of 'default'" in capsys.readouterr().err
+    assert main(["bench-quality", "--rerun", "default", "--out-dir", str(out)]) == 2
+    assert main(["bench-quality", "--rerun", "pool:random", "--out-dir", str(out)]) == 2
+    assert "re-run the whole matrix instead" in capsys.readouterr().err
+
+
 def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):
     out = tmp_path / "stream-cost.md"
     rc = main(["bench-stream-cost", "--items", "4096", "--segment", "1024", "--batch", "256",
