@@ -368,7 +368,8 @@ def _plot(r: dict, path: Path) -> Path:
     axes[0].plot([p["pairs"] for p in r["curve"]], [p["r1"] for p in r["curve"]], "k-o", ms=3,
                  label="pairsieve (running service)")
     axes[0].plot([p["pairs"] for p in r["random_curve"]], [p["r1"] for p in r["random_curve"]],
-                 "-s", color="0.6", ms=3, label="same learner, random pairs (mean of 3)")
+                 "-s", color="0.6", ms=3,
+                 label="same learner, random picks from the same stream (mean of 3)")
     axes[0].plot([p["pairs"] for p in r["random_curve"]],
                  [p["baseline_r1"] for p in r["random_curve"]], ":^", color="tab:red", ms=3,
                  label="plain ridge baseline, random pairs (mean of 3)")
