@@ -542,19 +542,17 @@ def rerun_strategy(mode: str, strategy: str, out_dir="reports", jobs: int = 2,
     old = [r for r in data["runs"] if r["mode"] == mode and r["strategy"] == strategy]
     if not old:
         raise ValueError(f"{path} has no {mode} runs of {strategy!r} to re-run")
-    todo = sorted({(r["dataset"], r["seed"], r["budget"]) for r in old})
+    datasets = tuple(ordered({r["dataset"] for r in old}))
+    seeds = sorted({r["seed"] for r in old})
+    budgets = {r["budget"] for r in old}
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))) or len(budgets) != 1:
+        raise ValueError(f"{path}: {mode} runs of {strategy!r} have seeds {seeds} and budgets "
+                         f"{sorted(budgets)}; --rerun needs one budget and consecutive seeds")
     t0 = time.perf_counter()
-    new = []
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as ex:
-        futs = [ex.submit(_run_job, Job(d, mode, strategy, seed, budget))
-                for d, seed, budget in todo]
-        for i, f in enumerate(as_completed(futs), 1):
-            res = f.result()
-            new.append(res)
-            log(f"[{i:4d}/{len(todo)}] {res['dataset']:24s} {mode:6s} {strategy:17s} seed "
-                f"{res['seed']}  r1={res['curve'][-1]['r1']:.3f}  ({res['wall_seconds']:.1f}s)")
+    new = run_matrix(datasets, (mode,), {mode: (strategy,)}, len(seeds), budgets.pop(), jobs,
+                     log, seeds[0], 1)
     runs = [r for r in data["runs"] if not (r["mode"] == mode and r["strategy"] == strategy)]
-    runs += sorted(new, key=lambda r: (r["dataset"], r["seed"]))
+    runs += sorted(new, key=lambda r: (r["dataset"], r["seed"]))  # completion order varies
     rows = summarize(runs)
     minutes = (time.perf_counter() - t0) / 60
     reruns = [*data["meta"].get("reruns", []),
