@@ -104,7 +104,7 @@ def _cmd_bench_quality(args) -> int:
                  args.seeds, args.budget, args.jobs, args.out_dir, strategies,
                  command="pairsieve " + " ".join(sys.argv[1:]), first_seed=args.first_seed,
                  random_draws=quality.RANDOM_DRAWS if args.random_draws is None
-                 else args.random_draws)
+                 else args.random_draws, stream_unpaired=args.stream_unpaired)
     return 0
 
 
@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strategies", help="comma-separated subset of strategies")
     q.add_argument("--modes", nargs="+", default=["pool", "stream"], choices=("pool", "stream"))
     q.add_argument("--out-dir", default="reports")
+    q.add_argument("--stream-unpaired", choices=("seen", "pool"), default="seen",
+                   help="stream mode: the learner's unpaired data is the items offered so far "
+                        "(seen, as the service; default) or the whole pool from the start")
     q.add_argument("--rerun", metavar="MODE:STRATEGY",
                    help="re-run one strategy of one mode for every dataset and seed of "
                         "OUT_DIR's results (the other runs are kept) and rebuild the report")

@@ -191,6 +191,11 @@ class Settings:
                                   check=_positive_int)
     cache_capacity: int = _from(SelectorConfig, "cache_capacity", "C: selected vectors kept per "
                                 "modality (diversity)", allowed=POS_INT, check=_positive_int)
+    cache_half_life: float = _s(0.0 if core_default(SelectorConfig, "cache_half_life") is None
+                                else core_default(SelectorConfig, "cache_half_life"),
+                                "drift: items offered after which a selected vector's distance "
+                                "counts double (its region re-opens with age); 0: no decay",
+                                allowed=NONNEG, check=_non_negative)
     index_size: int = _from(SelectorConfig, "index_size", "K: recent items per modality scored "
                             "against", allowed=POS_INT, check=_positive_int)
     embedding_dim: int = _from(TrainerConfig, "dim_out", "k: dimension of the shared embedding "
@@ -209,7 +214,7 @@ class Settings:
     uncertainty: str = _from(SelectorConfig, "uncertainty", "uncertainty measure: " +
                              ", ".join(UNCERTAINTIES), allowed=", ".join(UNCERTAINTIES),
                              check=lambda v: v in UNCERTAINTIES)
-    # Acquisition (utility = w_u * norm(uncertainty) + w_d * norm(diversity) + w_c * coverage)
+    # Acquisition (utility = w_u * norm(u) + w_d * norm(div) + w_t * norm(typ) + w_c * coverage)
     uncertainty_weight: float = _from(_A, "uncertainty_weight", "w_u: weight of the normalised "
                                       "uncertainty in the utility", allowed=NONNEG,
                                       check=_non_negative)
@@ -218,6 +223,12 @@ class Settings:
                                     check=_non_negative)
     coverage_weight: float = _from(_A, "coverage_weight", "w_c: weight of the bonus of the "
                                    "under-covered modality", allowed=NONNEG, check=_non_negative)
+    typicality_weight: float = _from(_A, "typicality_weight", "w_t: weight of the normalised "
+                                     "typicality (mean cosine to the k nearest recent items of "
+                                     "the same modality; prefers dense regions over outliers)",
+                                     allowed=NONNEG, check=_non_negative)
+    typicality_k: int = _from(_A, "typicality_k", "neighbours averaged by typicality",
+                              allowed=POS_INT, check=_positive_int)
     normalization: str = _from(_A, "normalization", "per-modality score normalisation: zscore "
                                "(EW mean/variance) or rank (empirical CDF over a window)",
                                allowed=" or ".join(NORMALIZATIONS),
@@ -372,7 +383,8 @@ class Settings:
         """The stream selector's config (fields without a setting keep SelectorConfig's)."""
         return SelectorConfig(uncertainty=self.uncertainty, index_size=self.index_size,
                               cache_capacity=self.cache_capacity, budget=self.budget_config(),
-                              acquisition=self.acquisition_config())
+                              acquisition=self.acquisition_config(),
+                              cache_half_life=self.cache_half_life or None)
 
     def trainer_config(self) -> TrainerConfig:
         """The alignment trainer's config: ``embedding_dim`` outputs, ``learner``,

@@ -25,7 +25,7 @@ OUT_DIR = HERE / "dashboards"
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RI = "$__rate_interval"
-MODALITY_COMPONENTS = ("uncertainty", "diversity", "coverage_bonus")
+MODALITY_COMPONENTS = ("uncertainty", "diversity", "typicality", "coverage_bonus")
 
 
 def sel(*matchers: str) -> str:

@@ -68,6 +68,7 @@ class TrainerConfig:
     method: str = "auto"
     cv_folds: int = 4  # auto: folds of the acquired pairs
     cca_margin_se: float = 0.0  # auto: CCA must beat ridge by this many standard errors
+    cca_min_pairs: int = 0  # auto: below this many pairs CCA is not a candidate (ridge only)
     # "both" (two maps, one per block of the shared space; the mean of their cosines), "auto"
     # (the one with the better leave-one-out retrieval), "a_to_b" or "b_to_a"
     ridge_direction: str = "both"
@@ -85,6 +86,9 @@ class TrainerConfig:
     # (1.5: the same R@1 as 1.25 at every curve point of the Bible on tuning seeds 100-102, with
     # a third fewer cross-validations)
     reselect_growth: float = 1.5
+    # ... and by this factor when self-learning was tried and refused at the last choice (a
+    # refusal at few anchors is often reversed soon: re-asking sooner costs one cross-validation)
+    self_learning_recheck_growth: float = 1.5
     # the most recent unpaired items per modality that are matched: the more of both sides of
     # the same pairs it sees, the more true pseudo-pairs (3000: ~0.3 s per matching, 2 cores)
     self_learning_items: int = 3000
@@ -102,8 +106,11 @@ class TrainerConfig:
             raise ValueError(f"cca_reg must be >= 0, got {self.cca_reg}")
         if self.method not in ("cca", "ridge", "auto"):
             raise ValueError(f"method must be 'cca', 'ridge' or 'auto', got {self.method!r}")
-        if not self.reselect_growth > 1.0:
-            raise ValueError(f"reselect_growth must be > 1, got {self.reselect_growth}")
+        for name in ("reselect_growth", "self_learning_recheck_growth"):
+            if not getattr(self, name) > 1.0:
+                raise ValueError(f"{name} must be > 1, got {getattr(self, name)}")
+        if self.cca_min_pairs < 0:
+            raise ValueError(f"cca_min_pairs must be >= 0, got {self.cca_min_pairs}")
         if self.cv_folds < 2:
             raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}")
         if self.ridge_direction not in RIDGE_DIRECTIONS:
@@ -473,9 +480,12 @@ class AlignmentTrainer:
         sl_auto = cfg.self_learning == "auto" and self._can_self_learn(n)
         if cfg.method != "auto" and not sl_auto:
             return cfg.method, cfg.self_learning == "on" and self._can_self_learn(n)
-        if (self._choice is not None
-                and self._choice[0] <= n < cfg.reselect_growth * self._choice[0]):
-            return self._choice[1], self._choice[2]
+        if self._choice is not None:
+            n0, method0, sl0, scores0 = self._choice
+            refused = not sl0 and any(k.endswith("+self") for k in scores0)
+            growth = cfg.self_learning_recheck_growth if refused else cfg.reselect_growth
+            if n0 <= n < growth * n0:
+                return method0, sl0
         method, self_learn, scores = self._cross_validate(a, b, version, sl_auto)
         if cfg.self_learning == "on":
             self_learn = self._can_self_learn(n)
@@ -507,7 +517,8 @@ class AlignmentTrainer:
         folds = np.array_split(np.random.default_rng([self.seed, n, 13]).permutation(n),
                                min(cfg.cv_folds, n // 2))
         fits = {"cca": self._fit_cca, "ridge": self._fit_ridge}
-        methods = ("cca", "ridge") if cfg.method == "auto" else (cfg.method,)
+        methods = ((("cca", "ridge") if n >= cfg.cca_min_pairs else ("ridge",))
+                   if cfg.method == "auto" else (cfg.method,))
 
         def score(fit, self_learn: bool) -> np.ndarray:
             parts = []

@@ -17,6 +17,14 @@ exactly those of eager maintenance, with never more refreshes (one matrix-vector
 stale point that reaches the minimum, instead of one per stale point). On the CPU a refresh runs
 through numpy views of the cache, a third of torch's per-call cost for such small products.
 
+**Drift.** On a drifting stream (a corpus in book order, a sensor in a new regime) a region covered
+long ago would keep its new arrivals out forever. With a ``half_life`` (in items offered, the
+caller's clock), :meth:`DistanceCache.min_distance` inflates the distance to each cached point by
+``2 ** (age / half_life)``: an old selection covers a shrinking ball, and after a few half-lives
+its region counts as uncovered again. The result is never below the plain distance and never
+inflated above ``max(empty_value, plain distance)``. Without a half-life nothing changes (the same
+single fused pass).
+
 The cache also keeps the raw (pre-projection) vectors, tagged with the model version that embedded
 them, so a new alignment model re-projects the cache instead of comparing across spaces.
 """
@@ -91,6 +99,7 @@ class DistanceCache:
         self._raw = np.zeros((capacity, raw_dim), dtype=np.float32) if raw_dim else None
         self._raw_len = np.zeros(capacity, dtype=np.int64)
         self._tag = np.zeros(capacity, dtype=np.int64)
+        self._born = np.zeros(capacity, dtype=np.float64)  # the caller's clock at insertion
         self._nn = np.full(capacity, np.inf)  # distance of each cached point to its nearest other
         self._nn_idx = np.full(capacity, -1, dtype=np.int64)
         self._stale = np.zeros(capacity, dtype=bool)  # _nn is only a lower bound (see module doc)
@@ -116,12 +125,35 @@ class DistanceCache:
                 self._recompute_nn(stale)
         return self._nn[: self.size].copy()
 
-    def min_distance(self, x) -> np.ndarray:
-        """Distance of each row to the nearest cached vector. x: (B, k) -> (B,) float64."""
+    def min_distance(self, x, clock: float | None = None,
+                     half_life: float | None = None) -> np.ndarray:
+        """Distance of each row to the nearest cached vector. x: (B, k) -> (B,) float64.
+
+        With ``half_life`` (and the current ``clock``, same unit as the ``clock`` given to
+        :meth:`add`), each cached point's distance is inflated by ``2 ** (age / half_life)``
+        (module doc: drift), capped at ``max(empty_value, plain distance)``.
+        """
         t = self._as_tensor(x)
+        n = self.size
         with torch.inference_mode():
-            return min_distances(t, self.embeddings, self.empty_value,
-                                 self._sq[: self.size]).double().cpu().numpy()
+            if half_life is None or n == 0:
+                return min_distances(t, self.embeddings, self.empty_value,
+                                     self._sq[:n]).double().cpu().numpy()
+            if clock is None or not half_life > 0:
+                raise ValueError(f"decay needs a clock and a half_life > 0, got clock={clock!r}, "
+                                 f"half_life={half_life!r}")
+            age = np.maximum(float(clock) - self._born[:n], 0.0)
+            grow = torch.from_numpy(np.exp2(np.minimum(age / float(half_life), 60.0))) \
+                .to(self.device, torch.float32)
+            d = pairwise_sq_dist(t, self._emb[:n], self._sq[:n]).sqrt_()  # (B, n)
+            plain = d.amin(dim=1)
+            aged = d.mul_(grow[None, :]).amin(dim=1)
+            cap = plain.clamp_min(self.empty_value)
+            return torch.minimum(aged, cap).double().cpu().numpy()
+
+    def ages(self, clock: float) -> np.ndarray:
+        """Age of each cached point at ``clock`` (the caller's unit), shape (size,) float64."""
+        return np.maximum(float(clock) - self._born[: self.size], 0.0)
 
     def _as_tensor(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
@@ -132,12 +164,15 @@ class DistanceCache:
         return torch.from_numpy(as_matrix(x, self.dim, name="embeddings")).to(self.device)
 
     # ---------------------------------------------------------------- updates
-    def add(self, x, raw=None, tag: int = 0) -> int:
+    def add(self, x, raw=None, tag: int = 0, clock=0.0) -> int:
         """Insert rows of x (n, k); returns the number of evictions made.
 
         raw : (n, d) with d <= raw_dim, required when the cache keeps raw vectors.
         tag : int stored with every inserted row (see :meth:`reproject`).
+        clock : float or (n,) array, the caller's clock at insertion (for the decay of
+            :meth:`min_distance`); kept across :meth:`reproject`.
         """
+        born = np.broadcast_to(np.asarray(clock, dtype=np.float64), (len(x),))
         t = self._as_tensor(x)
         r = None
         if self._raw is not None:
@@ -149,12 +184,13 @@ class DistanceCache:
         before = self.evictions
         with torch.inference_mode():
             if self.size + t.shape[0] <= self.capacity:
-                self._add_bulk(t, r, int(tag))
+                self._add_bulk(t, r, int(tag), born)
             else:
-                self._add_sequential(t, r, int(tag))
+                self._add_sequential(t, r, int(tag), born)
         return self.evictions - before
 
-    def _add_sequential(self, x: torch.Tensor, raw: np.ndarray | None, tag: int) -> None:
+    def _add_sequential(self, x: torch.Tensor, raw: np.ndarray | None, tag: int,
+                        born: np.ndarray) -> None:
         """Insert rows one by one (evictions depend on order), with every distance the loop
         needs precomputed in two matmuls: new-to-cache (n, size) and new-to-new (n, n)."""
         n, m0 = x.shape[0], self.size
@@ -174,8 +210,10 @@ class DistanceCache:
             slot = self._add_one(x[i], None if raw is None else raw[i], tag, d_new, sq[i])
             if slot is not None:
                 src[slot] = i
+                self._born[slot] = born[i]
 
-    def _add_bulk(self, x: torch.Tensor, raw: np.ndarray | None, tag: int) -> None:
+    def _add_bulk(self, x: torch.Tensor, raw: np.ndarray | None, tag: int,
+                  born: np.ndarray) -> None:
         """Insert rows that all fit (no eviction): two matmuls instead of n sequential updates."""
         n, m = x.shape[0], self.size
         if n == 0:
@@ -203,6 +241,7 @@ class DistanceCache:
         self._nn_idx[m:m + n] = new_idx.cpu().numpy()
         self._stale[m:m + n] = False
         self._tag[m:m + n] = tag
+        self._born[m:m + n] = born
         if self._raw is not None and raw is not None:
             self._raw[m:m + n, : raw.shape[1]] = raw
             self._raw[m:m + n, raw.shape[1]:] = 0.0
@@ -308,9 +347,11 @@ class DistanceCache:
             raise ValueError("cache keeps no raw vectors; use invalidate() on a model change")
         n = self.size
         raw, lens, tags = self._raw[:n].copy(), self._raw_len[:n].copy(), self._tag[:n].copy()
+        born = self._born[:n].copy()
         self.invalidate(model_version)
         # All rows fit again (same count), so re-inserting evicts nothing.
         for tag in np.unique(tags):
             for d in np.unique(lens[tags == tag]):
                 sel = (tags == tag) & (lens == d)
-                self.add(embed(raw[sel, :d], int(tag)), raw[sel, :d], tag=int(tag))
+                self.add(embed(raw[sel, :d], int(tag)), raw[sel, :d], tag=int(tag),
+                         clock=born[sel])

@@ -138,6 +138,21 @@ class UncertaintyScorer:
                    for k, v in uncertainties_from_logits(logits).items()}
         return UncertaintyScores(out["margin"], out["entropy"], out["least_confidence"], valid=True)
 
+    def typicality(self, modality: str, z: torch.Tensor, k: int) -> np.ndarray | None:
+        """Mean cosine of each embedded item (B, k_dim) of ``modality`` to its ``k`` nearest items
+        in ``modality``'s OWN recent index ([TypiClust]'s density; ``k`` capped at the fill).
+
+        Returns shape (B,) float64, or None while that index holds fewer than 2 items. Costs one
+        (B, K) matmul and a top-k, like :meth:`score`.
+        """
+        idx = self._index[check_modality(modality, self.modalities)]
+        n = idx.filled
+        if n < 2:
+            return None
+        with torch.inference_mode():
+            sims = z @ idx.emb[:n].T
+            return sims.topk(min(int(k), n), dim=1).values.mean(dim=1).double().cpu().numpy()
+
     def observe(self, modality: str, raw: np.ndarray, z: torch.Tensor, ids=None) -> None:
         """Add items (with optional item ids) to ``modality``'s recent index (at commit time)."""
         self._index[check_modality(modality, self.modalities)].push(

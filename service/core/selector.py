@@ -4,7 +4,8 @@ Per micro-batch of B items (any mix of the two modalities), in arrival order:
 
 1. embed each modality's items with the current model (one matmul per modality);
 2. uncertainty against the OTHER modality's recent index (one (B, K) matmul) and raw diversity =
-   distance to the same modality's selected-set cache (one (B, C) matmul);
+   distance to the same modality's selected-set cache (one (B, C) matmul); with a typicality
+   weight, typicality against the SAME modality's recent index (one more (B, K) matmul);
 3. normalise per modality, add the coverage bonus -> utility;
 4. decide item by item with a :class:`~service.core.budget.BudgetDraft`; an accept immediately
    lowers the diversity of the *remaining* items of the batch (distance to the accepted vector),
@@ -49,6 +50,9 @@ class SelectorConfig:
     cache_capacity: int = 4096  # C
     cross_insert: bool = True
     cache_on_model_change: str = "reproject"  # or "invalidate"
+    # drift: the distance to a selected item is inflated by 2 ** (age / half-life), age in items
+    # offered since it was cached (DistanceCache, module doc); None: no decay
+    cache_half_life: float | None = None
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
 
@@ -56,6 +60,10 @@ class SelectorConfig:
         if self.uncertainty not in ("margin", "entropy", "least_confidence"):
             raise ValueError(f"unknown uncertainty {self.uncertainty!r}; expected margin, entropy "
                              "or least_confidence")
+        if self.cache_half_life is not None and not (np.isfinite(self.cache_half_life)
+                                                     and self.cache_half_life > 0):
+            raise ValueError(f"cache_half_life must be a number > 0 (items) or None, got "
+                             f"{self.cache_half_life!r}")
         if self.cache_on_model_change not in ("reproject", "invalidate"):
             raise ValueError("cache_on_model_change must be 'reproject' or 'invalidate', got "
                              f"{self.cache_on_model_change!r}")
@@ -73,6 +81,7 @@ class Proposal:
     _unc: dict[str, np.ndarray]
     _div: dict[str, np.ndarray]
     _epoch: int
+    _typ: dict[str, np.ndarray | None] = field(default_factory=dict)  # None: not computed
 
     @property
     def accepted(self) -> list[Decision]:
@@ -120,6 +129,11 @@ class StreamingSelector:
         return self.scorer.model
 
     @property
+    def clock(self) -> int:
+        """Items committed so far, both modalities: the age unit of the cache decay."""
+        return sum(self.items_seen.values())
+
+    @property
     def model_version(self) -> int:
         return self.scorer.model_version
 
@@ -140,7 +154,10 @@ class StreamingSelector:
         rows = {m: np.array([i for i, mm in enumerate(mods) if mm == m], dtype=np.int64)
                 for m in self.modalities}
         raw, emb, unc, div, scores, norm = {}, {}, {}, {}, {}, {}
+        typ: dict[str, np.ndarray | None] = {}
         kind = self.config.uncertainty
+        acfg = self.config.acquisition
+        clock = self.clock
         for m in self.modalities:
             if len(rows[m]) == 0:
                 continue
@@ -151,9 +168,13 @@ class StreamingSelector:
             emb[m] = self.scorer.embed_valid(m, raw[m])
             scores[m] = self.scorer.score(m, emb[m])
             unc[m] = scores[m].get(kind)
-            div[m] = self.caches[m].min_distance(emb[m])
+            div[m] = self.caches[m].min_distance(emb[m], clock, self.config.cache_half_life)
+            typ[m] = (self.scorer.typicality(m, emb[m], acfg.typicality_k)
+                      if acfg.typicality_weight > 0 else None)
         bonus = self.acquisition.coverage_bonus()
         cur_div = {m: div[m].copy() for m in div}
+        # typicality does not change within the batch: normalised once
+        norm_t = {m: self.acquisition.normalized_typicality(m, typ[m]) for m in div}
         for m in div:
             norm[m] = list(self.acquisition.normalized(m, unc[m], div[m]))
         pos_in_mod = np.empty(len(items), dtype=np.int64)
@@ -170,7 +191,8 @@ class StreamingSelector:
                         e_t, e_m = emb[t], emb[m]
                         gram[(t, m)] = pairwise_sq_dist(e_t, e_m, (e_m * e_m).sum(dim=1)) \
                             .sqrt_().double().cpu().numpy()
-        util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m]) for m in norm}
+        util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m], norm_t[m])
+                for m in norm}
         n = len(items)
         draft = self.budget.begin(n)
         extra = {m: 0 for m in self.modalities}
@@ -205,7 +227,8 @@ class StreamingSelector:
                 if later.any():
                     cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
                     norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
-                    util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t])
+                    util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t],
+                                                       norm_t[t])
                     u_all[rows[t]], d_all[rows[t]] = util[t], cur_div[t]
         version = self.model_version
         col = {}  # per-item score components in arrival order, as Python floats
@@ -214,15 +237,21 @@ class StreamingSelector:
             for m in unc:
                 arr[rows[m]] = unc[m] if name == "uncertainty" else getattr(scores[m], name)
             col[name] = arr.tolist()
+        typ_all = np.zeros(n)
+        for m in typ:
+            if typ[m] is not None:
+                typ_all[rows[m]] = typ[m]
+        col["typicality"] = typ_all.tolist()
         u_list, t_list, d_list = ut_all.tolist(), thr_all.tolist(), div_all.tolist()
         decisions = [Decision(item_id=it.item_id, modality=mods[i], accept=bool(accept[i]),
                               utility=u_list[i], uncertainty=col["uncertainty"][i],
                               diversity=d_list[i], coverage_bonus=float(bonus[mods[i]]),
                               margin=col["margin"][i], entropy=col["entropy"][i],
                               least_confidence=col["least_confidence"][i], threshold=t_list[i],
-                              model_version=version, reason=reasons[i])
+                              model_version=version, reason=reasons[i],
+                              typicality=col["typicality"][i])
                      for i, it in enumerate(items)]
-        return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch)
+        return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch, typ)
 
     # ------------------------------------------------------------------ commit
     def commit(self, proposal: Proposal) -> None:
@@ -231,11 +260,13 @@ class StreamingSelector:
             raise ValueError("stale proposal: another proposal was committed or the model changed")
         n_acc = sum(d.accept for d in proposal.decisions)
         self.budget.commit(proposal._draft, accepted=n_acc)
+        clock = self.clock  # the batch was scored at this clock; its accepts are born at it
         for m, r in proposal._rows.items():
             if len(r) == 0:
                 continue
             acc = np.array([proposal.decisions[i].accept for i in r])
-            self.acquisition.commit(m, proposal._unc[m], proposal._div[m], int(acc.sum()))
+            self.acquisition.commit(m, proposal._unc[m], proposal._div[m], int(acc.sum()),
+                                    proposal._typ.get(m))
             self.scorer.observe(m, proposal._raw[m], proposal._emb[m],
                                 [proposal.decisions[i].item_id for i in r])
             self.items_seen[m] += len(r)
@@ -245,7 +276,7 @@ class StreamingSelector:
                 raw = proposal._raw[m][acc]
                 targets = self.modalities if self.config.cross_insert else (m,)
                 for t in targets:
-                    self.caches[t].add(z, raw, tag=self._tag(m))
+                    self.caches[t].add(z, raw, tag=self._tag(m), clock=clock)
         self._epoch += 1
 
     def _tag(self, modality: str) -> int:
@@ -272,7 +303,7 @@ class StreamingSelector:
         z = self.scorer.embed_valid(modality, arr)
         targets = self.modalities if self.config.cross_insert else (modality,)
         for t in targets:
-            self.caches[t].add(z, arr, tag=self._tag(modality))
+            self.caches[t].add(z, arr, tag=self._tag(modality), clock=self.clock)
         if count_budget:
             self.budget.record_external(len(arr))
         self._epoch += 1
@@ -285,7 +316,7 @@ class StreamingSelector:
         check_modality(modality, self.modalities)
         arr = as_matrix(raw, self.model.dims[modality], name=f"partner {modality}")
         self.caches[modality].add(self.scorer.embed_valid(modality, arr), arr,
-                                  tag=self._tag(modality))
+                                  tag=self._tag(modality), clock=self.clock)
         self._epoch += 1
 
     # ------------------------------------------------------------------ model swap

@@ -45,3 +45,4 @@ class Decision:
     threshold: float
     model_version: int
     reason: str
+    typicality: float = 0.0  # raw mean top-k cosine to its own modality's recent items (0: off)

@@ -23,17 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
+from service.core.selector import SelectorConfig
 from service.evaluation import curves
 from service.evaluation.datasets import describe, get_dataset
 from service.evaluation.simulator import SimConfig, simulate
 
-STRATEGIES = ("default", "random")
+# default: the service's stream selector (with its drift decay); default-no-decay: the same
+# without the cache half-life (the drift comparison of issue 13); random: selection sampling
+STRATEGIES = ("default", "default-no-decay", "random")
 
 
 def run(dataset: str = "bible-en-es-full", budget: int = 3000,
         seeds: Sequence[int] = tuple(range(10)),
         retrain_every: int = 100, test_size: int = 500,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print,
+        strategies: Sequence[str] = STRATEGIES) -> dict:
     """Stream ``dataset`` in its row order once per seed and strategy; return the raw runs.
 
     Parameters
@@ -50,6 +54,8 @@ def run(dataset: str = "bible-en-es-full", budget: int = 3000,
         Held-out pairs for recall.
     log : callable
         Progress lines.
+    strategies : sequence of str
+        Stream strategies; ``default`` and ``random`` are required (the report compares them).
 
     Returns
     -------
@@ -59,22 +65,26 @@ def run(dataset: str = "bible-en-es-full", budget: int = 3000,
     """
     if not seeds:
         raise ValueError("seeds is empty")
+    missing = [s for s in ("default", "random") if s not in strategies]
+    if missing:
+        raise ValueError(f"strategies must include {missing}, got {list(strategies)}")
     ds = get_dataset(dataset)
     t0 = time.perf_counter()
     runs = []
     for seed in seeds:
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             cfg = SimConfig(strategy=strategy, mode="stream", budget=budget, seed=seed,
                             stream_order="dataset", retrain_every=retrain_every,
                             test_size=test_size)
             res = simulate(ds, cfg, progress=None)
             events = res["cost"][-1]["offered"]
-            log(f"{dataset} {strategy:8s} seed {seed}: R@1 {res['curve'][-1]['r1']:.3f} at "
+            log(f"{dataset} {strategy:16s} seed {seed}: R@1 {res['curve'][-1]['r1']:.3f} at "
                 f"{res['curve'][-1]['pairs']} pairs after {events} events "
                 f"({res['wall_seconds']:.0f}s, elapsed {(time.perf_counter() - t0) / 60:.1f} min)")
             runs.append(res)
     return {"dataset": dataset, "info": describe(ds), "budget": budget, "seeds": list(seeds),
-            "retrain_every": retrain_every, "runs": runs,
+            "retrain_every": retrain_every, "strategies": list(strategies),
+            "half_life": SelectorConfig().cache_half_life, "runs": runs,
             "minutes": (time.perf_counter() - t0) / 60}
 
 
@@ -102,6 +112,10 @@ def _at(curve: list[dict], pairs: int) -> float:
     return float(curves.on_grid(curve, np.array([pairs]))[0])
 
 
+def _se(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def checkpoints(budget: int) -> list[int]:
     """Pair counts the report's table reads the curves at (a rough doubling up to ``budget``)."""
     out = [p for p in (100, 250, 500, 1000, 2000, 3000, 5000, 10000) if p < budget]
@@ -114,6 +128,7 @@ def write_report(res: dict, out: Path, command: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     budget, info = res["budget"], res["info"]
     ours, rand = _by_strategy(res, "default"), _by_strategy(res, "random")
+    flat = _by_strategy(res, "default-no-decay")  # empty in reports made before the decay
     seeds = [r["seed"] for r in ours]
     n = len(seeds)
     events = int(np.median([r["cost"][-1]["offered"] for r in ours]))
@@ -131,15 +146,20 @@ def write_report(res: dict, out: Path, command: str) -> Path:
              "Mean over seeds; Δ = default − random paired by seed, ± standard error. A run "
              "that ran out of stream a few pairs short of a checkpoint is read at its last "
              "point.", "",
-             "| pairs | default | random | Δ (x1000) | default wins |", "|---|---|---|---|---|"]
+             "| pairs | default | random | Δ (x1000) | default wins |"
+             + (" no decay | Δ decay − no decay (x1000) |" if flat else ""),
+             "|---|---|---|---|---|" + ("---|---|" if flat else "")]
     for p in checkpoints(budget):
         a = np.array([_at(r["curve"], p) for r in ours])
         b = np.array([_at(r["curve"], p) for r in rand])
         d = a - b
-        se = d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-        lines.append(f"| {p} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} | "
-                     f"{1000 * np.nanmean(d):+.1f} ± {1000 * se:.1f} | "
-                     f"{int(np.sum(d > 0))}/{n} |")
+        row = (f"| {p} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} | "
+               f"{1000 * np.nanmean(d):+.1f} ± {1000 * _se(d):.1f} | {int(np.sum(d > 0))}/{n} |")
+        if flat:
+            c = np.array([_at(r["curve"], p) for r in flat])
+            row += (f" {np.nanmean(c):.3f} | {1000 * np.nanmean(a - c):+.1f} ± "
+                    f"{1000 * _se(a - c):.1f} |")
+        lines.append(row)
     auc = np.array([curves.auc(a["curve"], budget) - curves.auc(b["curve"], budget)
                     for a, b in zip(ours, rand, strict=True)])
     auc_se = auc.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
@@ -151,8 +171,20 @@ def write_report(res: dict, out: Path, command: str) -> Path:
               f"Pairs saved: default reaches the R@1 that random has at {budget} pairs with "
               f"**{100 * saved.mean():+.0f} ± {100 * saved_se:.0f} %** fewer acquisitions (mean ± "
               f"standard error over seeds, each seed against its own random run; negative = "
-              f"never reached it).", "",
-              "## Per-item cost along the stream (default)", "",
+              f"never reached it).", ""]
+    if flat:
+        da = np.array([curves.auc(a["curve"], budget) - curves.auc(c["curve"], budget)
+                       for a, c in zip(ours, flat, strict=True)])
+        ds = np.array([curves.savings(a["curve"], *curves.curve_xy(c["curve"]), budget)
+                       for a, c in zip(ours, flat, strict=True)])
+        hl = res.get("half_life")
+        lines += [f"**Drift decay.** `default` ages its selections (cache half-life "
+                  f"{hl if hl else '?'} items offered); `default-no-decay` is the same selector "
+                  f"without it. AUC of R@1, decay − no decay: {1000 * da.mean():+.1f} ± "
+                  f"{1000 * _se(da):.1f} (x1000), higher on {int(np.sum(da > 0))}/{n} seeds; "
+                  f"pairs saved against no decay at {budget}: {100 * ds.mean():+.0f} ± "
+                  f"{100 * _se(ds):.0f} %.", ""]
+    lines += ["## Per-item cost along the stream (default)", "",
               "Microseconds of `propose` + `commit` per offered item, per tenth of the stream "
               "(median over seeds of each tenth's mean; the model is swapped in at every "
               "retrain). Retrain + evaluation time is listed apart: it is paid per retrain, not "
@@ -192,8 +224,11 @@ def _plot(res: dict, path: Path) -> Path:
     grid = np.linspace(0, budget, 101)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for s, style in (("default", dict(lw=2.2, color="k")),
+                     ("default-no-decay", dict(lw=1.4, color="tab:orange")),
                      ("random", dict(lw=1.6, color="0.5", ls="--"))):
         runs = _by_strategy(res, s)
+        if not runs:
+            continue
         ax.plot(grid, curves.mean_curve([r["curve"] for r in runs], grid), label=s, **style)
     ax.set_xlabel("pairs acquired")
     ax.set_ylabel("R@1 (held out)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +59,19 @@ def _pool_strategies() -> dict[str, Callable[[], object]]:
 
 
 def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | None]:
-    def cfg(uw, dw, cw=0.1, unc="entropy", norm="zscore", quotas=False):
+    def cfg(uw, dw, cw=0.1, unc="entropy", norm="zscore", quotas=False, tw=0.0):
         return lambda b: SelectorConfig(
             uncertainty=unc, budget=b,
             acquisition=AcquisitionConfig(uncertainty_weight=uw, diversity_weight=dw,
-                                          coverage_weight=cw, normalization=norm, quotas=quotas))
+                                          coverage_weight=cw, normalization=norm, quotas=quotas,
+                                          typicality_weight=tw))
     return {
         "random": None,
         # the service's own defaults (SelectorConfig, AcquisitionConfig), so the benchmarked
-        # default is what a deployment runs: least-confidence 0.7 + diversity 0.3, z-scored
+        # default is what a deployment runs: diversity 0.5 + typicality 0.5, rank-normalised
         "default": lambda b: SelectorConfig(budget=b),
+        # the default before typicality (round 4 of reports/stream-tuning.md)
+        "lc-0.7": cfg(0.7, 0.3, unc="least_confidence"),
         # candidates of the tuning run (reports/stream-tuning.md, seeds 100-109/200-209/300-309)
         "entropy-0.7": cfg(0.7, 0.3),  # the default before the tuning run
         "entropy-0.5": cfg(0.5, 0.5),
@@ -79,6 +82,28 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
         "diversity": cfg(0.0, 1.0, 0.0),
         "margin-rank": cfg(0.7, 0.3, unc="margin", norm="rank"),
         "quota": cfg(0.7, 0.3, quotas=True),
+        # typicality candidates (TypiClust's density among the same modality's recent items;
+        # round 4: diversity-typicality-rank became the default)
+        "lc-0.7-typicality-0.3": cfg(0.7, 0.3, unc="least_confidence", tw=0.3),
+        "lc-0.35-typicality-0.35": cfg(0.35, 0.3, unc="least_confidence", tw=0.35),
+        "lc-0.5-typicality-0.5": cfg(0.5, 0.0, unc="least_confidence", tw=0.5),
+        "diversity-typicality": cfg(0.0, 0.5, unc="least_confidence", tw=0.5),
+        "lc-0.7-typicality-0.7": cfg(0.7, 0.3, unc="least_confidence", tw=0.7),
+        "diversity-typicality-rank": cfg(0.0, 0.5, unc="least_confidence", tw=0.5, norm="rank"),
+        "diversity-0.7-typicality-0.3": cfg(0.0, 0.7, unc="least_confidence", tw=0.3),
+        "diversity-0.3-typicality-0.7": cfg(0.0, 0.3, unc="least_confidence", tw=0.7),
+        "lc-0.2-diversity-typicality": cfg(0.2, 0.4, unc="least_confidence", tw=0.4),
+        "lc-0.7-rank": cfg(0.7, 0.3, unc="least_confidence", norm="rank"),
+        "lc-0.3-diversity-typicality-rank": cfg(0.3, 0.35, unc="least_confidence", tw=0.35,
+                                                norm="rank"),
+        "diversity-0.7-typicality-0.3-rank": cfg(0.0, 0.7, unc="least_confidence", tw=0.3,
+                                                 norm="rank"),
+        "diversity-rank": cfg(0.0, 1.0, 0.0, norm="rank"),
+        # drift (bench-long-stream): the default without / with a cache half-life (items)
+        "default-no-decay": lambda b: replace(SelectorConfig(budget=b), cache_half_life=None),
+        "decay-1000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=1000.0),
+        "decay-4000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=4000.0),
+        "decay-16000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=16000.0),
     }
 
 

@@ -75,7 +75,7 @@ GRPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 # --- bounded label sets --------------------------------------------------------------------
 DECISION_REASONS = reason_label_values()  # {"accept": codes, "skip": codes}, from core Reason
 EVENT_OUTCOMES = ("accepted", "skipped", "duplicate", "dead_letter")
-SCORE_COMPONENTS = ("uncertainty", "diversity", "coverage_bonus")
+SCORE_COMPONENTS = ("uncertainty", "diversity", "typicality", "coverage_bonus")
 GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
               "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
               "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
@@ -261,7 +261,7 @@ class PairsieveMetrics:
         self.score = Histogram(
             "pairsieve_score",
             "Utility components of each decided item, by component (uncertainty|diversity|"
-            "coverage_bonus) and modality.",
+            "typicality|coverage_bonus) and modality.",
             ["component", "modality"], buckets=COMPONENT_BUCKETS, registry=r)
         # --- labels
         self.labels = Counter(
@@ -331,6 +331,7 @@ class PairsieveMetrics:
             values[("uncertainty", mod)].append(d.uncertainty)
             values[("diversity", mod)].append(d.diversity)
             values[("coverage_bonus", mod)].append(d.coverage_bonus)
+            values[("typicality", mod)].append(d.typicality)
         for key, n in received.items():
             self.events_received.labels(*key).inc(n)
         for key, n in decided.items():

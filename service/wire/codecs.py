@@ -307,7 +307,8 @@ def decision_to_proto(o: Outcome) -> pb.Decision:
         components=pb.ScoreComponents(
             uncertainty=float(d.uncertainty), diversity=float(d.diversity),
             coverage_bonus=float(d.coverage_bonus), margin=float(d.margin),
-            entropy=float(d.entropy), least_confidence=float(d.least_confidence)),
+            entropy=float(d.entropy), least_confidence=float(d.least_confidence),
+            typicality=float(d.typicality)),
         threshold=float(d.threshold), model_version=int(d.model_version), reason=str(d.reason),
         duplicate=bool(o.duplicate), worker_id=o.worker_id)
 
@@ -318,7 +319,8 @@ def decision_from_proto(msg: pb.Decision) -> Outcome:
                    utility=msg.utility, uncertainty=c.uncertainty, diversity=c.diversity,
                    coverage_bonus=c.coverage_bonus, margin=c.margin, entropy=c.entropy,
                    least_confidence=c.least_confidence, threshold=msg.threshold,
-                   model_version=msg.model_version, reason=reasons.parse(msg.reason))
+                   model_version=msg.model_version, reason=reasons.parse(msg.reason),
+                   typicality=c.typicality)
     return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
 
 

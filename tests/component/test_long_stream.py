@@ -4,6 +4,7 @@ trace."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -47,9 +48,11 @@ def test_checkpoints_end_at_the_budget():
     assert long_stream.checkpoints(120) == [100, 120]
 
 
-def test_run_refuses_no_seeds():
+def test_run_refuses_no_seeds_and_a_missing_reference_arm():
     with pytest.raises(ValueError, match="seeds is empty"):
         long_stream.run("emoji-image-name", budget=50, seeds=[])
+    with pytest.raises(ValueError, match=r"strategies must include \['random'\]"):
+        long_stream.run("emoji-image-name", budget=50, seeds=[0], strategies=("default",))
 
 
 def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, capsys):
@@ -58,12 +61,16 @@ def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, c
                "--seeds", "2", "--retrain-every", "30", "--test-size", "200", "--out", str(out)])
     assert rc == 0
     progress = capsys.readouterr().out
-    assert progress.count("emoji-image-name default  seed") == 2 and "events" in progress
+    assert len(re.findall(r"emoji-image-name default +seed", progress)) == 2
+    assert len(re.findall(r"emoji-image-name default-no-decay +seed", progress)) == 2
+    assert "events" in progress
     report = out.read_text()
     table = report.split("## Learning curve")[1].split("## Per-item cost")[0]
     rows = [line for line in table.splitlines() if line.startswith("| 1")]
     assert [r.split(" | ")[0] for r in rows] == ["| 100", "| 120"]
-    assert all(r.endswith("/2 |") for r in rows)  # wins over the 2 seeds
+    assert all(re.fullmatch(r"[0-2]/2", r.split(" | ")[4]) for r in rows)  # wins of 2 seeds
+    assert all(len(r.split(" | ")) == 7 for r in rows)  # + no decay, + decay - no decay
+    assert "**Drift decay.**" in report and "higher on" in report.split("**Drift decay.**")[1]
     cost = report.split("## Per-item cost")[1]
     tenths = [line for line in cost.splitlines() if line.startswith("| ") and
               line.split(" | ")[0][2:].isdigit()]
@@ -72,6 +79,7 @@ def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, c
     assert "Last tenth / first tenth" in report and "fewer acquisitions" in report
     data = json.loads((out.parent / "long-results.json").read_text())
     assert sorted((r["strategy"], r["seed"]) for r in data["runs"]) == [
-        ("default", 0), ("default", 1), ("random", 0), ("random", 1)]
+        ("default", 0), ("default", 1), ("default-no-decay", 0), ("default-no-decay", 1),
+        ("random", 0), ("random", 1)]
     assert all(r["stream_order"] == "dataset" for r in data["runs"])
     assert (out.with_suffix(".png")).stat().st_size > 1000

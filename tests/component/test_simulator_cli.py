@@ -461,7 +461,8 @@ def test_stream_seen_refits_the_unpaired_data_on_the_items_offered_so_far(tiny, 
     assert sizes[0] == pool_items and sizes[1] == 2 * SimConfig().batch_size
     grown = sizes[2:]
     assert len(grown) == len(res["curve"]) - 1 and grown == sorted(grown)
-    assert 0 < grown[0] < grown[-1] < pool_items and res["stream_unpaired"] == "seen"
+    # (the last retrain may come after the whole stream: a selector can run out of stream)
+    assert 0 < grown[0] < grown[-1] <= pool_items and res["stream_unpaired"] == "seen"
     sizes.clear()
     simulate(tiny, SimConfig(strategy=strategy, mode="stream", **SMALL))
     assert sizes == [pool_items]

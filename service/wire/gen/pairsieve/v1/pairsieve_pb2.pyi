@@ -57,20 +57,22 @@ class FeatureBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[FeatureEvent, _Mapping]]] = ...) -> None: ...
 
 class ScoreComponents(_message.Message):
-    __slots__ = ("uncertainty", "diversity", "coverage_bonus", "margin", "entropy", "least_confidence")
+    __slots__ = ("uncertainty", "diversity", "coverage_bonus", "margin", "entropy", "least_confidence", "typicality")
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_BONUS_FIELD_NUMBER: _ClassVar[int]
     MARGIN_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     LEAST_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    TYPICALITY_FIELD_NUMBER: _ClassVar[int]
     uncertainty: float
     diversity: float
     coverage_bonus: float
     margin: float
     entropy: float
     least_confidence: float
-    def __init__(self, uncertainty: _Optional[float] = ..., diversity: _Optional[float] = ..., coverage_bonus: _Optional[float] = ..., margin: _Optional[float] = ..., entropy: _Optional[float] = ..., least_confidence: _Optional[float] = ...) -> None: ...
+    typicality: float
+    def __init__(self, uncertainty: _Optional[float] = ..., diversity: _Optional[float] = ..., coverage_bonus: _Optional[float] = ..., margin: _Optional[float] = ..., entropy: _Optional[float] = ..., least_confidence: _Optional[float] = ..., typicality: _Optional[float] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("event_id", "item_id", "modality", "accept", "utility", "components", "threshold", "model_version", "reason", "duplicate", "worker_id")
