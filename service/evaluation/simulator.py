@@ -99,10 +99,10 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
         "diversity-0.7-typicality-0.3-rank": cfg(0.0, 0.7, unc="least_confidence", tw=0.3,
                                                  norm="rank"),
         "diversity-rank": cfg(0.0, 1.0, 0.0, norm="rank"),
-        # drift (bench-long-stream): the default without / with a cache half-life (items)
+        # drift (bench-long-stream): the default without its cache half-life (4000 items) and
+        # the other half-lives of the tuning run
         "default-no-decay": lambda b: replace(SelectorConfig(budget=b), cache_half_life=None),
         "decay-1000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=1000.0),
-        "decay-4000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=4000.0),
         "decay-16000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=16000.0),
     }
 

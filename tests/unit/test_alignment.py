@@ -390,12 +390,43 @@ def test_auto_learner_chooses_by_cross_validation_on_the_pairs_only(linear_pairs
     for m in ("a", "b"):
         np.testing.assert_array_equal(m1.embed(m, (a if m == "a" else b)[200:]),
                                       m2.embed(m, (a if m == "a" else b)[200:]))
-    # the choice is kept until the pairs grow by reselect_growth (1.5), then re-made
-    assert TrainerConfig().reselect_growth == 1.5
+    # the choice is kept until the pairs grow by reselect_growth (1.5), or by
+    # self_learning_recheck_growth (1.2) when self-learning was tried and refused, then re-made
+    cfg = TrainerConfig()
+    assert (cfg.reselect_growth, cfg.self_learning_recheck_growth) == (1.5, 1.2)
+    refused = not tr._choice[2] and any(k.endswith("+self") for k in tr._choice[3])
+    growth = 1.2 if refused else 1.5
+    tr.fit(a[:int(100 * growth) - 1], b[:int(100 * growth) - 1])
+    assert tr._choice[0] == 100
+    tr.fit(a[:int(100 * growth)], b[:int(100 * growth)])
+    assert tr._choice[0] == int(100 * growth)
+
+
+def test_a_refused_self_learning_is_asked_again_sooner(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a[:200], b[:200], method="ridge", dim_out=8)
+    tr._choice = (100, "ridge", False, {"ridge": 0.5, "ridge+self": 0.4})  # tried, refused
+    tr.fit(a[:119], b[:119])
+    assert tr._choice[0] == 100
+    tr.fit(a[:120], b[:120])
+    assert tr._choice[0] == 120
+    tr._choice = (100, "ridge", True, {"ridge": 0.4, "ridge+self": 0.5})  # tried, kept
     tr.fit(a[:149], b[:149])
     assert tr._choice[0] == 100
-    tr.fit(a[:150], b[:150])
-    assert tr._choice[0] == 150
+
+
+def test_cca_is_no_candidate_below_cca_min_pairs(linear_pairs):
+    a, b = linear_pairs
+    tr = make_trainer(a[:200], b[:200], method="auto", dim_out=8, self_learning="off")
+    tr.fit(a[:99], b[:99])
+    assert set(tr.last_fit["chosen_by"]) == {"ridge"} and tr.last_fit["method"] == "ridge"
+    tr = make_trainer(a[:200], b[:200], method="auto", dim_out=8, self_learning="off")
+    tr.fit(a[:100], b[:100])
+    assert {"cca", "ridge"} <= set(tr.last_fit["chosen_by"])
+    with pytest.raises(ValueError, match="cca_min_pairs must be >= 0, got -1"):
+        TrainerConfig(cca_min_pairs=-1)
+    with pytest.raises(ValueError, match="self_learning_recheck_growth must be > 1, got 1.0"):
+        TrainerConfig(self_learning_recheck_growth=1.0)
 
 
 def test_auto_learner_picks_ridge_on_real_text_and_cca_on_digits():
