@@ -125,7 +125,8 @@ def _cmd_bench_long_stream(args) -> int:
     from service.evaluation import long_stream
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    res = long_stream.run(args.dataset, args.budget, seeds, args.retrain_every, args.test_size)
+    res = long_stream.run(args.dataset, args.budget, seeds, args.retrain_every, args.test_size,
+                          jobs=args.jobs)
     p = long_stream.write_report(res, args.out, "pairsieve " + " ".join(sys.argv[1:]))
     print(f"wrote {p}")
     return 0
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--retrain-every", type=int, default=100)
     ls.add_argument("--test-size", type=int, default=500)
     ls.add_argument("--out", default="reports/long-stream.md")
+    ls.add_argument("--jobs", type=int, default=2,
+                    help="runs in parallel (processes with one compute thread each)")
     ls.set_defaults(func=_cmd_bench_long_stream)
 
     b = sub.add_parser("bench", help="engine vs matmul reference, peers, stream cost, profile, "

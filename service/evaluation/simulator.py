@@ -269,7 +269,10 @@ def _evaluate(cfg, trainer, model, ds, oracle, test, prev):
                if len(rows) >= 2 else retrieval_recall(model, ds.a[test], ds.b[test]))
         return model, {"pairs": oracle.spent, "unique_pairs": int(len(rows)),
                        "r1": round(rec["r1"], 5), "r5": round(rec["r5"], 5)}
-    model = trainer.fit(ds.a[rows], ds.b[rows], init=prev) if len(rows) else prev
+    if len(rows):
+        model = trainer.fit(ds.a[rows], ds.b[rows], init=prev)
+    elif prev is not None:  # nothing acquired yet (warm-up 0): the cold model stays
+        model = prev
     rec = retrieval_recall(model, ds.a[test], ds.b[test])
     point = {"pairs": oracle.spent, "unique_pairs": int(len(rows)),
              "r1": round(rec["r1"], 5), "r5": round(rec["r5"], 5)}

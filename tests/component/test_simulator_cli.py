@@ -468,3 +468,12 @@ def test_stream_seen_refits_the_unpaired_data_on_the_items_offered_so_far(tiny, 
     assert sizes == [pool_items]
     with pytest.raises(ValueError, match="stream_unpaired must be 'pool' or 'seen', got 'all'"):
         SimConfig(stream_unpaired="all")
+
+
+@pytest.mark.parametrize("mode", ["pool", "stream"])
+def test_no_warm_up_starts_from_the_cold_model(tiny, mode):
+    """warmup=0: the first curve point is the cold model's (nothing acquired), and the strategy
+    acts from the first acquisition (this crashed in pool mode before)."""
+    res = simulate(tiny, SimConfig(strategy="default", mode=mode, **{**SMALL, "warmup": 0}))
+    assert res["curve"][0]["pairs"] == 0 and res["curve"][-1]["pairs"] == SMALL["budget"]
+

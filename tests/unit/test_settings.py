@@ -94,6 +94,9 @@ BAD = [
     ("quota_tolerance", 1.5, "[0, 1]"),
     ("quota_min_accepts", -1, ">= 0"),
     ("retrain_every_pairs", 0, ">= 1"),
+    ("cache_half_life", -1.0, ">= 0"),
+    ("typicality_weight", -0.5, ">= 0"),
+    ("typicality_k", 0, ">= 1"),
     ("candidates_k", -1, ">= 0"),
     ("follow_selections", 2, "0 or 1"),
     ("device", "gpu", "cpu, cuda, cuda:N or auto"),
@@ -329,3 +332,10 @@ def test_serve_help_explains_every_setting():
         assert Settings.env_name(f.name) in text and "default" in text, f.name
         assert len(text.split(" (env ")[0]) > 10, f"{f.name}: no meaning in --help"
     serve.format_help()  # every help string formats (no stray %)
+
+
+def test_cache_half_life_zero_turns_the_decay_off():
+    assert Settings().selector_config().cache_half_life == SelectorConfig().cache_half_life
+    assert Settings(cache_half_life=0).selector_config().cache_half_life is None
+    assert Settings(cache_half_life=250).selector_config().cache_half_life == 250
+
