@@ -139,7 +139,8 @@ def checkpoints(budget: int) -> list[int]:
 
 
 def write_report(res: dict, out: Path, command: str) -> Path:
-    """Write ``out`` (markdown), ``out``'s ``.png`` and ``-results.json`` beside it."""
+    """Write ``out`` (markdown), ``out``'s ``.png`` and ``-results.json`` beside it; the
+    hand-written findings in ``<out stem>-notes.md`` beside ``out``, if any, are appended."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget, info = res["budget"], res["info"]
@@ -225,7 +226,8 @@ def write_report(res: dict, out: Path, command: str) -> Path:
     first, last = (np.median([t[1][i] for t in tenths]) for i in (0, 9))
     lines += ["", f"Last tenth / first tenth (µs per item): {last / first:.2f}.", "",
               f"![learning curve and per-item cost]({out.with_suffix('.png').name})", ""]
-    out.write_text("\n".join(lines))
+    notes = out.parent / (out.stem + "-notes.md")  # findings written by hand, kept across runs
+    out.write_text("\n".join(lines) + (("\n" + notes.read_text()) if notes.exists() else ""))
     (out.parent / (out.stem + "-results.json")).write_text(json.dumps(res))
     _plot(res, out.with_suffix(".png"))
     return out

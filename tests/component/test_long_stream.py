@@ -53,6 +53,8 @@ def test_run_refuses_no_seeds_and_a_missing_reference_arm():
         long_stream.run("emoji-image-name", budget=50, seeds=[])
     with pytest.raises(ValueError, match=r"strategies must include \['random'\]"):
         long_stream.run("emoji-image-name", budget=50, seeds=[0], strategies=("default",))
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        long_stream.run("emoji-image-name", budget=50, seeds=[0], jobs=0)
 
 
 def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, capsys):
@@ -83,3 +85,12 @@ def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, c
         ("random", 0), ("random", 1)]
     assert all(r["stream_order"] == "dataset" for r in data["runs"])
     assert (out.with_suffix(".png")).stat().st_size > 1000
+
+
+def test_parallel_runs_give_the_same_curves_as_sequential_ones():
+    kw = dict(budget=60, seeds=[0], retrain_every=30, test_size=200,
+              strategies=("default", "random"), log=lambda _: None)
+    seq = long_stream.run("emoji-image-name", jobs=1, **kw)
+    par = long_stream.run("emoji-image-name", jobs=2, **kw)
+    assert [(r["strategy"], r["seed"]) for r in par["runs"]] == [("default", 0), ("random", 0)]
+    assert [r["curve"] for r in seq["runs"]] == [r["curve"] for r in par["runs"]]
