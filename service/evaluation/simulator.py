@@ -59,9 +59,10 @@ def _pool_strategies() -> dict[str, Callable[[], object]]:
 
 
 def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | None]:
+    # the tuning candidates (rounds 1-4 of reports/stream-tuning.md) ran without drift decay
     def cfg(uw, dw, cw=0.1, unc="entropy", norm="zscore", quotas=False, tw=0.0):
         return lambda b: SelectorConfig(
-            uncertainty=unc, budget=b,
+            uncertainty=unc, budget=b, cache_half_life=None,
             acquisition=AcquisitionConfig(uncertainty_weight=uw, diversity_weight=dw,
                                           coverage_weight=cw, normalization=norm, quotas=quotas,
                                           typicality_weight=tw))
