@@ -16,7 +16,9 @@ microseconds per offered item against the stream position) and the raw runs as J
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,6 +29,7 @@ import numpy as np
 from service.core.selector import SelectorConfig
 from service.evaluation import curves
 from service.evaluation.datasets import describe, get_dataset
+from service.evaluation.quality import _init_worker
 from service.evaluation.simulator import SimConfig, simulate
 
 # default: the service's stream selector (with its drift decay); default-no-decay: the same
@@ -91,11 +94,14 @@ def run(dataset: str = "bible-en-es-full", budget: int = 3000,
     if jobs == 1:
         for cfg in todo:
             done(simulate(ds, cfg, progress=None))
-    else:  # one compute thread per process (quality's worker set-up), results as they finish
-        from service.evaluation.quality import _init_worker
-
-        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as ex:
-            for fut in as_completed([ex.submit(simulate, ds, cfg) for cfg in todo]):
+    else:
+        # Fresh ("spawn") processes with one compute thread each, each loading the dataset once.
+        # Not fork: a caller that already ran torch (a test session) holds thread pools that a
+        # forked child inherits half-initialised, and its first parallel op can spin forever.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                 initializer=_init_worker) as ex:
+            for fut in as_completed([ex.submit(_simulate_named, dataset, cfg) for cfg in todo]):
                 done(fut.result())
     runs.sort(key=lambda r: (r["seed"], list(strategies).index(r["strategy"])))
     return {"dataset": dataset, "info": describe(ds), "budget": budget, "seeds": list(seeds),
@@ -126,6 +132,16 @@ def _at(curve: list[dict], pairs: int) -> float:
     if pairs >= curve[-1]["pairs"]:
         return float(curve[-1]["r1"])
     return float(curves.on_grid(curve, np.array([pairs]))[0])
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str):
+    return get_dataset(name)
+
+
+def _simulate_named(dataset: str, cfg: SimConfig) -> dict:
+    """One run in a worker process (the dataset loaded once per process)."""
+    return simulate(_dataset(dataset), cfg)
 
 
 def _se(x: np.ndarray) -> float:

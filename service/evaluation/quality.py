@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -139,18 +140,27 @@ def run_matrix(datasets, modes, strategies: dict, seeds: int, budget: int, jobs:
             raise ValueError(f"unknown dataset {d!r}; known: {sorted(BUILTIN)}")
     results = []
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker) as ex:
+
+    def finished(i: int, j: Job, res: dict) -> None:
+        results.append(res)
+        el = time.perf_counter() - t0
+        eta = el / i * (len(todo) - i)
+        name = f"{j.strategy} #{j.draw}" if j.draw else j.strategy
+        log(f"[{i:4d}/{len(todo)}] {j.dataset:24s} {j.mode:6s} {name:17s} seed {j.seed}"
+            f"  r1={res['curve'][-1]['r1']:.3f}  ({res['wall_seconds']:.1f}s, "
+            f"elapsed {el/60:.1f} min, eta {eta/60:.1f} min)")
+
+    if jobs == 1:  # in this process (what it has patched or loaded applies)
+        for i, j in enumerate(todo, 1):
+            finished(i, j, _run_job(j))
+        return results
+    # "spawn", not fork: a caller that already ran torch (a test session, the demo) holds thread
+    # pools a forked child inherits half-initialised; its first parallel op can spin forever
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
+                             mp_context=multiprocessing.get_context("spawn")) as ex:
         futs = {ex.submit(_run_job, j): j for j in todo}
         for i, f in enumerate(as_completed(futs), 1):
-            j = futs[f]
-            res = f.result()
-            results.append(res)
-            el = time.perf_counter() - t0
-            eta = el / i * (len(todo) - i)
-            name = f"{j.strategy} #{j.draw}" if j.draw else j.strategy
-            log(f"[{i:4d}/{len(todo)}] {j.dataset:24s} {j.mode:6s} {name:17s} seed {j.seed}"
-                f"  r1={res['curve'][-1]['r1']:.3f}  ({res['wall_seconds']:.1f}s, "
-                f"elapsed {el/60:.1f} min, eta {eta/60:.1f} min)")
+            finished(i, futs[f], f.result())
     return results
 
 

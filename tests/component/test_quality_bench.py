@@ -203,8 +203,8 @@ def test_rerun_replaces_one_strategy_and_keeps_the_other_runs(tmp_path, capsys, 
                  "--strategies", "random,default", "--budget", "80", "--jobs", "1",
                  "--random-draws", "1", "--out-dir", str(out)]) == 0
     before = quality.read_results(out / "quality-results.json.gz")
-    # the change being measured: the pool default becomes coreset (another pick rule); the
-    # workers are forked after the patch, so they run it
+    # the change being measured: the pool default becomes coreset (another pick rule); with
+    # --jobs 1 the runs are made in this process, so they run it
     from service.core.pool.kcenter import CoresetStrategy
     from service.evaluation import simulator
 
