@@ -196,10 +196,10 @@ def write_report(res: dict, out: Path, command: str) -> Path:
         lines.append(row)
     auc = np.array([curves.auc(a["curve"], budget) - curves.auc(b["curve"], budget)
                     for a, b in zip(ours, rand, strict=True)])
-    auc_se = auc.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+    auc_se = _se(auc)
     saved = np.array([curves.savings(a["curve"], *curves.curve_xy(b["curve"]), budget)
                       for a, b in zip(ours, rand, strict=True)])
-    saved_se = saved.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+    saved_se = _se(saved)
     lines += ["", f"AUC of R@1 over the budget, default − random: {1000 * auc.mean():+.1f} ± "
               f"{1000 * auc_se:.1f} (x1000), higher on {int(np.sum(auc > 0))}/{n} seeds.", "",
               f"Pairs saved: default reaches the R@1 that random has at {budget} pairs with "
