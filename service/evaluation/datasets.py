@@ -215,8 +215,9 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     ----------
     path : str or os.PathLike
         An ``.npz`` file with keys ``a`` (n, d_a) and ``b`` (n, d_b) (any float or integer dtype,
-        float16 included), optionally ``labels`` (n,) integer, ``paired`` (n,) bool, ``ids`` (n,)
-        unique str, ``modality_a`` / ``modality_b`` 0-d str arrays.
+        float16 included), optionally ``a_scale`` (d_a,) / ``b_scale`` (d_b,) positive floats that
+        an integer view is multiplied by (int8 storage), ``labels`` (n,) integer, ``paired`` (n,)
+        bool, ``ids`` (n,) unique str, ``modality_a`` / ``modality_b`` 0-d str arrays.
 
     Returns
     -------
@@ -227,8 +228,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     ------
     ValueError
         A missing ``a`` or ``b`` key; a view that is not 2-D, not numeric or not finite; views
-        with different row counts (e.g. "a has 3 rows but b has 4"); malformed ``labels``,
-        ``paired`` or modality names. Pickled object arrays are refused.
+        with different row counts (e.g. "a has 3 rows but b has 4"); a scale of the wrong shape,
+        not positive or on a float view; malformed ``labels``, ``paired`` or modality names. Pickled object arrays are refused.
     FileNotFoundError
         ``path`` does not exist.
     """
@@ -248,11 +249,12 @@ def load_npz(path: str | os.PathLike) -> Dataset:
             if v.ndim != 0 or v.dtype.kind != "U":
                 raise ValueError(f"{path}: {key} must be a 0-d str array, got {v.dtype} {v.shape}")
             names[key] = str(v)
+    views = {k: _dequantised(path, k, data) for k in ("a", "b")}
     try:
         return Dataset(
             name=path.stem,
-            a=data["a"],
-            b=data["b"],
+            a=views["a"],
+            b=views["b"],
             labels=data.get("labels"),
             paired=data.get("paired"),
             ids=data.get("ids"),
@@ -260,6 +262,21 @@ def load_npz(path: str | os.PathLike) -> Dataset:
         )
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+def _dequantised(path: Path, key: str, data: dict[str, np.ndarray]) -> np.ndarray:
+    """View ``key`` times its ``KEY_scale`` (one positive float per column) when the file has one."""
+    view, scale = data[key], data.get(f"{key}_scale")
+    if scale is None:
+        return view
+    if view.dtype.kind not in "iu" or view.ndim != 2:
+        raise ValueError(f"{path}: {key}_scale given but {key} is {view.dtype} {view.shape}, "
+                         "not a 2-D integer view")
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.shape != (view.shape[1],) or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise ValueError(f"{path}: {key}_scale must be {view.shape[1]} positive finite floats, "
+                         f"got shape {scale.shape}, min {scale.min() if scale.size else None!r}")
+    return (view.astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
 
 
 def _check_int(value, name: str, minimum: int) -> int:

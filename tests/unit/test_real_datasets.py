@@ -80,6 +80,41 @@ def test_float16_file_loads_as_float32(tmp_path):
     assert ds.a.dtype == np.float32 and ds.b.shape == (3, 4) and list(ds.ids) == ["p", "q", "r"]
 
 
+def test_int8_storage_round_trips_within_half_a_step(tmp_path):
+    z = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float16)
+    z[:, 5] = 0  # an all-zero axis keeps scale 1 and loads as zeros
+    arrays = real_build.stored_arrays(z, z[:, :4], "int8")
+    assert arrays["a"].dtype == np.int8 and arrays["a_scale"].shape == (6,)
+    assert arrays["a_scale"][5] == 1.0
+    path = tmp_path / "q.npz"
+    np.savez(path, **arrays, ids=np.array([f"r{i}" for i in range(50)]))
+    ds = load_npz(path)
+    step = arrays["a_scale"]
+    assert ds.a.dtype == np.float32 and ds.b.shape == (50, 4)
+    assert np.all(np.abs(ds.a - z.astype(np.float32)) <= step / 2 + 1e-6)
+    assert not np.any(ds.a[:, 5])
+    with pytest.raises(ValueError, match="storage must be 'float16' or 'int8', got 'int4'"):
+        real_build.stored_arrays(z, z, "int4")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "pattern"),
+    [
+        ({"a": np.zeros((2, 3), np.int8), "a_scale": np.ones(2, np.float32)},
+         r"a_scale must be 3 positive finite floats, got shape \(2,\)"),
+        ({"a": np.zeros((2, 3), np.int8), "a_scale": np.array([1.0, 0.0, 1.0])},
+         "a_scale must be 3 positive finite floats"),
+        ({"a": np.zeros((2, 3), np.float32), "a_scale": np.ones(3)},
+         "a_scale given but a is float32 \\(2, 3\\), not a 2-D integer view"),
+    ],
+)
+def test_bad_scales_are_refused(tmp_path, arrays, pattern):
+    path = tmp_path / "bad.npz"
+    np.savez(path, b=np.zeros((2, 3)), **arrays)
+    with pytest.raises(ValueError, match=pattern):
+        load_npz(path)
+
+
 IMP = """$$$[ Module Heading ]
 <milestone type="x-importer"/>
 $$$Genesis 0:0
