@@ -60,8 +60,8 @@ def main(name: str, dims: int, storage: str) -> None:
                   f"- file: `{path.name}`, {path.stat().st_size / 1e6:.1f} MB; keys {keys}", text)
     text = text.replace("| stored (PCA, float16) |", f"| stored (PCA {dims}, {storage}) |")
     for m_pairs, r1 in ((k[3:], v) for k, v in probe.items()):
-        text = re.sub(rf"^\| {m_pairs} \| ([\d.]+) \| [\d.]+ \|$", rf"| {m_pairs} | \g<1> | {r1:.3f} |",
-                      text, flags=re.M)
+        text = re.sub(rf"^\| {m_pairs} \| ([\d.]+) \| [\d.]+ \|$",
+                      rf"| {m_pairs} | \g<1> | {r1:.3f} |", text, flags=re.M)
     md.write_text(text)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB); probe {probe}")
 

@@ -12,8 +12,9 @@ order of operations for every batch, whatever its transport:
 
 A batch whose publish fails is not committed: the caller sees the exception, nothing was spent,
 and the redelivered batch is decided afresh. Labels (:meth:`report_alignment`) go to the
-:class:`~service.learning_loop.LearningLoop` (pairs store, retraining every ``retrain_every`` new
-pairs, model hot swap between two batches). Selections made by other workers (read from the
+:class:`~service.learning_loop.LearningLoop` (the durable pairs store, retraining on the trainer
+worker every ``retrain_every`` new pairs, the quality gate, and model versions swapped in between
+two batches). Selections made by other workers (read from the
 requests topic) are folded in by :meth:`observe_remote_selection`.
 
 Inputs and outputs are the plain dataclasses of :mod:`service.messages`: converters in
@@ -30,13 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
+from service.alignment.validation import GateConfig
 from service.core.pool import DEFAULT_STRATEGY as DEFAULT_POOL_STRATEGY
 from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
 from service.core.types import FeatureItem
 from service.core.validation import VectorError, as_matrix, check_modality
-from service.learning_loop import DEFAULT_RETRAIN_EVERY, LearningLoop
+from service.learning_loop import DEFAULT_RETRAIN_EVERY, DEFAULT_VALIDATION_SHARE, LearningLoop
 from service.lru import LRU
 from service.messages import (
     AlignmentRequestOut,
@@ -74,6 +76,12 @@ class SelectionHandler:
     clock : callable returning seconds since the epoch
     on_model : callable(AlignmentModel) or None
         Called after each hot swap (e.g. to checkpoint the model).
+    validation_share : float
+        Share of the acquired pairs held out to gate and measure model versions.
+    gate : GateConfig or None
+        The quality gate's tolerance and minimum validation size.
+    is_trainer : callable returning bool, or None
+        Whether this worker trains now (default: always).
 
     Attributes
     ----------
@@ -89,7 +97,10 @@ class SelectionHandler:
                  candidates_k: int = 5,
                  dedup_capacity: int = 1_000_000, vector_capacity: int = 200_000,
                  clock: Callable[[], float] = time.time,
-                 on_model: Callable[[AlignmentModel], None] | None = None):
+                 on_model: Callable[[AlignmentModel], None] | None = None,
+                 validation_share: float = DEFAULT_VALIDATION_SHARE,
+                 gate: GateConfig | None = None,
+                 is_trainer: Callable[[], bool] | None = None):
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
         self.selector = selector
@@ -108,8 +119,12 @@ class SelectionHandler:
                                                   thread_name_prefix="pairsieve-train")
         self.learning = LearningLoop(selector, trainer, executor=self._executor, lock=self._lock,
                                      train_executor=self._train_executor,
-                                     metrics=self.metrics, retrain_every=retrain_every,
-                                     vector_capacity=vector_capacity, on_model=on_model)
+                                     metrics=self.metrics, publisher=self.publisher,
+                                     worker_id=worker_id, retrain_every=retrain_every,
+                                     vector_capacity=vector_capacity,
+                                     request_capacity=dedup_capacity,
+                                     validation_share=validation_share, gate=gate,
+                                     is_trainer=is_trainer, on_model=on_model, clock=clock)
 
     # ------------------------------------------------------------------ model
     @property
@@ -150,7 +165,6 @@ class SelectionHandler:
         items = [self.validate(ev) for ev in events]
         loop = asyncio.get_running_loop()
         async with self._lock:
-            self.learning.swap_in_pending()
             fresh_idx, seen_in_batch = [], set()
             for i, ev in enumerate(events):
                 if ev.event_id in self._decided or ev.event_id in seen_in_batch:
@@ -236,8 +250,8 @@ class SelectionHandler:
 
     # ------------------------------------------------------------------ labels
     async def report_alignment(self, labels: Sequence[Label]) -> LabelResult:
-        """Take annotators' answers; MATCH pairs whose two vectors are known join the training set
-        (see :meth:`LearningLoop.add_labels`)."""
+        """Take annotators' answers; MATCH pairs whose two vectors are known are published and join
+        the training set (see :meth:`LearningLoop.add_labels`)."""
         return await self.learning.add_labels(labels)
 
     async def wait_for_training(self) -> None:
@@ -288,7 +302,10 @@ class SelectionHandler:
             pairs_acquired=self.learning.pairs_acquired,
             budget_total=self.selector.budget.config.total,
             target_rate=self.selector.budget.config.target_rate,
-            labels=dict(self.learning.labels_by_status), dims=dict(self.dims))
+            labels=dict(self.learning.labels_by_status), dims=dict(self.dims),
+            validation_recall=self.learning.validation_recall,
+            validation_pairs=self.learning.validation_pairs,
+            trainer=bool(self.learning.is_trainer()))
 
     def close(self) -> None:
         self._train_executor.shutdown(wait=True)

@@ -1,22 +1,31 @@
-"""The learning loop: labels -> acquired pairs -> retraining -> model hot swap.
+"""The learning loop: labels -> acquired pairs -> retraining -> gated model versions.
 
 :class:`LearningLoop` owns what the engine learns from annotators:
 
 * the **item memory**: recent raw vectors by item id (:meth:`LearningLoop.remember`), to find
   the two vectors of a labelled pair and, as unpaired data, to refit the whitening;
-* the **pairs store**: one training pair per (item, partner) MATCH label whose two vectors are
-  known (:attr:`LearningLoop.pairs`); a repeated label replaces its pair, it does not add one;
-* **retraining**: every ``retrain_every`` new pairs a new model version is trained in the
-  training executor (:meth:`LearningLoop.maybe_retrain`), off the event loop and, in the
-  service, off the scoring thread (a self-learning fit takes about a second);
-* the **model swap**: the trained model replaces the selector's between two batches
-  (:meth:`LearningLoop.swap_in_pending`), its caches following the new space, and ``on_model``
-  is called (e.g. to checkpoint it).
+* the **pairs store**: one :class:`~service.messages.TrainingPair` per pair key
+  ``(item of modality a, item of modality b)`` (:attr:`LearningLoop.pairs`). A MATCH label is
+  resolved to both vectors, **published** (the Kafka service writes it to the training-pairs
+  topic and waits for the acknowledgement) and only then stored, so a pair the caller was told
+  about is durable. Pairs other workers published (or this one, before a restart) come in through
+  :meth:`LearningLoop.ingest_pairs`; a pair labelled again replaces itself. Labels are
+  deduplicated by request id: a re-sent label is counted once;
+* the **validation split**: a deterministic share of the pairs (by a hash of the key,
+  :mod:`service.alignment.validation`) is held out and never trained on;
+* **retraining**, only on the worker that holds the trainer role (``is_trainer``; in the service
+  the owner of the labels partition): every ``retrain_every`` new pairs a candidate version is
+  trained in the training executor, off the event loop and off the scoring thread;
+* the **quality gate**: the candidate and the model in use are evaluated on the validation pairs;
+  a candidate worse beyond the tolerance is rejected (logged, counted) and the model stays;
+* **one lineage**: an accepted candidate is published (the models topic) before it is swapped
+  in; every worker installs the newest version it is offered (:meth:`LearningLoop.offer_model`),
+  so all workers use the same model. Version numbers continue from the highest ever offered, so
+  they keep rising across a fail-over of the trainer role.
 
-It shares the engine lock and the single torch executor with
-:class:`service.handlers.SelectionHandler`, which delegates its label calls here, so a label, a
-batch and a model swap never interleave. A failed retrain is logged and reported; the stream
-keeps the model it had.
+It shares the engine lock and the torch executor with :class:`service.handlers.SelectionHandler`,
+which delegates its label calls here, so a label, a batch and a model swap never interleave. A
+failed retrain or publish is logged and reported; the stream keeps the model it had.
 """
 
 from __future__ import annotations
@@ -32,19 +41,33 @@ from typing import cast
 import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
+from service.alignment.validation import GateConfig, is_validation, judge, validation_recall
 from service.core.selector import StreamingSelector
 from service.core.validation import as_matrix, check_modality
 from service.lru import LRU
-from service.messages import LABEL_STATUSES, Label, LabelResult, MetricsSink, NullMetrics
+from service.messages import (
+    LABEL_STATUSES,
+    Label,
+    LabelResult,
+    MetricsSink,
+    ModelRelease,
+    NullMetrics,
+    NullPublisher,
+    Publisher,
+    TrainingPair,
+)
 
 DEFAULT_RETRAIN_EVERY = 25
 """New MATCH pairs between two retrains: the service's default (``Settings.retrain_every_pairs``)
 and the simulator's stream cadence (``SimConfig.retrain_every``), so the benchmark retrains as
 often as a deployment."""
 
-log = logging.getLogger("pairsieve.handler")
+DEFAULT_VALIDATION_SHARE = 0.1
+"""Share of the acquired pairs held out to measure each model version (never trained on)."""
 
-PairKey = tuple[str, str]  # (item id, partner item id)
+log = logging.getLogger("pairsieve.learning")
+
+PairKey = tuple[str, str]  # (item id of modality a, item id of modality b)
 
 
 class LearningLoop:
@@ -55,59 +78,88 @@ class LearningLoop:
     selector : StreamingSelector
         The engine whose model is swapped and whose caches learn revealed partners.
     trainer : AlignmentTrainer
-        Trains new model versions from the acquired pairs.
+        Trains candidate versions from the acquired training pairs.
     executor : concurrent.futures.Executor
         Where torch work runs (the engine's single-thread executor).
-    train_executor : concurrent.futures.Executor, optional
-        Where retraining runs (default: ``executor``). The trainer and the snapshot of pairs it
-        is given are touched by nothing else, so a separate thread lets decisions go on while a
-        new version trains; the swap itself still happens under ``lock``.
     lock : asyncio.Lock
-        The engine lock (label calls and model swaps hold it, as batch decisions do).
+        The engine lock (label calls, pair ingestion and model swaps hold it, as batches do).
     metrics : MetricsSink, optional
+    publisher : Publisher, optional
+        Where pairs and model versions are durably published (default: nowhere, one process).
+    train_executor : concurrent.futures.Executor, optional
+        Where retraining runs (default: ``executor``).
+    worker_id : str
+        Recorded with the pairs this worker resolves and the versions it trains.
     retrain_every : int
         New pairs between two retrains (>= 1).
     vector_capacity : int
         Size of the bounded item memory (item id -> (modality, vector (dim,))).
+    request_capacity : int
+        Size of the bounded memory of label request ids taken in (deduplication).
+    validation_share : float
+        Share of the pairs held out for validation, in [0, 1).
+    gate : GateConfig
+        Tolerance and minimum validation size of the quality gate.
+    is_trainer : callable returning bool
+        Whether this worker trains now (default: always; the service asks the stream processor
+        whether it owns the labels partition).
     on_model : callable(AlignmentModel) or None
-        Called after each hot swap.
+        Called after each hot swap (e.g. to checkpoint it).
+    clock : callable returning seconds since the epoch
 
     Raises
     ------
     ValueError
-        If ``retrain_every`` is below 1.
+        If ``retrain_every`` is below 1 or ``validation_share`` is outside [0, 1).
     """
 
     def __init__(self, selector: StreamingSelector, trainer: AlignmentTrainer, *,
                  executor: Executor, lock: asyncio.Lock, metrics: MetricsSink | None = None,
-                 train_executor: Executor | None = None,
-                 retrain_every: int = DEFAULT_RETRAIN_EVERY, vector_capacity: int = 200_000,
-                 on_model: Callable[[AlignmentModel], None] | None = None):
+                 publisher: Publisher | None = None, train_executor: Executor | None = None,
+                 worker_id: str = "worker-0", retrain_every: int = DEFAULT_RETRAIN_EVERY,
+                 vector_capacity: int = 200_000, request_capacity: int = 1_000_000,
+                 validation_share: float = DEFAULT_VALIDATION_SHARE,
+                 gate: GateConfig | None = None,
+                 is_trainer: Callable[[], bool] | None = None,
+                 on_model: Callable[[AlignmentModel], None] | None = None,
+                 clock: Callable[[], float] = time.time):
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
+        if not 0.0 <= validation_share < 1.0:
+            raise ValueError(f"validation_share must be in [0, 1), got {validation_share!r}")
         self.selector = selector
         self.trainer = trainer
         self.metrics = metrics or NullMetrics()
+        self.publisher = publisher or NullPublisher()
+        self.worker_id = worker_id
         self.retrain_every = int(retrain_every)
+        self.validation_share = float(validation_share)
+        self.gate = gate or GateConfig()
+        self.is_trainer = is_trainer or (lambda: True)
         self.on_model = on_model
+        self.clock = clock
         self.modalities = selector.modalities
         self.dims = dict(selector.model.dims)
         self._executor = executor
         self._train_executor = train_executor if train_executor is not None else executor
         self._lock = lock
         self._items: LRU = LRU(vector_capacity)  # item_id -> (modality, vector)
-        self._pairs: dict[PairKey, tuple[np.ndarray, np.ndarray]] = {}
+        self._requests: LRU = LRU(request_capacity)  # label request ids taken in
+        self._pairs: dict[PairKey, TrainingPair] = {}
+        self._validation: set[PairKey] = set()
         self._pairs_at_last_train = 0
+        self._highest_version = selector.model_version  # highest ever offered or trained
         self._training: asyncio.Task | None = None
-        self._pending_model: AlignmentModel | None = None
+        self.validation_recall: dict[int, float] = {}
         self.labels_by_status = {s: 0 for s in LABEL_STATUSES}
+        self.candidates = {"published": 0, "rejected": 0, "failed": 0, "superseded": 0}
 
     # ------------------------------------------------------------------ model
     @property
     def model(self) -> AlignmentModel:
         """The model in use."""
-        # the service builds the selector on an AlignmentModel and swap_in_pending only swaps
-        # AlignmentModels in
+        # the service builds the selector on an AlignmentModel and only AlignmentModels are
+        # installed
         return cast(AlignmentModel, self.selector.model)
 
     @property
@@ -125,63 +177,159 @@ class LearningLoop:
         return MappingProxyType(self._items)
 
     @property
-    def pairs(self) -> Mapping[PairKey, tuple[np.ndarray, np.ndarray]]:
-        """Read-only view of the pairs store: (item id, partner id) -> (first-modality vector
-        (dim_0,), second-modality vector (dim_1,))."""
+    def pairs(self) -> Mapping[PairKey, TrainingPair]:
+        """Read-only view of the pairs store: (item id a, item id b) -> :class:`TrainingPair`."""
         return MappingProxyType(self._pairs)
 
     @property
     def pairs_acquired(self) -> int:
+        """Distinct pairs acquired (validation pairs included)."""
         return len(self._pairs)
+
+    @property
+    def validation_pairs(self) -> int:
+        return len(self._validation)
+
+    def is_validation(self, key: PairKey) -> bool:
+        """Whether the pair ``key`` is held out (deterministic; see the module docstring)."""
+        return is_validation(key, self.validation_share)
 
     # ------------------------------------------------------------------ labels
     def check_label(self, label: Label) -> None:
         """Raise ``ValueError`` naming the problem if ``label`` has an unknown status or
-        modality."""
+        modality, or a partner vector of the wrong shape or non-finite."""
         if label.status not in LABEL_STATUSES:
             raise ValueError(f"label for {label.item_id!r}: unknown status {label.status!r}; "
                              f"expected one of {LABEL_STATUSES}")
         check_modality(label.modality, self.modalities)
+        if label.partner_vector is not None and len(label.partner_vector):
+            as_matrix(label.partner_vector, self.dims[self.model.other(label.modality)],
+                      name=f"partner of {label.item_id!r}")
 
-    async def add_labels(self, labels: Sequence[Label]) -> LabelResult:
-        """Take annotators' answers (checked as a whole first: one bad label raises
-        ``ValueError`` and nothing is counted), under the engine lock; start a retrain when
-        enough new pairs arrived."""
-        for lb in labels:
-            self.check_label(lb)
-        accepted = ignored = 0
-        async with self._lock:
-            for lb in labels:
-                if await self.add_label(lb):
-                    accepted += 1
-                else:
-                    ignored += 1
-            self.maybe_retrain()
-        return LabelResult(accepted, ignored, self.model_version)
+    def resolve(self, label: Label) -> TrainingPair | str:
+        """A checked MATCH label as a :class:`TrainingPair`, or why it cannot be one.
 
-    async def add_label(self, label: Label) -> bool:
-        """Count one checked label; a MATCH whose item and partner vectors are known becomes
-        (or replaces) a training pair, and the partner joins the selected-set cache of its
-        modality. The caller holds the engine lock. Returns True when a pair was stored."""
-        self.labels_by_status[label.status] += 1
-        self.metrics.labels_received(label.status)
-        if label.status != "MATCH" or not label.partner_item_id:
-            return False
+        The labelled item's vector must be in the item memory (every selection of every worker
+        is, while it is recent); the partner's comes from ``label.partner_vector`` or, failing
+        that, from the item memory (a partner that was itself selected, or seen by this worker).
+        """
+        what = f"MATCH label for {label.item_id!r} ({label.modality})"
+        if not label.partner_item_id:
+            return f"{what}: no partner_item_id"
         item = self._items.get(label.item_id)
+        if item is None:
+            return (f"{what}: the item's vector is unknown here (not a recent selection; the "
+                    "item memory keeps the most recent items only)")
+        if item[0] != label.modality:
+            return f"{what}: the item is known as {item[0]!r}, not {label.modality!r}"
         other = self.model.other(label.modality)
         if label.partner_vector is not None and len(label.partner_vector):
             partner = as_matrix(label.partner_vector, self.dims[other],
                                 name=f"partner of {label.item_id!r}")[0]
         else:
             got = self._items.get(label.partner_item_id)
-            partner = got[1] if got and got[0] == other else None
-        if item is None or partner is None or item[0] != label.modality:
+            if got is None:
+                return (f"{what}: partner {label.partner_item_id!r} ({other}) is unknown here; "
+                        "send its vector in partner_vector")
+            if got[0] != other:
+                return (f"{what}: partner {label.partner_item_id!r} is known as {got[0]!r}, "
+                        f"not {other!r}")
+            partner = got[1]
+        first = label.modality == self.modalities[0]
+        return TrainingPair(
+            item_id_a=label.item_id if first else label.partner_item_id,
+            item_id_b=label.partner_item_id if first else label.item_id,
+            vector_a=item[1] if first else partner, vector_b=partner if first else item[1],
+            request_id=label.request_id, annotator=label.annotator, cost=float(label.cost),
+            labeled_at=label.labeled_at if label.labeled_at is not None else self.clock(),
+            worker_id=self.worker_id, labeled_item_id=label.item_id)
+
+    async def add_labels(self, labels: Sequence[Label]) -> LabelResult:
+        """Take annotators' answers, under the engine lock.
+
+        All are checked first (one bad label raises ``ValueError`` and nothing is counted). A
+        label whose request id was taken in before is a duplicate: counted once, nothing changes.
+        MATCH labels are resolved to pairs (:meth:`resolve`; the unresolvable ones are reported
+        in ``LabelResult.unresolved`` and not remembered, so a corrected resend is taken), the
+        pairs are published (raises -> nothing counted or stored), then stored; a retrain starts
+        when enough new pairs arrived.
+        """
+        for lb in labels:
+            self.check_label(lb)
+        async with self._lock:
+            fresh: list[Label] = []
+            duplicates = 0
+            taken: set[str] = set()
+            for lb in labels:
+                if lb.request_id and (lb.request_id in self._requests or lb.request_id in taken):
+                    duplicates += 1
+                    continue
+                if lb.request_id:
+                    taken.add(lb.request_id)
+                fresh.append(lb)
+            pairs: list[TrainingPair] = []
+            unresolved: list[str] = []
+            remember: list[str] = []
+            for lb in fresh:
+                if lb.status != "MATCH":
+                    remember.append(lb.request_id)
+                    continue
+                got = self.resolve(lb)
+                if isinstance(got, str):
+                    unresolved.append(got)
+                else:
+                    pairs.append(got)
+                    remember.append(lb.request_id)
+            if pairs:
+                await self.publisher.publish_pairs(pairs)  # raises -> nothing changed
+            for lb in fresh:
+                self.labels_by_status[lb.status] += 1
+                self.metrics.labels_received(lb.status)
+            for rid in remember:
+                if rid:
+                    self._requests.put(rid, True)
+            for p in pairs:
+                await self._ingest(p)
+            if duplicates:
+                self.metrics.labels_duplicate(duplicates)
+            self.maybe_retrain()
+        ignored = len(fresh) - len(pairs) - len(unresolved)
+        return LabelResult(len(pairs), ignored, self.model_version, duplicates,
+                           tuple(unresolved))
+
+    async def ingest_pairs(self, pairs: Sequence[TrainingPair]) -> int:
+        """Store pairs published by any worker (read back from the training-pairs topic), under
+        the engine lock. An echo of a pair already stored changes nothing. Returns the number of
+        new pair keys."""
+        async with self._lock:
+            added = 0
+            for p in pairs:
+                added += await self._ingest(p)
+            self.maybe_retrain()
+        return added
+
+    async def _ingest(self, p: TrainingPair) -> bool:
+        """Store one pair (the caller holds the lock). True when its key is new."""
+        key = p.key
+        old = self._pairs.get(key)
+        if old is not None and old.request_id == p.request_id \
+                and np.array_equal(old.vector_a, p.vector_a) \
+                and np.array_equal(old.vector_b, p.vector_b):
+            return False  # our own publication read back, or a redelivery
+        ma, mb = self.modalities
+        self._pairs[key] = p
+        if self.is_validation(key):
+            self._validation.add(key)
+        if p.request_id:
+            self._requests.put(p.request_id, True)
+        self._items.put(p.item_id_a, (ma, p.vector_a))
+        self._items.put(p.item_id_b, (mb, p.vector_b))
+        if old is not None:
             return False
-        a, b = (item[1], partner) if label.modality == self.modalities[0] else (partner, item[1])
-        self._pairs[(label.item_id, label.partner_item_id)] = (a, b)
-        self._items.put(label.partner_item_id, (other, partner))
+        # the side the label revealed (the labelled item was selected: it is cached already)
+        revealed = (ma, p.vector_a) if p.labeled_item_id == p.item_id_b else (mb, p.vector_b)
         await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.selector.reveal_partner, other, partner[None, :])
+            self._executor, self.selector.reveal_partner, revealed[0], revealed[1][None, :])
         return True
 
     # ------------------------------------------------------------------ training
@@ -191,53 +339,109 @@ class LearningLoop:
         return self._training
 
     def maybe_retrain(self) -> bool:
-        """Start a retrain in the executor when ``retrain_every`` pairs arrived since the last
-        one and none is in flight. Needs a running event loop. Returns True when one started."""
+        """Start a retrain when this worker is the trainer, ``retrain_every`` pairs arrived since
+        the last version (trained here or offered) and none is in flight. Needs a running event
+        loop. Returns True when one started."""
         if len(self._pairs) - self._pairs_at_last_train < self.retrain_every:
             return False
         if self._training is not None and not self._training.done():
             return False
+        if not self.is_trainer():
+            return False
+        train = [p for k, p in self._pairs.items() if k not in self._validation]
+        if not train:
+            return False
+        val = [self._pairs[k] for k in self._validation]
+        previous = self._pairs_at_last_train
         self._pairs_at_last_train = len(self._pairs)
-        pairs = list(self._pairs.values())
         unpaired = {m: [v for mm, v in self._items.values() if mm == m] for m in self.modalities}
-        init = self.model
-        self._training = asyncio.get_running_loop().create_task(self._train(pairs, unpaired, init))
+        self._training = asyncio.get_running_loop().create_task(
+            self._train(train, val, unpaired, self.model, len(self._pairs), previous))
         return True
 
-    async def _train(self, pairs, unpaired, init) -> None:
+    async def _train(self, train: list[TrainingPair], val: list[TrainingPair],
+                     unpaired: dict[str, list[np.ndarray]], init: AlignmentModel,
+                     pairs_seen: int, previous_count: int) -> None:
         t0 = time.perf_counter()
+        version = max(init.version, self._highest_version) + 1
 
         def work():
             if all(len(v) >= 2 for v in unpaired.values()):
                 self.trainer.fit_unpaired({m: np.stack(v) for m, v in unpaired.items()})
-            a = np.stack([p[0] for p in pairs])
-            b = np.stack([p[1] for p in pairs])
-            return self.trainer.fit(a, b, init=init)
+            a = np.stack([p.vector_a for p in train])
+            b = np.stack([p.vector_b for p in train])
+            model = self.trainer.fit(a, b, init=init)
+            model.version = version
+            if not val:
+                return model, {}, {}
+            va = np.stack([p.vector_a for p in val])
+            vb = np.stack([p.vector_b for p in val])
+            return model, validation_recall(model, va, vb), validation_recall(init, va, vb)
 
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self._train_executor, work)
+            model, cand, cur = await asyncio.get_running_loop().run_in_executor(
+                self._train_executor, work)
         except Exception:  # a failed retrain must not stop the stream
             log.exception("retraining failed; keeping model version %s", init.version)
             self.metrics.retrained(init.version, time.perf_counter() - t0, False)
+            self._judged("failed")
             return
-        self._pending_model = model
         self.metrics.retrained(model.version, time.perf_counter() - t0, True)
-        async with self._lock:
-            self.swap_in_pending()
-
-    def swap_in_pending(self) -> None:
-        """Hot-swap a trained model that is newer than the one in use. The caller holds the
-        engine lock (between two batches)."""
-        model, self._pending_model = self._pending_model, None
-        if model is None or model.version <= self.selector.model_version:
+        verdict = judge(cand, cur, len(val), self.gate)
+        if not verdict.accept:
+            log.warning("candidate model version %d rejected by the quality gate (%s); keeping "
+                        "version %d", model.version, verdict.reason, init.version)
+            self._judged("rejected")
             return
-        self.selector.set_model(model)
-        log.info("model version %d hot-swapped in (%d pairs)", model.version, model.n_pairs)
+        if not self.is_trainer():
+            log.warning("candidate model version %d discarded: this worker lost the trainer role "
+                        "while training it", model.version)
+            self._judged("superseded")
+            return
+        release = ModelRelease(model, pairs_seen, len(val), cand, self.worker_id, self.clock())
+        try:
+            await self.publisher.publish_model(release)
+        except Exception:
+            log.exception("publishing model version %d failed; keeping version %d (it is retried "
+                          "with the next pairs)", model.version, init.version)
+            self._pairs_at_last_train = previous_count
+            self._judged("failed")
+            return
+        self._judged("published")
+        log.info("model version %d accepted (%s)", model.version, verdict.reason)
+        await self.offer_model(release)
+
+    def _judged(self, outcome: str) -> None:
+        self.candidates[outcome] += 1
+        self.metrics.candidate_judged(outcome)
+
+    async def offer_model(self, release: ModelRelease) -> bool:
+        """Install a published version if it is newer than the model in use (the models topic's
+        follower and this worker's own trainer call this). Returns True when it was swapped in."""
+        self._highest_version = max(self._highest_version, release.version)
+        self._pairs_at_last_train = max(self._pairs_at_last_train, release.pairs_seen)
+        model = release.model
+        if model.version <= self.model_version:
+            return False
+        if model.dims != self.dims or model.modalities != self.modalities:
+            log.warning("ignoring model version %d: modalities %s, this worker has %s",
+                        model.version, model.dims, self.dims)
+            return False
+        async with self._lock:
+            if model.version <= self.model_version:  # a newer one won the race for the lock
+                return False
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.selector.set_model, model)
+            self.validation_recall = dict(release.validation_recall)
+            self.metrics.model_quality(self.validation_recall, release.validation_pairs)
+        log.info("model version %d swapped in (%d training pairs, trained by %s)", model.version,
+                 model.n_pairs, release.worker_id or "?")
         if self.on_model is not None:
             self.on_model(model)
+        return True
 
     async def wait_for_training(self) -> None:
-        """Wait until a retrain in flight (if any) has been swapped in."""
+        """Wait until a retrain in flight (if any) has been judged and, if accepted, installed."""
         if self._training is not None:
             await self._training
 

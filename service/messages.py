@@ -9,12 +9,15 @@ Messages
 --------
 :class:`IncomingEvent` (a feature event in), :class:`Outcome` (its verdict),
 :class:`AlignmentRequestOut` (an accepted item, to be published), :class:`Label` (an annotator's
-answer), :class:`LabelResult` (what a label call did) and :class:`EngineStatus` (the engine's
-state, typed: a renamed field fails loudly at every consumer).
+answer), :class:`LabelResult` (what a label call did), :class:`TrainingPair` (an acquired pair,
+the durable training set), :class:`ModelRelease` (a published model version) and
+:class:`EngineStatus` (the engine's state, typed: a renamed field fails loudly at every
+consumer).
 
 Ports
 -----
-:class:`Publisher` (durable publication of alignment requests), :class:`MetricsSink` (what the
+:class:`Publisher` (durable publication of alignment requests, training pairs and model
+versions), :class:`MetricsSink` (what the
 engine reports) and :class:`StreamMetricsSink` (what the Kafka stream processor reports; the gRPC
 server's is ``service.rpc.server.GrpcMetrics``);
 :class:`NullPublisher` and :class:`NullMetrics` are the do-nothing implementations.
@@ -33,8 +36,8 @@ from service.core.types import Decision
 
 __all__ = [
     "LABEL_STATUSES", "IncomingEvent", "Outcome", "AlignmentRequestOut", "Label", "LabelResult",
-    "EngineStatus", "Publisher", "NullPublisher", "MetricsSink", "StreamMetricsSink",
-    "NullMetrics",
+    "TrainingPair", "ModelRelease", "EngineStatus", "Publisher", "NullPublisher", "MetricsSink",
+    "StreamMetricsSink", "NullMetrics",
 ]
 
 #: The answers an annotator can give; only MATCH (with a partner) makes a training pair.
@@ -132,6 +135,8 @@ class Label:
     cost : float
     partner_vector : np.ndarray, shape (dim_other,), or None
         The partner's raw vector, when the partner was never seen in the stream.
+    labeled_at : float or None
+        Seconds since the epoch, when the annotator answered (None: unknown).
     """
 
     item_id: str
@@ -142,15 +147,105 @@ class Label:
     annotator: str = ""
     cost: float = 1.0
     partner_vector: np.ndarray | None = None
+    labeled_at: float | None = None
 
 
 @dataclass(frozen=True)
 class LabelResult:
-    """What a label call did: labels that became training pairs, labels ignored, model in use."""
+    """What a label call did.
+
+    Attributes
+    ----------
+    accepted : int
+        MATCH labels that became (or replaced) a training pair.
+    ignored : int
+        NO_MATCH and UNSURE labels (counted; no pair).
+    model_version : int
+        The model in use after the call.
+    duplicates : int
+        Labels whose request id was taken in before (counted once, nothing changed).
+    unresolved : tuple of str
+        One message per MATCH label whose item or partner vector is unknown (no pair; the Kafka
+        path dead-letters them with reason ``label_unresolved``).
+    """
 
     accepted: int
     ignored: int
     model_version: int
+    duplicates: int = 0
+    unresolved: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """One acquired training pair: a MATCH label resolved to both raw vectors.
+
+    Side ``a`` is the first configured modality, side ``b`` the second, whichever side the label
+    was about, so a pair labelled from either side has one key.
+
+    Attributes
+    ----------
+    item_id_a, item_id_b : str
+    vector_a : np.ndarray, shape (d_a,)
+    vector_b : np.ndarray, shape (d_b,)
+    request_id, annotator : str
+    cost : float
+    labeled_at : float or None
+        Seconds since the epoch.
+    worker_id : str
+        The worker that resolved the label.
+    labeled_item_id : str
+        The item the label was about (``item_id_a`` or ``item_id_b``).
+    """
+
+    item_id_a: str
+    item_id_b: str
+    vector_a: np.ndarray
+    vector_b: np.ndarray
+    request_id: str = ""
+    annotator: str = ""
+    cost: float = 1.0
+    labeled_at: float | None = None
+    worker_id: str = ""
+    labeled_item_id: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(item_id_a, item_id_b)``: one pair, one key."""
+        return (self.item_id_a, self.item_id_b)
+
+
+@dataclass(frozen=True)
+class ModelRelease:
+    """A model version as published to every worker (see ``ModelVersion`` in the proto).
+
+    Attributes
+    ----------
+    model : Any
+        The :class:`~service.alignment.AlignmentModel` (``version``, ``n_pairs`` = training
+        pairs it was fitted on).
+    pairs_seen : int
+        Pairs in the store when it was trained (validation pairs included): a worker that takes
+        over training counts new pairs from here.
+    validation_pairs : int
+    validation_recall : Mapping[int, float]
+        k -> R@k on the validation pairs (mean of both directions), at gate time.
+    worker_id : str
+        The worker that trained it.
+    trained_at : float
+        Seconds since the epoch.
+    """
+
+    model: Any
+    pairs_seen: int
+    validation_pairs: int
+    validation_recall: Mapping[int, float]
+    worker_id: str
+    trained_at: float
+
+    @property
+    def version(self) -> int:
+        return int(self.model.version)
 
 
 def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -191,6 +286,12 @@ class EngineStatus:
         Labels received per status (:data:`LABEL_STATUSES`).
     dims : Mapping[str, int]
         Raw vector dimension per modality.
+    validation_recall : Mapping[int, float]
+        k -> R@k of the model in use on the held-out acquired pairs (empty before any).
+    validation_pairs : int
+        Acquired pairs held out for validation (never trained on).
+    trainer : bool
+        Whether this worker trains the shared model lineage now.
     """
 
     worker_id: str
@@ -209,10 +310,13 @@ class EngineStatus:
     cache_evictions: Mapping[str, int]
     labels: Mapping[str, int]
     dims: Mapping[str, int]
+    validation_recall: Mapping[int, float] = field(default_factory=dict)
+    validation_pairs: int = 0
+    trainer: bool = True
 
     def __post_init__(self) -> None:
         for name in ("accepted_per_modality", "seen_per_modality", "cache_fill",
-                     "cache_evictions", "labels", "dims"):
+                     "cache_evictions", "labels", "dims", "validation_recall"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(f"EngineStatus.{name} must be a mapping, got {value!r}")
@@ -221,7 +325,9 @@ class EngineStatus:
     @classmethod
     def from_selector(cls, selector_status: Mapping[str, Any], *, worker_id: str,
                       pairs_acquired: int, budget_total: int | None, target_rate: float,
-                      labels: Mapping[str, int], dims: Mapping[str, int]) -> EngineStatus:
+                      labels: Mapping[str, int], dims: Mapping[str, int],
+                      validation_recall: Mapping[int, float] | None = None,
+                      validation_pairs: int = 0, trainer: bool = True) -> EngineStatus:
         """Combine ``StreamingSelector.status()`` (a plain dict) with the facade's fields.
 
         Raises
@@ -238,7 +344,9 @@ class EngineStatus:
                        pairs_acquired=pairs_acquired,
                        accepted_per_modality=st["accepted_per_modality"],
                        seen_per_modality=st["seen_per_modality"], cache_fill=st["cache_fill"],
-                       cache_evictions=st["cache_evictions"], labels=labels, dims=dims)
+                       cache_evictions=st["cache_evictions"], labels=labels, dims=dims,
+                       validation_recall=validation_recall or {},
+                       validation_pairs=validation_pairs, trainer=trainer)
         except KeyError as exc:
             raise KeyError(f"selector status has no {exc.args[0]!r}; "
                            f"keys: {sorted(selector_status)}") from None
@@ -251,16 +359,27 @@ class EngineStatus:
 
 # --------------------------------------------------------------------------- ports
 class Publisher(Protocol):
-    """Where accepted items go (the requests topic, in the service)."""
+    """Where accepted items, acquired pairs and model versions go (topics, in the service).
 
-    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        """Durably publish; raise if that cannot be guaranteed."""
+    Every method returns only once its records are durably written, and raises if that cannot
+    be guaranteed (the caller then changes no state).
+    """
+
+    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None: ...
+    async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None: ...
+    async def publish_model(self, release: ModelRelease) -> None: ...
 
 
 class NullPublisher:
-    """Publishes nowhere (pool-only or offline use)."""
+    """Publishes nowhere (one process, nothing shared: pool-only, offline or simulated use)."""
 
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
+        return None
+
+    async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None:
+        return None
+
+    async def publish_model(self, release: ModelRelease) -> None:
         return None
 
 
@@ -272,7 +391,10 @@ class MetricsSink(Protocol):
                       scoring_s: float) -> None: ...
     def engine_state(self, status: EngineStatus) -> None: ...
     def labels_received(self, status: str, n: int = 1) -> None: ...
+    def labels_duplicate(self, n: int = 1) -> None: ...
     def retrained(self, version: int, seconds: float, ok: bool) -> None: ...
+    def candidate_judged(self, outcome: str) -> None: ...
+    def model_quality(self, recall: Mapping[int, float], validation_pairs: int) -> None: ...
 
 
 class StreamMetricsSink(Protocol):
@@ -289,4 +411,7 @@ class NullMetrics:
     def batch_decided(self, outcomes, latencies_s, scoring_s) -> None: ...
     def engine_state(self, status) -> None: ...
     def labels_received(self, status, n=1) -> None: ...
+    def labels_duplicate(self, n=1) -> None: ...
     def retrained(self, version, seconds, ok) -> None: ...
+    def candidate_judged(self, outcome) -> None: ...
+    def model_quality(self, recall, validation_pairs) -> None: ...

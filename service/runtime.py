@@ -3,14 +3,17 @@
 Startup: settings checks (:meth:`Settings.check_environment`: device, model directory, TLS
 files) and the initial model (from ``PAIRSIEVE_MODEL_DIR`` if present; an unreadable checkpoint
 fails here), all before any side effect -> broker (embedded tansu when
-``PAIRSIEVE_KAFKA_BOOTSTRAP`` is unset) -> topics (explicit partition counts) -> metrics HTTP ->
-request publisher -> engine -> selection follower (replays earlier selections, so budget and
-caches survive a restart) -> faust stream processor -> gRPC server -> health SERVING.
+``PAIRSIEVE_KAFKA_BOOTSTRAP`` is unset) -> topics (explicit partition counts; the training-pairs
+and models topics compacted) -> metrics HTTP -> publisher -> engine -> the followers, each read to
+its end before anything is decided: selections (budget, caches and decided ids survive a
+restart), training pairs (the shared training set), model versions (the newest is swapped in) ->
+faust stream processor (the worker holding the labels partition trains) -> gRPC server -> health
+SERVING.
 
 Shutdown on SIGTERM/SIGINT, in this order: health NOT_SERVING, stop consuming (no new batch is
 taken), drain the in-flight batch (it is published and committed), stop the faust app (offsets of
 processed events are committed), stop gRPC with grace, flush and stop the producer, stop the
-follower, the metrics server and the embedded broker.
+followers, the metrics server and the embedded broker.
 """
 
 from __future__ import annotations
@@ -35,8 +38,21 @@ from service.rpc.server import GrpcServer, start_grpc_server
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
 from service.streaming.broker import EmbeddedBroker
-from service.streaming.kafka_io import KafkaRequestPublisher, SelectionFollower
-from service.streaming.topics import REQUESTS_TOPIC, create_topics, topic_specs
+from service.streaming.kafka_io import (
+    KafkaPublisher,
+    TopicFollower,
+    models_follower,
+    pairs_follower,
+    selection_follower,
+)
+from service.streaming.topics import (
+    MODELS_TOPIC,
+    REQUESTS_TOPIC,
+    TRAINING_PAIRS_TOPIC,
+    create_topics,
+    topic_configs,
+    topic_specs,
+)
 from service.threads import limit_compute_threads
 
 log = logging.getLogger("pairsieve.runtime")
@@ -77,11 +93,12 @@ def initial_model(settings: Settings) -> AlignmentModel:
 
 
 def build_engine(settings: Settings, metrics=None, publisher=None,
-                 model: AlignmentModel | None = None) -> SelectionHandler:
+                 model: AlignmentModel | None = None, is_trainer=None) -> SelectionHandler:
     """The selector, trainer and handler for ``settings`` (no I/O besides checkpoints).
 
     Every engine config comes from ``settings`` (:meth:`Settings.selector_config`,
-    :meth:`Settings.trainer_config`); ``model`` defaults to :func:`initial_model`.
+    :meth:`Settings.trainer_config`, :meth:`Settings.gate_config`); ``model`` defaults to
+    :func:`initial_model`; ``is_trainer`` (default: always) says whether this worker trains.
     """
     model = initial_model(settings) if model is None else model
     selector = StreamingSelector(model, settings.selector_config(), seed=settings.seed,
@@ -91,7 +108,9 @@ def build_engine(settings: Settings, metrics=None, publisher=None,
     return SelectionHandler(selector, trainer, publisher, metrics,
                             worker_id=settings.effective_worker_id,
                             retrain_every=settings.retrain_every_pairs,
-                            candidates_k=settings.candidates_k, on_model=on_model)
+                            candidates_k=settings.candidates_k, on_model=on_model,
+                            validation_share=settings.validation_share,
+                            gate=settings.gate_config(), is_trainer=is_trainer)
 
 
 @dataclass
@@ -103,12 +122,13 @@ class Service:
     handler: SelectionHandler
     metrics: PairsieveMetrics
     registry: CollectorRegistry
-    publisher: KafkaRequestPublisher
-    follower: SelectionFollower
+    publisher: KafkaPublisher
+    followers: list[TopicFollower]
     processor: StreamProcessor
     grpc: GrpcServer
     metrics_server: tuple[WSGIServer, threading.Thread]
     broker: EmbeddedBroker | None = None
+    housekeeping: asyncio.Task | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -126,6 +146,9 @@ class Service:
         s = self.settings
         log.info("shutting down: health NOT_SERVING")
         await self.grpc.set_serving(False)
+        if self.housekeeping is not None:
+            self.housekeeping.cancel()
+            await asyncio.gather(self.housekeeping, return_exceptions=True)
         log.info("stop consuming; draining the in-flight batch")
         await self.processor.drain(s.shutdown_grace_seconds)
         await self.processor.stop()
@@ -134,7 +157,8 @@ class Service:
         await self.handler.wait_for_training()
         log.info("flushing the producer")
         await self.publisher.stop()
-        await self.follower.stop()
+        for follower in self.followers:
+            await follower.stop()
         self.metrics.set_serving(False)
         server, _thread = self.metrics_server
         server.shutdown()
@@ -163,26 +187,44 @@ async def start_service(settings: Settings) -> Service:
                     "(in-memory, for demos and tests; point it at a real Kafka in production)",
                     bootstrap)
     specs = {settings.topic(t): n for t, n in topic_specs(settings.features_partitions).items()}
-    await asyncio.to_thread(create_topics, bootstrap, specs)
+    configs = {settings.topic(t): c
+               for t, c in topic_configs(settings.max_message_bytes).items()}
+    await asyncio.to_thread(create_topics, bootstrap, specs, configs=configs)
     registry = CollectorRegistry()
     metrics = PairsieveMetrics(registry)
     metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host)
-    publisher = KafkaRequestPublisher(bootstrap, settings.topic(REQUESTS_TOPIC),
-                                      max_request_bytes=settings.max_message_bytes)
+    publisher = KafkaPublisher(bootstrap, settings.topic(REQUESTS_TOPIC),
+                               pairs_topic=settings.topic(TRAINING_PAIRS_TOPIC),
+                               models_topic=settings.topic(MODELS_TOPIC),
+                               modalities=list(settings.dims),
+                               max_request_bytes=settings.max_message_bytes)
     await publisher.start()
-    handler = build_engine(settings, metrics, publisher, model)
+    roles: dict[str, StreamProcessor] = {}  # the processor exists only after the engine
+
+    def is_trainer() -> bool:
+        return "processor" in roles and roles["processor"].owns_labels()
+
+    handler = build_engine(settings, metrics, publisher, model, is_trainer=is_trainer)
     metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
-    follower = SelectionFollower(bootstrap, settings.topic(REQUESTS_TOPIC), handler)
+    followers = [models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler),
+                 pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler)]
     if settings.follow_selections:
-        await follower.start()
-        try:
-            await asyncio.wait_for(follower.caught_up.wait(), 60)
-        except TimeoutError:
-            log.warning("selection replay still running after 60s; serving anyway")
+        followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler))
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "
                     "(near-duplicates may be accepted twice; for measurements only)")
+    # Nothing is decided before the state is complete: every follower reads its topic to the
+    # end first (the newest model, all pairs, every earlier selection and its spend).
+    t_replay = time.perf_counter()
+    for follower in followers:
+        await follower.start()
+    for follower in followers:
+        await follower.wait_caught_up()
+    log.info("state replayed in %.1fs: %d selections, %d training pairs, model version %d",
+             time.perf_counter() - t_replay, handler.status().spent,
+             handler.learning.pairs_acquired, handler.model_version)
     processor = StreamProcessor(settings, bootstrap, handler, publisher, metrics)
+    roles["processor"] = processor
     await processor.start()
     grpc = await start_grpc_server(
         handler, host=settings.grpc_host, port=settings.grpc_port,
@@ -194,8 +236,24 @@ async def start_service(settings: Settings) -> Service:
     metrics.engine_state(handler.status())
     log.info("pairsieve serving: gRPC :%d, metrics :%d, kafka %s, worker %s",
              grpc.port, metrics_server[0].server_port, bootstrap, handler.worker_id)
-    return Service(settings, bootstrap, handler, metrics, registry, publisher, follower,
-                   processor, grpc, metrics_server, broker)
+    return Service(settings, bootstrap, handler, metrics, registry, publisher, followers,
+                   processor, grpc, metrics_server, broker,
+                   housekeeping=asyncio.get_running_loop().create_task(
+                       housekeeping(handler, metrics), name="housekeeping"))
+
+
+async def housekeeping(handler: SelectionHandler, metrics: PairsieveMetrics,
+                       every_s: float = 1.0) -> None:
+    """Once a second: start a retrain the trainer role now allows (a worker that just took the
+    role over, with pairs no version was trained on yet, trains without waiting for a label) and
+    refresh the engine gauges (budget spend folded in from other workers, trainer role)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            handler.learning.maybe_retrain()
+            metrics.engine_state(handler.status())
+        except Exception:  # never let a gauge refresh take the worker down
+            log.exception("housekeeping failed")
 
 
 async def serve_forever(settings: Settings) -> int:

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from service.alignment.trainer import TrainerConfig
+from service.alignment.validation import GateConfig
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.selector import SelectorConfig
-from service.learning_loop import DEFAULT_RETRAIN_EVERY
+from service.learning_loop import DEFAULT_RETRAIN_EVERY, DEFAULT_VALIDATION_SHARE
 
 ENV_PREFIX = "PAIRSIEVE_"
 UNCERTAINTIES = ("least_confidence", "margin", "entropy")
@@ -254,6 +255,16 @@ class Settings:
                                    allowed=NONNEG_INT, check=_non_negative_int)
     retrain_every_pairs: int = _s(DEFAULT_RETRAIN_EVERY, "new MATCH pairs between two retrains",
                                   allowed=POS_INT, check=_positive_int)
+    validation_share: float = _s(DEFAULT_VALIDATION_SHARE, "share of the acquired pairs held out "
+                                 "(by a hash of the pair) to gate and measure model versions; "
+                                 "never trained on", allowed="a number in [0, 0.5]",
+                                 check=lambda v: _fraction(v) and v <= 0.5)
+    gate_tolerance: float = _from(GateConfig, "tolerance", "quality gate: largest validation R@1 "
+                                  "drop a new model version may show and still be swapped in",
+                                  allowed=FRACTION, check=_fraction)
+    gate_min_pairs: int = _from(GateConfig, "min_pairs", "quality gate: validation pairs needed "
+                                "before it rejects a version", allowed=NONNEG_INT,
+                                check=_non_negative_int)
     candidates_k: int = _s(5, "partner candidates attached to each request", allowed=NONNEG_INT,
                            check=_non_negative_int)
     follow_selections: int = _s(1, "1: fold in every worker's selections (scale-out); 0: own "
@@ -385,6 +396,10 @@ class Settings:
                               cache_capacity=self.cache_capacity, budget=self.budget_config(),
                               acquisition=self.acquisition_config(),
                               cache_half_life=self.cache_half_life or None)
+
+    def gate_config(self) -> GateConfig:
+        """The quality gate of new model versions."""
+        return GateConfig(tolerance=self.gate_tolerance, min_pairs=self.gate_min_pairs)
 
     def trainer_config(self) -> TrainerConfig:
         """The alignment trainer's config: ``embedding_dim`` outputs, ``learner``,

@@ -1,12 +1,14 @@
-"""Versioned checkpoints of an alignment model on disk (the file I/O kept out of the model).
+"""Versioned checkpoints of an alignment model on disk or as bytes (the I/O kept out of the model).
 
-A checkpoint directory holds ``model-v{version:06d}.pt`` (metadata + ``state_dict``), a
+The bytes form (:func:`checkpoint_bytes`) is what the models topic carries. A checkpoint
+directory holds ``model-v{version:06d}.pt`` (metadata + ``state_dict``), a
 ``model-v{version:06d}.json`` copy of the metadata, and ``LATEST`` naming the newest stem. Writes
 go to a temporary name first and are renamed, so a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -62,4 +64,29 @@ def load_checkpoint(path: str | os.PathLike, build: Callable[[dict[str, Any]], M
     blob = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
     model = build(blob["meta"])
     model.load_state_dict(blob["state"])
+    return model.eval()
+
+
+def checkpoint_bytes(model: torch.nn.Module, meta: dict[str, Any]) -> bytes:
+    """``model``'s state with ``meta`` as bytes (the file format of :func:`save_checkpoint`)."""
+    buf = io.BytesIO()
+    torch.save({"meta": meta, "state": model.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint_bytes(blob: bytes, build: Callable[[dict[str, Any]], M]) -> M:
+    """Inverse of :func:`checkpoint_bytes` (``weights_only``: no code runs while loading).
+
+    Raises
+    ------
+    ValueError
+        The bytes are not a checkpoint (the message says what went wrong).
+    """
+    try:
+        got = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        model = build(got["meta"])
+        model.load_state_dict(got["state"])
+    except Exception as exc:
+        raise ValueError(f"not a model checkpoint ({len(blob)} bytes): {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     return model.eval()

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.alignment.checkpoint import load_checkpoint, save_checkpoint
+from service.alignment.checkpoint import (
+    checkpoint_bytes,
+    load_checkpoint,
+    load_checkpoint_bytes,
+    save_checkpoint,
+)
 from service.core.validation import as_matrix, check_dims, check_modality
 
 
@@ -121,6 +126,15 @@ class AlignmentModel(nn.Module):
     def load(cls, path: str | os.PathLike) -> AlignmentModel:
         """Load a checkpoint file, or the ``LATEST`` one when ``path`` is a directory."""
         return load_checkpoint(path, cls.from_meta)
+
+    def to_bytes(self) -> bytes:
+        """The checkpoint as bytes (what the models topic carries)."""
+        return checkpoint_bytes(self, self.meta())
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> AlignmentModel:
+        """Inverse of :meth:`to_bytes`; raises ``ValueError`` on anything else."""
+        return load_checkpoint_bytes(blob, cls.from_meta)
 
     @classmethod
     def from_meta(cls, meta: dict) -> AlignmentModel:

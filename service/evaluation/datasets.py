@@ -229,7 +229,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     ValueError
         A missing ``a`` or ``b`` key; a view that is not 2-D, not numeric or not finite; views
         with different row counts (e.g. "a has 3 rows but b has 4"); a scale of the wrong shape,
-        not positive or on a float view; malformed ``labels``, ``paired`` or modality names. Pickled object arrays are refused.
+        not positive or on a float view; malformed ``labels``, ``paired`` or modality names.
+        Pickled object arrays are refused.
     FileNotFoundError
         ``path`` does not exist.
     """
@@ -265,7 +266,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
 
 
 def _dequantised(path: Path, key: str, data: dict[str, np.ndarray]) -> np.ndarray:
-    """View ``key`` times its ``KEY_scale`` (one positive float per column) when the file has one."""
+    """View ``key`` times its ``KEY_scale`` (one positive float per column), if the file has it."""
     view, scale = data[key], data.get(f"{key}_scale")
     if scale is None:
         return view

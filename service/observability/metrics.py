@@ -1,7 +1,8 @@
 """Prometheus metrics as one object over an injected registry.
 
 :class:`PairsieveMetrics` implements the handler's ``MetricsSink`` (``batch_decided``,
-``engine_state``, ``labels_received``, ``retrained``) plus the hooks of the transports
+``engine_state``, ``labels_received``, ``labels_duplicate``, ``retrained``, ``candidate_judged``,
+``model_quality``) plus the hooks of the transports
 (``dead_lettered``, ``micro_batch``, ``consumer_lag``, ``grpc_request``, ``scorer_device``,
 ``set_serving``). It never touches ``prometheus_client``'s global default registry, so two
 objects on two registries (two workers in one test process) do not interfere.
@@ -9,10 +10,10 @@ objects on two registries (two workers in one test process) do not interfere.
 Conventions (ARCHITECTURE.md section 4): every name starts with ``pairsieve_``, values are in base
 units (seconds, ratios in [0, 1], plain counts), counters end in ``_total``, and labels are
 bounded: ``modality``, ``outcome``, ``decision``, ``reason``, ``component``, ``status``,
-``method``, ``code``, ``topic``, ``device``, ``version``. Item and event ids never become label
-values. Every label value goes through a guard that maps anything outside its known set (or past
-a small cap of distinct values, for free-form ones such as dead-letter reasons) to ``other`` /
-``unknown``, so a malformed input cannot create a new series per message.
+``method``, ``code``, ``topic``, ``device``, ``version``, ``k``. Item and event ids never become
+label values. Every label value goes through a guard that maps anything outside its known set
+(or past a small cap of distinct values, for free-form ones such as dead-letter reasons) to
+``other`` / ``unknown``, so a malformed input cannot create a new series per message.
 
 Representation choices
 ----------------------
@@ -37,6 +38,10 @@ Representation choices
 * ``pairsieve_model_version`` is the version in use, taken from ``engine_state``;
   ``pairsieve_model_last_update_timestamp_seconds`` is set (injected clock) on each successful
   retrain.
+* **Model quality**: ``pairsieve_model_validation_recall{k}`` is the R@k of the model in use on
+  the held-out acquired pairs (mean of both directions), as measured when that version passed the
+  quality gate; NaN until a version was measured. ``pairsieve_model_validation_pairs`` is the
+  number of pairs it was measured on.
 """
 
 from __future__ import annotations
@@ -270,7 +275,29 @@ class PairsieveMetrics:
             ["status"], registry=r)
         self.pairs_acquired = Gauge(
             "pairsieve_pairs_acquired",
-            "Confirmed (MATCH) pairs in this worker's training set.", registry=r)
+            "Acquired (MATCH) pairs in the shared training set, validation pairs included.",
+            registry=r)
+        self.duplicate_labels = Counter(
+            "pairsieve_labels_duplicate_total",
+            "Re-sent annotator answers (a request id taken in before): counted once, ignored.",
+            registry=r)
+        self.model_candidates = Counter(
+            "pairsieve_model_candidates_total",
+            "Candidate model versions trained here, by outcome (published: passed the quality "
+            "gate and published; rejected: worse than the model in use on the validation pairs; "
+            "failed: training or publishing failed; superseded: the trainer role moved).",
+            ["outcome"], registry=r)
+        self.validation_recall = Gauge(
+            "pairsieve_model_validation_recall",
+            "R@k of the model in use on the held-out acquired pairs (mean of both directions).",
+            ["k"], registry=r)
+        self.validation_pairs = Gauge(
+            "pairsieve_model_validation_pairs",
+            "Held-out acquired pairs the model in use was measured on.", registry=r)
+        self.trainer = Gauge(
+            "pairsieve_trainer",
+            "1 when this worker trains the shared model lineage (it holds the labels partition).",
+            registry=r)
         # --- transports
         self.grpc_requests = Counter(
             "pairsieve_grpc_requests_total",
@@ -367,6 +394,7 @@ class PairsieveMetrics:
             self.threshold.set(_num(status.threshold))
             self.model_version.set(_num(status.model_version))
             self.pairs_acquired.set(_num(status.pairs_acquired))
+            self.trainer.set(1 if status.trainer else 0)
             for m, fill in status.cache_fill.items():
                 self.cache_fill.labels(self._modality(m)).set(_num(fill))
             for m, cum in status.cache_evictions.items():
@@ -380,6 +408,24 @@ class PairsieveMetrics:
             raise ValueError(f"labels_received: n must be >= 0, got {n}")
         st = status if status in LABEL_STATUSES else OTHER
         self.labels.labels(st).inc(n)
+
+    def labels_duplicate(self, n: int = 1) -> None:
+        """``n`` re-sent answers (same request id) that were counted once already."""
+        if n < 0:
+            raise ValueError(f"labels_duplicate: n must be >= 0, got {n}")
+        self.duplicate_labels.inc(n)
+
+    def candidate_judged(self, outcome: str) -> None:
+        """A candidate version's fate: published, rejected, failed or superseded (else other)."""
+        known = ("published", "rejected", "failed", "superseded")
+        self.model_candidates.labels(outcome if outcome in known else OTHER).inc()
+
+    def model_quality(self, recall: Mapping[int, float], validation_pairs: int) -> None:
+        """The validation recall (k -> R@k) of the version now in use, and its pair count."""
+        with self._lock:
+            for k in (1, 5):
+                self.validation_recall.labels(str(k)).set(_num(recall.get(k, math.nan)))
+            self.validation_pairs.set(_num(validation_pairs))
 
     def retrained(self, version: int, seconds: float, ok: bool) -> None:
         """A retrain finished (``ok``) or failed; ``version`` is the trained (or kept) version."""

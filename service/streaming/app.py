@@ -14,6 +14,12 @@ Per micro-batch (``take_events(batch_max_items, within=max_wait_seconds)``):
    (nothing was committed, so the retry cannot double-spend);
 3. the events are acknowledged only after that, so faust commits their offsets only then:
    at-least-once, and redeliveries are deduplicated by event id.
+
+Labels (one partition, so one worker of the group reads them: that worker is the trainer,
+:meth:`StreamProcessor.owns_labels`): each is decoded and handed to the learning loop, which
+publishes a MATCH as a training pair before the label is acknowledged (a publish failure is
+retried, the label is never acknowledged undone). A label that cannot be decoded or resolved goes
+to the dead-letter topic with its reason (``label_unresolved`` names the missing vector).
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import time
 from collections.abc import Sequence
 
 import faust
+from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
 from service.messages import StreamMetricsSink
 from service.settings import Settings
-from service.streaming.kafka_io import KafkaRequestPublisher
+from service.streaming.kafka_io import KafkaPublisher
 from service.streaming.records import KafkaRecord
 from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.wire import codecs
@@ -75,7 +82,7 @@ class StreamProcessor:
     """Builds the faust app and its agents around one handler."""
 
     def __init__(self, settings: Settings, bootstrap: str, handler: SelectionHandler,
-                 publisher: KafkaRequestPublisher, metrics: StreamMetricsSink | None = None):
+                 publisher: KafkaPublisher, metrics: StreamMetricsSink | None = None):
         self.settings = settings
         self.handler = handler
         self.publisher = publisher
@@ -107,6 +114,7 @@ class StreamProcessor:
                                        key_serializer="raw", partitions=s.features_partitions)
         self.labels = self.app.topic(s.topic(LABELS_TOPIC), value_serializer="raw",
                                      key_serializer="raw", partitions=1)
+        self.labels_topic = s.topic(LABELS_TOPIC)
         self.dead_letter_topic = s.topic(DEAD_LETTER_TOPIC)
         self.app.agent(self.features, name="pairsieve-features", concurrency=1)(self._on_features)
         self.app.agent(self.labels, name="pairsieve-labels", concurrency=1)(self._on_labels)
@@ -212,13 +220,45 @@ class StreamProcessor:
                                      rec.offset, time.time()))
 
     async def _on_labels(self, stream):
-        async for value in stream:
+        async for event in stream.events():
+            await self.process_label_record(KafkaRecord.from_message(event.message))
+
+    async def process_label_record(self, rec: KafkaRecord) -> bool:
+        """Take one label record in; True when the learning loop took it (a bad or unresolvable
+        label is dead-lettered). A failure to publish its pair is retried until it succeeds."""
+        try:
+            label = codecs.label_from_proto(codecs.pb.AlignmentLabel.FromString(rec.value or b""),
+                                            self.dims)
+        except codecs.WireError as exc:
+            await self._dead_letter(exc.reason, str(exc), rec)
+            return False
+        except DecodeError as exc:
+            await self._dead_letter("undecodable", f"label: {exc}", rec)
+            return False
+        delay = 0.1
+        while True:
             try:
-                label = codecs.label_from_proto(codecs.pb.AlignmentLabel.FromString(value),
-                                                self.dims)
-                await self.handler.report_alignment([label])
-            except (ValueError, Exception) as exc:  # a bad label must not stop the stream
-                log.warning("ignoring bad label: %s", exc)
+                result = await self.handler.report_alignment([label])
+                break
+            except ValueError as exc:  # the engine refused it (e.g. wrong partner dimension)
+                await self._dead_letter("rejected", str(exc), rec)
+                return False
+            except Exception:
+                log.exception("publishing the training pair of a label failed; retrying in "
+                              "%.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for why in result.unresolved:
+            await self._dead_letter("label_unresolved", why, rec)
+        return not result.unresolved
+
+    def owns_labels(self) -> bool:
+        """Whether this worker's group member holds the labels partition now (it trains)."""
+        try:
+            assigned = self.app.consumer.assignment()
+        except Exception:  # consumer not started / restarting: not the trainer right now
+            return False
+        return any(tp.topic == self.labels_topic for tp in assigned)
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -1,47 +1,90 @@
-"""Kafka plumbing around the handler: the request publisher and the selection follower.
+"""Kafka plumbing around the handler: the publisher and the topic followers.
 
-* :class:`KafkaRequestPublisher` writes alignment requests with ``acks=all`` and waits for every
-  acknowledgement, so the handler commits engine state only for durably published selections.
-* :class:`SelectionFollower` reads the requests topic from the beginning, outside any consumer
-  group (partitions assigned explicitly: every worker must see every selection), and folds other
-  workers' selections (and, after a restart, this worker's earlier ones) into the engine.
+* :class:`KafkaPublisher` writes alignment requests, training pairs and model versions with
+  ``acks=all`` and waits for every acknowledgement, so the engine changes state only for durably
+  published records (the :class:`~service.messages.Publisher` port).
+* :class:`TopicFollower` reads one topic from the beginning, outside any consumer group
+  (partitions assigned explicitly: every worker must see every record), and hands each record to
+  a callback; ``caught_up`` is set after the first poll that found nothing more. Three of them run
+  in a worker (:func:`selection_follower`, :func:`pairs_follower`, :func:`models_follower`): the
+  requests topic (other workers' selections and, after a restart, this worker's earlier ones), the
+  training pairs and the model versions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
-from service.messages import AlignmentRequestOut
+from service.messages import AlignmentRequestOut, ModelRelease, TrainingPair
 from service.wire import codecs
 
 log = logging.getLogger("pairsieve.kafka")
 
 
-class KafkaRequestPublisher:
-    """Publishes :class:`AlignmentRequestOut` to the requests topic (key = item id)."""
+class KafkaPublisher:
+    """Publishes alignment requests (key = item id), training pairs (key = pair key) and model
+    versions (key ``model``), each call returning once every record is acknowledged.
 
-    def __init__(self, bootstrap: str, topic: str, *, max_request_bytes: int = 16 * 1024 * 1024):
+    Parameters
+    ----------
+    bootstrap : str
+    topic : str
+        The requests topic.
+    pairs_topic, models_topic : str or None
+        Where :meth:`publish_pairs` and :meth:`publish_model` write (None: those raise).
+    modalities : sequence of str
+        The configured (modality a, modality b) (recorded in every pair).
+    max_request_bytes : int
+    """
+
+    def __init__(self, bootstrap: str, topic: str, *, pairs_topic: str | None = None,
+                 models_topic: str | None = None, modalities: Sequence[str] = (),
+                 max_request_bytes: int = 16 * 1024 * 1024):
         self.topic = topic
+        self.pairs_topic = pairs_topic
+        self.models_topic = models_topic
+        self.modalities = tuple(modalities)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                           max_request_size=max_request_bytes, linger_ms=0)
         self.published = 0
+        self.pairs_published = 0
+        self.models_published = 0
 
     async def start(self) -> None:
         await self._producer.start()
 
-    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
-        futs = [await self._producer.send(self.topic,
-                                          codecs.request_to_proto(r).SerializeToString(),
-                                          key=r.item_id.encode())
-                for r in requests]
+    async def _send_all(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
+        futs = [await self._producer.send(topic, value, key=key) for key, value in records]
         await asyncio.gather(*futs)  # raises if any was not acknowledged
+
+    async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
+        await self._send_all(self.topic, [
+            (r.item_id.encode(), codecs.request_to_proto(r).SerializeToString())
+            for r in requests])
         self.published += len(requests)
+
+    async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None:
+        if self.pairs_topic is None:
+            raise RuntimeError("this publisher has no training-pairs topic")
+        await self._send_all(self.pairs_topic, [
+            (codecs.pair_key_bytes(p.key),
+             codecs.pair_to_proto(p, self.modalities).SerializeToString()) for p in pairs])
+        self.pairs_published += len(pairs)
+
+    async def publish_model(self, release: ModelRelease) -> None:
+        if self.models_topic is None:
+            raise RuntimeError("this publisher has no models topic")
+        await self._send_all(self.models_topic, [
+            (codecs.MODEL_KEY, codecs.model_release_to_proto(release).SerializeToString())])
+        self.models_published += 1
 
     async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         await self._producer.send_and_wait(topic, value, key=key)
@@ -51,20 +94,34 @@ class KafkaRequestPublisher:
         await self._producer.stop()
 
 
-class SelectionFollower:
-    """Tails the requests topic (all partitions, from the start) into ``handler``."""
+class TopicFollower:
+    """Tails ``topic`` (all partitions, from the start) into ``on_record``.
 
-    def __init__(self, bootstrap: str, topic: str, handler: SelectionHandler):
+    Parameters
+    ----------
+    bootstrap, topic : str
+    on_record : async callable(ConsumerRecord) -> bool
+        Folds one record in; True when it changed this worker's state. ``ValueError`` and
+        ``DecodeError`` mean a foreign or corrupt record: logged with its offset and skipped.
+    name : str
+        For logs and the task name (e.g. ``selections``).
+    """
+
+    def __init__(self, bootstrap: str, topic: str,
+                 on_record: Callable[[ConsumerRecord], Awaitable[bool]], *, name: str):
         self.topic = topic
-        self.handler = handler
+        self.name = name
+        self._on_record = on_record
         self._bootstrap = bootstrap
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.folded = 0
+        self.read = 0
+        self.skipped = 0
         self.caught_up = asyncio.Event()
 
     async def start(self) -> None:
-        # A short fetch wait keeps the selection lag low (aiokafka's default 500 ms dominated it).
+        # A short fetch wait keeps the follower's lag low (aiokafka's default 500 ms dominated).
         c = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
                              fetch_max_wait_ms=50)
@@ -78,12 +135,14 @@ class SelectionFollower:
             parts = c.partitions_for_topic(self.topic) or set()
         if not parts:
             await c.stop()
-            raise RuntimeError(f"requests topic {self.topic!r} has no partitions (not created?)")
+            raise RuntimeError(f"{self.name} topic {self.topic!r} has no partitions "
+                               "(not created?)")
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
         self._consumer = c
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="selection-follower")
+        self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                            name=f"{self.name}-follower")
 
     async def _run(self) -> None:
         c = self._consumer
@@ -93,13 +152,13 @@ class SelectionFollower:
                 batches = await c.getmany(timeout_ms=100, max_records=500)
                 for tp, records in batches.items():
                     for rec in records:
+                        self.read += 1
                         try:
-                            outcome, vec = codecs.request_from_proto(
-                                codecs.pb.AlignmentRequest.FromString(rec.value))
-                            if await self.handler.observe_remote_selection(outcome, vec):
+                            if await self._on_record(rec):
                                 self.folded += 1
                         except (ValueError, DecodeError) as exc:  # foreign or corrupt: log, go on
-                            log.warning("skipping unreadable selection at %s@%d: %s",
+                            self.skipped += 1
+                            log.warning("skipping unreadable %s record at %s@%d: %s", self.name,
                                         tp, rec.offset, exc)
                 # Caught up = a poll that found nothing more. (tansu's ListOffsets reports a
                 # wrong end offset, so end_offsets() cannot be used for this.)
@@ -108,9 +167,51 @@ class SelectionFollower:
         except asyncio.CancelledError:
             pass
 
+    async def wait_caught_up(self, progress_every_s: float = 10.0) -> None:
+        """Wait until the topic was read to its end once, logging progress while it takes."""
+        t0 = time.monotonic()
+        while not self.caught_up.is_set():
+            try:
+                await asyncio.wait_for(self.caught_up.wait(), progress_every_s)
+            except TimeoutError:
+                log.info("still replaying %s: %d records read (%.0fs)", self.name, self.read,
+                         time.monotonic() - t0)
+            if self._task is not None and self._task.done():
+                raise RuntimeError(f"the {self.name} follower stopped before catching up")
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+def selection_follower(bootstrap: str, topic: str, handler: SelectionHandler) -> TopicFollower:
+    """Folds every worker's selections (the requests topic) into ``handler``: spend, caches and
+    the dedup memory survive a restart and are shared by the workers."""
+    async def fold(rec: ConsumerRecord) -> bool:
+        outcome, vec = codecs.request_from_proto(codecs.pb.AlignmentRequest.FromString(rec.value))
+        return await handler.observe_remote_selection(outcome, vec)
+
+    return TopicFollower(bootstrap, topic, fold, name="selections")
+
+
+def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler) -> TopicFollower:
+    """Folds the acquired pairs (the training-pairs topic) into ``handler``'s pairs store."""
+    dims = handler.dims
+
+    async def fold(rec: ConsumerRecord) -> bool:
+        pair = codecs.pair_from_proto(codecs.pb.TrainingPair.FromString(rec.value), dims)
+        return await handler.learning.ingest_pairs([pair]) > 0
+
+    return TopicFollower(bootstrap, topic, fold, name="training pairs")
+
+
+def models_follower(bootstrap: str, topic: str, handler: SelectionHandler) -> TopicFollower:
+    """Offers every published model version to ``handler`` (the newest is swapped in)."""
+    async def fold(rec: ConsumerRecord) -> bool:
+        release = codecs.model_release_from_proto(codecs.pb.ModelVersion.FromString(rec.value))
+        return await handler.learning.offer_model(release)
+
+    return TopicFollower(bootstrap, topic, fold, name="models")

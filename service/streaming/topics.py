@@ -14,14 +14,18 @@ import time
 
 log = logging.getLogger("pairsieve.broker")
 
-__all__ = ["FEATURES_TOPIC", "REQUESTS_TOPIC", "LABELS_TOPIC", "DEAD_LETTER_TOPIC", "TOPICS",
-           "topic_specs", "create_topics", "admin_client", "check_bootstrap"]
+__all__ = ["FEATURES_TOPIC", "REQUESTS_TOPIC", "LABELS_TOPIC", "DEAD_LETTER_TOPIC",
+           "TRAINING_PAIRS_TOPIC", "MODELS_TOPIC", "TOPICS", "topic_specs", "topic_configs",
+           "create_topics", "admin_client", "check_bootstrap"]
 
 FEATURES_TOPIC = "pairsieve.features.v1"
 REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
 LABELS_TOPIC = "pairsieve.alignment-labels.v1"
 DEAD_LETTER_TOPIC = "pairsieve.dead-letter.v1"
-TOPICS = (FEATURES_TOPIC, REQUESTS_TOPIC, LABELS_TOPIC, DEAD_LETTER_TOPIC)
+TRAINING_PAIRS_TOPIC = "pairsieve.training-pairs.v1"
+MODELS_TOPIC = "pairsieve.models.v1"
+TOPICS = (FEATURES_TOPIC, REQUESTS_TOPIC, LABELS_TOPIC, DEAD_LETTER_TOPIC, TRAINING_PAIRS_TOPIC,
+          MODELS_TOPIC)
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -33,7 +37,8 @@ def topic_specs(partitions: int = 4) -> dict[str, int]:
     ----------
     partitions : int
         Partitions of the features and alignment-requests topics (the parallelism of the
-        stream processor). Labels and dead letters are low volume: one partition each.
+        stream processor). Labels, dead letters, training pairs and models are low volume: one
+        partition each (one labels partition = one trainer at a time).
 
     Returns
     -------
@@ -48,7 +53,28 @@ def topic_specs(partitions: int = 4) -> dict[str, int]:
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
         raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
     return {FEATURES_TOPIC: partitions, REQUESTS_TOPIC: partitions, LABELS_TOPIC: 1,
-            DEAD_LETTER_TOPIC: 1}
+            DEAD_LETTER_TOPIC: 1, TRAINING_PAIRS_TOPIC: 1, MODELS_TOPIC: 1}
+
+
+def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[str, str]]:
+    """Topic-level configs pairsieve sets when it creates a topic.
+
+    The training pairs are the most expensive data of the system and every worker rebuilds its
+    training set from them: compacted (one record per pair key survives) and never deleted by
+    time. The models topic keeps the newest version (one key) and must carry a checkpoint of up
+    to ``max_message_bytes``. On a broker without compaction (the embedded tansu keeps
+    everything) pairsieve stays correct: readers deduplicate pairs by key and take the newest
+    model version.
+
+    Returns
+    -------
+    dict[str, dict[str, str]]
+        Canonical topic name -> config name -> value (topics without configs are left out).
+    """
+    size = str(int(max_message_bytes))
+    return {TRAINING_PAIRS_TOPIC: {"cleanup.policy": "compact", "retention.ms": "-1"},
+            MODELS_TOPIC: {"cleanup.policy": "compact", "retention.ms": "-1",
+                           "max.message.bytes": size}}
 
 
 def admin_client(bootstrap: str, timeout_s: float):
@@ -86,7 +112,8 @@ def _partition_counts(admin, names: list[str]) -> dict[str, int]:
 
 
 def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
-                  *, replication_factor: int = 1) -> None:
+                  *, replication_factor: int = 1,
+                  configs: dict[str, dict[str, str]] | None = None) -> None:
     """Create topics with explicit partition counts; idempotent.
 
     Existing topics with the requested partition count are left alone. Returns only once
@@ -102,6 +129,9 @@ def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
         Overall deadline, seconds.
     replication_factor : int
         Replicas per partition (1 for the single-node embedded broker).
+    configs : dict[str, dict[str, str]], optional
+        Topic name -> topic configs set at creation (see :func:`topic_configs`); an existing
+        topic's configs are not changed.
 
     Raises
     ------
@@ -143,7 +173,9 @@ def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
         missing = [n for n in specs if n not in counts]
         if missing:
             res = admin.create_topics(
-                [NewTopic(n, specs[n], replication_factor) for n in missing],
+                [NewTopic(n, specs[n], replication_factor,
+                          topic_configs=dict((configs or {}).get(n, {})))
+                 for n in missing],
                 timeout_ms=int(min(10.0, timeout_s) * 1000), raise_errors=False)
             for t in res.get("topics", []) if isinstance(res, dict) else []:
                 code = t.get("error_code", 0)

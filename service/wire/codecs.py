@@ -43,7 +43,9 @@ from service.messages import (
     IncomingEvent,
     Label,
     LabelResult,
+    ModelRelease,
     Outcome,
+    TrainingPair,
 )
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 
@@ -54,11 +56,18 @@ __all__ = [
     "decision_to_proto", "request_to_proto", "request_from_proto",
     "label_from_proto", "label_to_proto", "label_result_to_proto",
     "submit_request_from_proto", "submit_response_to_proto", "pool_request_from_proto",
-    "status_to_proto", "dead_letter_bytes", "timestamp", "seconds",
+    "status_to_proto", "dead_letter_bytes", "timestamp", "seconds", "pair_to_proto",
+    "pair_from_proto", "pair_key_bytes", "model_release_to_proto", "model_release_from_proto",
+    "MODEL_KEY",
 ]
 
 REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
-           "oversized", "empty_batch", "rejected")  # rejected: refused by the engine itself
+           "oversized", "empty_batch", "rejected", "label_unresolved")
+# rejected: refused by the engine itself; label_unresolved: a MATCH label whose item or partner
+# vector is unknown (LearningLoop.resolve says which)
+
+MODEL_KEY = b"model"
+"""Record key of every ``ModelVersion`` on the models topic: compaction keeps the newest."""
 
 FEATURE_HEADER = "pairsieve-message"
 FEATURE_HEADER_EVENT: tuple[str, bytes] = (FEATURE_HEADER, b"FeatureEvent")
@@ -388,10 +397,14 @@ def label_from_proto(msg: pb.AlignmentLabel, dims: Mapping[str, int]) -> Label:
         raise WireError("non_finite", f"{what}: cost must be finite, got {msg.cost!r}")
     return Label(item_id=msg.item_id, modality=msg.modality, partner_item_id=msg.partner_item_id,
                  status=_STATUS_FROM_PB[msg.status], request_id=msg.request_id,
-                 annotator=msg.annotator, cost=msg.cost or 1.0, partner_vector=partner)
+                 annotator=msg.annotator, cost=msg.cost or 1.0, partner_vector=partner,
+                 labeled_at=seconds(msg, "labeled_at"))
 
 
 def label_to_proto(label: Label, labeled_at: float | None = None) -> pb.AlignmentLabel:
+    """``labeled_at`` defaults to ``label.labeled_at``."""
+    if labeled_at is None:
+        labeled_at = label.labeled_at
     if label.status not in _STATUS_TO_PB:
         raise ValueError(f"label for {label.item_id!r}: unknown status {label.status!r}; "
                          f"expected one of {list(LABEL_STATUSES)}")
@@ -408,7 +421,83 @@ def label_to_proto(label: Label, labeled_at: float | None = None) -> pb.Alignmen
 
 def label_result_to_proto(r: LabelResult) -> pb.ReportAlignmentResponse:
     return pb.ReportAlignmentResponse(accepted=r.accepted, ignored=r.ignored,
-                                      model_version=r.model_version)
+                                      model_version=r.model_version, duplicates=r.duplicates,
+                                      unresolved=list(r.unresolved))
+
+
+# --------------------------------------------------------------------------- training pairs
+def pair_key_bytes(key: tuple[str, str]) -> bytes:
+    """The record key of a pair on the training-pairs topic (unambiguous for any two ids)."""
+    a, b = key
+    return f"{len(a)}:{a}|{b}".encode()
+
+
+def pair_to_proto(p: TrainingPair, modalities: Sequence[str]) -> pb.TrainingPair:
+    """``modalities``: the configured (modality a, modality b)."""
+    va, vb = np.asarray(p.vector_a).reshape(-1), np.asarray(p.vector_b).reshape(-1)
+    return pb.TrainingPair(
+        item_id_a=p.item_id_a, item_id_b=p.item_id_b, modality_a=modalities[0],
+        modality_b=modalities[1], vector_a=encode_vector(va), dim_a=len(va),
+        vector_b=encode_vector(vb), dim_b=len(vb), request_id=p.request_id,
+        annotator=p.annotator, cost=float(p.cost), labeled_at=timestamp(p.labeled_at),
+        worker_id=p.worker_id, labeled_item_id=p.labeled_item_id)
+
+
+def pair_from_proto(msg: pb.TrainingPair, dims: Mapping[str, int]) -> TrainingPair:
+    """Validate and decode a training pair; its modalities must be this service's, in order."""
+    what = f"training pair ({msg.item_id_a!r}, {msg.item_id_b!r})"
+    _require(msg, ("item_id_a", "item_id_b", "modality_a", "modality_b"), what)
+    names = list(dims)
+    if [msg.modality_a, msg.modality_b] != names:
+        raise WireError("unknown_modality", f"{what}: modalities ({msg.modality_a!r}, "
+                                            f"{msg.modality_b!r}), this service has {names}")
+    for side, m in (("a", msg.modality_a), ("b", msg.modality_b)):
+        if getattr(msg, f"dim_{side}") != dims[m]:
+            raise WireError("wrong_dimension", f"{what}: dim_{side} {getattr(msg, f'dim_{side}')}"
+                                               f" but {m!r} has dimension {dims[m]}")
+    if not math.isfinite(msg.cost):
+        raise WireError("non_finite", f"{what}: cost must be finite, got {msg.cost!r}")
+    return TrainingPair(
+        item_id_a=msg.item_id_a, item_id_b=msg.item_id_b,
+        vector_a=decode_vector(msg.vector_a, dims[msg.modality_a], what=f"{what} vector_a"),
+        vector_b=decode_vector(msg.vector_b, dims[msg.modality_b], what=f"{what} vector_b"),
+        request_id=msg.request_id, annotator=msg.annotator, cost=msg.cost,
+        labeled_at=seconds(msg, "labeled_at"), worker_id=msg.worker_id,
+        labeled_item_id=msg.labeled_item_id)
+
+
+# --------------------------------------------------------------------------- model versions
+def model_release_to_proto(r: ModelRelease) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        version=r.version, training_pairs=int(r.model.n_pairs), pairs_seen=int(r.pairs_seen),
+        validation_pairs=int(r.validation_pairs),
+        validation_recall=[pb.RecallAtK(k=int(k), recall=float(v))
+                           for k, v in sorted(r.validation_recall.items())],
+        worker_id=r.worker_id, trained_at=timestamp(r.trained_at),
+        checkpoint=r.model.to_bytes())
+
+
+def model_release_from_proto(msg: pb.ModelVersion) -> ModelRelease:
+    """Decode a published version (its checkpoint loads with ``weights_only``).
+
+    Raises ``WireError`` (``missing_field``, ``undecodable``) naming the problem; whether its
+    modalities fit this service is the learning loop's check.
+    """
+    from service.alignment import AlignmentModel
+
+    what = f"model version {msg.version}"
+    _require(msg, ("checkpoint",), what)
+    try:
+        model = AlignmentModel.from_bytes(msg.checkpoint)
+    except ValueError as exc:
+        raise WireError("undecodable", f"{what}: {exc}") from None
+    if model.version != msg.version:
+        raise WireError("undecodable", f"{what}: its checkpoint says version {model.version}")
+    return ModelRelease(model=model, pairs_seen=int(msg.pairs_seen),
+                        validation_pairs=int(msg.validation_pairs),
+                        validation_recall={int(r.k): float(r.recall)
+                                           for r in msg.validation_recall},
+                        worker_id=msg.worker_id, trained_at=seconds(msg, "trained_at") or 0.0)
 
 
 # --------------------------------------------------------------------------- gRPC requests
@@ -471,7 +560,10 @@ def status_to_proto(status: EngineStatus, serving: bool = True) -> pb.ServiceSta
                                       cache_fill=float(fill.get(m, 0.0)),
                                       cache_evictions=int(ev.get(m, 0)))
                     for m in names],
-        serving=bool(serving))
+        serving=bool(serving),
+        validation_recall=[pb.RecallAtK(k=int(k), recall=float(v))
+                           for k, v in sorted(status.validation_recall.items())],
+        validation_pairs=int(status.validation_pairs), trainer=bool(status.trainer))
 
 
 def dead_letter_bytes(reason: str, detail: str, original: bytes, topic: str | None,

@@ -19,6 +19,7 @@ from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
+from service.messages import NullPublisher
 from service.rpc.server import MetricsInterceptor, start_grpc_server
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
@@ -39,7 +40,7 @@ def _handler(publisher, total=30):
     return SelectionHandler(sel, tr, publisher, worker_id="w-test", retrain_every=1000)
 
 
-class RecordingPublisher:
+class RecordingPublisher(NullPublisher):
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
         self.published = []
@@ -333,13 +334,21 @@ def test_report_alignment_status_and_select_pool():
                                          partner_item_id="t1", status=pb.MATCH)]
             rep = await env.stub.ReportAlignment(pb.ReportAlignmentRequest(labels=labels),
                                                  timeout=10)
-            assert n_match > 0 and (rep.accepted, rep.ignored) == (n_match, 2)
-            assert rep.model_version == 1
+            assert n_match > 0 and (rep.accepted, rep.ignored) == (n_match, 1)
+            assert list(rep.unresolved) == [
+                "MATCH label for 'i-unknown' (image): the item's vector is unknown here (not a "
+                "recent selection; the item memory keeps the most recent items only)"]
+            assert rep.model_version == 1 and rep.duplicates == 0
+            again = await env.stub.ReportAlignment(pb.ReportAlignmentRequest(labels=labels[:2]),
+                                                   timeout=10)
+            assert (again.accepted, again.duplicates) == (0, 2)  # same request ids: counted once
 
             st = await env.stub.GetStatus(pb.GetStatusRequest(), timeout=5)
             assert st.budget_total == 30 and st.budget_spent == len(accepted)
             assert st.budget_remaining == 30 - len(accepted)
             assert st.pairs_acquired == n_match and st.worker_id == "w-test"
+            assert st.trainer and st.validation_pairs == sum(
+                env.handler.learning.is_validation(k) for k in env.handler.learning.pairs)
             mods = {m.modality: m for m in st.modalities}
             assert (mods["image"].dim, mods["text"].dim) == (12, 8)
             assert mods["image"].seen == 20 and mods["text"].seen == 20

@@ -17,7 +17,7 @@ from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
-from service.messages import IncomingEvent
+from service.messages import IncomingEvent, Label, NullPublisher
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
 from service.streaming.records import KafkaRecord
@@ -32,15 +32,24 @@ SRC = "pairsieve.features.v1.t"
 
 
 
-class FakePublisher:
+class FakePublisher(NullPublisher):
     """publish_requests fails ``fail_times`` times, then records; send_raw records."""
 
-    def __init__(self, fail_times: int = 0):
+    def __init__(self, fail_times: int = 0, pair_fail_times: int = 0):
         self.fail_times = fail_times
+        self.pair_fail_times = pair_fail_times
         self.attempts = 0
+        self.pair_attempts = 0
         self.published = []
+        self.pairs = []
         self.publish_calls = 0
         self.raw = []
+
+    async def publish_pairs(self, pairs):
+        self.pair_attempts += 1
+        if self.pair_attempts <= self.pair_fail_times:
+            raise ConnectionError(f"pair not acknowledged (attempt {self.pair_attempts})")
+        self.pairs.extend(pairs)
 
     async def publish_requests(self, requests):
         self.attempts += 1
@@ -82,9 +91,9 @@ def _handler(publisher):
 
 
 class Env:
-    def __init__(self, fail_times=0):
+    def __init__(self, fail_times=0, pair_fail_times=0):
         self.settings = _settings()
-        self.publisher = FakePublisher(fail_times)
+        self.publisher = FakePublisher(fail_times, pair_fail_times)
         self.metrics = RecordingMetrics()
         self.handler = _handler(self.publisher)
         self.proc = StreamProcessor(self.settings, "127.0.0.1:1", self.handler, self.publisher,
@@ -344,3 +353,48 @@ def test_one_overflowing_record_does_not_dead_letter_all_later_micro_batches():
         assert "invalid" not in [d.reason for d in env.dead_letters()]
 
     run_env(body)
+
+
+# --------------------------------------------------------------------------- labels
+LABELS_SRC = "pairsieve.alignment-labels.v1.t"
+
+
+def _label_record(label: Label, offset: int = 0) -> KafkaRecord:
+    return KafkaRecord(codecs.label_to_proto(label).SerializeToString(), None, LABELS_SRC, 0,
+                       offset)
+
+
+def test_labels_become_published_pairs_and_bad_ones_are_dead_lettered_with_a_reason(monkeypatch):
+    proxy = _AsyncioProxy()
+    monkeypatch.setattr(app_mod, "asyncio", proxy)
+
+    async def body(env):
+        outs = await env.handler.submit([_ev(i) for i in range(6)])
+        img = next(o.decision for o in outs if o.decision.accept and o.decision.modality == "image")
+        i = int(img.item_id[1:])
+        good = Label(img.item_id, "image", f"t-partner-{i}", "MATCH", request_id=img.item_id,
+                     partner_vector=_vec(i, "text"))
+        # the pair's publish fails twice: retried, the label is taken once
+        assert await env.proc.process_label_record(_label_record(good, 1)) is True
+        assert env.publisher.pair_attempts == 3 and proxy.sleeps == [0.1, 0.2]
+        assert [p.key for p in env.publisher.pairs] == [(img.item_id, f"t-partner-{i}")]
+        assert env.handler.status().pairs_acquired == 1
+        # the same label redelivered: a duplicate, nothing published again
+        assert await env.proc.process_label_record(_label_record(good, 1)) is True
+        assert len(env.publisher.pairs) == 1 and env.handler.status().labels["MATCH"] == 1
+        unknown = Label("i-unknown", "image", "t1", "MATCH", request_id="r-x")
+        assert await env.proc.process_label_record(_label_record(unknown, 2)) is False
+        bad_bytes = KafkaRecord(b"\xff\xff\xff", None, LABELS_SRC, 0, 3)
+        assert await env.proc.process_label_record(bad_bytes) is False
+        no_status = KafkaRecord(pb.AlignmentLabel(item_id="i0", modality="image")
+                                .SerializeToString(), None, LABELS_SRC, 0, 4)
+        assert await env.proc.process_label_record(no_status) is False
+        dls = env.dead_letters()
+        assert [d.reason for d in dls] == ["label_unresolved", "undecodable", "missing_field"]
+        assert [d.source_offset for d in dls] == [2, 3, 4]
+        assert all(d.source_topic == LABELS_SRC for d in dls)
+        assert "'i-unknown' (image): the item's vector is unknown" in dls[0].detail
+        assert dls[1].original == b"\xff\xff\xff"
+        assert env.metrics.dead == ["label_unresolved", "undecodable", "missing_field"]
+
+    run_env(body, pair_fail_times=2)

@@ -15,7 +15,9 @@ from service.messages import (
     IncomingEvent,
     Label,
     LabelResult,
+    ModelRelease,
     Outcome,
+    TrainingPair,
 )
 from service.wire import codecs
 from service.wire.codecs import WireError
@@ -313,8 +315,90 @@ def test_label_errors():
 
 
 def test_label_result_to_proto():
-    msg = codecs.label_result_to_proto(LabelResult(3, 2, 4))
-    assert (msg.accepted, msg.ignored, msg.model_version) == (3, 2, 4)
+    msg = codecs.label_result_to_proto(LabelResult(3, 2, 4, duplicates=1, unresolved=("why",)))
+    assert (msg.accepted, msg.ignored, msg.model_version, msg.duplicates) == (3, 2, 4, 1)
+    assert list(msg.unresolved) == ["why"]
+
+
+def test_label_time_round_trips():
+    lb = Label("i1", "image", "t1", "MATCH", labeled_at=1_700_000_000.5)
+    back = codecs.label_from_proto(codecs.label_to_proto(lb), DIMS)
+    assert back.labeled_at == 1_700_000_000.5
+    assert codecs.label_from_proto(codecs.label_to_proto(Label("i1", "image", "t1", "MATCH")),
+                                   DIMS).labeled_at is None
+
+
+# ------------------------------------------------------------------ training pairs, models
+def _training_pair(**kw):
+    rng = np.random.default_rng(0)
+    base = dict(item_id_a="i1", item_id_b="t1", vector_a=rng.normal(size=12).astype(np.float32),
+                vector_b=rng.normal(size=8).astype(np.float32), request_id="r1", annotator="ann",
+                cost=2.5, labeled_at=1_700_000_000.25, worker_id="w0", labeled_item_id="t1")
+    base.update(kw)
+    return TrainingPair(**base)
+
+
+def test_training_pair_round_trip_and_key():
+    p = _training_pair()
+    msg = pb.TrainingPair.FromString(codecs.pair_to_proto(p, ["image", "text"])
+                                     .SerializeToString())
+    assert (msg.modality_a, msg.modality_b, msg.dim_a, msg.dim_b) == ("image", "text", 12, 8)
+    back = codecs.pair_from_proto(msg, DIMS)
+    for f in ("item_id_a", "item_id_b", "request_id", "annotator", "cost", "worker_id",
+              "labeled_item_id"):
+        assert getattr(back, f) == getattr(p, f), f
+    assert back.labeled_at == pytest.approx(p.labeled_at, abs=1e-6)
+    np.testing.assert_array_equal(back.vector_a, p.vector_a)
+    np.testing.assert_array_equal(back.vector_b, p.vector_b)
+    assert codecs.pair_key_bytes(("ab", "c")) != codecs.pair_key_bytes(("a", "bc"))
+    assert codecs.pair_key_bytes(p.key) == b"2:i1|t1"
+
+
+def test_training_pair_errors_name_the_problem():
+    good = codecs.pair_to_proto(_training_pair(), ["image", "text"])
+    swapped = pb.TrainingPair()
+    swapped.CopyFrom(good)
+    swapped.modality_a, swapped.modality_b = "text", "image"
+    _reason(lambda: codecs.pair_from_proto(swapped, DIMS), "unknown_modality",
+            r"modalities \('text', 'image'\), this service has \['image', 'text'\]")
+    short = pb.TrainingPair()
+    short.CopyFrom(good)
+    short.dim_b = 7
+    _reason(lambda: codecs.pair_from_proto(short, DIMS), "wrong_dimension",
+            "dim_b 7 but 'text' has dimension 8")
+    missing = pb.TrainingPair()
+    missing.CopyFrom(good)
+    missing.item_id_b = ""
+    _reason(lambda: codecs.pair_from_proto(missing, DIMS), "missing_field", "'item_id_b'")
+    nan = pb.TrainingPair()
+    nan.CopyFrom(good)
+    nan.vector_a = codecs.encode_vector(np.full(12, np.nan, np.float32))
+    _reason(lambda: codecs.pair_from_proto(nan, DIMS), "non_finite", "vector_a")
+
+
+def test_model_release_round_trip_and_a_corrupt_checkpoint():
+    from service.alignment import AlignmentModel
+
+    model = AlignmentModel(DIMS, 8, version=5)
+    model.n_pairs = 40
+    rel = ModelRelease(model, pairs_seen=45, validation_pairs=5,
+                       validation_recall={1: 0.4, 5: 0.8}, worker_id="w0", trained_at=1234.5)
+    msg = pb.ModelVersion.FromString(codecs.model_release_to_proto(rel).SerializeToString())
+    assert (msg.version, msg.training_pairs, msg.pairs_seen, msg.validation_pairs) == \
+        (5, 40, 45, 5)
+    back = codecs.model_release_from_proto(msg)
+    assert (back.version, back.pairs_seen, back.validation_pairs, back.worker_id,
+            back.trained_at) == (5, 45, 5, "w0", 1234.5)
+    assert back.validation_recall == {1: 0.4, 5: 0.8} and back.model.n_pairs == 40
+    for name, t in model.state_dict().items():
+        np.testing.assert_array_equal(back.model.state_dict()[name].numpy(), t.numpy())
+    msg.checkpoint = b"not torch"
+    _reason(lambda: codecs.model_release_from_proto(msg), "undecodable",
+            "model version 5: not a model checkpoint")
+    msg.checkpoint = model.to_bytes()
+    msg.version = 6
+    _reason(lambda: codecs.model_release_from_proto(msg), "undecodable",
+            "its checkpoint says version 5")
 
 
 # ------------------------------------------------------------------ pool, status, dead letters
@@ -357,6 +441,11 @@ def test_status_round_trip():
     assert ((unlimited.budget_total, unlimited.budget_remaining, unlimited.serving)
             == (-1, -1, False))
     assert math.isnan(codecs.status_to_proto(_status(threshold=math.nan)).threshold)
+    assert not msg.validation_recall and msg.trainer  # defaults: none measured; trains
+    measured = codecs.status_to_proto(_status(validation_recall={5: 0.9, 1: 0.6},
+                                              validation_pairs=12, trainer=False))
+    assert [(r.k, r.recall) for r in measured.validation_recall] == [(1, 0.6), (5, 0.9)]
+    assert (measured.validation_pairs, measured.trainer) == (12, False)
 
 
 def test_dead_letter_bytes():

@@ -18,7 +18,7 @@ from service.core.budget import BudgetConfig
 from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
-from service.messages import IncomingEvent, Label, LabelResult
+from service.messages import IncomingEvent, Label, LabelResult, NullMetrics, NullPublisher
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
 
@@ -28,7 +28,7 @@ WORKER = "w-test"
 # --------------------------------------------------------------------------- fixtures / fakes
 
 
-class RecordingPublisher:
+class RecordingPublisher(NullPublisher):
     def __init__(self):
         self.published = []
         self.calls = 0
@@ -38,7 +38,7 @@ class RecordingPublisher:
         self.published.extend(requests)
 
 
-class FailingPublisher:
+class FailingPublisher(NullPublisher):
     def __init__(self):
         self.calls = 0
         self.attempted = []
@@ -49,7 +49,7 @@ class FailingPublisher:
         raise ConnectionError("broker unreachable")
 
 
-class RecordingMetrics:
+class RecordingMetrics(NullMetrics):
     def __init__(self):
         self.batches, self.states, self.labels, self.retrains = [], [], [], []
 
@@ -81,7 +81,7 @@ def make():
         kw = {} if clock is None else {"clock": clock}
         h = SelectionHandler(sel, AlignmentTrainer(DIMS, seed=0), publisher, metrics,
                              worker_id=worker_id, retrain_every=retrain_every, on_model=on_model,
-                             **kw)
+                             validation_share=0.0, **kw)
         built.append(h)
         return h
 
@@ -323,10 +323,10 @@ def test_labels_build_pairs_and_retrain_hot_swaps_the_model(make):
         r1 = await h.report_alignment(labels[:2])
         assert r1 == LabelResult(accepted=2, ignored=0, model_version=1)
         assert h.status().pairs_acquired == 2 and h.learning.training is None
-        # the same label again does not make a second pair
+        # the same label again (same request id) is a duplicate: no second pair, not counted
         r_dup = await h.report_alignment(labels[:1])
-        assert (r_dup.accepted == 1 and h.status().pairs_acquired == 2
-                and h.learning.training is None)
+        assert (r_dup.duplicates == 1 and r_dup.accepted == 0
+                and h.status().pairs_acquired == 2 and h.learning.training is None)
         # a revealed partner is now in that modality's selected-set cache
         other = h.model.other(labels[0].modality)
         assert _min_dist(h, other, labels[0].partner_vector) < 1e-3
@@ -347,8 +347,8 @@ def test_labels_build_pairs_and_retrain_hot_swaps_the_model(make):
         await h.report_alignment(labels[3:4])
         await h.wait_for_training()
         assert h.model_version == 2 and len(models) == 1
-        assert h.status().labels == {"MATCH": 5, "NO_MATCH": 0, "UNSURE": 0}
-        assert met.labels == [("MATCH", 1)] * 5
+        assert h.status().labels == {"MATCH": 4, "NO_MATCH": 0, "UNSURE": 0}
+        assert met.labels == [("MATCH", 1)] * 4
 
     run(body())
 
@@ -368,17 +368,18 @@ def test_label_statuses_unknown_partners_and_unknown_status(make):
         assert h.status().pairs_acquired == 0
         assert h.status().labels == {"MATCH": 0, "NO_MATCH": 1, "UNSURE": 1}
 
-        # partner never seen and no vector given -> ignored
+        # partner never seen and no vector given -> unresolved, saying why
         res = await h.report_alignment([Label(img, "image", "t-never-seen", "MATCH")])
-        assert (res.accepted, res.ignored) == (0, 1)
-        # item never seen -> ignored (even with a partner vector)
+        assert (res.accepted, res.ignored, len(res.unresolved)) == (0, 0, 1)
+        assert "send its vector in partner_vector" in res.unresolved[0]
+        # item never seen -> unresolved (even with a partner vector)
         res = await h.report_alignment([Label("i-unknown", "image", "t3", "MATCH",
                                               partner_vector=_vec(3, "text"))])
-        assert (res.accepted, res.ignored) == (0, 1)
-        # MATCH without a partner id -> ignored
+        assert (res.accepted, len(res.unresolved)) == (0, 1)
+        # MATCH without a partner id -> unresolved
         res = await h.report_alignment([Label(img, "image", "", "MATCH",
                                               partner_vector=_vec(0, "text"))])
-        assert (res.accepted, res.ignored) == (0, 1)
+        assert res.unresolved == ("MATCH label for 'i0' (image): no partner_item_id",)
         # partner seen in the stream (t1 is a text event of this worker) -> its vector is used
         res = await h.report_alignment([Label(img, "image", "t1", "MATCH")])
         assert (res.accepted, res.ignored) == (1, 0)
@@ -478,7 +479,7 @@ def test_own_selection_read_back_is_skipped(make):
     run(body())
 
 
-class ReadBackPublisher:
+class ReadBackPublisher(NullPublisher):
     """Like Kafka + the SelectionFollower on the same worker: once a request is durably
     written, the follower (another task on the same loop) can read it back right away."""
 

@@ -163,6 +163,66 @@ class AlignmentLabel(_message.Message):
     labeled_at: _timestamp_pb2.Timestamp
     def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[str] = ..., modality: _Optional[str] = ..., partner_item_id: _Optional[str] = ..., status: _Optional[_Union[AlignmentStatus, str]] = ..., annotator: _Optional[str] = ..., cost: _Optional[float] = ..., partner_vector: _Optional[bytes] = ..., partner_dim: _Optional[int] = ..., labeled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class TrainingPair(_message.Message):
+    __slots__ = ("item_id_a", "item_id_b", "modality_a", "modality_b", "vector_a", "dim_a", "vector_b", "dim_b", "request_id", "annotator", "cost", "labeled_at", "worker_id", "labeled_item_id")
+    ITEM_ID_A_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_B_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_A_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_B_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_A_FIELD_NUMBER: _ClassVar[int]
+    DIM_A_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_B_FIELD_NUMBER: _ClassVar[int]
+    DIM_B_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    LABELED_AT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELED_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    item_id_a: str
+    item_id_b: str
+    modality_a: str
+    modality_b: str
+    vector_a: bytes
+    dim_a: int
+    vector_b: bytes
+    dim_b: int
+    request_id: str
+    annotator: str
+    cost: float
+    labeled_at: _timestamp_pb2.Timestamp
+    worker_id: str
+    labeled_item_id: str
+    def __init__(self, item_id_a: _Optional[str] = ..., item_id_b: _Optional[str] = ..., modality_a: _Optional[str] = ..., modality_b: _Optional[str] = ..., vector_a: _Optional[bytes] = ..., dim_a: _Optional[int] = ..., vector_b: _Optional[bytes] = ..., dim_b: _Optional[int] = ..., request_id: _Optional[str] = ..., annotator: _Optional[str] = ..., cost: _Optional[float] = ..., labeled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., labeled_item_id: _Optional[str] = ...) -> None: ...
+
+class RecallAtK(_message.Message):
+    __slots__ = ("k", "recall")
+    K_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    recall: float
+    def __init__(self, k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "training_pairs", "pairs_seen", "validation_pairs", "validation_recall", "worker_id", "trained_at", "checkpoint")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_RECALL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_AT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    training_pairs: int
+    pairs_seen: int
+    validation_pairs: int
+    validation_recall: _containers.RepeatedCompositeFieldContainer[RecallAtK]
+    worker_id: str
+    trained_at: _timestamp_pb2.Timestamp
+    checkpoint: bytes
+    def __init__(self, version: _Optional[int] = ..., training_pairs: _Optional[int] = ..., pairs_seen: _Optional[int] = ..., validation_pairs: _Optional[int] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., worker_id: _Optional[str] = ..., trained_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checkpoint: _Optional[bytes] = ...) -> None: ...
+
 class DeadLetter(_message.Message):
     __slots__ = ("reason", "detail", "original", "source_topic", "source_partition", "source_offset", "failed_at")
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -198,7 +258,7 @@ class ModalityStatus(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., dim: _Optional[int] = ..., seen: _Optional[int] = ..., accepted: _Optional[int] = ..., cache_fill: _Optional[float] = ..., cache_evictions: _Optional[int] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("worker_id", "budget_total", "budget_spent", "budget_remaining", "acceptance_rate", "target_rate", "threshold", "model_version", "pairs_acquired", "modalities", "serving")
+    __slots__ = ("worker_id", "budget_total", "budget_spent", "budget_remaining", "acceptance_rate", "target_rate", "threshold", "model_version", "pairs_acquired", "modalities", "serving", "validation_recall", "validation_pairs", "trainer")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +270,9 @@ class ServiceStatus(_message.Message):
     PAIRS_ACQUIRED_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_RECALL_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     budget_total: int
     budget_spent: int
@@ -221,7 +284,10 @@ class ServiceStatus(_message.Message):
     pairs_acquired: int
     modalities: _containers.RepeatedCompositeFieldContainer[ModalityStatus]
     serving: bool
-    def __init__(self, worker_id: _Optional[str] = ..., budget_total: _Optional[int] = ..., budget_spent: _Optional[int] = ..., budget_remaining: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_rate: _Optional[float] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., pairs_acquired: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStatus, _Mapping]]] = ..., serving: _Optional[bool] = ...) -> None: ...
+    validation_recall: _containers.RepeatedCompositeFieldContainer[RecallAtK]
+    validation_pairs: int
+    trainer: bool
+    def __init__(self, worker_id: _Optional[str] = ..., budget_total: _Optional[int] = ..., budget_spent: _Optional[int] = ..., budget_remaining: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_rate: _Optional[float] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., pairs_acquired: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStatus, _Mapping]]] = ..., serving: _Optional[bool] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., validation_pairs: _Optional[int] = ..., trainer: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("events",)
@@ -274,14 +340,18 @@ class ReportAlignmentRequest(_message.Message):
     def __init__(self, labels: _Optional[_Iterable[_Union[AlignmentLabel, _Mapping]]] = ...) -> None: ...
 
 class ReportAlignmentResponse(_message.Message):
-    __slots__ = ("accepted", "ignored", "model_version")
+    __slots__ = ("accepted", "ignored", "model_version", "duplicates", "unresolved")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     IGNORED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    UNRESOLVED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     ignored: int
     model_version: int
-    def __init__(self, accepted: _Optional[int] = ..., ignored: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    duplicates: int
+    unresolved: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, accepted: _Optional[int] = ..., ignored: _Optional[int] = ..., model_version: _Optional[int] = ..., duplicates: _Optional[int] = ..., unresolved: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
