@@ -158,6 +158,32 @@ def _cmd_serve(args) -> int:
     return asyncio.run(serve_forever(settings))
 
 
+def _cmd_export_pairs(args) -> int:
+    from service.alignment.validation import is_validation
+    from service.settings import Settings
+    from service.streaming.export import read_pairs, write_pairs
+    from service.streaming.topics import TRAINING_PAIRS_TOPIC
+
+    overrides = {k: v for k, v in (("kafka_bootstrap", args.bootstrap),
+                                   ("topic_suffix", args.topic_suffix),
+                                   ("modalities", args.modalities)) if v is not None}
+    settings = Settings.from_env(**overrides)
+    if not settings.kafka_bootstrap:
+        raise ValueError("export-pairs reads a running deployment's broker: set "
+                         "PAIRSIEVE_KAFKA_BOOTSTRAP or --bootstrap (the embedded broker keeps "
+                         "nothing after the service stops)")
+    topic = settings.topic(TRAINING_PAIRS_TOPIC)
+    print(f"reading {topic} at {settings.kafka_bootstrap} ...", file=sys.stderr, flush=True)
+    pairs = read_pairs(settings.kafka_bootstrap, topic, settings.dims, timeout_s=args.timeout,
+                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    a, b = settings.dims
+    out = write_pairs(pairs, args.out, (a, b), settings.validation_share)
+    held = sum(is_validation(k, settings.validation_share) for k in pairs)
+    print(f"wrote {out}: {len(pairs)} pairs ({a} {settings.dims[a]}-d, {b} "
+          f"{settings.dims[b]}-d), {held} of them validation pairs")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from service.demo import main as demo_main
 
@@ -254,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of the dataset replayed (a seeded sample; 400 are held out)")
     e.add_argument("--out-dir", default="reports")
     e.set_defaults(func=_cmd_demo)
+
+    x = sub.add_parser("export-pairs", help="write the acquired training pairs to an .npz file",
+                       description="Read the training-pairs topic of a running deployment to its "
+                                   "end and write every acquired pair (latest per pair) as an "
+                                   ".npz in the benchmark format, with ids, annotator, cost, "
+                                   "time and the validation flag. Broker, topic suffix and "
+                                   "modalities come from PAIRSIEVE_* unless given.")
+    x.add_argument("--out", required=True, help="the .npz file to write")
+    x.add_argument("--bootstrap", help="Kafka bootstrap (default PAIRSIEVE_KAFKA_BOOTSTRAP)")
+    x.add_argument("--topic-suffix", help="default PAIRSIEVE_TOPIC_SUFFIX")
+    x.add_argument("--modalities", help="NAME:DIM,NAME:DIM (default PAIRSIEVE_MODALITIES)")
+    x.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
+    x.set_defaults(func=_cmd_export_pairs)
 
     c = sub.add_parser("bench-stream-cost", help="per-item selector cost over a long stream")
     c.add_argument("--items", type=int, default=1_000_000)
