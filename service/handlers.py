@@ -38,7 +38,12 @@ from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
 from service.core.types import FeatureItem
 from service.core.validation import VectorError, as_matrix, check_modality
-from service.learning_loop import DEFAULT_RETRAIN_EVERY, DEFAULT_VALIDATION_SHARE, LearningLoop
+from service.learning_loop import (
+    DEFAULT_GAIN_HORIZON,
+    DEFAULT_RETRAIN_EVERY,
+    DEFAULT_VALIDATION_SHARE,
+    LearningLoop,
+)
 from service.lru import LRU
 from service.messages import (
     AlignmentRequestOut,
@@ -82,6 +87,8 @@ class SelectionHandler:
         The quality gate's tolerance and minimum validation size.
     is_trainer : callable returning bool, or None
         Whether this worker trains now (default: always).
+    gain_horizon : int
+        N of the stopping signal (expected validation R@1 gain of the next N pairs).
 
     Attributes
     ----------
@@ -100,7 +107,8 @@ class SelectionHandler:
                  on_model: Callable[[AlignmentModel], None] | None = None,
                  validation_share: float = DEFAULT_VALIDATION_SHARE,
                  gate: GateConfig | None = None,
-                 is_trainer: Callable[[], bool] | None = None):
+                 is_trainer: Callable[[], bool] | None = None,
+                 gain_horizon: int = DEFAULT_GAIN_HORIZON):
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
         self.selector = selector
@@ -124,7 +132,8 @@ class SelectionHandler:
                                      vector_capacity=vector_capacity,
                                      request_capacity=dedup_capacity,
                                      validation_share=validation_share, gate=gate,
-                                     is_trainer=is_trainer, on_model=on_model, clock=clock)
+                                     is_trainer=is_trainer, gain_horizon=gain_horizon,
+                                     on_model=on_model, clock=clock)
 
     # ------------------------------------------------------------------ model
     @property
@@ -296,7 +305,8 @@ class SelectionHandler:
 
     # ------------------------------------------------------------------ status
     def status(self) -> EngineStatus:
-        """The engine's state now (budget, counts, model, caches, labels)."""
+        """The engine's state now (budget, counts, model, caches, labels, model quality)."""
+        gain = self.learning.expected_gain()
         return EngineStatus.from_selector(
             self.selector.status(), worker_id=self.worker_id,
             pairs_acquired=self.learning.pairs_acquired,
@@ -305,7 +315,10 @@ class SelectionHandler:
             labels=dict(self.learning.labels_by_status), dims=dict(self.dims),
             validation_recall=self.learning.validation_recall,
             validation_pairs=self.learning.validation_pairs,
-            trainer=bool(self.learning.is_trainer()))
+            trainer=bool(self.learning.is_trainer()),
+            expected_gain=gain.gain if gain else float("nan"),
+            expected_gain_se=gain.se if gain else float("nan"),
+            expected_gain_pairs=self.learning.gain_horizon)
 
     def close(self) -> None:
         self._train_executor.shutdown(wait=True)

@@ -21,7 +21,10 @@
 * **one lineage**: an accepted candidate is published (the models topic) before it is swapped
   in; every worker installs the newest version it is offered (:meth:`LearningLoop.offer_model`),
   so all workers use the same model. Version numbers continue from the highest ever offered, so
-  they keep rising across a fail-over of the trainer role.
+  they keep rising across a fail-over of the trainer role;
+* the **stopping signal**: each version carries the lineage's learning curve (training pairs ->
+  validation R@1, :mod:`service.alignment.learning_curve`), from which every worker estimates
+  the R@1 gain of the next ``gain_horizon`` pairs (:meth:`LearningLoop.expected_gain`).
 
 It shares the engine lock and the torch executor with :class:`service.handlers.SelectionHandler`,
 which delegates its label calls here, so a label, a batch and a model swap never interleave. A
@@ -41,6 +44,7 @@ from typing import cast
 import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
+from service.alignment.learning_curve import MAX_HISTORY, CurvePoint, GainEstimate, expected_gain
 from service.alignment.validation import GateConfig, is_validation, judge, validation_recall
 from service.core.selector import StreamingSelector
 from service.core.validation import as_matrix, check_modality
@@ -64,6 +68,9 @@ often as a deployment."""
 
 DEFAULT_VALIDATION_SHARE = 0.1
 """Share of the acquired pairs held out to measure each model version (never trained on)."""
+
+DEFAULT_GAIN_HORIZON = 100
+"""The N of the stopping signal: the expected validation R@1 gain of the next N pairs."""
 
 log = logging.getLogger("pairsieve.learning")
 
@@ -103,6 +110,8 @@ class LearningLoop:
     is_trainer : callable returning bool
         Whether this worker trains now (default: always; the service asks the stream processor
         whether it owns the labels partition).
+    gain_horizon : int
+        N of the stopping signal (expected R@1 gain of the next N pairs).
     on_model : callable(AlignmentModel) or None
         Called after each hot swap (e.g. to checkpoint it).
     clock : callable returning seconds since the epoch
@@ -121,12 +130,15 @@ class LearningLoop:
                  validation_share: float = DEFAULT_VALIDATION_SHARE,
                  gate: GateConfig | None = None,
                  is_trainer: Callable[[], bool] | None = None,
+                 gain_horizon: int = DEFAULT_GAIN_HORIZON,
                  on_model: Callable[[AlignmentModel], None] | None = None,
                  clock: Callable[[], float] = time.time):
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
         if not 0.0 <= validation_share < 1.0:
             raise ValueError(f"validation_share must be in [0, 1), got {validation_share!r}")
+        if gain_horizon < 1:
+            raise ValueError(f"gain_horizon must be >= 1, got {gain_horizon}")
         self.selector = selector
         self.trainer = trainer
         self.metrics = metrics or NullMetrics()
@@ -151,6 +163,8 @@ class LearningLoop:
         self._highest_version = selector.model_version  # highest ever offered or trained
         self._training: asyncio.Task | None = None
         self.validation_recall: dict[int, float] = {}
+        self.gain_horizon = int(gain_horizon)
+        self.history: tuple[tuple[int, float, int], ...] = ()  # of the version in use
         self.labels_by_status = {s: 0 for s in LABEL_STATUSES}
         self.candidates = {"published": 0, "rejected": 0, "failed": 0, "superseded": 0}
 
@@ -398,7 +412,10 @@ class LearningLoop:
                         "while training it", model.version)
             self._judged("superseded")
             return
-        release = ModelRelease(model, pairs_seen, len(val), cand, self.worker_id, self.clock())
+        point = (int(model.n_pairs), float(cand.get(1, float("nan"))), len(val))
+        history = (self.history + (point,))[-MAX_HISTORY:]
+        release = ModelRelease(model, pairs_seen, len(val), cand, self.worker_id, self.clock(),
+                               history)
         try:
             await self.publisher.publish_model(release)
         except Exception:
@@ -433,12 +450,20 @@ class LearningLoop:
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.selector.set_model, model)
             self.validation_recall = dict(release.validation_recall)
-            self.metrics.model_quality(self.validation_recall, release.validation_pairs)
+            self.history = tuple(release.history)
+            gain = self.expected_gain()
+            self.metrics.model_quality(self.validation_recall, release.validation_pairs,
+                                       gain.gain if gain else float("nan"), self.gain_horizon)
         log.info("model version %d swapped in (%d training pairs, trained by %s)", model.version,
                  model.n_pairs, release.worker_id or "?")
         if self.on_model is not None:
             self.on_model(model)
         return True
+
+    def expected_gain(self) -> GainEstimate | None:
+        """Expected validation R@1 gain of the next ``gain_horizon`` pairs (None until the
+        lineage's learning curve has three usable points)."""
+        return expected_gain([CurvePoint(*p) for p in self.history], self.gain_horizon)
 
     async def wait_for_training(self) -> None:
         """Wait until a retrain in flight (if any) has been judged and, if accepted, installed."""

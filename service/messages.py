@@ -234,6 +234,9 @@ class ModelRelease:
         The worker that trained it.
     trained_at : float
         Seconds since the epoch.
+    history : tuple of (int, float, int)
+        The lineage's learning curve up to this version, oldest first: (training pairs, R@1 on
+        the validation pairs of the time, validation pairs). The stopping signal is fitted on it.
     """
 
     model: Any
@@ -242,6 +245,7 @@ class ModelRelease:
     validation_recall: Mapping[int, float]
     worker_id: str
     trained_at: float
+    history: tuple[tuple[int, float, int], ...] = ()
 
     @property
     def version(self) -> int:
@@ -292,6 +296,10 @@ class EngineStatus:
         Acquired pairs held out for validation (never trained on).
     trainer : bool
         Whether this worker trains the shared model lineage now.
+    expected_gain, expected_gain_se : float
+        Expected R@1 gain of the next ``expected_gain_pairs`` pairs and its standard error
+        (NaN until the learning curve has three points).
+    expected_gain_pairs : int
     """
 
     worker_id: str
@@ -313,6 +321,9 @@ class EngineStatus:
     validation_recall: Mapping[int, float] = field(default_factory=dict)
     validation_pairs: int = 0
     trainer: bool = True
+    expected_gain: float = float("nan")
+    expected_gain_se: float = float("nan")
+    expected_gain_pairs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("accepted_per_modality", "seen_per_modality", "cache_fill",
@@ -327,7 +338,9 @@ class EngineStatus:
                       pairs_acquired: int, budget_total: int | None, target_rate: float,
                       labels: Mapping[str, int], dims: Mapping[str, int],
                       validation_recall: Mapping[int, float] | None = None,
-                      validation_pairs: int = 0, trainer: bool = True) -> EngineStatus:
+                      validation_pairs: int = 0, trainer: bool = True,
+                      expected_gain: float = float("nan"), expected_gain_se: float = float("nan"),
+                      expected_gain_pairs: int = 0) -> EngineStatus:
         """Combine ``StreamingSelector.status()`` (a plain dict) with the facade's fields.
 
         Raises
@@ -346,7 +359,9 @@ class EngineStatus:
                        seen_per_modality=st["seen_per_modality"], cache_fill=st["cache_fill"],
                        cache_evictions=st["cache_evictions"], labels=labels, dims=dims,
                        validation_recall=validation_recall or {},
-                       validation_pairs=validation_pairs, trainer=trainer)
+                       validation_pairs=validation_pairs, trainer=trainer,
+                       expected_gain=expected_gain, expected_gain_se=expected_gain_se,
+                       expected_gain_pairs=expected_gain_pairs)
         except KeyError as exc:
             raise KeyError(f"selector status has no {exc.args[0]!r}; "
                            f"keys: {sorted(selector_status)}") from None
@@ -394,7 +409,8 @@ class MetricsSink(Protocol):
     def labels_duplicate(self, n: int = 1) -> None: ...
     def retrained(self, version: int, seconds: float, ok: bool) -> None: ...
     def candidate_judged(self, outcome: str) -> None: ...
-    def model_quality(self, recall: Mapping[int, float], validation_pairs: int) -> None: ...
+    def model_quality(self, recall: Mapping[int, float], validation_pairs: int,
+                      expected_gain: float = float("nan"), horizon: int = 0) -> None: ...
 
 
 class StreamMetricsSink(Protocol):
@@ -414,4 +430,5 @@ class NullMetrics:
     def labels_duplicate(self, n=1) -> None: ...
     def retrained(self, version, seconds, ok) -> None: ...
     def candidate_judged(self, outcome) -> None: ...
-    def model_quality(self, recall, validation_pairs) -> None: ...
+    def model_quality(self, recall, validation_pairs, expected_gain=float("nan"),
+                      horizon=0) -> None: ...

@@ -110,7 +110,8 @@ def build_engine(settings: Settings, metrics=None, publisher=None,
                             retrain_every=settings.retrain_every_pairs,
                             candidates_k=settings.candidates_k, on_model=on_model,
                             validation_share=settings.validation_share,
-                            gate=settings.gate_config(), is_trainer=is_trainer)
+                            gate=settings.gate_config(), is_trainer=is_trainer,
+                            gain_horizon=settings.gain_horizon_pairs)
 
 
 @dataclass

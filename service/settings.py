@@ -40,7 +40,11 @@ from service.alignment.validation import GateConfig
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.selector import SelectorConfig
-from service.learning_loop import DEFAULT_RETRAIN_EVERY, DEFAULT_VALIDATION_SHARE
+from service.learning_loop import (
+    DEFAULT_GAIN_HORIZON,
+    DEFAULT_RETRAIN_EVERY,
+    DEFAULT_VALIDATION_SHARE,
+)
 
 ENV_PREFIX = "PAIRSIEVE_"
 UNCERTAINTIES = ("least_confidence", "margin", "entropy")
@@ -265,6 +269,10 @@ class Settings:
     gate_min_pairs: int = _from(GateConfig, "min_pairs", "quality gate: validation pairs needed "
                                 "before it rejects a version", allowed=NONNEG_INT,
                                 check=_non_negative_int)
+    gain_horizon_pairs: int = _s(DEFAULT_GAIN_HORIZON, "stopping signal: N of the expected "
+                                 "validation R@1 gain of the next N pairs (GetStatus, "
+                                 "pairsieve_expected_recall_gain)", allowed=POS_INT,
+                                 check=_positive_int)
     candidates_k: int = _s(5, "partner candidates attached to each request", allowed=NONNEG_INT,
                            check=_non_negative_int)
     follow_selections: int = _s(1, "1: fold in every worker's selections (scale-out); 0: own "

@@ -259,6 +259,31 @@ def overview() -> dict:
         target(f"max by (instance) (pairsieve_pairs_acquired{S})", "pairs {{instance}}"),
     ], "short"))
 
+    L.row("Learning loop")
+    L.add(timeseries("Validation recall of the model in use", [
+        target(f"max by (k) (pairsieve_model_validation_recall{S})", "R@{{k}}"),
+    ], "percentunit", "R@1 / R@5 of the model in use on the held-out acquired pairs (mean of "
+       "both directions), measured when its version passed the quality gate (alert "
+       "ValidationRecallDropped).", min_=0, max_=1))
+    L.add(timeseries("Stopping signal: expected R@1 gain of the next pairs", [
+        target(f"max(pairsieve_expected_recall_gain{S})", "expected gain"),
+        target(f"max(pairsieve_expected_recall_gain_pairs{S})", "next N pairs"),
+    ], "short", "From the lineage's learning curve; gap until it has three points (alert "
+       "AcquisitionPlateaued below 0.005).", min_=0))
+    L.add(timeseries("Candidate versions, by outcome", [
+        target(f"sum by (outcome) (increase(pairsieve_model_candidates_total{S}[{RI}]))",
+               "{{outcome}}"),
+        target(f"sum(increase(pairsieve_labels_duplicate_total{S}[{RI}]))", "duplicate labels"),
+    ], "short", "published: passed the quality gate; rejected: worse than the model in use on "
+       "the validation pairs; failed / superseded. Duplicate labels: re-sent answers, counted "
+       "once."))
+    L.add(stat("Trainers", [target(f"sum(pairsieve_trainer{S})", "trainers")], "short",
+               "Workers training the shared lineage (1 expected; alert TrainerNotUnique).",
+               [(0, "red"), (1, "green"), (2, "red")]), w=6, h=5)
+    L.add(stat("Validation pairs", [
+        target(f"max(pairsieve_model_validation_pairs{S})", "validation pairs")], "short",
+        "Held-out acquired pairs the model in use was measured on."), w=6, h=5)
+
     L.row("Dead letters")
     L.add(timeseries("Dead letters, by reason", [
         target(f"sum by (reason) (rate(pairsieve_dead_letters_total{S}[{RI}]))", "{{reason}}")],

@@ -294,6 +294,15 @@ class PairsieveMetrics:
         self.validation_pairs = Gauge(
             "pairsieve_model_validation_pairs",
             "Held-out acquired pairs the model in use was measured on.", registry=r)
+        self.expected_gain = Gauge(
+            "pairsieve_expected_recall_gain",
+            "Stopping signal: expected validation R@1 gain of the next "
+            "pairsieve_expected_recall_gain_pairs acquired pairs, from the lineage's learning "
+            "curve (NaN until it has three points).", registry=r)
+        self.expected_gain_pairs = Gauge(
+            "pairsieve_expected_recall_gain_pairs",
+            "The N of pairsieve_expected_recall_gain (PAIRSIEVE_GAIN_HORIZON_PAIRS).", registry=r)
+        self.expected_gain.set(NAN)  # unknown, not "no gain": the plateau alert must not fire
         self.trainer = Gauge(
             "pairsieve_trainer",
             "1 when this worker trains the shared model lineage (it holds the labels partition).",
@@ -420,12 +429,16 @@ class PairsieveMetrics:
         known = ("published", "rejected", "failed", "superseded")
         self.model_candidates.labels(outcome if outcome in known else OTHER).inc()
 
-    def model_quality(self, recall: Mapping[int, float], validation_pairs: int) -> None:
-        """The validation recall (k -> R@k) of the version now in use, and its pair count."""
+    def model_quality(self, recall: Mapping[int, float], validation_pairs: int,
+                      expected_gain: float = math.nan, horizon: int = 0) -> None:
+        """The validation recall (k -> R@k) of the version now in use, its pair count, and the
+        stopping signal (expected R@1 gain of the next ``horizon`` pairs)."""
         with self._lock:
             for k in (1, 5):
                 self.validation_recall.labels(str(k)).set(_num(recall.get(k, math.nan)))
             self.validation_pairs.set(_num(validation_pairs))
+            self.expected_gain.set(_num(expected_gain))
+            self.expected_gain_pairs.set(_num(horizon))
 
     def retrained(self, version: int, seconds: float, ok: bool) -> None:
         """A retrain finished (``ok``) or failed; ``version`` is the trained (or kept) version."""

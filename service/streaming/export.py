@@ -23,9 +23,9 @@ from service.wire import codecs
 __all__ = ["read_pairs", "write_pairs"]
 
 
-def read_pairs(bootstrap: str, topic: str, dims: Mapping[str, int], *,
-               timeout_s: float = 60.0,
-               progress: Callable[[str], None] | None = None) -> dict[tuple[str, str], TrainingPair]:
+def read_pairs(bootstrap: str, topic: str, dims: Mapping[str, int], *, timeout_s: float = 60.0,
+               progress: Callable[[str], None] | None = None
+               ) -> dict[tuple[str, str], TrainingPair]:
     """Read ``topic`` from the start to its end; the latest pair per key.
 
     Parameters

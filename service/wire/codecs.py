@@ -474,7 +474,9 @@ def model_release_to_proto(r: ModelRelease) -> pb.ModelVersion:
         validation_recall=[pb.RecallAtK(k=int(k), recall=float(v))
                            for k, v in sorted(r.validation_recall.items())],
         worker_id=r.worker_id, trained_at=timestamp(r.trained_at),
-        checkpoint=r.model.to_bytes())
+        checkpoint=r.model.to_bytes(),
+        history=[pb.CurvePoint(training_pairs=int(n), recall_at_1=float(r1),
+                               validation_pairs=int(nv)) for n, r1, nv in r.history])
 
 
 def model_release_from_proto(msg: pb.ModelVersion) -> ModelRelease:
@@ -497,7 +499,9 @@ def model_release_from_proto(msg: pb.ModelVersion) -> ModelRelease:
                         validation_pairs=int(msg.validation_pairs),
                         validation_recall={int(r.k): float(r.recall)
                                            for r in msg.validation_recall},
-                        worker_id=msg.worker_id, trained_at=seconds(msg, "trained_at") or 0.0)
+                        worker_id=msg.worker_id, trained_at=seconds(msg, "trained_at") or 0.0,
+                        history=tuple((int(h.training_pairs), float(h.recall_at_1),
+                                       int(h.validation_pairs)) for h in msg.history))
 
 
 # --------------------------------------------------------------------------- gRPC requests
@@ -563,7 +567,9 @@ def status_to_proto(status: EngineStatus, serving: bool = True) -> pb.ServiceSta
         serving=bool(serving),
         validation_recall=[pb.RecallAtK(k=int(k), recall=float(v))
                            for k, v in sorted(status.validation_recall.items())],
-        validation_pairs=int(status.validation_pairs), trainer=bool(status.trainer))
+        validation_pairs=int(status.validation_pairs), trainer=bool(status.trainer),
+        expected_gain=float(status.expected_gain), expected_gain_se=float(status.expected_gain_se),
+        expected_gain_pairs=int(status.expected_gain_pairs))
 
 
 def dead_letter_bytes(reason: str, detail: str, original: bytes, topic: str | None,

@@ -31,6 +31,7 @@ from service.streaming.topics import (
     LABELS_TOPIC,
     REQUESTS_TOPIC,
     TOPICS,
+    topic_configs,
 )
 
 try:
@@ -122,7 +123,7 @@ def _kafka_init_topics() -> dict[str, tuple[int, str]]:
             continue
         words = shlex.split(line, comments=True)
         if words[0] == "create":
-            name, partitions, policy, _retention = words[1:]
+            name, partitions, policy, _retention = words[1:5]
             assert name not in out, f"topic {name} created twice"
             out[name] = (int(partitions), policy)
     return out
@@ -312,6 +313,10 @@ def test_compose_creates_exactly_the_service_topics():
     assert cm.features_partitions == topics[FEATURES_TOPIC][0]
     # every request is an event (budget, dedup replay): the requests log is never compacted
     assert topics[REQUESTS_TOPIC][1] == "delete"
+    # the acquired pairs (keyed by pair) and the newest model (one key) are compacted, as the
+    # service itself creates them (topic_configs)
+    for t, cfg in topic_configs().items():
+        assert topics[t][1] == cfg["cleanup.policy"] == "compact", t
 
 
 # --------------------------------------------------------------------------- kubernetes

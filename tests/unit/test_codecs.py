@@ -382,7 +382,8 @@ def test_model_release_round_trip_and_a_corrupt_checkpoint():
     model = AlignmentModel(DIMS, 8, version=5)
     model.n_pairs = 40
     rel = ModelRelease(model, pairs_seen=45, validation_pairs=5,
-                       validation_recall={1: 0.4, 5: 0.8}, worker_id="w0", trained_at=1234.5)
+                       validation_recall={1: 0.4, 5: 0.8}, worker_id="w0", trained_at=1234.5,
+                       history=((20, 0.25, 3), (40, 0.4, 5)))
     msg = pb.ModelVersion.FromString(codecs.model_release_to_proto(rel).SerializeToString())
     assert (msg.version, msg.training_pairs, msg.pairs_seen, msg.validation_pairs) == \
         (5, 40, 45, 5)
@@ -390,6 +391,7 @@ def test_model_release_round_trip_and_a_corrupt_checkpoint():
     assert (back.version, back.pairs_seen, back.validation_pairs, back.worker_id,
             back.trained_at) == (5, 45, 5, "w0", 1234.5)
     assert back.validation_recall == {1: 0.4, 5: 0.8} and back.model.n_pairs == 40
+    assert back.history == ((20, 0.25, 3), (40, 0.4, 5))
     for name, t in model.state_dict().items():
         np.testing.assert_array_equal(back.model.state_dict()[name].numpy(), t.numpy())
     msg.checkpoint = b"not torch"
@@ -446,6 +448,11 @@ def test_status_round_trip():
                                               validation_pairs=12, trainer=False))
     assert [(r.k, r.recall) for r in measured.validation_recall] == [(1, 0.6), (5, 0.9)]
     assert (measured.validation_pairs, measured.trainer) == (12, False)
+    assert math.isnan(msg.expected_gain)  # not known yet
+    gain = codecs.status_to_proto(_status(expected_gain=0.03, expected_gain_se=0.01,
+                                          expected_gain_pairs=100))
+    assert (gain.expected_gain, gain.expected_gain_se, gain.expected_gain_pairs) == \
+        (0.03, 0.01, 100)
 
 
 def test_dead_letter_bytes():

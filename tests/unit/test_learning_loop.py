@@ -22,6 +22,7 @@ from tests.support import data_and_model as _data_and_model
 class RecordingMetrics:
     def __init__(self):
         self.labels, self.retrains, self.duplicates, self.judged, self.quality = [], [], 0, [], []
+        self.gains = []
 
     def labels_received(self, status, n=1):
         self.labels.append((status, n))
@@ -35,8 +36,9 @@ class RecordingMetrics:
     def candidate_judged(self, outcome):
         self.judged.append(outcome)
 
-    def model_quality(self, recall, validation_pairs):
+    def model_quality(self, recall, validation_pairs, expected_gain=float("nan"), horizon=0):
         self.quality.append((dict(recall), validation_pairs))
+        self.gains.append((expected_gain, horizon))
 
 
 class RecordingPublisher:
@@ -407,3 +409,23 @@ def test_constructor_rejects_bad_values(kw, pattern):
         with pytest.raises(ValueError, match=pattern):
             LearningLoop(_selector(), AlignmentTrainer(DIMS), executor=ex, lock=asyncio.Lock(),
                          **kw)
+
+
+def test_each_version_extends_the_learning_curve_and_the_stopping_signal_follows():
+    async def body(loop, metrics, models, pub):
+        _remember_rows(loop, range(200))
+        assert loop.expected_gain() is None
+        for lo in range(0, 200, 40):
+            await loop.add_labels([_match(i) for i in range(lo, lo + 40)])
+            await loop.settle()
+        hist = pub.models[-1].history
+        assert len(hist) == len(pub.models) == 5
+        assert [h[0] for h in hist] == [r.model.n_pairs for r in pub.models]  # training pairs
+        assert all(h[1] == r.validation_recall[1] for h, r in zip(hist, pub.models, strict=True))
+        assert loop.history == hist
+        est = loop.expected_gain()
+        assert est is not None and est.horizon == 50 and est.gain >= 0
+        assert metrics.quality[-1][0] == loop.validation_recall
+        assert metrics.gains[-1] == (est.gain, 50)
+
+    run_loop(body, retrain_every=40, validation_share=0.3, gain_horizon=50)

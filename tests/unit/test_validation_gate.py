@@ -87,3 +87,38 @@ def test_model_bytes_round_trip_and_garbage_is_refused():
     np.testing.assert_allclose(back.embed("image", x), m.embed("image", x), atol=1e-6)
     with pytest.raises(ValueError, match=r"not a model checkpoint \(3 bytes\)"):
         AlignmentModel.from_bytes(b"abc")
+
+
+# ------------------------------------------------------------------ stopping signal
+def _curve(ns, f, nv=50):
+    from service.alignment.learning_curve import CurvePoint
+    return [CurvePoint(n, f(n), nv) for n in ns]
+
+
+def test_expected_gain_of_a_log_linear_curve_and_of_a_flat_one():
+    import math
+
+    from service.alignment.learning_curve import expected_gain
+
+    rising = _curve([25, 50, 100, 200], lambda n: 0.1 * math.log(n) - 0.2)
+    est = expected_gain(rising, 100)
+    assert est.points == 4 and est.horizon == 100
+    assert est.gain == pytest.approx(0.1 * math.log(300 / 200), abs=1e-9)
+    flat = _curve([25, 50, 100, 200], lambda n: 0.7)
+    assert expected_gain(flat, 100).gain == 0.0
+    falling = _curve([25, 50, 100, 200], lambda n: 1.0 - 0.001 * n)
+    assert expected_gain(falling, 100).gain == 0.0  # never negative
+    # the standard error floors at the validation sampling noise even on a perfect fit
+    assert est.se > 0
+
+
+def test_expected_gain_needs_three_usable_points_and_caps_at_what_is_left():
+    from service.alignment.learning_curve import expected_gain
+
+    assert expected_gain(_curve([25, 50], lambda n: 0.1), 100) is None
+    assert expected_gain(_curve([25, 25, 25], lambda n: 0.1), 100) is None  # one pair count
+    assert expected_gain(_curve([25, 50, 100], lambda n: 0.5, nv=3), 100) is None  # too noisy
+    steep = _curve([10, 20, 40], lambda n: min(0.99, n / 41))
+    assert expected_gain(steep, 1000).gain <= 1 - 40 / 41 + 1e-9
+    with pytest.raises(ValueError, match="horizon must be >= 1, got 0"):
+        expected_gain(steep, 0)

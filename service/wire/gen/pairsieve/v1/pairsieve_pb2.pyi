@@ -204,7 +204,7 @@ class RecallAtK(_message.Message):
     def __init__(self, k: _Optional[int] = ..., recall: _Optional[float] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("version", "training_pairs", "pairs_seen", "validation_pairs", "validation_recall", "worker_id", "trained_at", "checkpoint")
+    __slots__ = ("version", "training_pairs", "pairs_seen", "validation_pairs", "validation_recall", "worker_id", "trained_at", "checkpoint", "history")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_PAIRS_FIELD_NUMBER: _ClassVar[int]
     PAIRS_SEEN_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class ModelVersion(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINED_AT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     version: int
     training_pairs: int
     pairs_seen: int
@@ -221,7 +222,18 @@ class ModelVersion(_message.Message):
     worker_id: str
     trained_at: _timestamp_pb2.Timestamp
     checkpoint: bytes
-    def __init__(self, version: _Optional[int] = ..., training_pairs: _Optional[int] = ..., pairs_seen: _Optional[int] = ..., validation_pairs: _Optional[int] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., worker_id: _Optional[str] = ..., trained_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checkpoint: _Optional[bytes] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[CurvePoint]
+    def __init__(self, version: _Optional[int] = ..., training_pairs: _Optional[int] = ..., pairs_seen: _Optional[int] = ..., validation_pairs: _Optional[int] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., worker_id: _Optional[str] = ..., trained_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checkpoint: _Optional[bytes] = ..., history: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ...) -> None: ...
+
+class CurvePoint(_message.Message):
+    __slots__ = ("training_pairs", "recall_at_1", "validation_pairs")
+    TRAINING_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    RECALL_AT_1_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    training_pairs: int
+    recall_at_1: float
+    validation_pairs: int
+    def __init__(self, training_pairs: _Optional[int] = ..., recall_at_1: _Optional[float] = ..., validation_pairs: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("reason", "detail", "original", "source_topic", "source_partition", "source_offset", "failed_at")
@@ -258,7 +270,7 @@ class ModalityStatus(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., dim: _Optional[int] = ..., seen: _Optional[int] = ..., accepted: _Optional[int] = ..., cache_fill: _Optional[float] = ..., cache_evictions: _Optional[int] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("worker_id", "budget_total", "budget_spent", "budget_remaining", "acceptance_rate", "target_rate", "threshold", "model_version", "pairs_acquired", "modalities", "serving", "validation_recall", "validation_pairs", "trainer")
+    __slots__ = ("worker_id", "budget_total", "budget_spent", "budget_remaining", "acceptance_rate", "target_rate", "threshold", "model_version", "pairs_acquired", "modalities", "serving", "validation_recall", "validation_pairs", "trainer", "expected_gain", "expected_gain_se", "expected_gain_pairs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +285,9 @@ class ServiceStatus(_message.Message):
     VALIDATION_RECALL_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_PAIRS_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GAIN_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GAIN_SE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GAIN_PAIRS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     budget_total: int
     budget_spent: int
@@ -287,7 +302,10 @@ class ServiceStatus(_message.Message):
     validation_recall: _containers.RepeatedCompositeFieldContainer[RecallAtK]
     validation_pairs: int
     trainer: bool
-    def __init__(self, worker_id: _Optional[str] = ..., budget_total: _Optional[int] = ..., budget_spent: _Optional[int] = ..., budget_remaining: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_rate: _Optional[float] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., pairs_acquired: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStatus, _Mapping]]] = ..., serving: _Optional[bool] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., validation_pairs: _Optional[int] = ..., trainer: _Optional[bool] = ...) -> None: ...
+    expected_gain: float
+    expected_gain_se: float
+    expected_gain_pairs: int
+    def __init__(self, worker_id: _Optional[str] = ..., budget_total: _Optional[int] = ..., budget_spent: _Optional[int] = ..., budget_remaining: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_rate: _Optional[float] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., pairs_acquired: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStatus, _Mapping]]] = ..., serving: _Optional[bool] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., validation_pairs: _Optional[int] = ..., trainer: _Optional[bool] = ..., expected_gain: _Optional[float] = ..., expected_gain_se: _Optional[float] = ..., expected_gain_pairs: _Optional[int] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("events",)
