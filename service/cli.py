@@ -124,6 +124,9 @@ def _cmd_bench_stream_cost(args) -> int:
 def _cmd_bench_long_stream(args) -> int:
     from service.evaluation import long_stream
 
+    if args.render:
+        print(f"wrote {long_stream.rerender(Path(args.out))}")
+        return 0
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     res = long_stream.run(args.dataset, args.budget, seeds, args.retrain_every, args.test_size,
                           jobs=args.jobs)
@@ -317,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--out", default="reports/long-stream.md")
     ls.add_argument("--jobs", type=int, default=2,
                     help="runs in parallel (processes with one compute thread each)")
+    ls.add_argument("--render", action="store_true",
+                    help="only re-write --out from its -results.json (e.g. after editing the "
+                         "-notes.md beside it); runs nothing")
     ls.set_defaults(func=_cmd_bench_long_stream)
 
     b = sub.add_parser("bench", help="engine vs matmul reference, peers, stream cost, profile, "

@@ -313,23 +313,35 @@ class LearningLoop:
 
     async def ingest_pairs(self, pairs: Sequence[TrainingPair]) -> int:
         """Store pairs published by any worker (read back from the training-pairs topic), under
-        the engine lock. An echo of a pair already stored changes nothing. Returns the number of
-        new pair keys."""
+        the engine lock; the partners they reveal go to the caches in one engine call per
+        modality. An echo of a pair already stored changes nothing. Returns the number of new
+        pair keys."""
         async with self._lock:
-            added = 0
+            reveal: dict[str, list[np.ndarray]] = {}
             for p in pairs:
-                added += await self._ingest(p)
+                side = self._store(p)
+                if side is not None:
+                    reveal.setdefault(side[0], []).append(side[1])
+            await self._reveal(reveal)
             self.maybe_retrain()
-        return added
+        return sum(len(v) for v in reveal.values())
 
     async def _ingest(self, p: TrainingPair) -> bool:
         """Store one pair (the caller holds the lock). True when its key is new."""
+        side = self._store(p)
+        if side is not None:
+            await self._reveal({side[0]: [side[1]]})
+        return side is not None
+
+    def _store(self, p: TrainingPair) -> tuple[str, np.ndarray] | None:
+        """Put ``p`` in the store; for a new key, the (modality, vector) its label revealed (the
+        labelled item was selected: it is cached already), else None."""
         key = p.key
         old = self._pairs.get(key)
         if old is not None and old.request_id == p.request_id \
                 and np.array_equal(old.vector_a, p.vector_a) \
                 and np.array_equal(old.vector_b, p.vector_b):
-            return False  # our own publication read back, or a redelivery
+            return None  # our own publication read back, or a redelivery
         ma, mb = self.modalities
         self._pairs[key] = p
         if self.is_validation(key):
@@ -339,12 +351,18 @@ class LearningLoop:
         self._items.put(p.item_id_a, (ma, p.vector_a))
         self._items.put(p.item_id_b, (mb, p.vector_b))
         if old is not None:
-            return False
-        # the side the label revealed (the labelled item was selected: it is cached already)
-        revealed = (ma, p.vector_a) if p.labeled_item_id == p.item_id_b else (mb, p.vector_b)
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.selector.reveal_partner, revealed[0], revealed[1][None, :])
-        return True
+            return None
+        return (ma, p.vector_a) if p.labeled_item_id == p.item_id_b else (mb, p.vector_b)
+
+    async def _reveal(self, by_modality: Mapping[str, list[np.ndarray]]) -> None:
+        if not by_modality:
+            return
+
+        def work() -> None:
+            for m, vecs in by_modality.items():
+                self.selector.reveal_partner(m, np.stack(vecs))
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     # ------------------------------------------------------------------ training
     @property

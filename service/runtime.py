@@ -207,8 +207,9 @@ async def start_service(settings: Settings) -> Service:
 
     handler = build_engine(settings, metrics, publisher, model, is_trainer=is_trainer)
     metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
-    followers = [models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler),
-                 pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler)]
+    followers: list[TopicFollower] = [
+        models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler),
+        pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler)]
     if settings.follow_selections:
         followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler))
     else:

@@ -4,8 +4,9 @@
   ``acks=all`` and waits for every acknowledgement, so the engine changes state only for durably
   published records (the :class:`~service.messages.Publisher` port).
 * :class:`TopicFollower` reads one topic from the beginning, outside any consumer group
-  (partitions assigned explicitly: every worker must see every record), and hands each record to
-  a callback; ``caught_up`` is set after the first poll that found nothing more. Three of them run
+  (partitions assigned explicitly: every worker must see every record), decodes each record and
+  folds what one poll returned in one call (a replay of 100k records is a few hundred engine
+  calls, not 100k); ``caught_up`` is set after the first poll that found nothing more. Three run
   in a worker (:func:`selection_follower`, :func:`pairs_follower`, :func:`models_follower`): the
   requests topic (other workers' selections and, after a restart, this worker's earlier ones), the
   training pairs and the model versions.
@@ -17,14 +18,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
-from service.messages import AlignmentRequestOut, ModelRelease, TrainingPair
+from service.messages import AlignmentRequestOut, ModelRelease, Outcome, TrainingPair
 from service.wire import codecs
+
+T = TypeVar("T")
 
 log = logging.getLogger("pairsieve.kafka")
 
@@ -94,24 +98,28 @@ class KafkaPublisher:
         await self._producer.stop()
 
 
-class TopicFollower:
-    """Tails ``topic`` (all partitions, from the start) into ``on_record``.
+class TopicFollower(Generic[T]):
+    """Tails ``topic`` (all partitions, from the start) into ``fold``.
 
     Parameters
     ----------
     bootstrap, topic : str
-    on_record : async callable(ConsumerRecord) -> bool
-        Folds one record in; True when it changed this worker's state. ``ValueError`` and
-        ``DecodeError`` mean a foreign or corrupt record: logged with its offset and skipped.
+    decode : callable(bytes) -> T
+        One record value to a message; ``ValueError`` or ``DecodeError`` mean a foreign or
+        corrupt record: logged with its offset and skipped.
+    fold : async callable(list of T) -> int
+        Folds the decoded records of one poll (in topic order per partition) into the worker;
+        returns how many changed its state.
     name : str
         For logs and the task name (e.g. ``selections``).
     """
 
-    def __init__(self, bootstrap: str, topic: str,
-                 on_record: Callable[[ConsumerRecord], Awaitable[bool]], *, name: str):
+    def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], T],
+                 fold: Callable[[list[T]], Awaitable[int]], *, name: str):
         self.topic = topic
         self.name = name
-        self._on_record = on_record
+        self._decode = decode
+        self._fold = fold
         self._bootstrap = bootstrap
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
@@ -149,17 +157,19 @@ class TopicFollower:
         assert c is not None
         try:
             while True:
-                batches = await c.getmany(timeout_ms=100, max_records=500)
+                batches = await c.getmany(timeout_ms=100, max_records=2000)
                 for tp, records in batches.items():
+                    items = []
                     for rec in records:
                         self.read += 1
                         try:
-                            if await self._on_record(rec):
-                                self.folded += 1
+                            items.append(self._decode(rec.value))
                         except (ValueError, DecodeError) as exc:  # foreign or corrupt: log, go on
                             self.skipped += 1
                             log.warning("skipping unreadable %s record at %s@%d: %s", self.name,
                                         tp, rec.offset, exc)
+                    if items:
+                        self.folded += await self._fold(items)
                 # Caught up = a poll that found nothing more. (tansu's ListOffsets reports a
                 # wrong end offset, so end_offsets() cannot be used for this.)
                 if not batches and not self.caught_up.is_set():
@@ -187,31 +197,42 @@ class TopicFollower:
             await self._consumer.stop()
 
 
-def selection_follower(bootstrap: str, topic: str, handler: SelectionHandler) -> TopicFollower:
+def selection_follower(bootstrap: str, topic: str, handler: SelectionHandler
+                       ) -> TopicFollower[tuple[Outcome, np.ndarray]]:
     """Folds every worker's selections (the requests topic) into ``handler``: spend, caches and
     the dedup memory survive a restart and are shared by the workers."""
-    async def fold(rec: ConsumerRecord) -> bool:
-        outcome, vec = codecs.request_from_proto(codecs.pb.AlignmentRequest.FromString(rec.value))
-        return await handler.observe_remote_selection(outcome, vec)
+    def decode(value: bytes) -> tuple[Outcome, np.ndarray]:
+        return codecs.request_from_proto(codecs.pb.AlignmentRequest.FromString(value))
 
-    return TopicFollower(bootstrap, topic, fold, name="selections")
+    return TopicFollower(bootstrap, topic, decode, handler.observe_remote_selections,
+                         name="selections")
 
 
-def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler) -> TopicFollower:
+def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler
+                   ) -> TopicFollower[TrainingPair]:
     """Folds the acquired pairs (the training-pairs topic) into ``handler``'s pairs store."""
     dims = handler.dims
 
-    async def fold(rec: ConsumerRecord) -> bool:
-        pair = codecs.pair_from_proto(codecs.pb.TrainingPair.FromString(rec.value), dims)
-        return await handler.learning.ingest_pairs([pair]) > 0
+    def decode(value: bytes) -> TrainingPair:
+        return codecs.pair_from_proto(codecs.pb.TrainingPair.FromString(value), dims)
 
-    return TopicFollower(bootstrap, topic, fold, name="training pairs")
+    return TopicFollower(bootstrap, topic, decode, handler.learning.ingest_pairs,
+                         name="training pairs")
 
 
-def models_follower(bootstrap: str, topic: str, handler: SelectionHandler) -> TopicFollower:
-    """Offers every published model version to ``handler`` (the newest is swapped in)."""
-    async def fold(rec: ConsumerRecord) -> bool:
-        release = codecs.model_release_from_proto(codecs.pb.ModelVersion.FromString(rec.value))
-        return await handler.learning.offer_model(release)
+def models_follower(bootstrap: str, topic: str, handler: SelectionHandler
+                    ) -> TopicFollower[codecs.pb.ModelVersion]:
+    """Offers the newest model version of each poll to ``handler`` (older ones of the same poll
+    are never loaded: a replay without compaction reads every version's checkpoint bytes, but
+    deserialises one)."""
+    async def fold(msgs: list[codecs.pb.ModelVersion]) -> int:
+        newest = max(msgs, key=lambda m: m.version)
+        try:
+            release = codecs.model_release_from_proto(newest)
+        except ValueError as exc:
+            log.warning("skipping unreadable model version %d: %s", newest.version, exc)
+            return 0
+        return int(await handler.learning.offer_model(release))
 
-    return TopicFollower(bootstrap, topic, fold, name="models")
+    return TopicFollower(bootstrap, topic, codecs.pb.ModelVersion.FromString, fold,
+                         name="models")

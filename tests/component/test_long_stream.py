@@ -85,6 +85,12 @@ def test_cli_bench_long_stream_writes_curve_cost_table_plot_and_json(tmp_path, c
         ("random", 0), ("random", 1)]
     assert all(r["stream_order"] == "dataset" for r in data["runs"])
     assert (out.with_suffix(".png")).stat().st_size > 1000
+    # notes edited by hand: --render re-writes the report from the results, running nothing
+    (out.parent / "long-notes.md").write_text("## Findings\n\n- a hand-written finding\n")
+    assert main(["bench-long-stream", "--render", "--out", str(out)]) == 0
+    again = out.read_text()
+    assert again.endswith("- a hand-written finding\n")
+    assert again.split("## Findings")[0].rstrip() == report.rstrip()  # same figures, same command
 
 
 def test_parallel_runs_give_the_same_curves_as_sequential_ones():
