@@ -162,7 +162,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_export_pairs(args) -> int:
-    from service.alignment.validation import is_validation
+    from service.alignment.quality_gate import is_validation
     from service.settings import Settings
     from service.streaming.export import read_pairs, write_pairs
     from service.streaming.topics import TRAINING_PAIRS_TOPIC

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
-from service.alignment.validation import GateConfig
+from service.alignment.quality_gate import GateConfig
 from service.core.pool import DEFAULT_STRATEGY as DEFAULT_POOL_STRATEGY
 from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState

@@ -12,7 +12,7 @@
   :meth:`LearningLoop.ingest_pairs`; a pair labelled again replaces itself. Labels are
   deduplicated by request id: a re-sent label is counted once;
 * the **validation split**: a deterministic share of the pairs (by a hash of the key,
-  :mod:`service.alignment.validation`) is held out and never trained on;
+  :mod:`service.alignment.quality_gate`) is held out and never trained on;
 * **retraining**, only on the worker that holds the trainer role (``is_trainer``; in the service
   the owner of the labels partition): every ``retrain_every`` new pairs a candidate version is
   trained in the training executor, off the event loop and off the scoring thread;
@@ -45,7 +45,7 @@ import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
 from service.alignment.learning_curve import MAX_HISTORY, CurvePoint, GainEstimate, expected_gain
-from service.alignment.validation import GateConfig, is_validation, judge, validation_recall
+from service.alignment.quality_gate import GateConfig, is_validation, judge, validation_recall
 from service.core.selector import StreamingSelector
 from service.core.validation import as_matrix, check_modality
 from service.lru import LRU

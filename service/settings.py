@@ -35,8 +35,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
+from service.alignment.quality_gate import GateConfig
 from service.alignment.trainer import TrainerConfig
-from service.alignment.validation import GateConfig
 from service.core.acquisition import AcquisitionConfig
 from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.selector import SelectorConfig

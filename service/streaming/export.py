@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.alignment.validation import is_validation
+from service.alignment.quality_gate import is_validation
 from service.messages import TrainingPair
 from service.wire import codecs
 

@@ -385,11 +385,22 @@ def test_naming_contract_and_no_item_ids(reg, m, status, scrape):
     m.engine_state(status)
     m.labels_received("UNSURE")
     m.retrained(1, 0.5, True)
+    m.candidate_judged("published")
+    m.candidate_judged("item-123")  # not an outcome: counted as other
+    m.labels_duplicate(2)
+    m.model_quality({1: 0.5, 5: 0.75}, 12, 0.02, 100)
     m.dead_lettered("decode_error", "item-123")
     m.grpc_request("item-123", "OK", 0.01)
     m.scorer_device("cpu")
     m.consumer_lag("pairsieve.features.v1", 1)
     s = scrape()
+    assert s("pairsieve_model_candidates_total", outcome="published") == 1
+    assert s("pairsieve_model_candidates_total", outcome="other") == 1
+    assert s("pairsieve_labels_duplicate_total") == 2
+    assert s("pairsieve_model_validation_recall", k="5") == 0.75
+    assert s("pairsieve_model_validation_pairs") == 12
+    assert (s("pairsieve_expected_recall_gain"), s("pairsieve_expected_recall_gain_pairs")) == \
+        (0.02, 100)
     assert s.families
     for fam in s.families:
         assert fam.name.startswith("pairsieve_"), fam.name

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.alignment import AlignmentTrainer
-from service.alignment.validation import GateConfig
+from service.alignment.quality_gate import GateConfig
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.learning_loop import LearningLoop
 from service.messages import Label, LabelResult, ModelRelease, TrainingPair

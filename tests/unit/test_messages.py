@@ -15,7 +15,9 @@ from service.messages import LABEL_STATUSES, EngineStatus
 
 FIELDS = ("worker_id", "spent", "remaining", "budget_total", "seen", "acceptance_rate",
           "target_rate", "threshold", "model_version", "pairs_acquired", "accepted_per_modality",
-          "seen_per_modality", "cache_fill", "cache_evictions", "labels", "dims")
+          "seen_per_modality", "cache_fill", "cache_evictions", "labels", "dims",
+          "validation_recall", "validation_pairs", "trainer", "expected_gain", "expected_gain_se",
+          "expected_gain_pairs")
 
 
 def _selector_status(**over):
@@ -49,6 +51,9 @@ def test_from_selector_fills_every_field():
     assert st.cache_evictions == {"image": 0, "text": 1}
     assert st.labels == {"MATCH": 2, "NO_MATCH": 0, "UNSURE": 1}
     assert st.dims == {"image": 12, "text": 8}
+    # the learning loop's fields default to "nothing measured yet", this worker trains
+    assert (st.validation_recall, st.validation_pairs, st.trainer) == ({}, 0, True)
+    assert math.isnan(st.expected_gain) and st.expected_gain_pairs == 0
 
 
 def test_is_frozen_including_its_mappings():

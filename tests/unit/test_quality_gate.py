@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.alignment.validation import (
+from service.alignment.quality_gate import (
     GateConfig,
     holdout_fraction,
     is_validation,
