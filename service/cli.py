@@ -187,6 +187,25 @@ def _cmd_export_pairs(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    from service.settings import Settings
+    from service.streaming.export import explain
+    from service.streaming.topics import DECISIONS_TOPIC, TRAINING_PAIRS_TOPIC
+
+    overrides = {k: v for k, v in (("kafka_bootstrap", args.bootstrap),
+                                   ("topic_suffix", args.topic_suffix),
+                                   ("modalities", args.modalities)) if v is not None}
+    settings = Settings.from_env(**overrides)
+    if not settings.kafka_bootstrap:
+        raise ValueError("explain reads a running deployment's broker: set "
+                         "PAIRSIEVE_KAFKA_BOOTSTRAP or --bootstrap")
+    for line in explain(settings.kafka_bootstrap, settings.topic(DECISIONS_TOPIC),
+                        settings.topic(TRAINING_PAIRS_TOPIC), settings.dims, args.id,
+                        timeout_s=args.timeout):
+        print(line)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from service.demo import main as demo_main
 
@@ -296,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--modalities", help="NAME:DIM,NAME:DIM (default PAIRSIEVE_MODALITIES)")
     x.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
     x.set_defaults(func=_cmd_export_pairs)
+
+    w = sub.add_parser("explain", help="what pairsieve decided about an event or item, and why",
+                       description="Search the decision log (pairsieve.decisions.v1) of a running "
+                                   "deployment for an event or item id and print each decision "
+                                   "with its reason, utility vs threshold, score components, "
+                                   "model version and worker, and the training pair of the item "
+                                   "if one was acquired.")
+    w.add_argument("id", help="an event id or an item id")
+    w.add_argument("--bootstrap", help="Kafka bootstrap (default PAIRSIEVE_KAFKA_BOOTSTRAP)")
+    w.add_argument("--topic-suffix", help="default PAIRSIEVE_TOPIC_SUFFIX")
+    w.add_argument("--modalities", help="NAME:DIM,NAME:DIM (default PAIRSIEVE_MODALITIES)")
+    w.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
+    w.set_defaults(func=_cmd_explain)
 
     c = sub.add_parser("bench-stream-cost", help="per-item selector cost over a long stream")
     c.add_argument("--items", type=int, default=1_000_000)

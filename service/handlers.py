@@ -6,8 +6,9 @@ order of operations for every batch, whatever its transport:
 1. drop events already decided (redelivery: the earlier decision is returned, marked duplicate;
    nothing is spent again and no second alignment request is made);
 2. ``propose`` in the torch executor (the asyncio loop never runs torch);
-3. publish one :class:`AlignmentRequestOut` per accepted event through the injected
-   :class:`Publisher`, and wait until it is durably written;
+3. publish one :class:`AlignmentRequestOut` per accepted event, and every decision (accept and
+   skip) to the decision log, through the injected :class:`Publisher`, and wait until both are
+   durably written;
 4. only then ``commit`` (budget, caches, history) and remember the decisions.
 
 A batch whose publish fails is not committed: the caller sees the exception, nothing was spent,
@@ -57,6 +58,10 @@ from service.messages import (
     Outcome,
     Publisher,
 )
+
+
+async def _done() -> None:
+    return None
 
 
 class SelectionHandler:
@@ -206,8 +211,10 @@ class SelectionHandler:
                             request_id=ev.event_id, item_id=ev.item_id, modality=ev.modality,
                             vector=vec, candidates=cands.get(ev.item_id, []),
                             outcome=out, requested_at=now, metadata=dict(ev.metadata)))
-                if requests:
-                    await self.publisher.publish_requests(requests)  # raises -> nothing committed
+                # raises -> nothing committed (the redelivered batch is decided afresh)
+                await asyncio.gather(
+                    self.publisher.publish_requests(requests) if requests else _done(),
+                    self.publisher.publish_decisions(list(outcomes.values()), now))
                 await loop.run_in_executor(self._executor, self.selector.commit, proposal)
                 for ev_id, out in outcomes.items():
                     self._decided.put(ev_id, out)
@@ -283,6 +290,19 @@ class SelectionHandler:
                 self.learning.remember(outcome.decision.item_id, outcome.decision.modality, vec)
             self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return len(fresh)
+
+    async def observe_remote_decisions(self, outcomes: Sequence[Outcome]) -> int:
+        """Remember skip decisions from the decision log (any worker's, this one's before a
+        restart): a redelivery of such an event gets the earlier verdict, marked duplicate.
+        Accepts are folded in from the requests topic instead (they carry the spend); putting
+        them here first would hide them from :meth:`observe_remote_selections`. Returns the
+        number remembered."""
+        n = 0
+        for o in outcomes:
+            if not o.decision.accept and o.event_id not in self._decided:
+                self._decided.put(o.event_id, o)
+                n += 1
+        return n
 
     # ------------------------------------------------------------------ labels
     async def report_alignment(self, labels: Sequence[Label]) -> LabelResult:

@@ -166,6 +166,7 @@ class LearningLoop:
         self.gain_horizon = int(gain_horizon)
         self.history: tuple[tuple[int, float, int], ...] = ()  # of the version in use
         self.labels_by_status = {s: 0 for s in LABEL_STATUSES}
+        self.duplicate_labels = 0
         self.candidates = {"published": 0, "rejected": 0, "failed": 0, "superseded": 0}
 
     # ------------------------------------------------------------------ model
@@ -305,6 +306,7 @@ class LearningLoop:
             for p in pairs:
                 await self._ingest(p)
             if duplicates:
+                self.duplicate_labels += duplicates
                 self.metrics.labels_duplicate(duplicates)
             self.maybe_retrain()
         ignored = len(fresh) - len(pairs) - len(unresolved)

@@ -374,13 +374,15 @@ class EngineStatus:
 
 # --------------------------------------------------------------------------- ports
 class Publisher(Protocol):
-    """Where accepted items, acquired pairs and model versions go (topics, in the service).
+    """Where accepted items, decisions, acquired pairs and model versions go (topics, in the
+    service).
 
     Every method returns only once its records are durably written, and raises if that cannot
     be guaranteed (the caller then changes no state).
     """
 
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None: ...
+    async def publish_decisions(self, outcomes: Sequence[Outcome], decided_at: float) -> None: ...
     async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None: ...
     async def publish_model(self, release: ModelRelease) -> None: ...
 
@@ -389,6 +391,9 @@ class NullPublisher:
     """Publishes nowhere (one process, nothing shared: pool-only, offline or simulated use)."""
 
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
+        return None
+
+    async def publish_decisions(self, outcomes: Sequence[Outcome], decided_at: float) -> None:
         return None
 
     async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None:

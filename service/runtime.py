@@ -6,7 +6,8 @@ fails here), all before any side effect -> broker (embedded tansu when
 ``PAIRSIEVE_KAFKA_BOOTSTRAP`` is unset) -> topics (explicit partition counts; the training-pairs
 and models topics compacted) -> metrics HTTP -> publisher -> engine -> the followers, each read to
 its end before anything is decided: selections (budget, caches and decided ids survive a
-restart), training pairs (the shared training set), model versions (the newest is swapped in) ->
+restart), training pairs (the shared training set), model versions (the newest is swapped in),
+the recent decision log (skipped event ids) ->
 faust stream processor (the worker holding the labels partition trains) -> gRPC server -> health
 SERVING.
 
@@ -41,11 +42,13 @@ from service.streaming.broker import EmbeddedBroker
 from service.streaming.kafka_io import (
     KafkaPublisher,
     TopicFollower,
+    decisions_follower,
     models_follower,
     pairs_follower,
     selection_follower,
 )
 from service.streaming.topics import (
+    DECISIONS_TOPIC,
     MODELS_TOPIC,
     REQUESTS_TOPIC,
     TRAINING_PAIRS_TOPIC,
@@ -197,6 +200,8 @@ async def start_service(settings: Settings) -> Service:
     publisher = KafkaPublisher(bootstrap, settings.topic(REQUESTS_TOPIC),
                                pairs_topic=settings.topic(TRAINING_PAIRS_TOPIC),
                                models_topic=settings.topic(MODELS_TOPIC),
+                               decisions_topic=(settings.topic(DECISIONS_TOPIC)
+                                                if settings.decision_log else None),
                                modalities=list(settings.dims),
                                max_request_bytes=settings.max_message_bytes)
     await publisher.start()
@@ -212,6 +217,9 @@ async def start_service(settings: Settings) -> Service:
         pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler)]
     if settings.follow_selections:
         followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler))
+    if settings.decision_log and settings.decision_replay:
+        followers.append(decisions_follower(bootstrap, settings.topic(DECISIONS_TOPIC), handler,
+                                            settings.decision_replay))
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "
                     "(near-duplicates may be accepted twice; for measurements only)")

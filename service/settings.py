@@ -277,6 +277,13 @@ class Settings:
                            check=_non_negative_int)
     follow_selections: int = _s(1, "1: fold in every worker's selections (scale-out); 0: own "
                                    "only", allowed="0 or 1", check=lambda v: v in (0, 1))
+    decision_log: int = _s(1, "1: publish every decision (accept and skip, components, "
+                              "threshold, model version, reason, worker) to "
+                              "pairsieve.decisions.v1 (`pairsieve explain`); 0: off",
+                           allowed="0 or 1", check=lambda v: v in (0, 1))
+    decision_replay: int = _s(200_000, "decision-log records per partition replayed at start-up "
+                                       "(a redelivered skipped event gets its earlier verdict); "
+                                       "0: none", allowed=NONNEG_INT, check=_non_negative_int)
     model_dir: str = _s("", "checkpoint directory (loaded at start, written on every new "
                             "version; created with the first checkpoint); unset = none")
     device: str = _s("", "torch device: cpu, cuda, cuda:N, or auto (unset = auto: cuda when "

@@ -34,8 +34,9 @@ log = logging.getLogger("pairsieve.kafka")
 
 
 class KafkaPublisher:
-    """Publishes alignment requests (key = item id), training pairs (key = pair key) and model
-    versions (key ``model``), each call returning once every record is acknowledged.
+    """Publishes alignment requests (key = item id), decisions (key = event id), training pairs
+    (key = pair key) and model versions (key ``model``), each call returning once every record
+    is acknowledged.
 
     Parameters
     ----------
@@ -44,15 +45,18 @@ class KafkaPublisher:
         The requests topic.
     pairs_topic, models_topic : str or None
         Where :meth:`publish_pairs` and :meth:`publish_model` write (None: those raise).
+    decisions_topic : str or None
+        The decision log (None: decisions are not logged).
     modalities : sequence of str
         The configured (modality a, modality b) (recorded in every pair).
     max_request_bytes : int
     """
 
     def __init__(self, bootstrap: str, topic: str, *, pairs_topic: str | None = None,
-                 models_topic: str | None = None, modalities: Sequence[str] = (),
-                 max_request_bytes: int = 16 * 1024 * 1024):
+                 models_topic: str | None = None, decisions_topic: str | None = None,
+                 modalities: Sequence[str] = (), max_request_bytes: int = 16 * 1024 * 1024):
         self.topic = topic
+        self.decisions_topic = decisions_topic
         self.pairs_topic = pairs_topic
         self.models_topic = models_topic
         self.modalities = tuple(modalities)
@@ -74,6 +78,13 @@ class KafkaPublisher:
             (r.item_id.encode(), codecs.request_to_proto(r).SerializeToString())
             for r in requests])
         self.published += len(requests)
+
+    async def publish_decisions(self, outcomes: Sequence[Outcome], decided_at: float) -> None:
+        if self.decisions_topic is None or not outcomes:
+            return
+        await self._send_all(self.decisions_topic, [
+            (o.event_id.encode(), codecs.decision_record_to_proto(o, decided_at)
+             .SerializeToString()) for o in outcomes])
 
     async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None:
         if self.pairs_topic is None:
@@ -112,11 +123,15 @@ class TopicFollower(Generic[T]):
         returns how many changed its state.
     name : str
         For logs and the task name (e.g. ``selections``).
+    tail : int or None
+        Read only the last ``tail`` records of each partition (None: from the beginning).
     """
 
     def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], T],
-                 fold: Callable[[list[T]], Awaitable[int]], *, name: str):
+                 fold: Callable[[list[T]], Awaitable[int]], *, name: str,
+                 tail: int | None = None):
         self.topic = topic
+        self.tail = tail
         self.name = name
         self._decode = decode
         self._fold = fold
@@ -148,6 +163,11 @@ class TopicFollower(Generic[T]):
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
+        if self.tail is not None:
+            first = await c.beginning_offsets(tps)
+            end = await c.end_offsets(tps)
+            for tp in tps:
+                c.seek(tp, max(first[tp], end[tp] - self.tail))
         self._consumer = c
         self._task = asyncio.get_running_loop().create_task(self._run(),
                                                             name=f"{self.name}-follower")
@@ -218,6 +238,17 @@ def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler
 
     return TopicFollower(bootstrap, topic, decode, handler.learning.ingest_pairs,
                          name="training pairs")
+
+
+def decisions_follower(bootstrap: str, topic: str, handler: SelectionHandler, tail: int
+                       ) -> TopicFollower[Outcome]:
+    """Remembers the skip decisions of the last ``tail`` records of each decision-log partition
+    (a redelivered event gets its earlier verdict after a restart or a rebalance too)."""
+    def decode(value: bytes) -> Outcome:
+        return codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(value))[0]
+
+    return TopicFollower(bootstrap, topic, decode, handler.observe_remote_decisions,
+                         name="decisions", tail=tail)
 
 
 def models_follower(bootstrap: str, topic: str, handler: SelectionHandler

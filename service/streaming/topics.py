@@ -15,8 +15,8 @@ import time
 log = logging.getLogger("pairsieve.broker")
 
 __all__ = ["FEATURES_TOPIC", "REQUESTS_TOPIC", "LABELS_TOPIC", "DEAD_LETTER_TOPIC",
-           "TRAINING_PAIRS_TOPIC", "MODELS_TOPIC", "TOPICS", "topic_specs", "topic_configs",
-           "create_topics", "admin_client", "check_bootstrap"]
+           "TRAINING_PAIRS_TOPIC", "MODELS_TOPIC", "DECISIONS_TOPIC", "TOPICS", "topic_specs",
+           "topic_configs", "create_topics", "admin_client", "check_bootstrap"]
 
 FEATURES_TOPIC = "pairsieve.features.v1"
 REQUESTS_TOPIC = "pairsieve.alignment-requests.v1"
@@ -24,8 +24,9 @@ LABELS_TOPIC = "pairsieve.alignment-labels.v1"
 DEAD_LETTER_TOPIC = "pairsieve.dead-letter.v1"
 TRAINING_PAIRS_TOPIC = "pairsieve.training-pairs.v1"
 MODELS_TOPIC = "pairsieve.models.v1"
+DECISIONS_TOPIC = "pairsieve.decisions.v1"
 TOPICS = (FEATURES_TOPIC, REQUESTS_TOPIC, LABELS_TOPIC, DEAD_LETTER_TOPIC, TRAINING_PAIRS_TOPIC,
-          MODELS_TOPIC)
+          MODELS_TOPIC, DECISIONS_TOPIC)
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -36,8 +37,8 @@ def topic_specs(partitions: int = 4) -> dict[str, int]:
     Parameters
     ----------
     partitions : int
-        Partitions of the features and alignment-requests topics (the parallelism of the
-        stream processor). Labels, dead letters, training pairs and models are low volume: one
+        Partitions of the features, alignment-requests and decisions topics (the parallelism of
+        the stream processor). Labels, dead letters, training pairs and models are low volume: one
         partition each (one labels partition = one trainer at a time).
 
     Returns
@@ -53,7 +54,8 @@ def topic_specs(partitions: int = 4) -> dict[str, int]:
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
         raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
     return {FEATURES_TOPIC: partitions, REQUESTS_TOPIC: partitions, LABELS_TOPIC: 1,
-            DEAD_LETTER_TOPIC: 1, TRAINING_PAIRS_TOPIC: 1, MODELS_TOPIC: 1}
+            DEAD_LETTER_TOPIC: 1, TRAINING_PAIRS_TOPIC: 1, MODELS_TOPIC: 1,
+            DECISIONS_TOPIC: partitions}
 
 
 def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[str, str]]:
@@ -62,7 +64,8 @@ def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[s
     The training pairs are the most expensive data of the system and every worker rebuilds its
     training set from them: compacted (one record per pair key survives) and never deleted by
     time. The models topic keeps the newest version (one key) and must carry a checkpoint of up
-    to ``max_message_bytes``. On a broker without compaction (the embedded tansu keeps
+    to ``max_message_bytes``. The decision log (one record per decided event) is kept for a week,
+    like the features it explains. On a broker without compaction (the embedded tansu keeps
     everything) pairsieve stays correct: readers deduplicate pairs by key and take the newest
     model version.
 
@@ -74,7 +77,8 @@ def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[s
     size = str(int(max_message_bytes))
     return {TRAINING_PAIRS_TOPIC: {"cleanup.policy": "compact", "retention.ms": "-1"},
             MODELS_TOPIC: {"cleanup.policy": "compact", "retention.ms": "-1",
-                           "max.message.bytes": size}}
+                           "max.message.bytes": size},
+            DECISIONS_TOPIC: {"cleanup.policy": "delete", "retention.ms": "604800000"}}
 
 
 def admin_client(bootstrap: str, timeout_s: float):

@@ -58,7 +58,7 @@ __all__ = [
     "submit_request_from_proto", "submit_response_to_proto", "pool_request_from_proto",
     "status_to_proto", "dead_letter_bytes", "timestamp", "seconds", "pair_to_proto",
     "pair_from_proto", "pair_key_bytes", "model_release_to_proto", "model_release_from_proto",
-    "MODEL_KEY",
+    "MODEL_KEY", "decision_record_to_proto", "decision_record_from_proto",
 ]
 
 REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
@@ -331,6 +331,18 @@ def decision_from_proto(msg: pb.Decision) -> Outcome:
                    model_version=msg.model_version, reason=reasons.parse(msg.reason),
                    typicality=c.typicality)
     return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
+
+
+def decision_record_to_proto(o: Outcome, decided_at: float) -> pb.DecisionRecord:
+    """One decision-log entry (key: the event id)."""
+    return pb.DecisionRecord(decision=decision_to_proto(o), decided_at=timestamp(decided_at))
+
+
+def decision_record_from_proto(msg: pb.DecisionRecord) -> tuple[Outcome, float | None]:
+    """``(outcome, decided_at)``; raises ``WireError`` (``missing_field``) without a decision."""
+    if not msg.HasField("decision") or not msg.decision.event_id:
+        raise WireError("missing_field", "decision record: missing field 'decision'")
+    return decision_from_proto(msg.decision), seconds(msg, "decided_at")
 
 
 def request_to_proto(r: AlignmentRequestOut) -> pb.AlignmentRequest:

@@ -27,6 +27,7 @@ import pytest
 from service.settings import Settings
 from service.streaming.topics import (
     DEAD_LETTER_TOPIC,
+    DECISIONS_TOPIC,
     FEATURES_TOPIC,
     LABELS_TOPIC,
     REQUESTS_TOPIC,
@@ -316,7 +317,8 @@ def test_compose_creates_exactly_the_service_topics():
     # the acquired pairs (keyed by pair) and the newest model (one key) are compacted, as the
     # service itself creates them (topic_configs)
     for t, cfg in topic_configs().items():
-        assert topics[t][1] == cfg["cleanup.policy"] == "compact", t
+        assert topics[t][1] == cfg["cleanup.policy"], t
+    assert topics[DECISIONS_TOPIC][0] == topics[FEATURES_TOPIC][0]  # one log partition per one
 
 
 # --------------------------------------------------------------------------- kubernetes

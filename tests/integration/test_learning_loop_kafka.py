@@ -29,6 +29,7 @@ from service.runtime import start_service
 from service.settings import Settings
 from service.streaming.topics import (
     DEAD_LETTER_TOPIC,
+    DECISIONS_TOPIC,
     FEATURES_TOPIC,
     LABELS_TOPIC,
     REQUESTS_TOPIC,
@@ -159,6 +160,12 @@ def test_a_restarted_worker_keeps_pairs_model_and_recall_and_trains_on_all_pairs
             assert st.validation_pairs == before.validation_pairs
             # the selections came back too: the redelivered accepted events are duplicates
             assert st.spent == before.spent
+            # the annotation tool re-sends answers it sent before the restart: counted once
+            lp = svc.handler.learning
+            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
+                                    _labels(range(10)))
+            await _wait(lambda: lp.duplicate_labels >= 10, what="10 duplicate labels")
+            assert lp.pairs_acquired == 60 and lp.labels_by_status["MATCH"] == 0
             await _label(svc, s, range(60, 100))  # two retrains' worth (every 20 pairs)
             lp = svc.handler.learning
             await _wait(lambda: lp.model.n_pairs == 100 - lp.validation_pairs,
@@ -233,6 +240,42 @@ def test_an_unresolvable_label_lands_in_the_dead_letter_topic_with_its_reason(ka
     assert "partner 'txt-nowhere' (text) is unknown here; send its vector" in dls[1].detail
     assert all(d.source_topic == s.topic(LABELS_TOPIC) for d in dls)
     assert st.pairs_acquired == 0
+
+
+def test_a_skipped_event_redelivered_after_a_restart_gets_its_earlier_decision(kafka_topics):
+    s = _settings(kafka_topics, budget_total=0)  # nothing can be accepted: every event is skipped
+    evs = _image_events(range(12))
+
+    async def run():
+        svc = await start_service(s)
+        try:
+            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(FEATURES_TOPIC),
+                                    [codecs.encode_feature_batch(evs)],
+                                    [codecs.FEATURE_HEADER_BATCH])
+            await _wait(lambda: svc.processor.batches >= 1, what="the batch")
+            await svc.handler.settle()
+            return svc.handler.status().seen
+        finally:
+            await svc.shutdown()
+
+    assert asyncio.run(run()) == 12
+    # after the restart the same events arrive again (a redelivery): answered from the decision
+    # log, not decided afresh (this worker's seen counts decided events)
+    assert asyncio.run(run()) == 0
+    log = _read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 13, timeout_s=5,
+                    parse=codecs.pb.DecisionRecord.FromString)
+    assert sorted(r.decision.event_id for r in log) == sorted(e.event_id for e in evs)
+    assert all(r.decision.reason == "skip:budget_exhausted" for r in log)
+    env = {**os.environ, "PAIRSIEVE_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+           "PAIRSIEVE_TOPIC_SUFFIX": s.topic_suffix, "PAIRSIEVE_MODALITIES": s.modalities}
+    res = subprocess.run([sys.executable, "-m", "service", "explain", "img-3"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "event 'e3' (item 'img-3', image): SKIP (budget_exhausted)" in res.stdout
+    assert "by worker 'w-loop'" in res.stdout and "utility" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "service", "explain", "nothing-like-it"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "no decision and no pair" in res.stdout
 
 
 def test_export_pairs_writes_the_acquired_dataset(kafka_topics, tmp_path):

@@ -314,6 +314,19 @@ def test_label_errors():
     assert codecs.label_from_proto(pb.AlignmentLabel(**ok), DIMS).cost == 1.0
 
 
+def test_decision_record_round_trip_and_errors():
+    d = Decision("it1", "image", False, 0.25, 0.1, 0.2, 0.0, 0.3, 0.4, 0.5, 0.6, 3,
+                 "skip:below_threshold", typicality=0.7)
+    msg = codecs.decision_record_to_proto(Outcome("e1", d, False, "w0"), 1_700_000_000.5)
+    back, at = codecs.decision_record_from_proto(pb.DecisionRecord.FromString(
+        msg.SerializeToString()))
+    assert back == Outcome("e1", d, False, "w0") and at == 1_700_000_000.5
+    _reason(lambda: codecs.decision_record_from_proto(pb.DecisionRecord()), "missing_field",
+            "missing field 'decision'")
+    msg.decision.reason = "skip:from_a_newer_peer"  # unknown reasons pass through unchanged
+    assert codecs.decision_record_from_proto(msg)[0].decision.reason == "skip:from_a_newer_peer"
+
+
 def test_label_result_to_proto():
     msg = codecs.label_result_to_proto(LabelResult(3, 2, 4, duplicates=1, unresolved=("why",)))
     assert (msg.accepted, msg.ignored, msg.model_version, msg.duplicates) == (3, 2, 4, 1)

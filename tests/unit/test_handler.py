@@ -550,3 +550,34 @@ def test_constructor_rejects_bad_retrain_every():
     with pytest.raises(ValueError, match="retrain_every must be >= 1"):
         SelectionHandler(sel, AlignmentTrainer(DIMS), retrain_every=0)
 
+
+
+class DecisionLog(NullPublisher):
+    def __init__(self):
+        self.logged = []
+
+    async def publish_decisions(self, outcomes, decided_at):
+        self.logged.extend((o.event_id, o.decision.accept, decided_at) for o in outcomes)
+
+
+def test_every_fresh_decision_is_logged_and_logged_skips_answer_redeliveries(make):
+    pub = DecisionLog()
+    h = make(pub, clock=lambda: 123.0)
+
+    async def body():
+        outs = await h.submit(_evs(0, 20))
+        assert sorted(e for e, _, _ in pub.logged) == sorted(o.event_id for o in outs)
+        assert all(at == 123.0 for _, _, at in pub.logged)
+        await h.submit(_evs(0, 4))  # a redelivery: answered from memory, not logged again
+        assert len(pub.logged) == 20
+        # a fresh worker (a restart) replays the log: skips are remembered, accepts are not
+        # (their spend comes from the requests topic)
+        h2 = make(DecisionLog())
+        skips = [o for o in outs if not o.decision.accept]
+        assert skips and await h2.observe_remote_decisions(outs) == len(skips)
+        again = await h2.submit(_evs(0, 20))
+        assert [o.duplicate for o in again] == [not o.decision.accept for o in outs]
+        assert [o.decision.reason for o in again if o.duplicate] == \
+            [o.decision.reason for o in skips]
+
+    run(body())
