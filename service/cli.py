@@ -181,9 +181,11 @@ def _cmd_export_pairs(args) -> int:
                        progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     a, b = settings.dims
     out = write_pairs(pairs, args.out, (a, b), settings.validation_share)
-    held = sum(is_validation(k, settings.validation_share) for k in pairs)
-    print(f"wrote {out}: {len(pairs)} pairs ({a} {settings.dims[a]}-d, {b} "
-          f"{settings.dims[b]}-d), {held} of them validation pairs")
+    real = [k for k, p in pairs.items() if not p.partnerless]
+    held = sum(is_validation(k, settings.validation_share) for k in real)
+    print(f"wrote {out}: {len(real)} pairs ({a} {settings.dims[a]}-d, {b} "
+          f"{settings.dims[b]}-d), {held} of them validation pairs; "
+          f"{len(pairs) - len(real)} NO_MATCH answers not exported")
     return 0
 
 

@@ -11,6 +11,12 @@
   about is durable. Pairs other workers published (or this one, before a restart) come in through
   :meth:`LearningLoop.ingest_pairs`; a pair labelled again replaces itself. Labels are
   deduplicated by request id: a re-sent label is counted once;
+* **NO_MATCH** answers are published the same way, as partnerless records (the labelled item's
+  vector only), and every worker marks the item partnerless in its selector: items like it lose
+  utility (:mod:`service.core.partnerless`). **UNSURE** is counted and changes nothing; it is not
+  a final answer, so its request id is not remembered and a later MATCH or NO_MATCH for the same
+  request is taken (a second annotator's opinion). pairsieve does not re-request by itself: in a
+  stream an item is decided once, and the annotation tool owns its queue;
 * the **validation split**: a deterministic share of the pairs (by a hash of the key,
   :mod:`service.alignment.quality_gate`) is held out and never trained on;
 * **retraining**, only on the worker that holds the trainer role (``is_trainer``; in the service
@@ -158,7 +164,9 @@ class LearningLoop:
         self._items: LRU = LRU(vector_capacity)  # item_id -> (modality, vector)
         self._requests: LRU = LRU(request_capacity)  # label request ids taken in
         self._pairs: dict[PairKey, TrainingPair] = {}
+        self._partnerless: dict[PairKey, TrainingPair] = {}  # NO_MATCH: (id a, "") / ("", id b)
         self._validation: set[PairKey] = set()
+        self._new_marks: list[tuple[str, np.ndarray]] = []  # partnerless, not yet in the selector
         self._pairs_at_last_train = 0
         self._highest_version = selector.model_version  # highest ever offered or trained
         self._training: asyncio.Task | None = None
@@ -200,6 +208,12 @@ class LearningLoop:
     def pairs_acquired(self) -> int:
         """Distinct pairs acquired (validation pairs included)."""
         return len(self._pairs)
+
+    @property
+    def partnerless(self) -> Mapping[PairKey, TrainingPair]:
+        """Read-only view of the items answered NO_MATCH (keyed ``(id, "")`` for modality a,
+        ``("", id)`` for b)."""
+        return MappingProxyType(self._partnerless)
 
     @property
     def validation_pairs(self) -> int:
@@ -259,6 +273,21 @@ class LearningLoop:
             labeled_at=label.labeled_at if label.labeled_at is not None else self.clock(),
             worker_id=self.worker_id, labeled_item_id=label.item_id)
 
+    def resolve_partnerless(self, label: Label) -> TrainingPair | None:
+        """A NO_MATCH label as a partnerless record, or None when the item's vector is unknown
+        (it is still counted; there is nothing to compare later items with)."""
+        item = self._items.get(label.item_id)
+        if item is None or item[0] != label.modality:
+            return None
+        first = label.modality == self.modalities[0]
+        empty = np.zeros(0, np.float32)
+        return TrainingPair(
+            item_id_a=label.item_id if first else "", item_id_b="" if first else label.item_id,
+            vector_a=item[1] if first else empty, vector_b=empty if first else item[1],
+            request_id=label.request_id, annotator=label.annotator, cost=float(label.cost),
+            labeled_at=label.labeled_at if label.labeled_at is not None else self.clock(),
+            worker_id=self.worker_id, labeled_item_id=label.item_id, partnerless=True)
+
     async def add_labels(self, labels: Sequence[Label]) -> LabelResult:
         """Take annotators' answers, under the engine lock.
 
@@ -285,9 +314,15 @@ class LearningLoop:
             pairs: list[TrainingPair] = []
             unresolved: list[str] = []
             remember: list[str] = []
+            marks: list[TrainingPair] = []
             for lb in fresh:
-                if lb.status != "MATCH":
+                if lb.status == "UNSURE":
+                    continue  # not final: a later answer for this request is taken
+                if lb.status == "NO_MATCH":
                     remember.append(lb.request_id)
+                    mark = self.resolve_partnerless(lb)
+                    if mark is not None:
+                        marks.append(mark)
                     continue
                 got = self.resolve(lb)
                 if isinstance(got, str):
@@ -295,15 +330,15 @@ class LearningLoop:
                 else:
                     pairs.append(got)
                     remember.append(lb.request_id)
-            if pairs:
-                await self.publisher.publish_pairs(pairs)  # raises -> nothing changed
+            if pairs or marks:
+                await self.publisher.publish_pairs(pairs + marks)  # raises -> nothing changed
             for lb in fresh:
                 self.labels_by_status[lb.status] += 1
                 self.metrics.labels_received(lb.status)
             for rid in remember:
                 if rid:
                     self._requests.put(rid, True)
-            for p in pairs:
+            for p in pairs + marks:
                 await self._ingest(p)
             if duplicates:
                 self.duplicate_labels += duplicates
@@ -331,14 +366,24 @@ class LearningLoop:
     async def _ingest(self, p: TrainingPair) -> bool:
         """Store one pair (the caller holds the lock). True when its key is new."""
         side = self._store(p)
-        if side is not None:
-            await self._reveal({side[0]: [side[1]]})
+        await self._reveal({side[0]: [side[1]]} if side is not None else {})
         return side is not None
 
     def _store(self, p: TrainingPair) -> tuple[str, np.ndarray] | None:
         """Put ``p`` in the store; for a new key, the (modality, vector) its label revealed (the
-        labelled item was selected: it is cached already), else None."""
+        labelled item was selected: it is cached already), else None. A partnerless record
+        marks its item in the selector instead (once per key)."""
         key = p.key
+        if p.partnerless:
+            if p.request_id:
+                self._requests.put(p.request_id, True)
+            if key not in self._partnerless:
+                self._partnerless[key] = p
+                m = self.modalities[0] if p.item_id_a else self.modalities[1]
+                vec = p.vector_a if p.item_id_a else p.vector_b
+                self._items.put(p.labeled_item_id, (m, vec))
+                self._new_marks.append((m, vec))
+            return None
         old = self._pairs.get(key)
         if old is not None and old.request_id == p.request_id \
                 and np.array_equal(old.vector_a, p.vector_a) \
@@ -357,12 +402,17 @@ class LearningLoop:
         return (ma, p.vector_a) if p.labeled_item_id == p.item_id_b else (mb, p.vector_b)
 
     async def _reveal(self, by_modality: Mapping[str, list[np.ndarray]]) -> None:
-        if not by_modality:
+        """Partners revealed (into the caches) and items marked partnerless since the last call,
+        in one engine call."""
+        marks, self._new_marks = self._new_marks, []
+        if not by_modality and not marks:
             return
 
         def work() -> None:
             for m, vecs in by_modality.items():
                 self.selector.reveal_partner(m, np.stack(vecs))
+            for m, vec in marks:
+                self.selector.mark_partnerless(m, vec[None, :])
 
         await asyncio.get_running_loop().run_in_executor(self._executor, work)
 

@@ -196,6 +196,9 @@ class TrainingPair:
         The worker that resolved the label.
     labeled_item_id : str
         The item the label was about (``item_id_a`` or ``item_id_b``).
+    partnerless : bool
+        A NO_MATCH, not a pair: only the labelled side is set (the other id is ``""`` and its
+        vector has shape (0,)); the selector lowers the utility of items like it.
     """
 
     item_id_a: str
@@ -208,6 +211,7 @@ class TrainingPair:
     labeled_at: float | None = None
     worker_id: str = ""
     labeled_item_id: str = ""
+    partnerless: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

@@ -22,6 +22,7 @@ made before another commit is rejected as stale.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
 from service.core.cross_modal_model import CrossModalModel
 from service.core.distance_cache import DistanceCache, pairwise_sq_dist
+from service.core.partnerless import PartnerlessMemory
 from service.core.scorer import UncertaintyScorer
 from service.core.types import Decision, FeatureItem
 from service.core.validation import as_matrix, check_modality, item_vectors
@@ -57,6 +59,12 @@ class SelectorConfig:
     # level with no decay (AUC +17.6 vs +14.6 and +5.8 vs +5.8 over random). Near-duplicates of
     # old selections stay covered: the inflation multiplies a distance of ~0
     cache_half_life: float | None = 4000.0
+    # NO_MATCH answers (service/core/partnerless.py): utility penalty of an item as similar as
+    # a known partnerless one of its modality (cosine 1 -> the full weight, below the radius
+    # -> none); the newest partnerless_capacity per modality are kept
+    partnerless_weight: float = 0.5
+    partnerless_radius: float = 0.8
+    partnerless_capacity: int = 1024
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
 
@@ -68,6 +76,8 @@ class SelectorConfig:
                                                      and self.cache_half_life > 0):
             raise ValueError(f"cache_half_life must be a number > 0 (items) or None, got "
                              f"{self.cache_half_life!r}")
+        PartnerlessMemory(self.partnerless_capacity, self.partnerless_weight,
+                          self.partnerless_radius)  # raises on a bad value, naming it
         if self.cache_on_model_change not in ("reproject", "invalidate"):
             raise ValueError("cache_on_model_change must be 'reproject' or 'invalidate', got "
                              f"{self.cache_on_model_change!r}")
@@ -124,6 +134,9 @@ class StreamingSelector:
                                         model_version=model.version, device=self.scorer.device)
                        for m in self.modalities}
         self.acquisition = ModalityAwareAcquisition(self.modalities, cfg.acquisition)
+        self.partnerless = {m: PartnerlessMemory(cfg.partnerless_capacity, cfg.partnerless_weight,
+                                                 cfg.partnerless_radius)
+                            for m in self.modalities}
         self.budget = BudgetController(cfg.budget, seed)
         self._epoch = 0
         self.items_seen = {m: 0 for m in self.modalities}
@@ -176,6 +189,10 @@ class StreamingSelector:
             typ[m] = (self.scorer.typicality(m, emb[m], acfg.typicality_k)
                       if acfg.typicality_weight > 0 else None)
         bonus = self.acquisition.coverage_bonus()
+        # NO_MATCH answers: items like a known partnerless one lose utility (0 when none known)
+        pen = {m: self.partnerless[m].penalty(emb[m], self.model_version,
+                                              functools.partial(self.scorer.embed, m))
+               for m in div}
         cur_div = {m: div[m].copy() for m in div}
         # typicality does not change within the batch: normalised once
         norm_t = {m: self.acquisition.normalized_typicality(m, typ[m]) for m in div}
@@ -195,7 +212,7 @@ class StreamingSelector:
                         e_t, e_m = emb[t], emb[m]
                         gram[(t, m)] = pairwise_sq_dist(e_t, e_m, (e_m * e_m).sum(dim=1)) \
                             .sqrt_().double().cpu().numpy()
-        util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m], norm_t[m])
+        util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m], norm_t[m]) - pen[m]
                 for m in norm}
         n = len(items)
         draft = self.budget.begin(n)
@@ -232,7 +249,7 @@ class StreamingSelector:
                     cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
                     norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
                     util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t],
-                                                       norm_t[t])
+                                                       norm_t[t]) - pen[t]
                     u_all[rows[t]], d_all[rows[t]] = util[t], cur_div[t]
         version = self.model_version
         col = {}  # per-item score components in arrival order, as Python floats
@@ -246,6 +263,10 @@ class StreamingSelector:
             if typ[m] is not None:
                 typ_all[rows[m]] = typ[m]
         col["typicality"] = typ_all.tolist()
+        pen_all = np.zeros(n)
+        for m in pen:
+            pen_all[rows[m]] = pen[m]
+        col["partnerless"] = pen_all.tolist()
         u_list, t_list, d_list = ut_all.tolist(), thr_all.tolist(), div_all.tolist()
         decisions = [Decision(item_id=it.item_id, modality=mods[i], accept=bool(accept[i]),
                               utility=u_list[i], uncertainty=col["uncertainty"][i],
@@ -253,7 +274,8 @@ class StreamingSelector:
                               margin=col["margin"][i], entropy=col["entropy"][i],
                               least_confidence=col["least_confidence"][i], threshold=t_list[i],
                               model_version=version, reason=reasons[i],
-                              typicality=col["typicality"][i])
+                              typicality=col["typicality"][i],
+                              partnerless=col["partnerless"][i])
                      for i, it in enumerate(items)]
         return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch, typ)
 
@@ -321,6 +343,14 @@ class StreamingSelector:
         arr = as_matrix(raw, self.model.dims[modality], name=f"partner {modality}")
         self.caches[modality].add(self.scorer.embed_valid(modality, arr), arr,
                                   tag=self._tag(modality), clock=self.clock)
+        self._epoch += 1
+
+    def mark_partnerless(self, modality: str, raw) -> None:
+        """Annotators answered NO_MATCH for these items: they and items like them lose utility
+        (:mod:`service.core.partnerless`). raw: (n, d_modality)."""
+        check_modality(modality, self.modalities)
+        arr = as_matrix(raw, self.model.dims[modality], name=f"partnerless {modality}")
+        self.partnerless[modality].add(arr)
         self._epoch += 1
 
     # ------------------------------------------------------------------ model swap

@@ -46,3 +46,4 @@ class Decision:
     model_version: int
     reason: str
     typicality: float = 0.0  # raw mean top-k cosine to its own modality's recent items (0: off)
+    partnerless: float = 0.0  # utility penalty for resembling an item answered NO_MATCH

@@ -431,9 +431,12 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
             for d in proposal.accepted:
                 it = int(item_of[int(d.item_id.removeprefix("item-"))])
                 s, k = it % 2, it // 2
+                no_match = oracle.no_match
                 row = oracle.acquire(s, k)
                 if row is not None:
                     selector.reveal_partner(mods[1 - s], raws[1 - s][row])
+                elif oracle.no_match > no_match:  # the annotator answered NO_MATCH
+                    selector.mark_partnerless(mods[s], raws[s][oracle.rows[k]])
             if oracle.spent >= next_retrain:
                 model, point = retrain(model)
                 curve.append(point)

@@ -82,7 +82,8 @@ def read_topic(bootstrap: str, topic: str, decode: Callable[[bytes], T], *,
 def read_pairs(bootstrap: str, topic: str, dims: Mapping[str, int], *, timeout_s: float = 60.0,
                progress: Callable[[str], None] | None = None
                ) -> dict[tuple[str, str], TrainingPair]:
-    """The latest pair per key on the training-pairs ``topic`` (read to its end).
+    """The latest pair per key on the training-pairs ``topic`` (read to its end), partnerless
+    records (NO_MATCH answers) included: filter on ``TrainingPair.partnerless``.
 
     ``dims``: the service's modalities and dimensions, in order; a record of other shapes raises
     ``ValueError`` naming its offset (see :func:`read_topic`).
@@ -106,9 +107,10 @@ def write_pairs(pairs: Mapping[tuple[str, str], TrainingPair], path: str | Path,
     ValueError
         No pairs (an empty dataset is not a file anyone can train on).
     """
-    if not pairs:
+    rows = sorted((p for p in pairs.values() if not p.partnerless),
+                  key=lambda p: (p.labeled_at or 0.0, p.key))
+    if not rows:
         raise ValueError("no training pairs to export (nothing acquired yet?)")
-    rows = sorted(pairs.values(), key=lambda p: (p.labeled_at or 0.0, p.key))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
@@ -158,7 +160,10 @@ def explain(bootstrap: str, decisions_topic: str, pairs_topic: str, dims: Mappin
             f"{d.entropy:.4f}, least confidence {d.least_confidence:.4f})"]
     items = {o.decision.item_id for o, _ in found} | {key}
     for p in read_pairs(bootstrap, pairs_topic, dims, timeout_s=timeout_s).values():
-        if p.item_id_a in items or p.item_id_b in items:
+        if p.labeled_item_id in items and p.partnerless:
+            lines.append(f"{p.labeled_item_id!r} answered NO_MATCH (request {p.request_id!r}, "
+                         f"annotator {p.annotator!r}): items like it lose utility")
+        elif p.item_id_a in items or p.item_id_b in items:
             lines.append(f"pair ({p.item_id_a!r}, {p.item_id_b!r}) acquired: request "
                          f"{p.request_id!r}, annotator {p.annotator!r}, cost {p.cost:g}")
     if not lines:

@@ -317,7 +317,7 @@ def decision_to_proto(o: Outcome) -> pb.Decision:
             uncertainty=float(d.uncertainty), diversity=float(d.diversity),
             coverage_bonus=float(d.coverage_bonus), margin=float(d.margin),
             entropy=float(d.entropy), least_confidence=float(d.least_confidence),
-            typicality=float(d.typicality)),
+            typicality=float(d.typicality), partnerless=float(d.partnerless)),
         threshold=float(d.threshold), model_version=int(d.model_version), reason=str(d.reason),
         duplicate=bool(o.duplicate), worker_id=o.worker_id)
 
@@ -329,7 +329,7 @@ def decision_from_proto(msg: pb.Decision) -> Outcome:
                    coverage_bonus=c.coverage_bonus, margin=c.margin, entropy=c.entropy,
                    least_confidence=c.least_confidence, threshold=msg.threshold,
                    model_version=msg.model_version, reason=reasons.parse(msg.reason),
-                   typicality=c.typicality)
+                   typicality=c.typicality, partnerless=c.partnerless)
     return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
 
 
@@ -445,37 +445,52 @@ def pair_key_bytes(key: tuple[str, str]) -> bytes:
 
 
 def pair_to_proto(p: TrainingPair, modalities: Sequence[str]) -> pb.TrainingPair:
-    """``modalities``: the configured (modality a, modality b)."""
+    """``modalities``: the configured (modality a, modality b). A partnerless record (a
+    NO_MATCH) carries its labelled side only."""
     va, vb = np.asarray(p.vector_a).reshape(-1), np.asarray(p.vector_b).reshape(-1)
     return pb.TrainingPair(
         item_id_a=p.item_id_a, item_id_b=p.item_id_b, modality_a=modalities[0],
         modality_b=modalities[1], vector_a=encode_vector(va), dim_a=len(va),
         vector_b=encode_vector(vb), dim_b=len(vb), request_id=p.request_id,
         annotator=p.annotator, cost=float(p.cost), labeled_at=timestamp(p.labeled_at),
-        worker_id=p.worker_id, labeled_item_id=p.labeled_item_id)
+        worker_id=p.worker_id, labeled_item_id=p.labeled_item_id,
+        partnerless=bool(p.partnerless))
 
 
 def pair_from_proto(msg: pb.TrainingPair, dims: Mapping[str, int]) -> TrainingPair:
-    """Validate and decode a training pair; its modalities must be this service's, in order."""
-    what = f"training pair ({msg.item_id_a!r}, {msg.item_id_b!r})"
-    _require(msg, ("item_id_a", "item_id_b", "modality_a", "modality_b"), what)
+    """Validate and decode a training pair (or a partnerless record: exactly one side set);
+    its modalities must be this service's, in order."""
+    what = (f"partnerless record ({msg.item_id_a or msg.item_id_b!r})" if msg.partnerless
+            else f"training pair ({msg.item_id_a!r}, {msg.item_id_b!r})")
+    _require(msg, ("modality_a", "modality_b"), what)
     names = list(dims)
     if [msg.modality_a, msg.modality_b] != names:
         raise WireError("unknown_modality", f"{what}: modalities ({msg.modality_a!r}, "
                                             f"{msg.modality_b!r}), this service has {names}")
+    sides = [side for side in ("a", "b") if getattr(msg, f"item_id_{side}")]
+    if msg.partnerless and len(sides) != 1:
+        raise WireError("missing_field", f"{what}: exactly one of item_id_a, item_id_b must be "
+                                         f"set, got {len(sides)}")
+    if not msg.partnerless:
+        _require(msg, ("item_id_a", "item_id_b"), what)
+    vecs = {}
     for side, m in (("a", msg.modality_a), ("b", msg.modality_b)):
-        if getattr(msg, f"dim_{side}") != dims[m]:
-            raise WireError("wrong_dimension", f"{what}: dim_{side} {getattr(msg, f'dim_{side}')}"
-                                               f" but {m!r} has dimension {dims[m]}")
+        dim = getattr(msg, f"dim_{side}")
+        if side not in sides:
+            vecs[side] = np.zeros(0, np.float32)
+            continue
+        if dim != dims[m]:
+            raise WireError("wrong_dimension", f"{what}: dim_{side} {dim} but {m!r} has "
+                                               f"dimension {dims[m]}")
+        vecs[side] = decode_vector(getattr(msg, f"vector_{side}"), dims[m],
+                                   what=f"{what} vector_{side}")
     if not math.isfinite(msg.cost):
         raise WireError("non_finite", f"{what}: cost must be finite, got {msg.cost!r}")
     return TrainingPair(
-        item_id_a=msg.item_id_a, item_id_b=msg.item_id_b,
-        vector_a=decode_vector(msg.vector_a, dims[msg.modality_a], what=f"{what} vector_a"),
-        vector_b=decode_vector(msg.vector_b, dims[msg.modality_b], what=f"{what} vector_b"),
-        request_id=msg.request_id, annotator=msg.annotator, cost=msg.cost,
+        item_id_a=msg.item_id_a, item_id_b=msg.item_id_b, vector_a=vecs["a"],
+        vector_b=vecs["b"], request_id=msg.request_id, annotator=msg.annotator, cost=msg.cost,
         labeled_at=seconds(msg, "labeled_at"), worker_id=msg.worker_id,
-        labeled_item_id=msg.labeled_item_id)
+        labeled_item_id=msg.labeled_item_id, partnerless=bool(msg.partnerless))
 
 
 # --------------------------------------------------------------------------- model versions

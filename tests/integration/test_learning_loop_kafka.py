@@ -278,6 +278,39 @@ def test_a_skipped_event_redelivered_after_a_restart_gets_its_earlier_decision(k
     assert res.returncode == 0 and "no decision and no pair" in res.stdout
 
 
+def test_no_match_lowers_the_utility_of_the_items_neighbours(kafka_topics):
+    s = _settings(kafka_topics)
+
+    async def scenario():
+        svc = await start_service(s)
+        try:
+            await _feed(svc, s, range(20))
+            no_match = codecs.label_to_proto(Label(item_id="img-5", modality="image",
+                                                   partner_item_id="", status="NO_MATCH",
+                                                   request_id="e5")).SerializeToString()
+            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
+                                    [no_match])
+            lp = svc.handler.learning
+            await _wait(lambda: ("img-5", "") in lp.partnerless, what="the NO_MATCH taken in")
+            probes = [IncomingEvent("near-5", "img-near-5", "image", IMG[5] + 0.001, time.time()),
+                      IncomingEvent("far", "img-far", "image", IMG[100], time.time())]
+            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(FEATURES_TOPIC),
+                                    [codecs.encode_feature_batch(probes)],
+                                    [codecs.FEATURE_HEADER_BATCH])
+            await _wait(lambda: svc.handler.status().seen >= 22, what="the probes decided")
+        finally:
+            await svc.shutdown()
+
+    asyncio.run(scenario())
+    log = {r.decision.event_id: r.decision for r in _read_all(
+        s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 22, parse=codecs.pb.DecisionRecord.FromString)}
+    near, far = log["near-5"].components.partnerless, log["far"].components.partnerless
+    assert near > 0.4 and far < near, (near, far)  # the weight is 0.5 at cosine 1
+    pairs = _read_all(s.kafka_bootstrap, s.topic(TRAINING_PAIRS_TOPIC), 1,
+                      parse=codecs.pb.TrainingPair.FromString)
+    assert [(p.partnerless, p.item_id_a, p.item_id_b) for p in pairs] == [(True, "img-5", "")]
+
+
 def test_export_pairs_writes_the_acquired_dataset(kafka_topics, tmp_path):
     s = _settings(kafka_topics)
 

@@ -389,6 +389,26 @@ def test_training_pair_errors_name_the_problem():
     _reason(lambda: codecs.pair_from_proto(nan, DIMS), "non_finite", "vector_a")
 
 
+def test_partnerless_record_round_trip_and_errors():
+    img = np.arange(12, dtype=np.float32)
+    p = TrainingPair("", "t9", np.zeros(0, np.float32), img[:8], request_id="r9",
+                     labeled_item_id="t9", partnerless=True)
+    msg = codecs.pair_to_proto(p, ["image", "text"])
+    back = codecs.pair_from_proto(pb.TrainingPair.FromString(msg.SerializeToString()), DIMS)
+    assert back.partnerless and back.key == ("", "t9") and back.vector_a.shape == (0,)
+    np.testing.assert_array_equal(back.vector_b, img[:8])
+    both = pb.TrainingPair()
+    both.CopyFrom(msg)
+    both.item_id_a = "i9"
+    _reason(lambda: codecs.pair_from_proto(both, DIMS), "missing_field",
+            "exactly one of item_id_a, item_id_b must be set, got 2")
+    # a real pair still needs both sides
+    one = pb.TrainingPair()
+    one.CopyFrom(msg)
+    one.partnerless = False
+    _reason(lambda: codecs.pair_from_proto(one, DIMS), "missing_field", "'item_id_a'")
+
+
 def test_model_release_round_trip_and_a_corrupt_checkpoint():
     from service.alignment import AlignmentModel
 

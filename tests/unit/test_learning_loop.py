@@ -13,6 +13,7 @@ import pytest
 from service.alignment import AlignmentTrainer
 from service.alignment.quality_gate import GateConfig
 from service.core.selector import SelectorConfig, StreamingSelector
+from service.core.types import FeatureItem
 from service.learning_loop import LearningLoop
 from service.messages import Label, LabelResult, ModelRelease, TrainingPair
 from tests.support import DIMS
@@ -124,8 +125,10 @@ def test_match_labels_become_published_pairs_keyed_in_modality_order():
         assert (p0.request_id, p0.annotator, p0.cost, p0.worker_id, p0.labeled_item_id,
                 p0.labeled_at) == ("r0", "ann", 2.5, "w1", "i0", 1000.0)
         assert loop.pairs[("i1", "t1")].labeled_item_id == "t1"
-        # published before they were stored, all three
-        assert [p.key for p in pub.pairs] == [("i0", "t0"), ("i1", "t1"), ("i2", "t2-new")]
+        # published before they were stored, all three, and the NO_MATCH as a partnerless record
+        assert [p.key for p in pub.pairs] == [("i0", "t0"), ("i1", "t1"), ("i2", "t2-new"),
+                                              ("i3", "")]
+        assert pub.pairs[-1].partnerless and set(loop.partnerless) == {("i3", "")}
         assert "t2-new" in loop.items and loop.items["t2-new"][0] == "text"
         assert loop.labels_by_status == {"MATCH": 3, "NO_MATCH": 1, "UNSURE": 1}
         assert [s for s, _ in metrics.labels] == ["MATCH"] * 3 + ["NO_MATCH", "UNSURE"]
@@ -429,3 +432,31 @@ def test_each_version_extends_the_learning_curve_and_the_stopping_signal_follows
         assert metrics.gains[-1] == (est.gain, 50)
 
     run_loop(body, retrain_every=40, validation_share=0.3, gain_horizon=50)
+
+
+def test_no_match_marks_the_item_partnerless_and_unsure_is_not_final():
+    async def body(loop, metrics, models, pub):
+        _remember_rows(loop, range(3))
+        near = _vec(1, "image") + 1e-3  # a near-duplicate of i1
+        before = loop.selector.propose([FeatureItem("probe", "image", near)]).decisions[0]
+        assert before.partnerless == 0.0
+        res = await loop.add_labels([Label("i1", "image", "", "NO_MATCH", request_id="r1"),
+                                     Label("t2", "text", "", "UNSURE", request_id="r2")])
+        assert (res.accepted, res.ignored, res.duplicates) == (0, 2, 0)
+        assert set(loop.partnerless) == {("i1", "")} and loop.pairs_acquired == 0
+        after = loop.selector.propose([FeatureItem("probe", "image", near)]).decisions[0]
+        assert after.partnerless > 0.4 and after.utility < before.utility - 0.4
+        far = loop.selector.propose([FeatureItem("far", "image", _vec(2, "image"))]).decisions[0]
+        assert far.partnerless < after.partnerless  # only items like it
+        # UNSURE is not final: the same request answered MATCH later is taken
+        res = await loop.add_labels([Label("t2", "text", "i2", "MATCH", request_id="r2")])
+        assert res.accepted == 1 and res.duplicates == 0
+        # a NO_MATCH re-sent is a duplicate; a NO_MATCH for an unknown item is only counted
+        res = await loop.add_labels([Label("i1", "image", "", "NO_MATCH", request_id="r1"),
+                                     Label("i-x", "image", "", "NO_MATCH", request_id="r9")])
+        assert (res.duplicates, res.ignored, len(loop.partnerless)) == (1, 1, 1)
+        # another worker reads the partnerless record back: marked there too, once
+        assert await loop.ingest_pairs([pub.pairs[0], pub.pairs[0]]) == 0
+        assert len(loop.selector.partnerless["image"]) == 1
+
+    run_loop(body)

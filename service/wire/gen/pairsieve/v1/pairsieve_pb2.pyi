@@ -57,7 +57,7 @@ class FeatureBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[FeatureEvent, _Mapping]]] = ...) -> None: ...
 
 class ScoreComponents(_message.Message):
-    __slots__ = ("uncertainty", "diversity", "coverage_bonus", "margin", "entropy", "least_confidence", "typicality")
+    __slots__ = ("uncertainty", "diversity", "coverage_bonus", "margin", "entropy", "least_confidence", "typicality", "partnerless")
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_BONUS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class ScoreComponents(_message.Message):
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     LEAST_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     TYPICALITY_FIELD_NUMBER: _ClassVar[int]
+    PARTNERLESS_FIELD_NUMBER: _ClassVar[int]
     uncertainty: float
     diversity: float
     coverage_bonus: float
@@ -72,7 +73,8 @@ class ScoreComponents(_message.Message):
     entropy: float
     least_confidence: float
     typicality: float
-    def __init__(self, uncertainty: _Optional[float] = ..., diversity: _Optional[float] = ..., coverage_bonus: _Optional[float] = ..., margin: _Optional[float] = ..., entropy: _Optional[float] = ..., least_confidence: _Optional[float] = ..., typicality: _Optional[float] = ...) -> None: ...
+    partnerless: float
+    def __init__(self, uncertainty: _Optional[float] = ..., diversity: _Optional[float] = ..., coverage_bonus: _Optional[float] = ..., margin: _Optional[float] = ..., entropy: _Optional[float] = ..., least_confidence: _Optional[float] = ..., typicality: _Optional[float] = ..., partnerless: _Optional[float] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("event_id", "item_id", "modality", "accept", "utility", "components", "threshold", "model_version", "reason", "duplicate", "worker_id")
@@ -172,7 +174,7 @@ class AlignmentLabel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[str] = ..., modality: _Optional[str] = ..., partner_item_id: _Optional[str] = ..., status: _Optional[_Union[AlignmentStatus, str]] = ..., annotator: _Optional[str] = ..., cost: _Optional[float] = ..., partner_vector: _Optional[bytes] = ..., partner_dim: _Optional[int] = ..., labeled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TrainingPair(_message.Message):
-    __slots__ = ("item_id_a", "item_id_b", "modality_a", "modality_b", "vector_a", "dim_a", "vector_b", "dim_b", "request_id", "annotator", "cost", "labeled_at", "worker_id", "labeled_item_id")
+    __slots__ = ("item_id_a", "item_id_b", "modality_a", "modality_b", "vector_a", "dim_a", "vector_b", "dim_b", "request_id", "annotator", "cost", "labeled_at", "worker_id", "labeled_item_id", "partnerless")
     ITEM_ID_A_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_B_FIELD_NUMBER: _ClassVar[int]
     MODALITY_A_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class TrainingPair(_message.Message):
     LABELED_AT_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LABELED_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTNERLESS_FIELD_NUMBER: _ClassVar[int]
     item_id_a: str
     item_id_b: str
     modality_a: str
@@ -201,7 +204,8 @@ class TrainingPair(_message.Message):
     labeled_at: _timestamp_pb2.Timestamp
     worker_id: str
     labeled_item_id: str
-    def __init__(self, item_id_a: _Optional[str] = ..., item_id_b: _Optional[str] = ..., modality_a: _Optional[str] = ..., modality_b: _Optional[str] = ..., vector_a: _Optional[bytes] = ..., dim_a: _Optional[int] = ..., vector_b: _Optional[bytes] = ..., dim_b: _Optional[int] = ..., request_id: _Optional[str] = ..., annotator: _Optional[str] = ..., cost: _Optional[float] = ..., labeled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., labeled_item_id: _Optional[str] = ...) -> None: ...
+    partnerless: bool
+    def __init__(self, item_id_a: _Optional[str] = ..., item_id_b: _Optional[str] = ..., modality_a: _Optional[str] = ..., modality_b: _Optional[str] = ..., vector_a: _Optional[bytes] = ..., dim_a: _Optional[int] = ..., vector_b: _Optional[bytes] = ..., dim_b: _Optional[int] = ..., request_id: _Optional[str] = ..., annotator: _Optional[str] = ..., cost: _Optional[float] = ..., labeled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., labeled_item_id: _Optional[str] = ..., partnerless: _Optional[bool] = ...) -> None: ...
 
 class RecallAtK(_message.Message):
     __slots__ = ("k", "recall")
