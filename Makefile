@@ -67,6 +67,7 @@ test-unit: $(STAMP) ## fast pure-core tests only
 bench-quality: $(STAMP) ## annotation savings on the real sets vs random and the ridge baseline -> reports/quality.md (~75 min on 2 cores)
 	$(BIN)/pairsieve bench-quality --datasets bible-en-es,emoji-image-name --seeds 20 \
 	  --random-draws 1 --strategies random,random-replicate,ridge-baseline,default --out-dir reports
+	$(BIN)/pairsieve bench-quality --orphans --seeds 20 --out-dir reports
 
 bench-quality-full: $(STAMP) ## every dataset x strategy (toys, published baselines) -> runs/quality-full/ (hours: self-learning)
 	$(BIN)/pairsieve bench-quality --seeds 20 --out-dir runs/quality-full

@@ -89,6 +89,10 @@ def _cmd_bench_quality(args) -> int:
     if args.report_only:
         quality.rewrite_report(args.out_dir)
         return 0
+    if args.orphans:
+        quality.orphan_check(args.out_dir, args.seeds, args.jobs, args.first_seed,
+                             command="pairsieve " + " ".join(sys.argv[1:]))
+        return 0
     if args.rerun:
         mode, _, strategy = args.rerun.partition(":")
         if mode not in ("pool", "stream") or not strategy:
@@ -281,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rerun", metavar="MODE:STRATEGY",
                    help="re-run one strategy of one mode for every dataset and seed of "
                         "OUT_DIR's results (the other runs are kept) and rebuild the report")
+    q.add_argument("--orphans", action="store_true",
+                   help="only the orphan check: default vs random acquisitions of partnerless "
+                        "items on synthetic-missing, both modes, --seeds seeds; added to "
+                        "OUT_DIR's results and report")
     q.add_argument("--report-only", action="store_true",
                    help="rebuild quality.md from OUT_DIR/quality-results.json.gz and "
                         "quality-notes.md without running anything")

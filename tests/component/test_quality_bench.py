@@ -229,6 +229,31 @@ def test_rerun_replaces_one_strategy_and_keeps_the_other_runs(tmp_path, capsys, 
     assert "re-run the whole matrix instead" in capsys.readouterr().err
 
 
+def test_orphan_check_adds_its_paired_table_and_survives_report_rebuilds(tmp_path, capsys,
+                                                                        monkeypatch):
+    out = tmp_path / "rep"
+    assert main(["bench-quality", "--modes", "stream", "--seeds", "2", "--datasets", "synthetic",
+                 "--strategies", "random,default", "--budget", "40", "--jobs", "1",
+                 "--random-draws", "1", "--out-dir", str(out)]) == 0
+    monkeypatch.setattr(quality, "ORPHAN_BUDGET", 60)  # small and fast; --jobs 1: in process
+    assert main(["bench-quality", "--orphans", "--seeds", "3", "--jobs", "1",
+                 "--out-dir", str(out)]) == 0
+    meta = quality.read_results(out / "quality-results.json.gz")["meta"]
+    runs = meta["orphans"]["runs"]
+    assert sorted({(r["mode"], r["strategy"]) for r in runs}) == [
+        ("pool", "default"), ("pool", "random"), ("stream", "default"), ("stream", "random")]
+    assert len(runs) == 12 and all(0 <= r["no_match"] <= 60 for r in runs)
+    assert any(r["no_match"] > 0 for r in runs)  # 20 % of the rows are orphans
+    report = (out / "quality.md").read_text()
+    section = report.split("## Orphan acquisitions (missing modality)")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith(("| pool", "| stream"))]
+    assert len(rows) == 2 and all(line.endswith("/3 |") for line in rows)
+    assert main(["bench-quality", "--report-only", "--out-dir", str(out)]) == 0
+    assert "## Orphan acquisitions" in (out / "quality.md").read_text()  # kept in the meta
+    assert main(["bench-quality", "--orphans", "--out-dir", str(tmp_path / "none")]) == 2
+    assert "quality-results.json.gz not found" in capsys.readouterr().err
+
+
 def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):
     out = tmp_path / "stream-cost.md"
     rc = main(["bench-stream-cost", "--items", "4096", "--segment", "1024", "--batch", "256",
