@@ -361,7 +361,7 @@ class _Worker:
     def text(self):
         return Path(self.log_path).read_text(errors="replace")
 
-    def wait_serving(self, timeout_s=60.0):
+    def wait_serving(self, timeout_s=120.0):
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             assert self.proc.poll() is None, f"{self.wid} exited:\n{self.text()[-3000:]}"
@@ -424,7 +424,7 @@ def test_two_workers_share_one_lineage_and_training_survives_kill_9(tansu_broker
             vs = {st.model_version for st in sts}
             ok = len(vs) == 1 and min(vs) >= 2 and all(st.pairs_acquired == 40 for st in sts)
             return sts if ok else None
-        sts = _until(same_version, 60, "both workers on version >= 2 with 40 pairs", workers)
+        sts = _until(same_version, 120, "both workers on version >= 2 with 40 pairs", workers)
         trainers = [w for w, st in zip(workers, sts, strict=True) if st.trainer]
         assert len(trainers) == 1, [st.trainer for st in sts]
         assert sts[0].validation_recall == sts[1].validation_recall  # one lineage, one measure
@@ -440,13 +440,13 @@ def test_two_workers_share_one_lineage_and_training_survives_kill_9(tansu_broker
             st = survivor.status()
             return st if (st.trainer and st.pairs_acquired == 80
                           and st.model_version > version) else None
-        st = _until(took_over, 90, "the survivor to train a newer version", workers)
+        st = _until(took_over, 180, "the survivor to train a newer version", workers)
 
         back = _Worker(trainer.wid, env, trainer.log_path)  # the killed worker comes back
         workers[workers.index(trainer)] = back
         back.wait_serving()
         again = _until(lambda: (lambda b: b if b.model_version >= st.model_version else None)(
-            back.status()), 30, "the restarted worker to load the newest version", workers)
+            back.status()), 60, "the restarted worker to load the newest version", workers)
         assert again.pairs_acquired == 80  # nothing acquired before the kill was lost
     finally:
         for w in workers:
