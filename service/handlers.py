@@ -277,12 +277,15 @@ class SelectionHandler:
             if not fresh:
                 return 0
             groups: dict[str, list[np.ndarray]] = {}
+            costs: dict[str, float] = {}
             for outcome, vec in fresh:
-                groups.setdefault(outcome.decision.modality, []).append(vec)
+                m = outcome.decision.modality
+                groups.setdefault(m, []).append(vec)
+                costs[m] = costs.get(m, 0.0) + float(outcome.decision.cost)
 
             def fold() -> None:
                 for m, vecs in groups.items():
-                    self.selector.observe_external(m, np.stack(vecs))
+                    self.selector.observe_external(m, np.stack(vecs), cost=costs[m])
 
             await loop.run_in_executor(self._executor, fold)
             for outcome, vec in fresh:

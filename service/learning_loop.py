@@ -167,6 +167,7 @@ class LearningLoop:
         self._partnerless: dict[PairKey, TrainingPair] = {}  # NO_MATCH: (id a, "") / ("", id b)
         self._validation: set[PairKey] = set()
         self._new_marks: list[tuple[str, np.ndarray]] = []  # partnerless, not yet in the selector
+        self._new_costs: list[tuple[str, float]] = []  # answers' costs, not yet in the selector
         self._pairs_at_last_train = 0
         self._highest_version = selector.model_version  # highest ever offered or trained
         self._training: asyncio.Task | None = None
@@ -374,11 +375,13 @@ class LearningLoop:
         labelled item was selected: it is cached already), else None. A partnerless record
         marks its item in the selector instead (once per key)."""
         key = p.key
+        labelled = self.modalities[0] if p.labeled_item_id == p.item_id_a else self.modalities[1]
         if p.partnerless:
             if p.request_id:
                 self._requests.put(p.request_id, True)
             if key not in self._partnerless:
                 self._partnerless[key] = p
+                self._new_costs.append((labelled, p.cost))
                 m = self.modalities[0] if p.item_id_a else self.modalities[1]
                 vec = p.vector_a if p.item_id_a else p.vector_b
                 self._items.put(p.labeled_item_id, (m, vec))
@@ -397,15 +400,17 @@ class LearningLoop:
             self._requests.put(p.request_id, True)
         self._items.put(p.item_id_a, (ma, p.vector_a))
         self._items.put(p.item_id_b, (mb, p.vector_b))
+        self._new_costs.append((labelled, p.cost))  # a new pair, or one labelled again
         if old is not None:
             return None
         return (ma, p.vector_a) if p.labeled_item_id == p.item_id_b else (mb, p.vector_b)
 
     async def _reveal(self, by_modality: Mapping[str, list[np.ndarray]]) -> None:
-        """Partners revealed (into the caches) and items marked partnerless since the last call,
-        in one engine call."""
+        """Partners revealed (into the caches), items marked partnerless and answers' costs since
+        the last call, in one engine call."""
         marks, self._new_marks = self._new_marks, []
-        if not by_modality and not marks:
+        costs, self._new_costs = self._new_costs, []
+        if not by_modality and not marks and not costs:
             return
 
         def work() -> None:
@@ -413,6 +418,8 @@ class LearningLoop:
                 self.selector.reveal_partner(m, np.stack(vecs))
             for m, vec in marks:
                 self.selector.mark_partnerless(m, vec[None, :])
+            for m, c in costs:
+                self.selector.observe_cost(m, c)
 
         await asyncio.get_running_loop().run_in_executor(self._executor, work)
 

@@ -304,6 +304,14 @@ class EngineStatus:
         Expected R@1 gain of the next ``expected_gain_pairs`` pairs and its standard error
         (NaN until the learning curve has three points).
     expected_gain_pairs : int
+    budget_unit : str
+        ``items`` (``spent``/``remaining`` count requests) or ``cost``.
+    cost_spent : float
+        Cost units spent (expected costs of the accepts; budget unit ``cost``).
+    cost_total : float or None
+        The budget in cost units (None: unlimited, or budget unit ``items``).
+    expected_cost : Mapping[str, float]
+        Per modality: the expected cost of one more answer (mean of its answers' costs, prior 1).
     """
 
     worker_id: str
@@ -328,10 +336,14 @@ class EngineStatus:
     expected_gain: float = float("nan")
     expected_gain_se: float = float("nan")
     expected_gain_pairs: int = 0
+    budget_unit: str = "items"
+    cost_spent: float = 0.0
+    cost_total: float | None = None
+    expected_cost: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("accepted_per_modality", "seen_per_modality", "cache_fill",
-                     "cache_evictions", "labels", "dims", "validation_recall"):
+                     "cache_evictions", "labels", "dims", "validation_recall", "expected_cost"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(f"EngineStatus.{name} must be a mapping, got {value!r}")
@@ -365,7 +377,10 @@ class EngineStatus:
                        validation_recall=validation_recall or {},
                        validation_pairs=validation_pairs, trainer=trainer,
                        expected_gain=expected_gain, expected_gain_se=expected_gain_se,
-                       expected_gain_pairs=expected_gain_pairs)
+                       expected_gain_pairs=expected_gain_pairs,
+                       budget_unit=st.get("budget_unit", "items"),
+                       cost_spent=st.get("cost_spent", 0.0), cost_total=st.get("cost_total"),
+                       expected_cost=st.get("expected_cost", {}))
         except KeyError as exc:
             raise KeyError(f"selector status has no {exc.args[0]!r}; "
                            f"keys: {sorted(selector_status)}") from None

@@ -185,6 +185,11 @@ class Settings:
     budget_total: int = _s(-1, "alignments to request in total; -1 = unlimited",
                            allowed="-1 (unlimited) or an integer >= 0",
                            check=lambda v: isinstance(v, int) and v >= -1)
+    budget_unit: str = _s("items", "what budget_total counts: items (alignment requests) or "
+                                   "cost (the AlignmentLabel.cost of the answers: each request "
+                                   "spends its modality's expected cost, and a modality is chosen "
+                                   "by utility per unit of cost)", allowed="items or cost",
+                          check=lambda v: v in ("items", "cost"))
     target_rate: float = _s(0.05, "target acceptance rate (share of the stream sent for "
                                   "alignment)", allowed=RATE, check=_rate)
     explore_fraction: float = _from(BudgetConfig, "explore", "share of the target rate spent on "
@@ -396,8 +401,11 @@ class Settings:
         return None if self.device in ("", "auto") else self.device
 
     def budget_config(self) -> BudgetConfig:
-        """The budget controller's config: this deployment's budget, core defaults otherwise."""
-        return BudgetConfig(total=None if self.budget_total < 0 else self.budget_total,
+        """The budget controller's config: this deployment's budget (in items; with budget unit
+        ``cost`` the item count is unlimited and the selector's cost ledger holds the budget),
+        core defaults otherwise."""
+        items = self.budget_unit == "items" and self.budget_total >= 0
+        return BudgetConfig(total=self.budget_total if items else None,
                             target_rate=self.target_rate, explore=self.explore_fraction,
                             warmup_accepts=self.warmup_accepts, window=self.threshold_window)
 
@@ -410,7 +418,10 @@ class Settings:
         return SelectorConfig(uncertainty=self.uncertainty, index_size=self.index_size,
                               cache_capacity=self.cache_capacity, budget=self.budget_config(),
                               acquisition=self.acquisition_config(),
-                              cache_half_life=self.cache_half_life or None)
+                              cache_half_life=self.cache_half_life or None,
+                              budget_unit=self.budget_unit,
+                              cost_total=(float(self.budget_total) if self.budget_unit == "cost"
+                                          and self.budget_total >= 0 else None))
 
     def gate_config(self) -> GateConfig:
         """The quality gate of new model versions."""

@@ -31,9 +31,11 @@ import torch
 
 from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig, BudgetController, BudgetDraft
+from service.core.cost_budget import CostLedger
 from service.core.cross_modal_model import CrossModalModel
 from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 from service.core.partnerless import PartnerlessMemory
+from service.core.reasons import Reason
 from service.core.scorer import UncertaintyScorer
 from service.core.types import Decision, FeatureItem
 from service.core.validation import as_matrix, check_modality, item_vectors
@@ -65,6 +67,11 @@ class SelectorConfig:
     partnerless_weight: float = 0.5
     partnerless_radius: float = 0.8
     partnerless_capacity: int = 1024
+    # "items": the budget counts requests (BudgetConfig.total); "cost": cost_total counts what
+    # the answers cost (service/core/cost_budget.py), each accept spending its modality's
+    # expected cost, and the utility is taken per unit of relative cost
+    budget_unit: str = "items"
+    cost_total: float | None = None
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
 
@@ -78,6 +85,10 @@ class SelectorConfig:
                              f"{self.cache_half_life!r}")
         PartnerlessMemory(self.partnerless_capacity, self.partnerless_weight,
                           self.partnerless_radius)  # raises on a bad value, naming it
+        if self.budget_unit not in ("items", "cost"):
+            raise ValueError(f"budget_unit must be 'items' or 'cost', got {self.budget_unit!r}")
+        if self.budget_unit == "items" and self.cost_total is not None:
+            raise ValueError("cost_total is a budget in cost units: set budget_unit='cost'")
         if self.cache_on_model_change not in ("reproject", "invalidate"):
             raise ValueError("cache_on_model_change must be 'reproject' or 'invalidate', got "
                              f"{self.cache_on_model_change!r}")
@@ -134,6 +145,8 @@ class StreamingSelector:
                                         model_version=model.version, device=self.scorer.device)
                        for m in self.modalities}
         self.acquisition = ModalityAwareAcquisition(self.modalities, cfg.acquisition)
+        self.costs = CostLedger(cfg.cost_total if cfg.budget_unit == "cost" else None,
+                                self.modalities)
         self.partnerless = {m: PartnerlessMemory(cfg.partnerless_capacity, cfg.partnerless_weight,
                                                  cfg.partnerless_radius)
                             for m in self.modalities}
@@ -212,8 +225,13 @@ class StreamingSelector:
                         e_t, e_m = emb[t], emb[m]
                         gram[(t, m)] = pairwise_sq_dist(e_t, e_m, (e_m * e_m).sum(dim=1)) \
                             .sqrt_().double().cpu().numpy()
-        util = {m: self.acquisition.utility(norm[m][0], norm[m][1], bonus[m], norm_t[m]) - pen[m]
-                for m in norm}
+        by_cost = self.config.budget_unit == "cost"
+
+        def value(m: str) -> np.ndarray:
+            u = self.acquisition.utility(norm[m][0], norm[m][1], bonus[m], norm_t[m]) - pen[m]
+            return self.costs.per_cost(m, u) if by_cost else u
+
+        util = {m: value(m) for m in norm}
         n = len(items)
         draft = self.budget.begin(n)
         extra = {m: 0 for m in self.modalities}
@@ -225,12 +243,21 @@ class StreamingSelector:
         accept = np.zeros(n, dtype=bool)
         thr_all, div_all, ut_all = np.empty(n), np.empty(n), np.empty(n)
         reasons: list[str] = []
+        cost = np.zeros(n)  # what each accept spends in cost units (budget_unit "cost")
+        pending = 0.0
         i = 0
         while i < n:
             # Decide up to the next accept in one vectorised step (between two accepts nothing
             # a decision depends on changes), then let the accept lower later items' diversity.
             allow = np.array([self.acquisition.quota_allows(m, extra) for m in self.modalities])
-            k, acc, thr, why = draft.decide_run(u_all[i:], ~allow[mod_idx[i:]])
+            quota = ~allow[mod_idx[i:]]
+            broke = np.zeros(n - i, dtype=bool)
+            if by_cost:
+                fits = np.array([self.costs.affordable(m, pending) for m in self.modalities])
+                broke = ~fits[mod_idx[i:]] & ~quota
+            k, acc, thr, why = draft.decide_run(u_all[i:], quota | broke)
+            why = [Reason.SKIP_BUDGET_EXHAUSTED if b else w
+                   for w, b in zip(why, broke[:k].tolist(), strict=True)]
             thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = (thr, d_all[i:i + k],
                                                                    u_all[i:i + k])
             reasons += why
@@ -240,6 +267,9 @@ class StreamingSelector:
             a = i - 1
             accept[a] = True
             m, j = mods[a], int(pos_in_mod[a])
+            if by_cost:
+                cost[a] = self.costs.expected(m)
+                pending += cost[a]
             extra[m] += 1
             for t in targets_of[m]:
                 if (t, m) not in gram:
@@ -248,8 +278,7 @@ class StreamingSelector:
                 if later.any():
                     cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
                     norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
-                    util[t] = self.acquisition.utility(norm[t][0], norm[t][1], bonus[t],
-                                                       norm_t[t]) - pen[t]
+                    util[t] = value(t)
                     u_all[rows[t]], d_all[rows[t]] = util[t], cur_div[t]
         version = self.model_version
         col = {}  # per-item score components in arrival order, as Python floats
@@ -275,7 +304,7 @@ class StreamingSelector:
                               least_confidence=col["least_confidence"][i], threshold=t_list[i],
                               model_version=version, reason=reasons[i],
                               typicality=col["typicality"][i],
-                              partnerless=col["partnerless"][i])
+                              partnerless=col["partnerless"][i], cost=float(cost[i]))
                      for i, it in enumerate(items)]
         return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch, typ)
 
@@ -286,6 +315,7 @@ class StreamingSelector:
             raise ValueError("stale proposal: another proposal was committed or the model changed")
         n_acc = sum(d.accept for d in proposal.decisions)
         self.budget.commit(proposal._draft, accepted=n_acc)
+        self.costs.spend(sum(d.cost for d in proposal.decisions if d.accept))
         clock = self.clock  # the batch was scored at this clock; its accepts are born at it
         for m, r in proposal._rows.items():
             if len(r) == 0:
@@ -321,9 +351,11 @@ class StreamingSelector:
                 out[proposal.decisions[r[j]].item_id] = cands
         return out
 
-    def observe_external(self, modality: str, raw, count_budget: bool = True) -> None:
+    def observe_external(self, modality: str, raw, count_budget: bool = True,
+                         cost: float = 0.0) -> None:
         """An item selected by ANOTHER worker: its diversity counts here, and (by default) its
-        spend counts against this worker's view of the shared budget. raw: (n, d_modality)."""
+        spend counts against this worker's view of the shared budget (``cost``: what the
+        selections spent in cost units). raw: (n, d_modality)."""
         check_modality(modality, self.modalities)
         arr = as_matrix(raw, self.model.dims[modality], name=f"external {modality}")
         z = self.scorer.embed_valid(modality, arr)
@@ -332,6 +364,7 @@ class StreamingSelector:
             self.caches[t].add(z, arr, tag=self._tag(modality), clock=self.clock)
         if count_budget:
             self.budget.record_external(len(arr))
+            self.costs.spend(cost)
         self._epoch += 1
 
     def reveal_partner(self, modality: str, raw) -> None:
@@ -344,6 +377,12 @@ class StreamingSelector:
         self.caches[modality].add(self.scorer.embed_valid(modality, arr), arr,
                                   tag=self._tag(modality), clock=self.clock)
         self._epoch += 1
+
+    def observe_cost(self, modality: str, cost: float) -> None:
+        """An answer about an item of ``modality`` cost ``cost`` (its label's cost): the
+        expected cost of that modality follows (:mod:`service.core.cost_budget`)."""
+        check_modality(modality, self.modalities)
+        self.costs.observe(modality, cost)
 
     def mark_partnerless(self, modality: str, raw) -> None:
         """Annotators answered NO_MATCH for these items: they and items like them lose utility
@@ -379,4 +418,8 @@ class StreamingSelector:
             "model_version": self.model_version,
             "cache_fill": {m: c.fill() for m, c in self.caches.items()},
             "cache_evictions": {m: c.evictions for m, c in self.caches.items()},
+            "budget_unit": self.config.budget_unit,
+            "cost_spent": self.costs.spent,
+            "cost_total": self.costs.total,
+            "expected_cost": {m: self.costs.expected(m) for m in self.modalities},
         }

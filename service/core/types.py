@@ -47,3 +47,4 @@ class Decision:
     reason: str
     typicality: float = 0.0  # raw mean top-k cosine to its own modality's recent items (0: off)
     partnerless: float = 0.0  # utility penalty for resembling an item answered NO_MATCH
+    cost: float = 0.0  # cost units an accept spends (budget_unit "cost": the expected cost)

@@ -303,6 +303,14 @@ class PairsieveMetrics:
             "pairsieve_expected_recall_gain_pairs",
             "The N of pairsieve_expected_recall_gain (PAIRSIEVE_GAIN_HORIZON_PAIRS).", registry=r)
         self.expected_gain.set(NAN)  # unknown, not "no gain": the plateau alert must not fire
+        self.cost_spent = Gauge(
+            "pairsieve_budget_cost_spent",
+            "Budget unit cost: cost units spent (the expected costs of the accepts, every "
+            "worker's); 0 with budget unit items.", registry=r)
+        self.expected_cost = Gauge(
+            "pairsieve_expected_cost",
+            "Expected cost of one more answer about an item of the modality (mean of its "
+            "answers' AlignmentLabel.cost, prior 1).", ["modality"], registry=r)
         self.trainer = Gauge(
             "pairsieve_trainer",
             "1 when this worker trains the shared model lineage (it holds the labels partition).",
@@ -404,6 +412,9 @@ class PairsieveMetrics:
             self.model_version.set(_num(status.model_version))
             self.pairs_acquired.set(_num(status.pairs_acquired))
             self.trainer.set(1 if status.trainer else 0)
+            self.cost_spent.set(_num(status.cost_spent))
+            for m, c in status.expected_cost.items():
+                self.expected_cost.labels(self._modality(m)).set(_num(c))
             for m, fill in status.cache_fill.items():
                 self.cache_fill.labels(self._modality(m)).set(_num(fill))
             for m, cum in status.cache_evictions.items():

@@ -319,7 +319,7 @@ def decision_to_proto(o: Outcome) -> pb.Decision:
             entropy=float(d.entropy), least_confidence=float(d.least_confidence),
             typicality=float(d.typicality), partnerless=float(d.partnerless)),
         threshold=float(d.threshold), model_version=int(d.model_version), reason=str(d.reason),
-        duplicate=bool(o.duplicate), worker_id=o.worker_id)
+        duplicate=bool(o.duplicate), worker_id=o.worker_id, cost=float(d.cost))
 
 
 def decision_from_proto(msg: pb.Decision) -> Outcome:
@@ -329,7 +329,7 @@ def decision_from_proto(msg: pb.Decision) -> Outcome:
                    coverage_bonus=c.coverage_bonus, margin=c.margin, entropy=c.entropy,
                    least_confidence=c.least_confidence, threshold=msg.threshold,
                    model_version=msg.model_version, reason=reasons.parse(msg.reason),
-                   typicality=c.typicality, partnerless=c.partnerless)
+                   typicality=c.typicality, partnerless=c.partnerless, cost=msg.cost)
     return Outcome(msg.event_id, dec, msg.duplicate, msg.worker_id)
 
 
@@ -596,7 +596,10 @@ def status_to_proto(status: EngineStatus, serving: bool = True) -> pb.ServiceSta
                            for k, v in sorted(status.validation_recall.items())],
         validation_pairs=int(status.validation_pairs), trainer=bool(status.trainer),
         expected_gain=float(status.expected_gain), expected_gain_se=float(status.expected_gain_se),
-        expected_gain_pairs=int(status.expected_gain_pairs))
+        expected_gain_pairs=int(status.expected_gain_pairs), budget_unit=status.budget_unit,
+        cost_spent=float(status.cost_spent),
+        cost_total=-1.0 if status.cost_total is None else float(status.cost_total),
+        expected_cost={m: float(v) for m, v in status.expected_cost.items()})
 
 
 def dead_letter_bytes(reason: str, detail: str, original: bytes, topic: str | None,

@@ -311,6 +311,40 @@ def test_no_match_lowers_the_utility_of_the_items_neighbours(kafka_topics):
     assert [(p.partnerless, p.item_id_a, p.item_id_b) for p in pairs] == [(True, "img-5", "")]
 
 
+def test_a_cost_budget_stops_at_its_cost(kafka_topics):
+    s = _settings(kafka_topics, budget_unit="cost", budget_total=12)
+
+    async def scenario():
+        svc = await start_service(s)
+        try:
+            await _feed(svc, s, range(4))  # four requests at the prior cost, 1 each
+            assert svc.handler.status().cost_spent == pytest.approx(4.0)
+            # two answers come back, each costing 5: an image now costs (1 + 5 + 5) / 3
+            labels = [codecs.label_to_proto(Label(
+                item_id=f"img-{i}", modality="image", partner_item_id=f"txt-{i}",
+                status="MATCH", request_id=f"e{i}", cost=5.0, partner_vector=TXT[i]))
+                .SerializeToString() for i in range(2)]
+            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC), labels)
+            await _wait(lambda: svc.handler.learning.pairs_acquired == 2, what="two pairs")
+            await svc.handler.settle()
+            assert svc.handler.status().expected_cost["image"] == pytest.approx(11 / 3)
+            await _feed(svc, s, range(4, 24))
+            return svc.handler.status()
+        finally:
+            await svc.shutdown()
+
+    st = asyncio.run(scenario())
+    # 4 + 11/3 + 11/3 = 11.33 <= 12; one more (15) would not fit
+    assert st.cost_spent == pytest.approx(4 + 22 / 3) and st.spent == 6
+    assert st.budget_unit == "cost" and st.cost_total == 12.0
+    log = _read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 24,
+                    parse=codecs.pb.DecisionRecord.FromString)
+    accepted = [r.decision for r in log if r.decision.accept]
+    assert sorted(round(d.cost, 3) for d in accepted) == [1.0] * 4 + [3.667] * 2
+    skipped = {r.decision.reason for r in log if not r.decision.accept}
+    assert skipped == {"skip:budget_exhausted"}
+
+
 def test_export_pairs_writes_the_acquired_dataset(kafka_topics, tmp_path):
     s = _settings(kafka_topics)
 

@@ -316,7 +316,7 @@ def test_label_errors():
 
 def test_decision_record_round_trip_and_errors():
     d = Decision("it1", "image", False, 0.25, 0.1, 0.2, 0.0, 0.3, 0.4, 0.5, 0.6, 3,
-                 "skip:below_threshold", typicality=0.7)
+                 "skip:below_threshold", typicality=0.7, partnerless=0.1, cost=2.5)
     msg = codecs.decision_record_to_proto(Outcome("e1", d, False, "w0"), 1_700_000_000.5)
     back, at = codecs.decision_record_from_proto(pb.DecisionRecord.FromString(
         msg.SerializeToString()))
@@ -486,6 +486,11 @@ def test_status_round_trip():
                                           expected_gain_pairs=100))
     assert (gain.expected_gain, gain.expected_gain_se, gain.expected_gain_pairs) == \
         (0.03, 0.01, 100)
+    assert (msg.budget_unit, msg.cost_spent, msg.cost_total) == ("items", 0.0, -1.0)
+    cost = codecs.status_to_proto(_status(budget_unit="cost", cost_spent=7.5, cost_total=12.0,
+                                          expected_cost={"image": 3.0, "text": 1.0}))
+    assert (cost.budget_unit, cost.cost_spent, cost.cost_total) == ("cost", 7.5, 12.0)
+    assert dict(cost.expected_cost) == {"image": 3.0, "text": 1.0}
 
 
 def test_dead_letter_bytes():

@@ -17,7 +17,7 @@ FIELDS = ("worker_id", "spent", "remaining", "budget_total", "seen", "acceptance
           "target_rate", "threshold", "model_version", "pairs_acquired", "accepted_per_modality",
           "seen_per_modality", "cache_fill", "cache_evictions", "labels", "dims",
           "validation_recall", "validation_pairs", "trainer", "expected_gain", "expected_gain_se",
-          "expected_gain_pairs")
+          "expected_gain_pairs", "budget_unit", "cost_spent", "cost_total", "expected_cost")
 
 
 def _selector_status(**over):

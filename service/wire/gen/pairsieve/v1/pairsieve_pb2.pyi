@@ -77,7 +77,7 @@ class ScoreComponents(_message.Message):
     def __init__(self, uncertainty: _Optional[float] = ..., diversity: _Optional[float] = ..., coverage_bonus: _Optional[float] = ..., margin: _Optional[float] = ..., entropy: _Optional[float] = ..., least_confidence: _Optional[float] = ..., typicality: _Optional[float] = ..., partnerless: _Optional[float] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("event_id", "item_id", "modality", "accept", "utility", "components", "threshold", "model_version", "reason", "duplicate", "worker_id")
+    __slots__ = ("event_id", "item_id", "modality", "accept", "utility", "components", "threshold", "model_version", "reason", "duplicate", "worker_id", "cost")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class Decision(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     item_id: str
     modality: str
@@ -100,7 +101,8 @@ class Decision(_message.Message):
     reason: str
     duplicate: bool
     worker_id: str
-    def __init__(self, event_id: _Optional[str] = ..., item_id: _Optional[str] = ..., modality: _Optional[str] = ..., accept: _Optional[bool] = ..., utility: _Optional[float] = ..., components: _Optional[_Union[ScoreComponents, _Mapping]] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., duplicate: _Optional[bool] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    cost: float
+    def __init__(self, event_id: _Optional[str] = ..., item_id: _Optional[str] = ..., modality: _Optional[str] = ..., accept: _Optional[bool] = ..., utility: _Optional[float] = ..., components: _Optional[_Union[ScoreComponents, _Mapping]] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., duplicate: _Optional[bool] = ..., worker_id: _Optional[str] = ..., cost: _Optional[float] = ...) -> None: ...
 
 class DecisionRecord(_message.Message):
     __slots__ = ("decision", "decided_at")
@@ -282,7 +284,14 @@ class ModalityStatus(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., dim: _Optional[int] = ..., seen: _Optional[int] = ..., accepted: _Optional[int] = ..., cache_fill: _Optional[float] = ..., cache_evictions: _Optional[int] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("worker_id", "budget_total", "budget_spent", "budget_remaining", "acceptance_rate", "target_rate", "threshold", "model_version", "pairs_acquired", "modalities", "serving", "validation_recall", "validation_pairs", "trainer", "expected_gain", "expected_gain_se", "expected_gain_pairs")
+    __slots__ = ("worker_id", "budget_total", "budget_spent", "budget_remaining", "acceptance_rate", "target_rate", "threshold", "model_version", "pairs_acquired", "modalities", "serving", "validation_recall", "validation_pairs", "trainer", "expected_gain", "expected_gain_se", "expected_gain_pairs", "budget_unit", "cost_spent", "cost_total", "expected_cost")
+    class ExpectedCostEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +309,10 @@ class ServiceStatus(_message.Message):
     EXPECTED_GAIN_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_GAIN_SE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_GAIN_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_UNIT_FIELD_NUMBER: _ClassVar[int]
+    COST_SPENT_FIELD_NUMBER: _ClassVar[int]
+    COST_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_COST_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     budget_total: int
     budget_spent: int
@@ -317,7 +330,11 @@ class ServiceStatus(_message.Message):
     expected_gain: float
     expected_gain_se: float
     expected_gain_pairs: int
-    def __init__(self, worker_id: _Optional[str] = ..., budget_total: _Optional[int] = ..., budget_spent: _Optional[int] = ..., budget_remaining: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_rate: _Optional[float] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., pairs_acquired: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStatus, _Mapping]]] = ..., serving: _Optional[bool] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., validation_pairs: _Optional[int] = ..., trainer: _Optional[bool] = ..., expected_gain: _Optional[float] = ..., expected_gain_se: _Optional[float] = ..., expected_gain_pairs: _Optional[int] = ...) -> None: ...
+    budget_unit: str
+    cost_spent: float
+    cost_total: float
+    expected_cost: _containers.ScalarMap[str, float]
+    def __init__(self, worker_id: _Optional[str] = ..., budget_total: _Optional[int] = ..., budget_spent: _Optional[int] = ..., budget_remaining: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_rate: _Optional[float] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., pairs_acquired: _Optional[int] = ..., modalities: _Optional[_Iterable[_Union[ModalityStatus, _Mapping]]] = ..., serving: _Optional[bool] = ..., validation_recall: _Optional[_Iterable[_Union[RecallAtK, _Mapping]]] = ..., validation_pairs: _Optional[int] = ..., trainer: _Optional[bool] = ..., expected_gain: _Optional[float] = ..., expected_gain_se: _Optional[float] = ..., expected_gain_pairs: _Optional[int] = ..., budget_unit: _Optional[str] = ..., cost_spent: _Optional[float] = ..., cost_total: _Optional[float] = ..., expected_cost: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("events",)
