@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -227,11 +228,15 @@ class LearningLoop:
     # ------------------------------------------------------------------ labels
     def check_label(self, label: Label) -> None:
         """Raise ``ValueError`` naming the problem if ``label`` has an unknown status or
-        modality, or a partner vector of the wrong shape or non-finite."""
+        modality, a negative or non-finite cost, or a partner vector of the wrong shape or
+        non-finite."""
         if label.status not in LABEL_STATUSES:
             raise ValueError(f"label for {label.item_id!r}: unknown status {label.status!r}; "
                              f"expected one of {LABEL_STATUSES}")
         check_modality(label.modality, self.modalities)
+        if not (math.isfinite(label.cost) and label.cost >= 0):
+            raise ValueError(f"label for {label.item_id!r}: cost must be a finite number >= 0, "
+                             f"got {label.cost!r}")
         if label.partner_vector is not None and len(label.partner_vector):
             as_matrix(label.partner_vector, self.dims[self.model.other(label.modality)],
                       name=f"partner of {label.item_id!r}")

@@ -62,9 +62,10 @@ __all__ = [
 ]
 
 REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
-           "oversized", "empty_batch", "rejected", "label_unresolved")
+           "oversized", "empty_batch", "rejected", "label_unresolved", "out_of_range")
 # rejected: refused by the engine itself; label_unresolved: a MATCH label whose item or partner
-# vector is unknown (LearningLoop.resolve says which)
+# vector is unknown (LearningLoop.resolve says which); out_of_range: a number outside its domain
+# (a negative cost)
 
 MODEL_KEY = b"model"
 """Record key of every ``ModelVersion`` on the models topic: compaction keeps the newest."""
@@ -407,6 +408,8 @@ def label_from_proto(msg: pb.AlignmentLabel, dims: Mapping[str, int]) -> Label:
         partner = decode_vector(msg.partner_vector, expected, what=f"{what} partner_vector")
     if not math.isfinite(msg.cost):
         raise WireError("non_finite", f"{what}: cost must be finite, got {msg.cost!r}")
+    if msg.cost < 0:
+        raise WireError("out_of_range", f"{what}: cost must be >= 0, got {msg.cost!r}")
     return Label(item_id=msg.item_id, modality=msg.modality, partner_item_id=msg.partner_item_id,
                  status=_STATUS_FROM_PB[msg.status], request_id=msg.request_id,
                  annotator=msg.annotator, cost=msg.cost or 1.0, partner_vector=partner,

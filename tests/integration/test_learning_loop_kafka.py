@@ -407,6 +407,7 @@ class _Worker:
         raise AssertionError(f"{self.wid} not serving after {timeout_s}s:\n{self.text()[-3000:]}")
 
     def status(self):
+        """GetStatus of this worker (polled every 0.2 s by the test)."""
         import grpc
 
         from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
@@ -453,12 +454,21 @@ def test_two_workers_share_one_lineage_and_training_survives_kill_9(tansu_broker
         assert len(reqs) == 120
         _produce(boot, LABELS_TOPIC + suffix, _labels(range(40)))
 
+        first_seen: dict[tuple[int, int], float] = {}  # (worker, version) -> first poll
+
         def same_version():
             sts = [w.status() for w in workers]
+            now = time.monotonic()
+            for i, st in enumerate(sts):
+                first_seen.setdefault((i, st.model_version), now)
             vs = {st.model_version for st in sts}
             ok = len(vs) == 1 and min(vs) >= 2 and all(st.pairs_acquired == 40 for st in sts)
             return sts if ok else None
         sts = _until(same_version, 120, "both workers on version >= 2 with 40 pairs", workers)
+        # every version both workers ran reached the second one within seconds of the first
+        both = {v for (i, v) in first_seen if i == 0} & {v for (i, v) in first_seen if i == 1}
+        lags = [abs(first_seen[(0, v)] - first_seen[(1, v)]) for v in both if v > 0]
+        assert lags and max(lags) < 5.0, (sorted(first_seen.items()), lags)
         trainers = [w for w, st in zip(workers, sts, strict=True) if st.trainer]
         assert len(trainers) == 1, [st.trainer for st in sts]
         assert sts[0].validation_recall == sts[1].validation_recall  # one lineage, one measure

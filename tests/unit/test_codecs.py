@@ -310,6 +310,8 @@ def test_label_errors():
     _reason(lambda: codecs.label_from_proto(
         pb.AlignmentLabel(**ok, partner_vector=nan12, partner_dim=12), DIMS),
         "non_finite", "partner_vector")
+    _reason(lambda: codecs.label_from_proto(pb.AlignmentLabel(**ok, cost=-2.0), DIMS),
+            "out_of_range", "cost must be >= 0, got -2.0")
     # unset cost reads as the default 1.0
     assert codecs.label_from_proto(pb.AlignmentLabel(**ok), DIMS).cost == 1.0
 

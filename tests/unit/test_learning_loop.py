@@ -193,6 +193,9 @@ def test_bad_labels_raise_naming_them_and_nothing_is_counted():
             await loop.add_labels([_match(0), Label("i0", "image", "t0", "MAYBE")])
         with pytest.raises(ValueError, match="unknown modality 'audio'"):
             await loop.add_labels([Label("i0", "audio", "t0", "MATCH")])
+        with pytest.raises(ValueError, match=r"label for 'i0': cost must be a finite number >= 0, "
+                                             r"got -1.0"):
+            await loop.add_labels([_match(0), Label("i0", "image", "t0", "MATCH", cost=-1.0)])
         with pytest.raises(ValueError, match="partner of 'i0'"):
             await loop.add_labels([_match(0), Label("i0", "image", "t9", "MATCH",
                                                     partner_vector=np.zeros(5, np.float32))])
