@@ -47,6 +47,7 @@ from service.messages import (
 )
 from service.settings import parse_modalities
 from service.streaming.topics import (
+    DECISIONS_TOPIC,
     MODELS_TOPIC,
     REQUESTS_TOPIC,
     TRAINING_PAIRS_TOPIC,
@@ -62,8 +63,9 @@ _REPLAYED = re.compile(r"state replayed in ([\d.]+)s")
 
 
 def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pairs: int,
-         partitions: int, seed: int, say=print) -> int:
-    """Produce the history; returns the model version published."""
+         partitions: int, seed: int, say=print, decisions: int = 0) -> int:
+    """Produce the history (``decisions`` skip records on the decision log besides the
+    selections); returns the model version published."""
     from kafka import KafkaProducer
 
     rng = np.random.default_rng(seed)
@@ -86,6 +88,17 @@ def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pai
                   key=req.item_id.encode(), partition=i % partitions)
         if (i + 1) % 20000 == 0:
             say(f"  {i + 1} selections produced ({time.perf_counter() - t0:.0f}s)")
+    for i in range(decisions):
+        m = mods[i % 2]
+        dec = Decision(item_id=f"skipped-{i}", modality=m, accept=False, utility=0.1,
+                       uncertainty=0.1, diversity=0.2, coverage_bonus=0.0, margin=0.0,
+                       entropy=0.0, least_confidence=0.0, threshold=0.4, model_version=1,
+                       reason="skip:below_threshold")
+        prod.send(DECISIONS_TOPIC + suffix, codecs.decision_record_to_proto(
+            Outcome(f"sk-{i}", dec, False, "history"), time.time()).SerializeToString(),
+            key=f"sk-{i}".encode(), partition=i % partitions)
+        if (i + 1) % 100000 == 0:
+            say(f"  {i + 1} decisions produced ({time.perf_counter() - t0:.0f}s)")
     a, b = mods
     for j in range(pairs):
         p = TrainingPair(f"item-{2 * j}", f"partner-{j}", vecs[a][j % 1024], vecs[b][j % 1024],
@@ -154,6 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", help="a running broker (default: start the embedded tansu)")
     ap.add_argument("--selections", type=int, default=100_000)
     ap.add_argument("--pairs", type=int, default=10_000)
+    ap.add_argument("--decisions", type=int, default=0,
+                    help="skip decisions on the decision log (a worker replays the last "
+                         "PAIRSIEVE_DECISION_REPLAY per partition)")
     ap.add_argument("--modalities", default="image:512,text:384")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--restarts", type=int, default=3)
@@ -174,10 +190,10 @@ def main(argv=None) -> int:
         specs = {t + suffix: n for t, n in topic_specs(a.partitions).items()}
         configs = {t + suffix: c for t, c in topic_configs().items()}
         create_topics(bootstrap, specs, configs=configs)
-        print(f"filling {a.selections} selections and {a.pairs} pairs ({a.modalities}) ...",
-              flush=True)
+        print(f"filling {a.selections} selections, {a.decisions} skip decisions and {a.pairs} "
+              f"pairs ({a.modalities}) ...", flush=True)
         version = fill(bootstrap, suffix, dims, a.selections, a.pairs, a.partitions, a.seed,
-                       say=lambda m: print(m, flush=True))
+                       say=lambda m: print(m, flush=True), decisions=a.decisions)
         runs = []
         group = "startup-" + uuid.uuid4().hex[:6]
         with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +219,9 @@ def main(argv=None) -> int:
         f"{'embedded tansu' if broker else bootstrap}).",
         "",
         f"History on the topics: {a.selections} selections (requests topic, {a.partitions} "
-        f"partitions), {a.pairs} training pairs, 1 model version; modalities {a.modalities}.",
+        f"partitions), {a.decisions} skip decisions on the decision log (the worker replays at "
+        f"most the last 200,000 per partition), {a.pairs} training pairs, 1 model version; "
+        f"modalities {a.modalities}.",
         "",
         "| restart | spawn -> serving (s) | replay (s) | budget spent | pairs | model |",
         "|---:|---:|---:|---:|---:|---:|",
