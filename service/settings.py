@@ -182,7 +182,8 @@ class Settings:
                                 allowed=POS_INT, check=_positive_int)
     # The deployment's budget: not engine defaults (the benchmark sets both from its budget and
     # stream length), so they live here.
-    budget_total: int = _s(-1, "alignments to request in total; -1 = unlimited",
+    budget_total: int = _s(-1, "alignments to request in total (budget unit cost: cost units to "
+                               "spend); -1 = unlimited",
                            allowed="-1 (unlimited) or an integer >= 0",
                            check=lambda v: isinstance(v, int) and v >= -1)
     budget_unit: str = _s("items", "what budget_total counts: items (alignment requests) or "
