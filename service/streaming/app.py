@@ -133,7 +133,7 @@ class StreamProcessor:
                     e.message.incref()
                 await asyncio.Event().wait()  # parked until faust cancels the agent on stop
             self.idle.clear()
-            work = asyncio.ensure_future(self.process_feature_records(
+            work = asyncio.ensure_future(self.process_until_done(
                 [KafkaRecord.from_message(e.message) for e in events]))
             work.add_done_callback(lambda _t: self.idle.set())
             try:
@@ -142,6 +142,21 @@ class StreamProcessor:
                 await work  # finish publishing + committing before faust acks the buffer
                 raise
             self._report_lag(events)
+
+    async def process_until_done(self, records: Sequence[KafkaRecord]) -> int:
+        """:meth:`process_feature_records`, again after any unexpected exception (with backoff)
+        until it completes: faust acknowledges the buffer when the agent moves on or crashes,
+        so no exception may leave the loop with events undecided. A retry is safe: decided
+        events are answered as duplicates (a dead letter may be published twice)."""
+        delay = 0.1
+        while True:
+            try:
+                return await self.process_feature_records(records)
+            except Exception:
+                log.exception("processing a micro-batch of %d records failed; retrying it in "
+                              "%.1fs", len(records), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def process_feature_records(self, records: Sequence[KafkaRecord]) -> int:
         """Decode, dead-letter the bad, decide the good.
@@ -209,15 +224,31 @@ class StreamProcessor:
         self.metrics.consumer_lag(self.features.get_topic_name(), lag)
 
     async def _dead_letter(self, reason: str, detail: str, rec: KafkaRecord) -> None:
+        """Publish one dead letter and wait for it; a failure is retried with backoff, so the
+        batch it belongs to is never acknowledged without it. A dead letter is never larger than
+        the producer accepts (an oversized original travels as its digest, size and source
+        coordinates, :func:`codecs.dead_letter_bytes`)."""
         self.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_lettered(reason)
         log.warning("dead letter (%s) from %s[%s]@%s: %s", reason, rec.topic, rec.partition,
                     rec.offset, detail)
-        await self.publisher.send_raw(
-            self.dead_letter_topic,
-            codecs.dead_letter_bytes(reason, detail, rec.value or b"", rec.topic, rec.partition,
-                                     rec.offset, time.time()))
+        value = codecs.dead_letter_bytes(reason, detail, rec.value or b"", rec.topic,
+                                         rec.partition, rec.offset, time.time(),
+                                         max_bytes=self.settings.max_message_bytes)
+        delay = 0.1
+        while True:
+            try:
+                await self.publisher.send_raw(self.dead_letter_topic, value)
+                return
+            except Exception as exc:
+                if type(exc).__name__ == "MessageSizeTooLargeError":  # a broker's smaller limit
+                    value = codecs.dead_letter_bytes(reason, detail, rec.value or b"", rec.topic,
+                                                     rec.partition, rec.offset, time.time(),
+                                                     max_bytes=0)
+                log.exception("publishing a dead letter failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _on_labels(self, stream):
         async for event in stream.events():

@@ -25,6 +25,7 @@ all-or-nothing: one bad event rejects the whole record, naming the event's index
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -606,10 +607,33 @@ def status_to_proto(status: EngineStatus, serving: bool = True) -> pb.ServiceSta
 
 
 def dead_letter_bytes(reason: str, detail: str, original: bytes, topic: str | None,
-                      partition: int | None, offset: int | None, now: float) -> bytes:
-    """A serialized ``DeadLetter`` (unknown partition/offset -> -1)."""
-    return pb.DeadLetter(reason=reason, detail=detail, original=bytes(original or b""),
-                         source_topic=topic or "",
-                         source_partition=-1 if partition is None else int(partition),
-                         source_offset=-1 if offset is None else int(offset),
-                         failed_at=timestamp(now)).SerializeToString()
+                      partition: int | None, offset: int | None, now: float,
+                      max_bytes: int | None = None) -> bytes:
+    """A serialized ``DeadLetter`` (unknown partition/offset -> -1).
+
+    It always carries the original's SHA-256 and size. The original itself is left out
+    (``original_omitted``) when the dead letter would exceed ``max_bytes`` less the record
+    overhead (4 KiB, or an eighth of a smaller limit): a record refused for its size must not
+    make its dead letter unpublishable, and the source coordinates still find the original on
+    its topic.
+    """
+    original = bytes(original or b"")
+    msg = pb.DeadLetter(reason=reason, detail=detail, original=original,
+                        source_topic=topic or "",
+                        source_partition=-1 if partition is None else int(partition),
+                        source_offset=-1 if offset is None else int(offset),
+                        failed_at=timestamp(now),
+                        original_sha256=hashlib.sha256(original).hexdigest(),
+                        original_size=len(original))
+    limit = None if max_bytes is None else \
+        max(0, max_bytes - min(DEAD_LETTER_HEADROOM, max_bytes // 8))
+    if limit is not None and msg.ByteSize() > limit:
+        msg.original = b""
+        msg.original_omitted = True
+        if msg.ByteSize() > limit:
+            msg.detail = msg.detail[:1024]  # a detail cannot be that long, but never fail here
+    return msg.SerializeToString()
+
+
+DEAD_LETTER_HEADROOM = 4096
+"""Bytes kept free below the producer's request limit for the record and batch framing."""

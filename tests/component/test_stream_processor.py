@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 
 import numpy as np
 import pytest
@@ -207,7 +208,11 @@ def test_each_bad_record_kind_is_dead_lettered_with_its_reason(reason):
         assert len(dls) == 1
         dl = dls[0]
         assert dl.reason == reason
-        assert dl.original == value
+        # an oversized original would make its dead letter unpublishable: digest and size instead
+        assert dl.original == (b"" if reason == "oversized" else value)
+        assert dl.original_omitted == (reason == "oversized")
+        assert (dl.original_sha256, dl.original_size) == (hashlib.sha256(value).hexdigest(),
+                                                         len(value))
         assert (dl.source_topic, dl.source_partition, dl.source_offset) == (SRC, 3, 41)
         assert dl.detail
         assert dl.HasField("failed_at") and dl.failed_at.seconds > 0
@@ -234,7 +239,8 @@ def test_all_bad_kinds_in_one_micro_batch_and_a_bad_event_inside_a_batch():
         dls = env.dead_letters()
         assert [d.reason for d in dls] == list(BAD_RECORDS) + ["unknown_modality"]
         assert [d.source_offset for d in dls] == list(range(1, len(BAD_RECORDS) + 1)) + [50]
-        assert [d.original for d in dls] == [v for v, _ in BAD_RECORDS.values()] + [mixed]
+        assert [d.original for d in dls] == [b"" if k == "oversized" else v for k, (v, _)
+                                             in BAD_RECORDS.items()] + [mixed]
         assert "batch event 1 of 3" in dls[-1].detail
         assert env.metrics.dead == list(BAD_RECORDS) + ["unknown_modality"]
         assert env.metrics.micro_batches == [3]
@@ -398,3 +404,85 @@ def test_labels_become_published_pairs_and_bad_ones_are_dead_lettered_with_a_rea
         assert env.metrics.dead == ["label_unresolved", "undecodable", "missing_field"]
 
     run_env(body, pair_fail_times=2)
+
+
+# --------------------------------------------------------------------------- oversized, failures
+class MessageSizeTooLargeError(Exception):
+    """Named as kafka-python/aiokafka's: a broker limit smaller than the producer's."""
+
+
+def test_an_oversized_record_is_dead_lettered_as_its_digest_and_the_batch_is_decided():
+    """Issue 15, item 1: two records over PAIRSIEVE_MAX_MESSAGE_BYTES in a micro-batch of valid
+    events. Their dead letters carry digest, size and coordinates instead of the bytes (a dead
+    letter as large as the record could not be published), and every valid event is decided."""
+    async def body(env):
+        huge = b"\x0a" + b"x" * (MAX_BYTES + 5000)
+        recs = [KafkaRecord(huge, EVENT, SRC, 0, 0)]
+        recs += [KafkaRecord(codecs.encode_feature_event(_ev(i)), EVENT, SRC, 0, 1 + i)
+                 for i in range(30)]
+        recs.append(KafkaRecord(huge + b"y", EVENT, SRC, 0, 31))
+        assert await env.proc.process_feature_records(recs) == 30
+        assert env.seen() == 30
+        dls = env.dead_letters()
+        assert [(d.reason, d.source_offset) for d in dls] == [("oversized", 0), ("oversized", 31)]
+        for d, raw in zip(dls, (huge, huge + b"y"), strict=True):
+            assert d.original_omitted and d.original == b""
+            assert (d.original_size, d.original_sha256) == (len(raw),
+                                                           hashlib.sha256(raw).hexdigest())
+        assert all(len(v) <= MAX_BYTES for _, v, _ in env.publisher.raw)
+        # a small bad record keeps its bytes, and its digest
+        await env.proc.process_feature_records([KafkaRecord(b"\xff\xff", None, SRC, 0, 40)])
+        last = env.dead_letters()[-1]
+        assert last.original == b"\xff\xff" and not last.original_omitted
+        assert last.original_sha256 == hashlib.sha256(b"\xff\xff").hexdigest()
+
+    run_env(body)
+
+
+def test_a_dead_letter_that_fails_to_publish_is_retried_and_then_shrunk(monkeypatch):
+    proxy = _AsyncioProxy()
+    monkeypatch.setattr(app_mod, "asyncio", proxy)
+
+    async def body(env):
+        sent = env.publisher.send_raw
+        attempts = []
+
+        async def flaky(topic, value, key=None):
+            attempts.append(len(value))
+            if len(attempts) == 1:
+                raise ConnectionError("broker unreachable")
+            if len(attempts) == 2:
+                raise MessageSizeTooLargeError("the broker's limit is smaller")
+            await sent(topic, value, key)
+        env.publisher.send_raw = flaky
+        bad = KafkaRecord(b"\xff" * 3000, None, SRC, 0, 7)
+        assert await env.proc.process_feature_records(
+            [bad, KafkaRecord(codecs.encode_feature_event(_ev(1)), EVENT, SRC, 0, 8)]) == 1
+        assert proxy.sleeps == [0.1, 0.2] and len(attempts) == 3
+        assert attempts[2] < 3000 < attempts[0]  # the third try went without the original
+        (d,) = env.dead_letters()
+        assert d.original_omitted and d.original_size == 3000 and d.source_offset == 7
+
+    run_env(body)
+
+
+def test_an_unexpected_failure_retries_the_micro_batch_instead_of_acknowledging_it(monkeypatch):
+    proxy = _AsyncioProxy()
+    monkeypatch.setattr(app_mod, "asyncio", proxy)
+
+    async def body(env):
+        real = env.proc.process_feature_records
+        calls = []
+
+        async def once_broken(records):
+            calls.append(len(records))
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the per-batch path")
+            return await real(records)
+        env.proc.process_feature_records = once_broken
+        recs = [KafkaRecord(codecs.encode_feature_event(_ev(i)), EVENT, SRC, 0, i)
+                for i in range(8)]
+        assert await env.proc.process_until_done(recs) == 8
+        assert calls == [8, 8] and proxy.sleeps == [0.1] and env.seen() == 8
+
+    run_env(body)

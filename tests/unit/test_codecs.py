@@ -508,6 +508,21 @@ def test_dead_letter_bytes():
     assert (dl.source_partition, dl.source_offset) == (-1, -1)
 
 
+@given(st.integers(min_value=0, max_value=70_000), st.integers(min_value=1024, max_value=66_000))
+@settings(max_examples=60, deadline=None)
+def test_a_dead_letter_never_exceeds_its_limit_and_always_names_its_original(size, limit):
+    import hashlib
+
+    original = bytes(range(256)) * (size // 256) + b"\x07" * (size % 256)
+    data = codecs.dead_letter_bytes("oversized", "detail " * 40, original, "t", 0, 9, 1.0,
+                                    max_bytes=limit)
+    assert len(data) <= limit - min(codecs.DEAD_LETTER_HEADROOM, limit // 8)
+    dl = pb.DeadLetter.FromString(data)
+    assert dl.original_sha256 == hashlib.sha256(original).hexdigest()
+    assert dl.original_size == size and dl.source_offset == 9
+    assert dl.original == (b"" if dl.original_omitted else original)
+
+
 def test_wire_error_rejects_unknown_reason():
     with pytest.raises(ValueError, match="unknown wire error reason 'bogus'"):
         WireError("bogus", "x")

@@ -250,7 +250,7 @@ class CurvePoint(_message.Message):
     def __init__(self, training_pairs: _Optional[int] = ..., recall_at_1: _Optional[float] = ..., validation_pairs: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
-    __slots__ = ("reason", "detail", "original", "source_topic", "source_partition", "source_offset", "failed_at")
+    __slots__ = ("reason", "detail", "original", "source_topic", "source_partition", "source_offset", "failed_at", "original_omitted", "original_sha256", "original_size")
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +258,9 @@ class DeadLetter(_message.Message):
     SOURCE_PARTITION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     FAILED_AT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     reason: str
     detail: str
     original: bytes
@@ -265,7 +268,10 @@ class DeadLetter(_message.Message):
     source_partition: int
     source_offset: int
     failed_at: _timestamp_pb2.Timestamp
-    def __init__(self, reason: _Optional[str] = ..., detail: _Optional[str] = ..., original: _Optional[bytes] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., failed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    original_omitted: bool
+    original_sha256: str
+    original_size: int
+    def __init__(self, reason: _Optional[str] = ..., detail: _Optional[str] = ..., original: _Optional[bytes] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., failed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., original_omitted: _Optional[bool] = ..., original_sha256: _Optional[str] = ..., original_size: _Optional[int] = ...) -> None: ...
 
 class ModalityStatus(_message.Message):
     __slots__ = ("modality", "dim", "seen", "accepted", "cache_fill", "cache_evictions")
