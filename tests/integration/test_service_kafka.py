@@ -150,6 +150,39 @@ def test_malformed_records_go_to_dead_letter_with_reason(kafka_topics):
     assert all(d.source_topic == s.topic(FEATURES_TOPIC) for d in dls)
 
 
+def test_oversized_records_lose_no_valid_event_of_their_micro_batches(kafka_topics):
+    """Issue 15, item 1, as reported: PAIRSIEVE_MAX_MESSAGE_BYTES=65536 and two 69,663-byte
+    records among valid events. Before the fix the dead letter (carrying the original) exceeded
+    the producer's limit, the agent crashed and faust acknowledged its buffer: thousands of
+    valid events were committed undecided."""
+    s = _settings(kafka_topics, max_message_bytes=65536, batch_max_items=64)
+    boot = kafka_topics["bootstrap"]
+    good = [codecs.encode_feature_event(e) for e in _events(600, seed=5)]
+    huge = codecs.pb.FeatureEvent(event_id="huge", item_id="h", modality="image",
+                                  vector=np.zeros(17_413, "<f4").tobytes(),
+                                  dim=17_413).SerializeToString()
+    assert len(huge) > 65536
+    values = good[:200] + [huge] + good[200:400] + [huge] + good[400:]
+
+    async def scenario():
+        svc = await start_service(s)
+        try:
+            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), values)
+            assert await _wait(lambda: svc.handler.status().seen >= 600
+                               and svc.processor.dead_letters >= 2, timeout_s=60)
+            await asyncio.sleep(1.0)
+            return svc.handler.status().seen, svc.processor.dead_letters
+        finally:
+            await svc.shutdown()
+
+    seen, dead = asyncio.run(scenario())
+    assert (seen, dead) == (600, 2)  # every valid event decided, once
+    dls = _read_all(boot, s.topic(DEAD_LETTER_TOPIC), 2, parse=codecs.pb.DeadLetter.FromString)
+    assert [d.reason for d in dls] == ["oversized", "oversized"]
+    assert all(d.original_omitted and d.original_size == len(huge) for d in dls)
+    assert all(d.source_topic == s.topic(FEATURES_TOPIC) and d.source_offset >= 0 for d in dls)
+
+
 def test_labels_in_raise_the_model_version(kafka_topics):
     s = _settings(kafka_topics, retrain_every_pairs=6)
     boot = kafka_topics["bootstrap"]
