@@ -4,7 +4,10 @@ The servicer is thin: decode (``service.wire.codecs``), delegate to the shared
 :class:`~service.handlers.SelectionHandler`, encode, map errors to status codes:
 
 * ``WireError`` / ``ValueError`` (bad input: wrong dimension, NaN, unknown modality, empty batch,
-  unknown strategy...) -> ``INVALID_ARGUMENT`` with the message naming the problem;
+  unknown strategy...) -> ``INVALID_ARGUMENT`` with the message naming the problem; so do bytes
+  that are not the method's protobuf message at all (the deserializers are lenient: a
+  ``DecodeError`` becomes an :class:`UndecodableRequest`, refused by the method, instead of
+  gRPC's ``UNKNOWN`` with a traceback in the log);
 * the call's deadline passes while the handler works -> ``DEADLINE_EXCEEDED``; a deadline that
   has already passed, or leaves less than ``min_deadline_s``, is refused before any work starts;
 * anything else -> ``INTERNAL`` (logged with its traceback; the client sees only the type).
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
@@ -81,6 +85,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
 
     async def SelectPool(self, request: pb.SelectPoolRequest, context) -> pb.SelectPoolResponse:
         async def work():
+            decoded(request)
             ids, mods, vecs = codecs.pool_request_from_proto(request, self.dims)
             picked = await self.handler.select_pool(ids, mods, vecs, request.budget,
                                                     request.strategy or "default", request.seed)
@@ -91,18 +96,20 @@ class SelectorServicer(pb_grpc.SelectorServicer):
     async def ReportAlignment(self, request: pb.ReportAlignmentRequest,
                               context) -> pb.ReportAlignmentResponse:
         async def work():
+            decoded(request)
             labels = [codecs.label_from_proto(m, self.dims) for m in request.labels]
             return codecs.label_result_to_proto(await self.handler.report_alignment(labels))
         return await self._call(context, work)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.ServiceStatus:
         async def work():
+            decoded(request)
             return codecs.status_to_proto(self.handler.status(), serving=self.serving)
         return await self._call(context, work)
 
     # ------------------------------------------------------------------ plumbing
     async def _submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
-        events = codecs.submit_request_from_proto(request, self.dims)
+        events = codecs.submit_request_from_proto(decoded(request), self.dims)
         return codecs.submit_response_to_proto(await self.handler.submit(events))
 
     async def _call(self, context, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -140,6 +147,56 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         """Wait for work whose callers already gave up (deadline, cancellation)."""
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout_s)
+
+
+# --------------------------------------------------------------------------- lenient decoding
+class UndecodableRequest:
+    """What a lenient deserializer returns for bytes that are not its message (see
+    :func:`decoded`)."""
+
+    def __init__(self, message: str, error: str, size: int):
+        self.message, self.error, self.size = message, error, size
+
+
+def _lenient(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(cls.__name__, str(exc), len(data))
+    return parse
+
+
+def decoded(request: T) -> T:
+    """``request`` itself, or ``WireError("undecodable")`` naming the message it is not."""
+    if isinstance(request, UndecodableRequest):
+        raise codecs.WireError("undecodable", f"{request.size} bytes are not a "
+                                              f"{request.message} ({request.error})")
+    return request
+
+
+def add_selector_servicer(servicer: SelectorServicer, server) -> None:
+    """``pb_grpc.add_SelectorServicer_to_server`` with lenient request deserializers: garbage
+    bytes reach the method as an :class:`UndecodableRequest` and get ``INVALID_ARGUMENT``."""
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
+    handlers = {
+        "Submit": unary(servicer.Submit, request_deserializer=_lenient(pb.SubmitRequest),
+                        response_serializer=pb.SubmitResponse.SerializeToString),
+        "SubmitStream": stream(servicer.SubmitStream,
+                               request_deserializer=_lenient(pb.SubmitRequest),
+                               response_serializer=pb.SubmitResponse.SerializeToString),
+        "SelectPool": unary(servicer.SelectPool,
+                            request_deserializer=_lenient(pb.SelectPoolRequest),
+                            response_serializer=pb.SelectPoolResponse.SerializeToString),
+        "ReportAlignment": unary(servicer.ReportAlignment,
+                                 request_deserializer=_lenient(pb.ReportAlignmentRequest),
+                                 response_serializer=pb.ReportAlignmentResponse.SerializeToString),
+        "GetStatus": unary(servicer.GetStatus, request_deserializer=_lenient(pb.GetStatusRequest),
+                           response_serializer=pb.ServiceStatus.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SELECTOR_SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SELECTOR_SERVICE_NAME, handlers)
 
 
 # --------------------------------------------------------------------------- metrics interceptor
@@ -280,7 +337,7 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silent share
     ])
     servicer = SelectorServicer(handler, min_deadline_s=min_deadline_s)
-    pb_grpc.add_SelectorServicer_to_server(servicer, server)
+    add_selector_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

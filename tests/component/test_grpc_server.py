@@ -314,6 +314,47 @@ def test_oversized_message_is_resource_exhausted():
     run(scenario())
 
 
+GARBAGE = (b"\xff\xff\xff\xff", b"\x0a\x05abc", b"\x08" + b"\xff" * 12, bytes(range(256)))
+
+
+def test_garbage_bytes_on_every_method_are_invalid_argument_never_unknown(caplog):
+    """Issue 15, item 4: frames that are not the method's message got UNKNOWN ("Unexpected
+    DecodeError") with a traceback in the log; now INVALID_ARGUMENT naming the message."""
+    ident = lambda b: b  # noqa: E731  (send raw bytes: no client-side serialization)
+    methods = ("Submit", "SelectPool", "ReportAlignment", "GetStatus")
+
+    async def scenario():
+        async with serving() as env:
+            seen = []
+            for name in methods:
+                call = env.channel.unary_unary(f"/pairsieve.v1.Selector/{name}",
+                                               request_serializer=ident,
+                                               response_deserializer=ident)
+                for junk in GARBAGE:
+                    try:
+                        await call(junk, timeout=5)
+                        seen.append((name, junk, "OK"))
+                    except grpc.aio.AioRpcError as exc:
+                        seen.append((name, junk, exc.code(), exc.details()))
+            stream = env.channel.stream_stream("/pairsieve.v1.Selector/SubmitStream",
+                                               request_serializer=ident,
+                                               response_deserializer=ident)
+            code, details = await _code(stream(iter([GARBAGE[0]]), timeout=5).read())
+            seen.append(("SubmitStream", GARBAGE[0], code, details))
+            # the server is fine afterwards
+            assert len((await env.stub.Submit(_submit(0, 2), timeout=5)).decisions) == 2
+            return seen
+
+    seen = run(scenario())
+    bad = [x for x in seen if x[2] not in ("OK", grpc.StatusCode.INVALID_ARGUMENT)]
+    assert not bad, bad
+    refused = [x for x in seen if x[2] == grpc.StatusCode.INVALID_ARGUMENT]
+    assert len(refused) >= len(methods) * 2 + 1  # some garbage happens to parse (empty fields)
+    undecodable = [x for x in refused if " bytes are not a " in x[3]]
+    assert {x[0] for x in undecodable} == set(methods) | {"SubmitStream"}, refused
+    assert "Unexpected DecodeError" not in caplog.text
+
+
 # --------------------------------------------------------------------------- labels, status, pool
 def test_report_alignment_status_and_select_pool():
     async def scenario():
