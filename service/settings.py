@@ -159,6 +159,9 @@ class Settings:
                                   "broker (demos/tests)")
     grpc_port: int = _s(50051, "gRPC port (0 = pick a free one)", allowed=PORT, check=_port)
     grpc_host: str = _s("0.0.0.0", "gRPC bind address")
+    grpc_max_concurrent_rpcs: int = _s(64, "gRPC calls handled at once; more are refused with "
+                                           "RESOURCE_EXHAUSTED (back-pressure: retry later)",
+                                       allowed=POS_INT, check=_positive_int)
     metrics_port: int = _s(9464, "Prometheus `/metrics` port (0 = pick a free one)",
                            allowed=PORT, check=_port)
     metrics_host: str = _s("0.0.0.0", "metrics bind address")

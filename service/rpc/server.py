@@ -313,13 +313,16 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
                             tls_key: str | None = None,
                             max_message_bytes: int = 16 * 1024 * 1024,
                             metrics: GrpcMetrics | Any | None = None,
-                            min_deadline_s: float = 0.01) -> GrpcServer:
+                            min_deadline_s: float = 0.01,
+                            max_concurrent_rpcs: int | None = None) -> GrpcServer:
     """Start ``pairsieve.v1.Selector`` (+ health, reflection) and return the running server.
 
     Health is SERVING once this returns (start the server last, when the engine is ready);
     ``await server.set_serving(False)`` is the first step of a shutdown.
     ``tls_cert`` and ``tls_key`` are PEM file paths (both or neither). ``port=0`` binds a free
-    port (see ``GrpcServer.port``).
+    port (see ``GrpcServer.port``). ``max_concurrent_rpcs`` caps the calls in progress (health
+    and reflection included); a call beyond it is refused at once with ``RESOURCE_EXHAUSTED``
+    (gRPC's own admission control), so overload is answered instead of queued.
     """
     if bool(tls_cert) != bool(tls_key):
         raise ValueError(f"TLS needs both a certificate and a key, got tls_cert={tls_cert!r}, "
@@ -331,7 +334,10 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
         interceptors.append(MetricsInterceptor(metrics))  # outermost: also counts auth failures
     if auth_token:
         interceptors.append(TokenAuthInterceptor(auth_token))
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    if max_concurrent_rpcs is not None and max_concurrent_rpcs < 1:
+        raise ValueError(f"max_concurrent_rpcs must be >= 1, got {max_concurrent_rpcs}")
+    server = grpc.aio.server(interceptors=interceptors,
+                             maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
         ("grpc.max_receive_message_length", int(max_message_bytes)),
         ("grpc.max_send_message_length", int(max_message_bytes)),
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silent share

@@ -314,6 +314,28 @@ def test_oversized_message_is_resource_exhausted():
     run(scenario())
 
 
+def test_calls_beyond_the_concurrency_cap_are_resource_exhausted():
+    """Issue 15, item 4: 300 concurrent calls all queued (p99 4.2 s, none refused); with a cap
+    the excess is refused at once and the admitted calls are served."""
+    async def scenario():
+        async with serving(RecordingPublisher(delay_s=0.5), max_concurrent_rpcs=3) as env:
+            calls = [env.stub.Submit(_submit(10 * k, 10 * k + 2), timeout=10) for k in range(12)]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            ok = [g for g in got if isinstance(g, pb.SubmitResponse)]
+            refused = [g for g in got if isinstance(g, grpc.aio.AioRpcError)]
+            assert len(ok) + len(refused) == 12 and 1 <= len(ok) <= 6 and refused
+            assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            # once the load is gone, calls are admitted again
+            assert len((await env.stub.Submit(_submit(200, 202), timeout=10)).decisions) == 2
+    run(scenario())
+    handler = _handler(RecordingPublisher())
+    try:
+        with pytest.raises(ValueError, match="max_concurrent_rpcs must be >= 1, got 0"):
+            run(start_grpc_server(handler, port=0, max_concurrent_rpcs=0))
+    finally:
+        handler.close()
+
+
 GARBAGE = (b"\xff\xff\xff\xff", b"\x0a\x05abc", b"\x08" + b"\xff" * 12, bytes(range(256)))
 
 
