@@ -148,11 +148,11 @@ class Service:
         if self.stopped.is_set():
             return
         s = self.settings
-        log.info("shutting down: health NOT_SERVING")
-        await self.grpc.set_serving(False)
-        if self.housekeeping is not None:
+        if self.housekeeping is not None:  # first: its broker watch could set SERVING again
             self.housekeeping.cancel()
             await asyncio.gather(self.housekeeping, return_exceptions=True)
+        log.info("shutting down: health NOT_SERVING")
+        await self.grpc.set_serving(False)
         log.info("stop consuming; draining the in-flight batch")
         await self.processor.drain(s.shutdown_grace_seconds)
         await self.processor.stop()
@@ -249,19 +249,56 @@ async def start_service(settings: Settings) -> Service:
     return Service(settings, bootstrap, handler, metrics, registry, publisher, followers,
                    processor, grpc, metrics_server, broker,
                    housekeeping=asyncio.get_running_loop().create_task(
-                       housekeeping(handler, metrics), name="housekeeping"))
+                       housekeeping(handler, metrics, BrokerWatch(
+                           publisher, grpc, metrics, settings.broker_down_after_seconds)),
+                       name="housekeeping"))
+
+
+class BrokerWatch:
+    """Health follows the broker: when it has not answered a metadata request for
+    ``down_after_s``, gRPC health and ``pairsieve_up`` go NOT_SERVING and ``Submit`` /
+    ``ReportAlignment`` answer ``UNAVAILABLE`` at once (nothing could be published); the first
+    answer after that restores both. Nothing is lost meanwhile: the stream processor retries
+    its publishes and commits no offset it did not decide."""
+
+    def __init__(self, publisher: KafkaPublisher, grpc_server: GrpcServer,
+                 metrics: PairsieveMetrics, down_after_s: float, probe_timeout_s: float = 2.0):
+        self.publisher, self.grpc, self.metrics = publisher, grpc_server, metrics
+        self.down_after_s, self.probe_timeout_s = down_after_s, probe_timeout_s
+        self.last_ok = time.monotonic()
+        self.down = False
+
+    async def probe(self) -> None:
+        if await self.publisher.broker_reachable(self.probe_timeout_s):
+            self.last_ok = time.monotonic()
+            if self.down:
+                self.down = False
+                self.grpc.servicer.broker_down_since = None
+                await self.grpc.set_serving(True)
+                self.metrics.set_serving(True)
+                log.warning("the Kafka broker answers again: serving")
+        elif not self.down and time.monotonic() - self.last_ok >= self.down_after_s:
+            self.down = True
+            self.grpc.servicer.broker_down_since = time.time() - self.down_after_s
+            await self.grpc.set_serving(False)
+            self.metrics.set_serving(False)
+            log.error("the Kafka broker has not answered for %.0fs: NOT_SERVING (gRPC calls "
+                      "that publish get UNAVAILABLE) until it does", self.down_after_s)
 
 
 async def housekeeping(handler: SelectionHandler, metrics: PairsieveMetrics,
-                       every_s: float = 1.0) -> None:
+                       watch: BrokerWatch | None = None, every_s: float = 1.0) -> None:
     """Once a second: start a retrain the trainer role now allows (a worker that just took the
-    role over, with pairs no version was trained on yet, trains without waiting for a label) and
-    refresh the engine gauges (budget spend folded in from other workers, trainer role)."""
+    role over, with pairs no version was trained on yet, trains without waiting for a label),
+    refresh the engine gauges (budget spend folded in from other workers, trainer role) and
+    probe the broker (:class:`BrokerWatch`)."""
     while True:
         await asyncio.sleep(every_s)
         try:
             handler.learning.maybe_retrain()
             metrics.engine_state(handler.status())
+            if watch is not None:
+                await watch.probe()
         except Exception:  # never let a gauge refresh take the worker down
             log.exception("housekeeping failed")
 

@@ -303,6 +303,10 @@ class Settings:
     shutdown_grace_seconds: float = _s(10.0, "time allowed to drain the in-flight batch and "
                                              "finish gRPC calls", allowed=NONNEG,
                                        check=_non_negative)
+    broker_down_after_seconds: float = _s(10.0, "the Kafka broker unanswered this long -> health "
+                                                "NOT_SERVING and gRPC calls that publish get "
+                                                "UNAVAILABLE, until it answers again",
+                                          allowed=POS, check=_positive)
     rebalance_timeout_seconds: float = _s(10.0, "Kafka consumer-group rebalance timeout",
                                           allowed=POS, check=_positive)
     # tansu holds a group join for about half the session timeout; 3 s keeps joins ~2 s there

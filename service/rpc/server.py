@@ -74,14 +74,25 @@ class SelectorServicer(pb_grpc.SelectorServicer):
         self.dims = dict(handler.dims)
         self.min_deadline_s = float(min_deadline_s)
         self.serving = False
+        self.broker_down_since: float | None = None  # set while the Kafka broker is unreachable
         self._inflight: set[asyncio.Task] = set()
 
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
+        await self._need_broker(context)
         return await self._call(context, lambda: self._submit(request))
 
     async def SubmitStream(self, request_iterator, context):
         async for request in request_iterator:  # one at a time: see "Flow control" above
+            await self._need_broker(context)
             yield await self._call(context, lambda r=request: self._submit(r))
+
+    async def _need_broker(self, context) -> None:
+        """``UNAVAILABLE`` at once while the broker is unreachable: accepted items could not be
+        published, so the call would only wait for its deadline."""
+        if self.broker_down_since is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the Kafka broker has been unreachable for "
+                                f"{time.time() - self.broker_down_since:.0f}s; retry later")
 
     async def SelectPool(self, request: pb.SelectPoolRequest, context) -> pb.SelectPoolResponse:
         async def work():
@@ -95,6 +106,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
 
     async def ReportAlignment(self, request: pb.ReportAlignmentRequest,
                               context) -> pb.ReportAlignmentResponse:
+        await self._need_broker(context)
         async def work():
             decoded(request)
             labels = [codecs.label_from_proto(m, self.dims) for m in request.labels]

@@ -101,6 +101,17 @@ class KafkaPublisher:
             (codecs.MODEL_KEY, codecs.model_release_to_proto(release).SerializeToString())])
         self.models_published += 1
 
+    async def broker_reachable(self, timeout_s: float = 3.0) -> bool:
+        """Whether the cluster answers a metadata request within ``timeout_s``."""
+        try:
+            return bool(await asyncio.wait_for(self._producer.client.force_metadata_update(),
+                                               timeout_s))
+        except (TimeoutError, OSError):
+            return False
+        except Exception:  # any client error: not reachable as far as serving is concerned
+            log.debug("broker probe failed", exc_info=True)
+            return False
+
     async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         await self._producer.send_and_wait(topic, value, key=key)
 

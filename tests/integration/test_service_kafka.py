@@ -183,6 +183,69 @@ def test_oversized_records_lose_no_valid_event_of_their_micro_batches(kafka_topi
     assert all(d.source_topic == s.topic(FEATURES_TOPIC) and d.source_offset >= 0 for d in dls)
 
 
+def test_a_paused_broker_makes_the_worker_not_serving_and_grpc_unavailable_without_loss():
+    """Issue 15, item 3: with the broker stopped (SIGSTOP), health stayed SERVING and Submit
+    waited for its deadline. Now health goes NOT_SERVING within 15 s, Submit answers UNAVAILABLE
+    at once; after SIGCONT both recover and the stream is decided."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.streaming.broker import EmbeddedBroker
+    from service.streaming.topics import create_topics, topic_specs
+    from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
+
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        create_topics(broker.bootstrap, {t: n for t, n in topic_specs().items()})
+        s = _settings({FEATURES_TOPIC: FEATURES_TOPIC, "bootstrap": broker.bootstrap},
+                      broker_down_after_seconds=4.0)
+        evs = _events(40, seed=9)
+
+        async def health(stub):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+            return resp.status
+
+        async def scenario():
+            svc = await start_service(s)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as ch:
+                    hs, sel = health_pb2_grpc.HealthStub(ch), pb_grpc.SelectorStub(ch)
+                    assert await health(hs) == health_pb2.HealthCheckResponse.SERVING
+                    broker.proc.send_signal(signal.SIGSTOP)
+                    t0 = time.time()
+                    try:
+                        while await health(hs) == health_pb2.HealthCheckResponse.SERVING:
+                            assert time.time() - t0 < 15, "still SERVING 15 s after the pause"
+                            await asyncio.sleep(0.5)
+                        down_after = time.time() - t0
+                        req = codecs.pb.SubmitRequest(
+                            events=[codecs.event_to_proto(e) for e in evs[:2]])
+                        with pytest.raises(grpc.aio.AioRpcError) as ei:
+                            await sel.Submit(req, timeout=10)
+                        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+                        assert "unreachable" in ei.value.details()
+                    finally:
+                        broker.proc.send_signal(signal.SIGCONT)
+                    t1 = time.time()
+                    while await health(hs) != health_pb2.HealthCheckResponse.SERVING:
+                        assert time.time() - t1 < 30, "not SERVING 30 s after the broker resumed"
+                        await asyncio.sleep(0.5)
+                    await asyncio.to_thread(_produce, broker.bootstrap, FEATURES_TOPIC,
+                                            [codecs.encode_feature_event(e) for e in evs])
+                    assert await _wait(lambda: svc.handler.status().seen >= 40, timeout_s=60)
+                    return down_after, svc.handler.status().seen
+            finally:
+                await svc.shutdown()
+
+        down_after, seen = asyncio.run(scenario())
+        assert down_after < 15 and seen == 40
+    finally:
+        if broker.proc is not None and broker.proc.poll() is None:
+            broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
 def test_labels_in_raise_the_model_version(kafka_topics):
     s = _settings(kafka_topics, retrain_every_pairs=6)
     boot = kafka_topics["bootstrap"]
