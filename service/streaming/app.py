@@ -78,6 +78,11 @@ def install_fetch_wait_hook() -> None:
         create_worker_consumer)
 
 
+class GaveUp(Exception):
+    """A micro-batch that kept failing was abandoned at shutdown (its offsets stay
+    uncommitted)."""
+
+
 class StreamProcessor:
     """Builds the faust app and its agents around one handler."""
 
@@ -139,20 +144,35 @@ class StreamProcessor:
             try:
                 await asyncio.shield(work)
             except asyncio.CancelledError:
-                await work  # finish publishing + committing before faust acks the buffer
+                try:
+                    await work  # finish publishing + committing before faust acks the buffer
+                except GaveUp:
+                    for e in events:
+                        e.message.incref()  # undecided: never committed, redelivered
                 raise
+            except GaveUp:  # shutting down while the batch keeps failing
+                for e in events:
+                    e.message.incref()  # undecided: never committed, redelivered
+                await asyncio.Event().wait()  # parked until faust cancels the agent on stop
             self._report_lag(events)
 
     async def process_until_done(self, records: Sequence[KafkaRecord]) -> int:
         """:meth:`process_feature_records`, again after any unexpected exception (with backoff)
         until it completes: faust acknowledges the buffer when the agent moves on or crashes,
         so no exception may leave the loop with events undecided. A retry is safe: decided
-        events are answered as duplicates (a dead letter may be published twice)."""
+        events are answered as duplicates (a dead letter may be published twice). During a
+        shutdown it gives up instead (:class:`GaveUp`): the caller keeps the batch's offsets
+        uncommitted, so it is redelivered after the restart."""
         delay = 0.1
         while True:
             try:
                 return await self.process_feature_records(records)
-            except Exception:
+            except Exception as exc:
+                if self.draining.is_set():
+                    log.error("processing a micro-batch of %d records failed during shutdown; "
+                              "its offsets stay uncommitted (redelivered after the restart)",
+                              len(records))
+                    raise GaveUp(str(exc)) from exc
                 log.exception("processing a micro-batch of %d records failed; retrying it in "
                               "%.1fs", len(records), delay)
                 await asyncio.sleep(delay)

@@ -484,5 +484,11 @@ def test_an_unexpected_failure_retries_the_micro_batch_instead_of_acknowledging_
                 for i in range(8)]
         assert await env.proc.process_until_done(recs) == 8
         assert calls == [8, 8] and proxy.sleeps == [0.1] and env.seen() == 8
+        # at shutdown a failing batch is given up (the caller keeps its offsets uncommitted)
+        calls.clear()
+        env.proc.draining.set()
+        with pytest.raises(app_mod.GaveUp):
+            await env.proc.process_until_done(recs)
+        assert calls == [8]
 
     run_env(body)
