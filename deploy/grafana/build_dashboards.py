@@ -198,7 +198,7 @@ def overview() -> dict:
     L.add(timeseries("Budget spent / remaining", [
         target(f"max by (instance) (pairsieve_budget_spent{S})", "spent {{instance}}"),
         target(f"min by (instance) (pairsieve_budget_remaining{S})", "remaining {{instance}}"),
-        target(f"max(pairsieve_budget_total{S})", "total"),
+        target(f"max(pairsieve_budget_limit{S})", "total"),
     ], "short", "Acquisitions counted against the budget (every worker counts all workers' "
        "selections). remaining/total are gaps when the budget is unlimited.", min_=0))
     L.add(timeseries("Budget spend rate", [

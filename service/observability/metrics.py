@@ -17,7 +17,7 @@ label values. Every label value goes through a guard that maps anything outside 
 
 Representation choices
 ----------------------
-* **Unlimited budget**: ``pairsieve_budget_total`` and ``pairsieve_budget_remaining`` are NaN and
+* **Unlimited budget**: ``pairsieve_budget_limit`` and ``pairsieve_budget_remaining`` are NaN and
   ``pairsieve_budget_unlimited`` is 1. NaN is drawn as a gap in Grafana and compares false in
   PromQL, so ``pairsieve_budget_remaining < 10`` cannot fire on an unlimited budget (a -1 sentinel
   would). ``pairsieve_budget_spent`` is always a number; plot it for the unlimited case.
@@ -197,8 +197,8 @@ class PairsieveMetrics:
             "pairsieve_budget_remaining",
             "Acquisitions left in the budget; NaN when the budget is unlimited "
             "(see pairsieve_budget_unlimited).", registry=r)
-        self.budget_total = Gauge(
-            "pairsieve_budget_total",
+        self.budget_limit = Gauge(
+            "pairsieve_budget_limit",
             "Total acquisition budget; NaN when unlimited (see pairsieve_budget_unlimited).",
             registry=r)
         self.budget_unlimited = Gauge(
@@ -346,7 +346,7 @@ class PairsieveMetrics:
             from service import __version__ as version
         self.build_info.labels(version=str(version)).set(1)
         self.budget_remaining.set(NAN)
-        self.budget_total.set(NAN)
+        self.budget_limit.set(NAN)
         self.threshold.set(NAN)
         self.modality_imbalance.set(NAN)
 
@@ -404,7 +404,7 @@ class PairsieveMetrics:
         with self._lock:
             self.budget_spent.set(_num(status.spent))
             self.budget_remaining.set(_num(status.remaining))
-            self.budget_total.set(_num(status.budget_total))
+            self.budget_limit.set(_num(status.budget_total))
             self.budget_unlimited.set(1 if status.budget_total is None else 0)
             self.acceptance_rate.set(_num(status.acceptance_rate))
             self.acceptance_rate_target.set(_num(status.target_rate))

@@ -34,7 +34,7 @@ MODALITIES = ("image", "text")
 
 EXPECTED_NAMES = {
     "pairsieve_events_received_total", "pairsieve_decisions_total", "pairsieve_dead_letters_total",
-    "pairsieve_budget_spent", "pairsieve_budget_remaining", "pairsieve_budget_total",
+    "pairsieve_budget_spent", "pairsieve_budget_remaining", "pairsieve_budget_limit",
     "pairsieve_budget_unlimited", "pairsieve_acceptance_rate", "pairsieve_acceptance_rate_target",
     "pairsieve_decision_latency_seconds_bucket", "pairsieve_scoring_duration_seconds_count",
     "pairsieve_micro_batch_size_bucket", "pairsieve_cache_fill_ratio",
@@ -251,7 +251,7 @@ def test_engine_state_from_real_handler_status(reg, m, status, scrape):
     s = scrape()
     assert s("pairsieve_budget_spent") == status.spent
     assert s("pairsieve_budget_remaining") == status.remaining == 20 - status.spent
-    assert s("pairsieve_budget_total") == 20
+    assert s("pairsieve_budget_limit") == 20
     assert s("pairsieve_budget_unlimited") == 0
     assert s("pairsieve_acceptance_rate") == pytest.approx(status.acceptance_rate)
     assert s("pairsieve_acceptance_rate_target") == pytest.approx(0.3)
@@ -278,7 +278,7 @@ def test_unlimited_budget_and_warmup_are_nan(reg, m, scrape):
     s = scrape()
     assert s("pairsieve_budget_spent") == 4
     assert math.isnan(s("pairsieve_budget_remaining"))
-    assert math.isnan(s("pairsieve_budget_total"))
+    assert math.isnan(s("pairsieve_budget_limit"))
     assert s("pairsieve_budget_unlimited") == 1
     assert math.isnan(s("pairsieve_threshold"))
     assert math.isnan(s("pairsieve_modality_share", modality="image"))

@@ -270,6 +270,14 @@ def test_every_panel_query_returns_data(live_stack):
     assert not empty, "panel queries without data:\n" + "\n".join(empty)
 
 
+def test_promtool_check_metrics_is_clean_on_the_live_scrape(live_stack, promtool):
+    """Issue 15, item 6: ``pairsieve_budget_total`` was a gauge with a counter's suffix."""
+    _svc, _base, text, _tmp = live_stack
+    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_alert_rules_load_and_evaluate_in_prometheus(live_stack):
     _svc, base, _text, _tmp = live_stack
     groups = _get_json(f"{base}/api/v1/rules")["data"]["groups"]
