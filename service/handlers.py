@@ -38,7 +38,7 @@ from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
 from service.core.types import FeatureItem
-from service.core.validation import VectorError, as_matrix, check_modality
+from service.core.validation import MAX_ID_CHARS, VectorError, as_matrix, check_modality
 from service.learning_loop import (
     DEFAULT_GAIN_HORIZON,
     DEFAULT_RETRAIN_EVERY,
@@ -169,7 +169,11 @@ class SelectionHandler:
         if not ev.event_id:
             raise ValueError("missing event_id")
         if not ev.item_id:
-            raise ValueError(f"event {ev.event_id!r}: missing item_id")
+            raise ValueError(f"event {ev.event_id[:MAX_ID_CHARS]!r}: missing item_id")
+        for name, value in (("event_id", ev.event_id), ("item_id", ev.item_id)):
+            if len(value) > MAX_ID_CHARS:
+                raise ValueError(f"event {ev.event_id[:MAX_ID_CHARS]!r}: {name} has "
+                                 f"{len(value)} characters (at most {MAX_ID_CHARS})")
         return FeatureItem(ev.item_id, ev.modality, ev.vector)
 
     async def submit(self, events: Sequence[IncomingEvent]) -> list[Outcome]:

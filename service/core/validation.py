@@ -41,6 +41,10 @@ class VectorError(ValueError):
         return VectorError(self.kind, f"{prefix}{self}", self.index)
 
 
+MAX_ID_CHARS = 256
+"""Longest event or item id accepted (ids travel in every record, log line and dead letter)."""
+
+
 def _layout(arr) -> str:
     return f"shape {tuple(arr.shape)}, dtype {arr.dtype}"
 
@@ -112,6 +116,12 @@ def item_vectors(vectors, dim: int, *, item_ids, modality: str,
             err = vector_value_problem(row, f"item {item_id!r} ({modality})", p, original=a)
             if err is not None:
                 raise err
+    zero = ~mat.any(axis=1)
+    if zero.any():
+        j = int(np.flatnonzero(zero)[0])
+        raise VectorError("zero_vector", f"item {list(item_ids)[j]!r} ({modality}): all {dim} "
+                                         "values are 0 (no direction: its cosine to anything "
+                                         "is undefined)", list(pos)[j])
     return mat
 
 

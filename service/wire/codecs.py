@@ -36,7 +36,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.core import reasons
 from service.core.types import Decision
-from service.core.validation import MAX_ABS_FEATURE, vector_value_problem
+from service.core.validation import MAX_ABS_FEATURE, MAX_ID_CHARS, vector_value_problem
 from service.messages import (
     LABEL_STATUSES,
     AlignmentRequestOut,
@@ -63,7 +63,8 @@ __all__ = [
 ]
 
 REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
-           "oversized", "empty_batch", "rejected", "label_unresolved", "out_of_range")
+           "oversized", "empty_batch", "rejected", "label_unresolved", "out_of_range",
+           "zero_vector")
 # rejected: refused by the engine itself; label_unresolved: a MATCH label whose item or partner
 # vector is unknown (LearningLoop.resolve says which); out_of_range: a number outside its domain
 # (a negative cost)
@@ -170,8 +171,13 @@ def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> tuple[int, st
     """Every check of a ``FeatureEvent`` but the values of its vector.
 
     Returns its dimension and how errors name it."""
-    what = f"event {msg.event_id!r}" if msg.event_id else "event"
+    what = f"event {msg.event_id[:MAX_ID_CHARS]!r}" if msg.event_id else "event"
     _require(msg, ("event_id", "item_id", "modality"), what)
+    for field_name in ("event_id", "item_id"):
+        value = getattr(msg, field_name)
+        if len(value) > MAX_ID_CHARS:
+            raise WireError("out_of_range", f"{what}: {field_name} has {len(value)} characters "
+                                            f"(at most {MAX_ID_CHARS})")
     expected = _check_modality(msg.modality, dims, what)
     if not msg.vector:
         raise WireError("missing_field", f"{what}: missing field 'vector'")
@@ -191,9 +197,16 @@ def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
 
 
 def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingEvent:
-    """Validate a ``FeatureEvent`` against ``dims`` ({modality: dimension}) and decode it."""
+    """Validate a ``FeatureEvent`` against ``dims`` ({modality: dimension}) and decode it.
+
+    An all-zero vector is refused (``zero_vector``): it has no direction, so its cosine to
+    anything is undefined (an encoder that failed often emits one)."""
     expected, what = _check_event(msg, dims)
-    return _incoming(msg, decode_vector(msg.vector, expected, what=f"{what} vector"))
+    vec = decode_vector(msg.vector, expected, what=f"{what} vector")
+    if not vec.any():
+        raise WireError("zero_vector", f"{what} vector: all {expected} values are 0 (no "
+                                       "direction: its cosine to anything is undefined)")
+    return _incoming(msg, vec)
 
 
 def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
@@ -220,9 +233,14 @@ def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
         bad = ~np.isfinite(flat)
         bad |= np.abs(flat) > MAX_ABS_FEATURE  # NaN compares False: already flagged
         sizes = [len(m.vector) // 4 for m in good]
-        if bad.any():
-            ends = np.cumsum(sizes)
-            k = int(np.searchsorted(ends, int(np.flatnonzero(bad)[0]), side="right"))
+        ends = np.cumsum(sizes)
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        nonzero = np.add.reduceat(flat != 0, starts) > 0 if flat.size else np.zeros(0, bool)
+        k_value = (int(np.searchsorted(ends, int(np.flatnonzero(bad)[0]), side="right"))
+                   if bad.any() else len(good))
+        k_zero = int(np.flatnonzero(~nonzero)[0]) if not nonzero.all() else len(good)
+        k = min(k_value, k_zero)
+        if k < len(good):
             try:
                 event_from_proto(good[k], dims)  # raises this event's value error
             except WireError as exc:

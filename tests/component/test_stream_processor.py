@@ -153,6 +153,9 @@ BAD_RECORDS = {
     "missing_field": (_raw_event(event_id=""), EVENT),
     "oversized": (b"\x00" * (MAX_BYTES + 1), EVENT),
     "empty_batch": (b"", BATCH),
+    "zero_vector": (_raw_event(), EVENT),  # all 12 values 0: no direction
+    "out_of_range": (_raw_event(item_id="x" * 300,
+                                vector=codecs.encode_vector(np.ones(12, np.float32))), EVENT),
 }
 
 

@@ -144,8 +144,9 @@ def test_single_event_batch_without_header_is_still_a_batch():
 def test_batch_that_also_parses_as_an_event_is_read_as_a_batch():
     # all-ASCII nested bytes: the batch parses as a FeatureEvent whose event_id is the first
     # event's bytes (valid UTF-8) and which has no vector; it must still be read as a batch
-    evs = [_ev(i, "text", vector=np.zeros(8, np.float32), event_time=None, metadata={})
-           for i in range(2)]
+    ascii_float = np.frombuffer(b"AAAA", "<f4")[0]  # 12.08: its bytes are ASCII (zeros would be
+    evs = [_ev(i, "text", vector=np.full(8, ascii_float, np.float32), event_time=None,
+               metadata={}) for i in range(2)]  # too, but an all-zero vector is refused)
     value = codecs.encode_feature_batch(evs)
     assert pb.FeatureEvent.FromString(value).event_id  # the ambiguity is real
     out = codecs.decode_feature_record(value, None, DIMS, MAX)
@@ -327,6 +328,21 @@ def test_decision_record_round_trip_and_errors():
             "missing field 'decision'")
     msg.decision.reason = "skip:from_a_newer_peer"  # unknown reasons pass through unchanged
     assert codecs.decision_record_from_proto(msg)[0].decision.reason == "skip:from_a_newer_peer"
+
+
+def test_zero_vectors_and_overlong_ids_are_refused_naming_the_event():
+    zero = _pb_ev(vector=codecs.encode_vector(np.zeros(8, np.float32)))
+    _reason(lambda: codecs.event_from_proto(zero, DIMS), "zero_vector",
+            r"event 'e1' vector: all 8 values are 0")
+    ok = [_pb_ev(event_id=f"e{i}") for i in range(3)]
+    batch = ok[:1] + [_pb_ev(event_id="z", vector=codecs.encode_vector(np.zeros(8, "<f4")))] + \
+        [_pb_ev(event_id="n", vector=codecs.encode_vector(np.full(8, np.nan, "<f4")))]
+    _reason(lambda: codecs.events_from_protos(batch, DIMS), "zero_vector",
+            r"batch event 1 of 3: event 'z'")  # the first bad event in order, as one by one
+    assert len(codecs.events_from_protos(ok, DIMS)) == 3
+    _reason(lambda: codecs.event_from_proto(_pb_ev(item_id="i" * 257), DIMS), "out_of_range",
+            "item_id has 257 characters \\(at most 256\\)")
+    assert codecs.event_from_proto(_pb_ev(item_id="i" * 256), DIMS).item_id == "i" * 256
 
 
 def test_label_result_to_proto():

@@ -98,7 +98,7 @@ def test_handler_names_the_event_of_a_bad_vector():
     h = SelectionHandler(sel, trainer=None)
     bad = np.zeros(DIMS["text"], np.float32)
     bad[4] = np.inf
-    evs = [IncomingEvent("ev-ok", "i0", "image", np.zeros(DIMS["image"], np.float32)),
+    evs = [IncomingEvent("ev-ok", "i0", "image", np.ones(DIMS["image"], np.float32)),
            IncomingEvent("ev-bad", "i1", "text", bad)]
     try:
         with pytest.raises(ValueError, match=r"^event 'ev-bad': item 'i1' \(text\): 1 value\(s\) "
@@ -109,3 +109,18 @@ def test_handler_names_the_event_of_a_bad_vector():
     assert sel.budget.seen == 0
     with pytest.raises(ValueError, match="item 'x' "):
         sel.propose([FeatureItem("x", "image", np.zeros(3))])
+
+
+def test_the_core_refuses_an_all_zero_vector_and_the_handler_an_overlong_id():
+    _, _, model = data_and_model()
+    sel = StreamingSelector(copy.deepcopy(model), SelectorConfig(index_size=64), device="cpu")
+    with pytest.raises(VectorError, match=r"item 'z' \(image\): all 12 values are 0") as ei:
+        sel.propose([FeatureItem("ok", "image", np.ones(12)),
+                     FeatureItem("z", "image", np.zeros(12))])
+    assert ei.value.kind == "zero_vector" and ei.value.index == 1
+    h = SelectionHandler(sel, trainer=None)
+    try:
+        with pytest.raises(ValueError, match="event 'e1': item_id has 300 characters"):
+            asyncio.run(h.submit([IncomingEvent("e1", "x" * 300, "image", np.ones(12))]))
+    finally:
+        h.close()
