@@ -240,7 +240,8 @@ async def start_service(settings: Settings) -> Service:
         handler, host=settings.grpc_host, port=settings.grpc_port,
         auth_token=settings.auth_token or None, tls_cert=settings.tls_cert_file or None,
         tls_key=settings.tls_key_file or None, max_message_bytes=settings.max_message_bytes,
-        metrics=metrics, max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs)
+        metrics=metrics, max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        reflection_without_token=bool(settings.grpc_reflection_without_token))
     await grpc.set_serving(True)
     metrics.set_serving(True)
     metrics.engine_state(handler.status())

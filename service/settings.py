@@ -166,6 +166,10 @@ class Settings:
                            allowed=PORT, check=_port)
     metrics_host: str = _s("0.0.0.0", "metrics bind address")
     auth_token: str = _s("", "unset = no auth; else clients send `authorization: Bearer <token>`")
+    grpc_reflection_without_token: int = _s(0, "with an auth token set: 1 leaves gRPC server "
+                                               "reflection open (it describes the public "
+                                               "schema only), 0 requires the token for it too",
+                                            allowed="0 or 1", check=lambda v: v in (0, 1))
     tls_cert_file: str = _s("", "PEM certificate (with TLS_KEY_FILE: gRPC over TLS); must exist")
     tls_key_file: str = _s("", "PEM private key; must exist")
     modalities: str = _s("image:512,text:384", "the two modalities and their feature dimensions, "

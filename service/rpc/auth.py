@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-OPEN_METHOD_PREFIXES = (
-    "/grpc.health.v1.Health/",
+HEALTH_PREFIXES = ("/grpc.health.v1.Health/",)
+REFLECTION_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
@@ -60,12 +60,14 @@ def bearer_token(metadata) -> str | None:
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without the configured bearer token (health and reflection excepted)."""
+    """Rejects calls without the configured bearer token (health excepted, and reflection when
+    ``open_reflection``)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, open_reflection: bool = False):
         if not token:
             raise ValueError("TokenAuthInterceptor needs a non-empty token")
         self._token = token.encode()
+        self._open = HEALTH_PREFIXES + (REFLECTION_PREFIXES if open_reflection else ())
 
     async def intercept_service(
         self,
@@ -73,7 +75,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+        if handler is None or handler_call_details.method.startswith(self._open):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is not None and hmac.compare_digest(token.encode(), self._token):

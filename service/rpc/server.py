@@ -326,7 +326,8 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
                             max_message_bytes: int = 16 * 1024 * 1024,
                             metrics: GrpcMetrics | Any | None = None,
                             min_deadline_s: float = 0.01,
-                            max_concurrent_rpcs: int | None = None) -> GrpcServer:
+                            max_concurrent_rpcs: int | None = None,
+                            reflection_without_token: bool = False) -> GrpcServer:
     """Start ``pairsieve.v1.Selector`` (+ health, reflection) and return the running server.
 
     Health is SERVING once this returns (start the server last, when the engine is ready);
@@ -345,7 +346,8 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
     if metrics is not None:
         interceptors.append(MetricsInterceptor(metrics))  # outermost: also counts auth failures
     if auth_token:
-        interceptors.append(TokenAuthInterceptor(auth_token))
+        interceptors.append(TokenAuthInterceptor(auth_token,
+                                                 open_reflection=reflection_without_token))
     if max_concurrent_rpcs is not None and max_concurrent_rpcs < 1:
         raise ValueError(f"max_concurrent_rpcs must be >= 1, got {max_concurrent_rpcs}")
     server = grpc.aio.server(interceptors=interceptors,

@@ -213,7 +213,24 @@ def test_token_auth_and_open_health():
             assert h.status == health_pb2.HealthCheckResponse.SERVING
             codes = [(m, c) for m, c, _ in env.metrics.calls]
             assert ("GetStatus", "UNAUTHENTICATED") in codes and ("Check", "OK") in codes
+            # reflection needs the token too, unless opened explicitly (issue 15, item 6)
+            assert await _reflect(env) == grpc.StatusCode.UNAUTHENTICATED
+            assert await _reflect(env, (("authorization", f"Bearer {TOKEN}"),)) == "OK"
+        async with serving(auth_token=TOKEN, reflection_without_token=True) as env:
+            assert await _reflect(env) == "OK"
     run(scenario())
+
+
+async def _reflect(env, metadata=()):
+    refl = reflection_pb2_grpc.ServerReflectionStub(env.channel)
+    call = refl.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5,
+        metadata=metadata)
+    try:
+        await call.read()
+        return "OK"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
 
 
 def test_health_and_reflection():
