@@ -62,6 +62,15 @@ _SERVING = re.compile(r"pairsieve serving: gRPC :(\d+)")
 _REPLAYED = re.compile(r"state replayed in ([\d.]+)s")
 
 
+def _decision(item_id: str, modality: str, accept: bool) -> Decision:
+    """A plausible decision of the history (its scores do not matter to a replay)."""
+    return Decision(item_id=item_id, modality=modality, accept=accept,
+                    utility=0.5 if accept else 0.1, uncertainty=0.1, diversity=0.2,
+                    coverage_bonus=0.0, margin=0.0, entropy=0.0, least_confidence=0.0,
+                    threshold=0.4, model_version=1,
+                    reason="accept:utility" if accept else "skip:below_threshold")
+
+
 def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pairs: int,
          partitions: int, seed: int, say=print, decisions: int = 0) -> int:
     """Produce the history (``decisions`` skip records on the decision log besides the
@@ -76,10 +85,7 @@ def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pai
     vecs = {m: rng.normal(size=(1024, d)).astype(np.float32) for m, d in dims.items()}
     for i in range(selections):
         m = mods[i % 2]
-        dec = Decision(item_id=f"item-{i}", modality=m, accept=True, utility=0.5,
-                       uncertainty=0.1, diversity=0.2, coverage_bonus=0.0, margin=0.0,
-                       entropy=0.0, least_confidence=0.0, threshold=0.4, model_version=1,
-                       reason="accept:utility")
+        dec = _decision(f"item-{i}", m, accept=True)
         req = AlignmentRequestOut(request_id=f"ev-{i}", item_id=f"item-{i}", modality=m,
                                   vector=vecs[m][i % 1024], candidates=[],
                                   outcome=Outcome(f"ev-{i}", dec, False, "history"),
@@ -90,10 +96,7 @@ def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pai
             say(f"  {i + 1} selections produced ({time.perf_counter() - t0:.0f}s)")
     for i in range(decisions):
         m = mods[i % 2]
-        dec = Decision(item_id=f"skipped-{i}", modality=m, accept=False, utility=0.1,
-                       uncertainty=0.1, diversity=0.2, coverage_bonus=0.0, margin=0.0,
-                       entropy=0.0, least_confidence=0.0, threshold=0.4, model_version=1,
-                       reason="skip:below_threshold")
+        dec = _decision(f"skipped-{i}", m, accept=False)
         prod.send(DECISIONS_TOPIC + suffix, codecs.decision_record_to_proto(
             Outcome(f"sk-{i}", dec, False, "history"), time.time()).SerializeToString(),
             key=f"sk-{i}".encode(), partition=i % partitions)

@@ -165,20 +165,29 @@ def _cmd_serve(args) -> int:
     return asyncio.run(serve_forever(settings))
 
 
-def _cmd_export_pairs(args) -> int:
-    from service.alignment.quality_gate import is_validation
+def _deployment_settings(args, command: str):
+    """Settings of the deployment a reading command (``export-pairs``, ``explain``) points at:
+    ``PAIRSIEVE_*`` with ``--bootstrap``/``--topic-suffix``/``--modalities`` on top; a broker is
+    required (the embedded one keeps nothing after the service stops)."""
     from service.settings import Settings
-    from service.streaming.export import read_pairs, write_pairs
-    from service.streaming.topics import TRAINING_PAIRS_TOPIC
 
     overrides = {k: v for k, v in (("kafka_bootstrap", args.bootstrap),
                                    ("topic_suffix", args.topic_suffix),
                                    ("modalities", args.modalities)) if v is not None}
     settings = Settings.from_env(**overrides)
     if not settings.kafka_bootstrap:
-        raise ValueError("export-pairs reads a running deployment's broker: set "
+        raise ValueError(f"{command} reads a running deployment's broker: set "
                          "PAIRSIEVE_KAFKA_BOOTSTRAP or --bootstrap (the embedded broker keeps "
                          "nothing after the service stops)")
+    return settings
+
+
+def _cmd_export_pairs(args) -> int:
+    from service.alignment.quality_gate import is_validation
+    from service.streaming.export import read_pairs, write_pairs
+    from service.streaming.topics import TRAINING_PAIRS_TOPIC
+
+    settings = _deployment_settings(args, "export-pairs")
     topic = settings.topic(TRAINING_PAIRS_TOPIC)
     print(f"reading {topic} at {settings.kafka_bootstrap} ...", file=sys.stderr, flush=True)
     pairs = read_pairs(settings.kafka_bootstrap, topic, settings.dims, timeout_s=args.timeout,
@@ -194,17 +203,10 @@ def _cmd_export_pairs(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    from service.settings import Settings
     from service.streaming.export import explain
     from service.streaming.topics import DECISIONS_TOPIC, TRAINING_PAIRS_TOPIC
 
-    overrides = {k: v for k, v in (("kafka_bootstrap", args.bootstrap),
-                                   ("topic_suffix", args.topic_suffix),
-                                   ("modalities", args.modalities)) if v is not None}
-    settings = Settings.from_env(**overrides)
-    if not settings.kafka_bootstrap:
-        raise ValueError("explain reads a running deployment's broker: set "
-                         "PAIRSIEVE_KAFKA_BOOTSTRAP or --bootstrap")
+    settings = _deployment_settings(args, "explain")
     for line in explain(settings.kafka_bootstrap, settings.topic(DECISIONS_TOPIC),
                         settings.topic(TRAINING_PAIRS_TOPIC), settings.dims, args.id,
                         timeout_s=args.timeout):
@@ -217,6 +219,14 @@ def _cmd_demo(args) -> int:
 
     return demo_main(dataset=args.dataset, budget=args.budget, seed=args.seed,
                      out_dir=args.out_dir, max_rows=args.max_rows)
+
+
+def _deployment_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a command that reads a running deployment's topics."""
+    p.add_argument("--bootstrap", help="Kafka bootstrap (default PAIRSIEVE_KAFKA_BOOTSTRAP)")
+    p.add_argument("--topic-suffix", help="default PAIRSIEVE_TOPIC_SUFFIX")
+    p.add_argument("--modalities", help="NAME:DIM,NAME:DIM (default PAIRSIEVE_MODALITIES)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,10 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "time and the validation flag. Broker, topic suffix and "
                                    "modalities come from PAIRSIEVE_* unless given.")
     x.add_argument("--out", required=True, help="the .npz file to write")
-    x.add_argument("--bootstrap", help="Kafka bootstrap (default PAIRSIEVE_KAFKA_BOOTSTRAP)")
-    x.add_argument("--topic-suffix", help="default PAIRSIEVE_TOPIC_SUFFIX")
-    x.add_argument("--modalities", help="NAME:DIM,NAME:DIM (default PAIRSIEVE_MODALITIES)")
-    x.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
+    _deployment_arguments(x)
     x.set_defaults(func=_cmd_export_pairs)
 
     w = sub.add_parser("explain", help="what pairsieve decided about an event or item, and why",
@@ -333,10 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model version and worker, and the training pair of the item "
                                    "if one was acquired.")
     w.add_argument("id", help="an event id or an item id")
-    w.add_argument("--bootstrap", help="Kafka bootstrap (default PAIRSIEVE_KAFKA_BOOTSTRAP)")
-    w.add_argument("--topic-suffix", help="default PAIRSIEVE_TOPIC_SUFFIX")
-    w.add_argument("--modalities", help="NAME:DIM,NAME:DIM (default PAIRSIEVE_MODALITIES)")
-    w.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
+    _deployment_arguments(w)
     w.set_defaults(func=_cmd_explain)
 
     c = sub.add_parser("bench-stream-cost", help="per-item selector cost over a long stream")

@@ -344,8 +344,7 @@ class LearningLoop:
             for rid in remember:
                 if rid:
                     self._requests.put(rid, True)
-            for p in pairs + marks:
-                await self._ingest(p)
+            await self._store_all(pairs + marks)
             if duplicates:
                 self.duplicate_labels += duplicates
                 self.metrics.labels_duplicate(duplicates)
@@ -360,20 +359,20 @@ class LearningLoop:
         modality. An echo of a pair already stored changes nothing. Returns the number of new
         pair keys."""
         async with self._lock:
-            reveal: dict[str, list[np.ndarray]] = {}
-            for p in pairs:
-                side = self._store(p)
-                if side is not None:
-                    reveal.setdefault(side[0], []).append(side[1])
-            await self._reveal(reveal)
+            added = await self._store_all(pairs)
             self.maybe_retrain()
-        return sum(len(v) for v in reveal.values())
+        return added
 
-    async def _ingest(self, p: TrainingPair) -> bool:
-        """Store one pair (the caller holds the lock). True when its key is new."""
-        side = self._store(p)
-        await self._reveal({side[0]: [side[1]]} if side is not None else {})
-        return side is not None
+    async def _store_all(self, pairs: Sequence[TrainingPair]) -> int:
+        """Store pairs and apply what they reveal in one engine call (the caller holds the
+        lock). Returns the number of new pair keys."""
+        reveal: dict[str, list[np.ndarray]] = {}
+        for p in pairs:
+            side = self._store(p)
+            if side is not None:
+                reveal.setdefault(side[0], []).append(side[1])
+        await self._reveal(reveal)
+        return sum(len(v) for v in reveal.values())
 
     def _store(self, p: TrainingPair) -> tuple[str, np.ndarray] | None:
         """Put ``p`` in the store; for a new key, the (modality, vector) its label revealed (the

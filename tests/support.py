@@ -1,8 +1,10 @@
-"""Shared test data: a small two-modality dataset and an alignment model trained on it."""
+"""Shared test data (a small two-modality dataset and an alignment model trained on it) and the
+plain Kafka client helpers of the integration tests."""
 
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 
@@ -34,3 +36,30 @@ def scalar_decide_run(draft, utilities, blocked=None):
         if d.accept:
             return i + 1, True, np.array(thr), why
     return len(utilities), False, np.array(thr), why
+
+
+def produce(bootstrap, topic, values, headers=None):
+    """Produce ``values`` to ``topic`` with a plain kafka-python producer (acks=all; key = the
+    index, so records spread over the partitions)."""
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for i, v in enumerate(values):
+        p.send(topic, v, key=str(i).encode(), headers=headers)
+    p.flush()
+    p.close()
+
+
+def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None):
+    """Read ``topic`` from the start with a plain kafka-python consumer (no group) until
+    ``expect`` records or ``timeout_s``."""
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      group_id=None, consumer_timeout_ms=1000)
+    out, deadline = [], time.time() + timeout_s
+    while time.time() < deadline and len(out) < expect:
+        for rec in c:
+            out.append(parse(rec.value) if parse else rec.value)
+    c.close()
+    return out

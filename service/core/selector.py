@@ -250,14 +250,16 @@ class StreamingSelector:
             # Decide up to the next accept in one vectorised step (between two accepts nothing
             # a decision depends on changes), then let the accept lower later items' diversity.
             allow = np.array([self.acquisition.quota_allows(m, extra) for m in self.modalities])
-            quota = ~allow[mod_idx[i:]]
-            broke = np.zeros(n - i, dtype=bool)
+            blocked = ~allow[mod_idx[i:]]  # quota
+            broke = None  # cost budget: the items whose expected cost no longer fits
             if by_cost:
                 fits = np.array([self.costs.affordable(m, pending) for m in self.modalities])
-                broke = ~fits[mod_idx[i:]] & ~quota
-            k, acc, thr, why = draft.decide_run(u_all[i:], quota | broke)
-            why = [Reason.SKIP_BUDGET_EXHAUSTED if b else w
-                   for w, b in zip(why, broke[:k].tolist(), strict=True)]
+                broke = ~fits[mod_idx[i:]] & ~blocked
+                blocked = blocked | broke
+            k, acc, thr, why = draft.decide_run(u_all[i:], blocked)
+            if broke is not None and broke[:k].any():
+                why = [Reason.SKIP_BUDGET_EXHAUSTED if b else w
+                       for w, b in zip(why, broke[:k].tolist(), strict=True)]
             thr_all[i:i + k], div_all[i:i + k], ut_all[i:i + k] = (thr, d_all[i:i + k],
                                                                    u_all[i:i + k])
             reasons += why

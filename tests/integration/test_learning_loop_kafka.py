@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from service.messages import IncomingEvent, Label
 from service.runtime import start_service
@@ -38,6 +38,7 @@ from service.streaming.topics import (
     topic_specs,
 )
 from service.wire import codecs
+from tests.support import produce, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -71,25 +72,6 @@ def _settings(kafka_topics, **kw) -> Settings:
     return Settings.from_env({}, **base)
 
 
-def _produce(bootstrap, topic, values, headers=None):
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    for i, v in enumerate(values):
-        p.send(topic, v, key=str(i).encode(), headers=headers)
-    p.flush()
-    p.close()
-
-
-def _read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None):
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                      group_id=None, consumer_timeout_ms=1000)
-    out, deadline = [], time.time() + timeout_s
-    while time.time() < deadline and len(out) < expect:
-        for rec in c:
-            out.append(parse(rec.value) if parse else rec.value)
-    c.close()
-    return out
-
-
 def _image_events(rows, prefix="e"):
     return [IncomingEvent(f"{prefix}{i}", f"img-{i}", "image", IMG[i], time.time())
             for i in rows]
@@ -116,7 +98,7 @@ async def _wait(pred, timeout_s=60.0, what=""):
 
 async def _feed(svc, settings, rows):
     boot = settings.kafka_bootstrap
-    await asyncio.to_thread(_produce, boot, settings.topic(FEATURES_TOPIC),
+    await asyncio.to_thread(produce, boot, settings.topic(FEATURES_TOPIC),
                             [codecs.encode_feature_batch(_image_events(rows))],
                             [codecs.FEATURE_HEADER_BATCH])
     target = svc.handler.status().seen + len(rows)
@@ -125,7 +107,7 @@ async def _feed(svc, settings, rows):
 
 async def _label(svc, settings, rows, partner_rows=None):
     before = svc.handler.learning.pairs_acquired
-    await asyncio.to_thread(_produce, settings.kafka_bootstrap, settings.topic(LABELS_TOPIC),
+    await asyncio.to_thread(produce, settings.kafka_bootstrap, settings.topic(LABELS_TOPIC),
                             _labels(rows, partner_rows))
     await _wait(lambda: svc.handler.learning.pairs_acquired >= before + len(rows),
                 what=f"{before + len(rows)} pairs")
@@ -162,7 +144,7 @@ def test_a_restarted_worker_keeps_pairs_model_and_recall_and_trains_on_all_pairs
             assert st.spent == before.spent
             # the annotation tool re-sends answers it sent before the restart: counted once
             lp = svc.handler.learning
-            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
+            await asyncio.to_thread(produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
                                     _labels(range(10)))
             await _wait(lambda: lp.duplicate_labels >= 10, what="10 duplicate labels")
             assert lp.pairs_acquired == 60 and lp.labels_by_status["MATCH"] == 0
@@ -181,7 +163,7 @@ def test_a_restarted_worker_keeps_pairs_model_and_recall_and_trains_on_all_pairs
     assert model.n_pairs == training  # every pair but the held-out ones, before and after
     for key, p in pairs_before.items():  # nothing acquired was lost or altered
         np.testing.assert_array_equal(pairs_after[key].vector_b, p.vector_b)
-    on_topic = _read_all(s.kafka_bootstrap, s.topic(TRAINING_PAIRS_TOPIC), 100,
+    on_topic = read_all(s.kafka_bootstrap, s.topic(TRAINING_PAIRS_TOPIC), 100,
                          parse=codecs.pb.TrainingPair.FromString)
     assert len({(p.item_id_a, p.item_id_b) for p in on_topic}) == 100
 
@@ -225,9 +207,9 @@ def test_an_unresolvable_label_lands_in_the_dead_letter_topic_with_its_reason(ka
             unknown_partner = codecs.label_to_proto(Label(
                 item_id="img-1", modality="image", partner_item_id="txt-nowhere",
                 status="MATCH", request_id="e1")).SerializeToString()
-            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
+            await asyncio.to_thread(produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
                                     [unknown_item, unknown_partner, b"\x08\xff\xff"])
-            dls = await asyncio.to_thread(_read_all, s.kafka_bootstrap,
+            dls = await asyncio.to_thread(read_all, s.kafka_bootstrap,
                                           s.topic(DEAD_LETTER_TOPIC), 3, 30.0,
                                           codecs.pb.DeadLetter.FromString)
             return dls, svc.handler.status()
@@ -249,7 +231,7 @@ def test_a_skipped_event_redelivered_after_a_restart_gets_its_earlier_decision(k
     async def run():
         svc = await start_service(s)
         try:
-            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(FEATURES_TOPIC),
+            await asyncio.to_thread(produce, s.kafka_bootstrap, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_batch(evs)],
                                     [codecs.FEATURE_HEADER_BATCH])
             await _wait(lambda: svc.processor.batches >= 1, what="the batch")
@@ -262,7 +244,7 @@ def test_a_skipped_event_redelivered_after_a_restart_gets_its_earlier_decision(k
     # after the restart the same events arrive again (a redelivery): answered from the decision
     # log, not decided afresh (this worker's seen counts decided events)
     assert asyncio.run(run()) == 0
-    log = _read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 13, timeout_s=5,
+    log = read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 13, timeout_s=5,
                     parse=codecs.pb.DecisionRecord.FromString)
     assert sorted(r.decision.event_id for r in log) == sorted(e.event_id for e in evs)
     assert all(r.decision.reason == "skip:budget_exhausted" for r in log)
@@ -288,13 +270,13 @@ def test_no_match_lowers_the_utility_of_the_items_neighbours(kafka_topics):
             no_match = codecs.label_to_proto(Label(item_id="img-5", modality="image",
                                                    partner_item_id="", status="NO_MATCH",
                                                    request_id="e5")).SerializeToString()
-            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
+            await asyncio.to_thread(produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC),
                                     [no_match])
             lp = svc.handler.learning
             await _wait(lambda: ("img-5", "") in lp.partnerless, what="the NO_MATCH taken in")
             probes = [IncomingEvent("near-5", "img-near-5", "image", IMG[5] + 0.001, time.time()),
                       IncomingEvent("far", "img-far", "image", IMG[100], time.time())]
-            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(FEATURES_TOPIC),
+            await asyncio.to_thread(produce, s.kafka_bootstrap, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_batch(probes)],
                                     [codecs.FEATURE_HEADER_BATCH])
             await _wait(lambda: svc.handler.status().seen >= 22, what="the probes decided")
@@ -302,11 +284,11 @@ def test_no_match_lowers_the_utility_of_the_items_neighbours(kafka_topics):
             await svc.shutdown()
 
     asyncio.run(scenario())
-    log = {r.decision.event_id: r.decision for r in _read_all(
+    log = {r.decision.event_id: r.decision for r in read_all(
         s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 22, parse=codecs.pb.DecisionRecord.FromString)}
     near, far = log["near-5"].components.partnerless, log["far"].components.partnerless
     assert near > 0.4 and far < near, (near, far)  # the weight is 0.5 at cosine 1
-    pairs = _read_all(s.kafka_bootstrap, s.topic(TRAINING_PAIRS_TOPIC), 1,
+    pairs = read_all(s.kafka_bootstrap, s.topic(TRAINING_PAIRS_TOPIC), 1,
                       parse=codecs.pb.TrainingPair.FromString)
     assert [(p.partnerless, p.item_id_a, p.item_id_b) for p in pairs] == [(True, "img-5", "")]
 
@@ -324,7 +306,7 @@ def test_a_cost_budget_stops_at_its_cost(kafka_topics):
                 item_id=f"img-{i}", modality="image", partner_item_id=f"txt-{i}",
                 status="MATCH", request_id=f"e{i}", cost=5.0, partner_vector=TXT[i]))
                 .SerializeToString() for i in range(2)]
-            await asyncio.to_thread(_produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC), labels)
+            await asyncio.to_thread(produce, s.kafka_bootstrap, s.topic(LABELS_TOPIC), labels)
             await _wait(lambda: svc.handler.learning.pairs_acquired == 2, what="two pairs")
             await svc.handler.settle()
             assert svc.handler.status().expected_cost["image"] == pytest.approx(11 / 3)
@@ -337,7 +319,7 @@ def test_a_cost_budget_stops_at_its_cost(kafka_topics):
     # 4 + 11/3 + 11/3 = 11.33 <= 12; one more (15) would not fit
     assert st.cost_spent == pytest.approx(4 + 22 / 3) and st.spent == 6
     assert st.budget_unit == "cost" and st.cost_total == 12.0
-    log = _read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 24,
+    log = read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 24,
                     parse=codecs.pb.DecisionRecord.FromString)
     accepted = [r.decision for r in log if r.decision.accept]
     assert sorted(round(d.cost, 3) for d in accepted) == [1.0] * 4 + [3.667] * 2
@@ -450,9 +432,9 @@ def test_two_workers_share_one_lineage_and_training_survives_kill_9(tansu_broker
         for i, ev in enumerate(evs):  # both partitions: both workers decide
             p.send(FEATURES_TOPIC + suffix, codecs.encode_feature_event(ev), partition=i % 2)
         p.flush()
-        reqs = _read_all(boot, REQUESTS_TOPIC + suffix, 120, 60.0)
+        reqs = read_all(boot, REQUESTS_TOPIC + suffix, 120, 60.0)
         assert len(reqs) == 120
-        _produce(boot, LABELS_TOPIC + suffix, _labels(range(40)))
+        produce(boot, LABELS_TOPIC + suffix, _labels(range(40)))
 
         first_seen: dict[tuple[int, int], float] = {}  # (worker, version) -> first poll
 
@@ -478,7 +460,7 @@ def test_two_workers_share_one_lineage_and_training_survives_kill_9(tansu_broker
 
         trainer.proc.send_signal(signal.SIGKILL)
         trainer.proc.wait(10)
-        _produce(boot, LABELS_TOPIC + suffix, _labels(range(40, 80)))
+        produce(boot, LABELS_TOPIC + suffix, _labels(range(40, 80)))
 
         def took_over():
             st = survivor.status()

@@ -17,13 +17,13 @@ import uuid
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
 
 from service.messages import IncomingEvent, Label
 from service.runtime import start_service
 from service.settings import Settings
 from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC, REQUESTS_TOPIC
 from service.wire import codecs
+from tests.support import produce, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -52,26 +52,6 @@ def _events(n, seed=0, prefix="e"):
     return out
 
 
-def _produce(bootstrap, topic, values, headers=None):
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    for i, v in enumerate(values):
-        p.send(topic, v, key=str(i).encode(), headers=headers)
-    p.flush()
-    p.close()
-
-
-def _read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None):
-    """Read ``topic`` from the start with a plain kafka-python consumer (no group)."""
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                      group_id=None, consumer_timeout_ms=1000)
-    out, deadline = [], time.time() + timeout_s
-    while time.time() < deadline and len(out) < expect:
-        for rec in c:
-            out.append(parse(rec.value) if parse else rec.value)
-    c.close()
-    return out
-
-
 async def _wait(pred, timeout_s=30.0):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -91,14 +71,14 @@ def test_features_in_requests_out_and_redelivery_makes_no_duplicate(kafka_topics
         try:
             batch = codecs.encode_feature_batch(evs[:20])
             singles = [codecs.encode_feature_event(e) for e in evs[20:]]
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), [batch],
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC), [batch],
                                     [codecs.FEATURE_HEADER_BATCH])
             # the later events find the first batch in the recent index -> partner candidates
             assert await _wait(lambda: svc.handler.status().seen >= 20)
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), singles)
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC), singles)
             assert await _wait(lambda: svc.handler.status().seen >= 40)
             # redelivery: the same events again (same event ids), as after a consumer crash
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), [batch],
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC), [batch],
                                     [codecs.FEATURE_HEADER_BATCH])
             await asyncio.sleep(2.0)
             return svc.handler.status()
@@ -107,14 +87,14 @@ def test_features_in_requests_out_and_redelivery_makes_no_duplicate(kafka_topics
 
     status = asyncio.run(scenario())
     assert status.spent == 40 and status.seen == 40  # redelivered events were not re-decided
-    reqs = _read_all(boot, s.topic(REQUESTS_TOPIC), 40,
+    reqs = read_all(boot, s.topic(REQUESTS_TOPIC), 40,
                      parse=codecs.pb.AlignmentRequest.FromString)
     ids = [r.request_id for r in reqs]
     assert sorted(ids) == sorted(e.event_id for e in evs)  # each accepted event exactly once
     assert all(r.worker_id == "w-test" and r.dim == DIMS[r.modality] for r in reqs)
     assert any(len(r.candidates) > 0 for r in reqs)  # partner suggestions of the other modality
     # every event appears once even after waiting a little longer
-    assert len(_read_all(boot, s.topic(REQUESTS_TOPIC), 41, timeout_s=3)) == 40
+    assert len(read_all(boot, s.topic(REQUESTS_TOPIC), 41, timeout_s=3)) == 40
 
 
 def test_malformed_records_go_to_dead_letter_with_reason(kafka_topics):
@@ -133,7 +113,7 @@ def test_malformed_records_go_to_dead_letter_with_reason(kafka_topics):
     async def scenario():
         svc = await start_service(s)
         try:
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC),
                                     bad + [codecs.encode_feature_event(e) for e in good])
             assert await _wait(lambda: svc.handler.status().seen >= 4
                                and svc.processor.dead_letters >= 4)
@@ -141,7 +121,7 @@ def test_malformed_records_go_to_dead_letter_with_reason(kafka_topics):
             await svc.shutdown()
 
     asyncio.run(scenario())
-    dls = _read_all(boot, s.topic(DEAD_LETTER_TOPIC), 4, parse=codecs.pb.DeadLetter.FromString)
+    dls = read_all(boot, s.topic(DEAD_LETTER_TOPIC), 4, parse=codecs.pb.DeadLetter.FromString)
     by_orig = {d.original: d for d in dls}
     assert by_orig[bad[0]].reason == "undecodable"
     assert by_orig[bad[1]].reason == "wrong_dimension" and "3" in by_orig[bad[1]].detail
@@ -167,7 +147,7 @@ def test_oversized_records_lose_no_valid_event_of_their_micro_batches(kafka_topi
     async def scenario():
         svc = await start_service(s)
         try:
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC), values)
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC), values)
             assert await _wait(lambda: svc.handler.status().seen >= 600
                                and svc.processor.dead_letters >= 2, timeout_s=60)
             await asyncio.sleep(1.0)
@@ -177,7 +157,7 @@ def test_oversized_records_lose_no_valid_event_of_their_micro_batches(kafka_topi
 
     seen, dead = asyncio.run(scenario())
     assert (seen, dead) == (600, 2)  # every valid event decided, once
-    dls = _read_all(boot, s.topic(DEAD_LETTER_TOPIC), 2, parse=codecs.pb.DeadLetter.FromString)
+    dls = read_all(boot, s.topic(DEAD_LETTER_TOPIC), 2, parse=codecs.pb.DeadLetter.FromString)
     assert [d.reason for d in dls] == ["oversized", "oversized"]
     assert all(d.original_omitted and d.original_size == len(huge) for d in dls)
     assert all(d.source_topic == s.topic(FEATURES_TOPIC) and d.source_offset >= 0 for d in dls)
@@ -231,7 +211,7 @@ def test_a_paused_broker_makes_the_worker_not_serving_and_grpc_unavailable_witho
                     while await health(hs) != health_pb2.HealthCheckResponse.SERVING:
                         assert time.time() - t1 < 30, "not SERVING 30 s after the broker resumed"
                         await asyncio.sleep(0.5)
-                    await asyncio.to_thread(_produce, broker.bootstrap, FEATURES_TOPIC,
+                    await asyncio.to_thread(produce, broker.bootstrap, FEATURES_TOPIC,
                                             [codecs.encode_feature_event(e) for e in evs])
                     assert await _wait(lambda: svc.handler.status().seen >= 40, timeout_s=60)
                     return down_after, svc.handler.status().seen
@@ -258,7 +238,7 @@ def test_labels_in_raise_the_model_version(kafka_topics):
     async def scenario():
         svc = await start_service(s)
         try:
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_batch(evs)],
                                     [codecs.FEATURE_HEADER_BATCH])
             assert await _wait(lambda: svc.handler.status().spent >= 30)
@@ -267,7 +247,7 @@ def test_labels_in_raise_the_model_version(kafka_topics):
                                                   partner_item_id=f"txt-{i}", status="MATCH",
                                                   partner_vector=txt[i])).SerializeToString()
                       for i in range(30)]
-            await asyncio.to_thread(_produce, boot, s.topic(LABELS_TOPIC), labels)
+            await asyncio.to_thread(produce, boot, s.topic(LABELS_TOPIC), labels)
             assert await _wait(lambda: svc.handler.status().pairs_acquired >= 30)
             await svc.handler.wait_for_training()
             assert await _wait(lambda: svc.handler.model_version > v0)
@@ -300,12 +280,12 @@ def test_sigterm_loses_no_accepted_event(kafka_topics, tmp_path):
         return subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT), log
 
-    _produce(boot, s.topic(FEATURES_TOPIC), [codecs.encode_feature_event(e) for e in evs])
+    produce(boot, s.topic(FEATURES_TOPIC), [codecs.encode_feature_event(e) for e in evs])
     proc, log1 = start("first.log")
     deadline = time.time() + 60
     seen = []
     while time.time() < deadline and len(seen) < 30:
-        seen = _read_all(boot, s.topic(REQUESTS_TOPIC), 30, timeout_s=2)
+        seen = read_all(boot, s.topic(REQUESTS_TOPIC), 30, timeout_s=2)
     assert len(seen) >= 30, (tmp_path / "first.log").read_text()[-3000:]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, (tmp_path / "first.log").read_text()[-3000:]
@@ -313,7 +293,7 @@ def test_sigterm_loses_no_accepted_event(kafka_topics, tmp_path):
     assert "stopped" in first_log
     proc2, log2 = start("second.log")
     try:
-        reqs = _read_all(boot, s.topic(REQUESTS_TOPIC), n, timeout_s=90,
+        reqs = read_all(boot, s.topic(REQUESTS_TOPIC), n, timeout_s=90,
                          parse=codecs.pb.AlignmentRequest.FromString)
     finally:
         proc2.send_signal(signal.SIGTERM)
@@ -371,7 +351,7 @@ def test_features_consumer_uses_the_configured_fetch_wait(kafka_topics):
     async def scenario():
         svc = await start_service(s)
         try:
-            await asyncio.to_thread(_produce, boot, s.topic(FEATURES_TOPIC),
+            await asyncio.to_thread(produce, boot, s.topic(FEATURES_TOPIC),
                                     [codecs.encode_feature_event(e) for e in _events(2)])
             assert await _wait(lambda: svc.handler.status().seen >= 2)
             consumer = svc.processor.app.consumer._thread._consumer
