@@ -191,7 +191,8 @@ def _cmd_export_pairs(args) -> int:
     topic = settings.topic(TRAINING_PAIRS_TOPIC)
     print(f"reading {topic} at {settings.kafka_bootstrap} ...", file=sys.stderr, flush=True)
     pairs = read_pairs(settings.kafka_bootstrap, topic, settings.dims, timeout_s=args.timeout,
-                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+                       progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True),
+                       security=settings.kafka_security())
     a, b = settings.dims
     out = write_pairs(pairs, args.out, (a, b), settings.validation_share)
     real = [k for k, p in pairs.items() if not p.partnerless]
@@ -209,7 +210,7 @@ def _cmd_explain(args) -> int:
     settings = _deployment_settings(args, "explain")
     for line in explain(settings.kafka_bootstrap, settings.topic(DECISIONS_TOPIC),
                         settings.topic(TRAINING_PAIRS_TOPIC), settings.dims, args.id,
-                        timeout_s=args.timeout):
+                        timeout_s=args.timeout, security=settings.kafka_security()):
         print(line)
     return 0
 

@@ -47,6 +47,7 @@ from service.streaming.kafka_io import (
     pairs_follower,
     selection_follower,
 )
+from service.streaming.security import check_access
 from service.streaming.topics import (
     DECISIONS_TOPIC,
     MODELS_TOPIC,
@@ -193,7 +194,11 @@ async def start_service(settings: Settings) -> Service:
     specs = {settings.topic(t): n for t, n in topic_specs(settings.features_partitions).items()}
     configs = {settings.topic(t): c
                for t, c in topic_configs(settings.max_message_bytes).items()}
-    await asyncio.to_thread(create_topics, bootstrap, specs, configs=configs)
+    security = settings.kafka_security()  # plaintext for the embedded broker (settings check)
+    if settings.kafka_bootstrap:  # a wrong password or CA fails here, by name, before any write
+        answered = await check_access(bootstrap, security)
+        log.info("Kafka at %s answers (%s)", answered, security.describe())
+    await asyncio.to_thread(create_topics, bootstrap, specs, configs=configs, security=security)
     registry = CollectorRegistry()
     metrics = PairsieveMetrics(registry)
     metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host)
@@ -203,7 +208,8 @@ async def start_service(settings: Settings) -> Service:
                                decisions_topic=(settings.topic(DECISIONS_TOPIC)
                                                 if settings.decision_log else None),
                                modalities=list(settings.dims),
-                               max_request_bytes=settings.max_message_bytes)
+                               max_request_bytes=settings.max_message_bytes,
+                               security=security)
     await publisher.start()
     roles: dict[str, StreamProcessor] = {}  # the processor exists only after the engine
 
@@ -213,13 +219,14 @@ async def start_service(settings: Settings) -> Service:
     handler = build_engine(settings, metrics, publisher, model, is_trainer=is_trainer)
     metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
     followers: list[TopicFollower] = [
-        models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler),
-        pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler)]
+        models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler, security),
+        pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler, security)]
     if settings.follow_selections:
-        followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler))
+        followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler,
+                                               security))
     if settings.decision_log and settings.decision_replay:
         followers.append(decisions_follower(bootstrap, settings.topic(DECISIONS_TOPIC), handler,
-                                            settings.decision_replay))
+                                            settings.decision_replay, security))
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "
                     "(near-duplicates may be accepted twice; for measurements only)")

@@ -45,6 +45,7 @@ from service.learning_loop import (
     DEFAULT_RETRAIN_EVERY,
     DEFAULT_VALIDATION_SHARE,
 )
+from service.streaming.security import MECHANISMS, PROTOCOLS, KafkaSecurity
 
 ENV_PREFIX = "PAIRSIEVE_"
 UNCERTAINTIES = ("least_confidence", "margin", "entropy")
@@ -91,10 +92,12 @@ def core_default(cls, name: str):
     raise LookupError(f"{cls.__name__} has no field {name!r} with a default")
 
 
-def _s(default, help: str, *, allowed: str = "", check=None):
+def _s(default, help: str, *, allowed: str = "", check=None, secret: bool = False):
     """A setting: its default, its meaning (``--help``, README), and an optional check
-    (``check(value) -> bool``; ``allowed`` says in words what passes)."""
-    return field(default=default, metadata={"help": help, "allowed": allowed, "check": check})
+    (``check(value) -> bool``; ``allowed`` says in words what passes). A ``secret`` is left out
+    of ``repr`` (and has no check, so no error message ever echoes it)."""
+    return field(default=default, repr=not secret,
+                 metadata={"help": help, "allowed": allowed, "check": check})
 
 
 def _from(cls, name: str, help: str, **kw):
@@ -157,6 +160,26 @@ class Settings:
 
     kafka_bootstrap: str = _s("", "Kafka bootstrap servers; unset = start the embedded tansu "
                                   "broker (demos/tests)")
+    kafka_security_protocol: str = _s("PLAINTEXT", "how every Kafka client connects: PLAINTEXT, "
+                                                   "SSL (TLS), SASL_PLAINTEXT or SASL_SSL (user "
+                                                   "name and password, over TLS)",
+                                      allowed=", ".join(PROTOCOLS),
+                                      check=lambda v: v in PROTOCOLS)
+    kafka_sasl_mechanism: str = _s("", "SASL mechanism (SASL protocols): PLAIN, SCRAM-SHA-256 "
+                                       "or SCRAM-SHA-512",
+                                   allowed=", ".join(MECHANISMS) + " (or unset)",
+                                   check=lambda v: v in ("", *MECHANISMS))
+    kafka_sasl_username: str = _s("", "SASL user name")
+    kafka_sasl_password: str = _s("", "SASL password (from a secret; never logged)",
+                                  secret=True)
+    kafka_ssl_cafile: str = _s("", "PEM CA file the broker's certificate is checked against "
+                                   "(TLS protocols; unset = the system trust store); must exist")
+    kafka_ssl_certfile: str = _s("", "PEM client certificate for mutual TLS (with "
+                                     "KAFKA_SSL_KEYFILE); must exist")
+    kafka_ssl_keyfile: str = _s("", "PEM client key for mutual TLS; must exist")
+    kafka_ssl_check_hostname: int = _s(1, "1: the broker's certificate must name the host "
+                                          "connected to; 0: any host (testing only)",
+                                       allowed="0 or 1", check=lambda v: v in (0, 1))
     grpc_port: int = _s(50051, "gRPC port (0 = pick a free one)", allowed=PORT, check=_port)
     grpc_host: str = _s("0.0.0.0", "gRPC bind address")
     grpc_max_concurrent_rpcs: int = _s(64, "gRPC calls handled at once; more are refused with "
@@ -362,6 +385,16 @@ class Settings:
             errors.append(f"{self.env_name('embedding_dim')} (--embedding-dim) = "
                           f"{self.embedding_dim!r}: expected an even number with learner "
                           f"{self.learner!r} (half of the space per ridge map), or learner cca")
+        if not any(e.startswith("PAIRSIEVE_KAFKA_S") for e in errors):
+            try:
+                security = self.kafka_security()
+            except ValueError as exc:
+                errors.append(f"Kafka security settings (PAIRSIEVE_KAFKA_SECURITY_PROTOCOL, "
+                              f"_SASL_*, _SSL_*): {exc}")
+            else:
+                if security != KafkaSecurity() and not self.kafka_bootstrap:
+                    errors.append("Kafka security settings need PAIRSIEVE_KAFKA_BOOTSTRAP "
+                                  "(--kafka-bootstrap): the embedded broker is plaintext only")
         if not errors:  # the core's own checks (a backstop: the rules above cover them)
             try:
                 self.selector_config()
@@ -398,13 +431,25 @@ class Settings:
             if problem:
                 errors.append(f"{self.env_name('model_dir')} (--model-dir) = "
                               f"{self.model_dir!r}: {problem}")
-        for name in ("tls_cert_file", "tls_key_file"):
+        for name in ("tls_cert_file", "tls_key_file", "kafka_ssl_cafile", "kafka_ssl_certfile",
+                     "kafka_ssl_keyfile"):
             path = getattr(self, name)
             if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 errors.append(f"{self.env_name(name)} ({self.flag_name(name)}) = {path!r}: "
                               "no such readable file")
         if errors:
             raise SettingsError(errors)
+
+    def kafka_security(self) -> KafkaSecurity:
+        """The security of every Kafka client (raises ``ValueError`` when inconsistent)."""
+        return KafkaSecurity(protocol=self.kafka_security_protocol,
+                             sasl_mechanism=self.kafka_sasl_mechanism,
+                             username=self.kafka_sasl_username,
+                             password=self.kafka_sasl_password,
+                             ssl_cafile=self.kafka_ssl_cafile,
+                             ssl_certfile=self.kafka_ssl_certfile,
+                             ssl_keyfile=self.kafka_ssl_keyfile,
+                             ssl_check_hostname=bool(self.kafka_ssl_check_hostname))
 
     # ------------------------------------------------------------------ engine configs
     @property

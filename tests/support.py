@@ -38,25 +38,26 @@ def scalar_decide_run(draft, utilities, blocked=None):
     return len(utilities), False, np.array(thr), why
 
 
-def produce(bootstrap, topic, values, headers=None):
+def produce(bootstrap, topic, values, headers=None, **client):
     """Produce ``values`` to ``topic`` with a plain kafka-python producer (acks=all; key = the
-    index, so records spread over the partitions)."""
+    index, so records spread over the partitions). ``client``: more producer arguments (e.g.
+    ``KafkaSecurity.kafka_python()``)."""
     from kafka import KafkaProducer
 
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **client)
     for i, v in enumerate(values):
         p.send(topic, v, key=str(i).encode(), headers=headers)
     p.flush()
     p.close()
 
 
-def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None):
+def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None, **client):
     """Read ``topic`` from the start with a plain kafka-python consumer (no group) until
-    ``expect`` records or ``timeout_s``."""
+    ``expect`` records or ``timeout_s``. ``client``: more consumer arguments."""
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                      group_id=None, consumer_timeout_ms=1000)
+                      group_id=None, consumer_timeout_ms=1000, **client)
     out, deadline = [], time.time() + timeout_s
     while time.time() < deadline and len(out) < expect:
         for rec in c:

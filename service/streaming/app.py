@@ -101,6 +101,8 @@ class StreamProcessor:
         self.app = faust.App(
             settings.group_id,
             broker=f"kafka://{bootstrap}",
+            broker_credentials=settings.kafka_security().faust_credentials(),
+            broker_client_id="pairsieve-stream",
             web_enabled=False,
             topic_disable_leader=True,
             broker_rebalance_timeout=settings.rebalance_timeout_seconds,

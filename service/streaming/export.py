@@ -21,6 +21,7 @@ import numpy as np
 
 from service.alignment.quality_gate import is_validation
 from service.messages import TrainingPair
+from service.streaming.security import PLAINTEXT, KafkaSecurity
 from service.wire import codecs
 
 __all__ = ["read_topic", "read_pairs", "write_pairs", "explain"]
@@ -29,8 +30,8 @@ T = TypeVar("T")
 
 
 def read_topic(bootstrap: str, topic: str, decode: Callable[[bytes], T], *,
-               timeout_s: float = 60.0, progress: Callable[[str], None] | None = None
-               ) -> Iterator[T]:
+               timeout_s: float = 60.0, progress: Callable[[str], None] | None = None,
+               security: KafkaSecurity = PLAINTEXT) -> Iterator[T]:
     """Every record of ``topic`` (all partitions, from the start, to its end), decoded.
 
     Raises
@@ -45,7 +46,7 @@ def read_topic(bootstrap: str, topic: str, decode: Callable[[bytes], T], *,
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                       auto_offset_reset="earliest", request_timeout_ms=30_000,
-                      client_id="pairsieve-reader")
+                      client_id="pairsieve-reader", **security.kafka_python())
     try:
         deadline = time.monotonic() + timeout_s
         parts = c.partitions_for_topic(topic)
@@ -80,8 +81,8 @@ def read_topic(bootstrap: str, topic: str, decode: Callable[[bytes], T], *,
 
 
 def read_pairs(bootstrap: str, topic: str, dims: Mapping[str, int], *, timeout_s: float = 60.0,
-               progress: Callable[[str], None] | None = None
-               ) -> dict[tuple[str, str], TrainingPair]:
+               progress: Callable[[str], None] | None = None,
+               security: KafkaSecurity = PLAINTEXT) -> dict[tuple[str, str], TrainingPair]:
     """The latest pair per key on the training-pairs ``topic`` (read to its end), partnerless
     records (NO_MATCH answers) included: filter on ``TrainingPair.partnerless``.
 
@@ -93,7 +94,8 @@ def read_pairs(bootstrap: str, topic: str, dims: Mapping[str, int], *, timeout_s
     def decode(value: bytes) -> TrainingPair:
         return codecs.pair_from_proto(codecs.pb.TrainingPair.FromString(value), dims)
 
-    for p in read_topic(bootstrap, topic, decode, timeout_s=timeout_s, progress=progress):
+    for p in read_topic(bootstrap, topic, decode, timeout_s=timeout_s, progress=progress,
+                        security=security):
         pairs[p.key] = p
     return pairs
 
@@ -131,7 +133,8 @@ def write_pairs(pairs: Mapping[tuple[str, str], TrainingPair], path: str | Path,
 
 
 def explain(bootstrap: str, decisions_topic: str, pairs_topic: str, dims: Mapping[str, int],
-            key: str, *, timeout_s: float = 120.0) -> list[str]:
+            key: str, *, timeout_s: float = 120.0,
+            security: KafkaSecurity = PLAINTEXT) -> list[str]:
     """What pairsieve decided about an event or item id, and why: lines for a terminal.
 
     Every decision-log record whose event id or item id is ``key`` (oldest first: a redelivery
@@ -143,7 +146,7 @@ def explain(bootstrap: str, decisions_topic: str, pairs_topic: str, dims: Mappin
     for outcome, at in read_topic(
             bootstrap, decisions_topic,
             lambda v: codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(v)),
-            timeout_s=timeout_s):
+            timeout_s=timeout_s, security=security):
         if outcome.event_id == key or outcome.decision.item_id == key:
             found.append((outcome, at))
     lines = []
@@ -159,7 +162,8 @@ def explain(bootstrap: str, decisions_topic: str, pairs_topic: str, dims: Mappin
             f"coverage bonus {d.coverage_bonus:.4f} (margin {d.margin:.4f}, entropy "
             f"{d.entropy:.4f}, least confidence {d.least_confidence:.4f})"]
     items = {o.decision.item_id for o, _ in found} | {key}
-    for p in read_pairs(bootstrap, pairs_topic, dims, timeout_s=timeout_s).values():
+    for p in read_pairs(bootstrap, pairs_topic, dims, timeout_s=timeout_s,
+                        security=security).values():
         if p.labeled_item_id in items and p.partnerless:
             lines.append(f"{p.labeled_item_id!r} answered NO_MATCH (request {p.request_id!r}, "
                          f"annotator {p.annotator!r}): items like it lose utility")

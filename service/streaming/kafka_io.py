@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
 from service.messages import AlignmentRequestOut, ModelRelease, Outcome, TrainingPair
+from service.streaming.security import PLAINTEXT, KafkaSecurity
 from service.wire import codecs
 
 T = TypeVar("T")
@@ -50,18 +51,23 @@ class KafkaPublisher:
     modalities : sequence of str
         The configured (modality a, modality b) (recorded in every pair).
     max_request_bytes : int
+    security : KafkaSecurity
+        How the producer connects (default plaintext).
     """
 
     def __init__(self, bootstrap: str, topic: str, *, pairs_topic: str | None = None,
                  models_topic: str | None = None, decisions_topic: str | None = None,
-                 modalities: Sequence[str] = (), max_request_bytes: int = 16 * 1024 * 1024):
+                 modalities: Sequence[str] = (), max_request_bytes: int = 16 * 1024 * 1024,
+                 security: KafkaSecurity = PLAINTEXT):
         self.topic = topic
         self.decisions_topic = decisions_topic
         self.pairs_topic = pairs_topic
         self.models_topic = models_topic
         self.modalities = tuple(modalities)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          max_request_size=max_request_bytes, linger_ms=0)
+                                          max_request_size=max_request_bytes, linger_ms=0,
+                                          client_id="pairsieve-publisher",
+                                          **security.aiokafka())
         self.published = 0
         self.pairs_published = 0
         self.models_published = 0
@@ -136,17 +142,20 @@ class TopicFollower(Generic[T]):
         For logs and the task name (e.g. ``selections``).
     tail : int or None
         Read only the last ``tail`` records of each partition (None: from the beginning).
+    security : KafkaSecurity
+        How the consumer connects (default plaintext).
     """
 
     def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], T],
                  fold: Callable[[list[T]], Awaitable[int]], *, name: str,
-                 tail: int | None = None):
+                 tail: int | None = None, security: KafkaSecurity = PLAINTEXT):
         self.topic = topic
         self.tail = tail
         self.name = name
         self._decode = decode
         self._fold = fold
         self._bootstrap = bootstrap
+        self._security = security
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.folded = 0
@@ -158,7 +167,9 @@ class TopicFollower(Generic[T]):
         # A short fetch wait keeps the follower's lag low (aiokafka's default 500 ms dominated).
         c = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
-                             fetch_max_wait_ms=50)
+                             fetch_max_wait_ms=50,
+                             client_id=f"pairsieve-follower-{self.name.replace(' ', '-')}",
+                             **self._security.aiokafka())
         await c.start()
         parts = c.partitions_for_topic(self.topic) or set()
         for _ in range(50):
@@ -228,7 +239,8 @@ class TopicFollower(Generic[T]):
             await self._consumer.stop()
 
 
-def selection_follower(bootstrap: str, topic: str, handler: SelectionHandler
+def selection_follower(bootstrap: str, topic: str, handler: SelectionHandler,
+                       security: KafkaSecurity = PLAINTEXT
                        ) -> TopicFollower[tuple[Outcome, np.ndarray]]:
     """Folds every worker's selections (the requests topic) into ``handler``: spend, caches and
     the dedup memory survive a restart and are shared by the workers."""
@@ -236,11 +248,11 @@ def selection_follower(bootstrap: str, topic: str, handler: SelectionHandler
         return codecs.request_from_proto(codecs.pb.AlignmentRequest.FromString(value))
 
     return TopicFollower(bootstrap, topic, decode, handler.observe_remote_selections,
-                         name="selections")
+                         name="selections", security=security)
 
 
-def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler
-                   ) -> TopicFollower[TrainingPair]:
+def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler,
+                   security: KafkaSecurity = PLAINTEXT) -> TopicFollower[TrainingPair]:
     """Folds the acquired pairs (the training-pairs topic) into ``handler``'s pairs store."""
     dims = handler.dims
 
@@ -248,21 +260,22 @@ def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler
         return codecs.pair_from_proto(codecs.pb.TrainingPair.FromString(value), dims)
 
     return TopicFollower(bootstrap, topic, decode, handler.learning.ingest_pairs,
-                         name="training pairs")
+                         name="training pairs", security=security)
 
 
-def decisions_follower(bootstrap: str, topic: str, handler: SelectionHandler, tail: int
-                       ) -> TopicFollower[Outcome]:
+def decisions_follower(bootstrap: str, topic: str, handler: SelectionHandler, tail: int,
+                       security: KafkaSecurity = PLAINTEXT) -> TopicFollower[Outcome]:
     """Remembers the skip decisions of the last ``tail`` records of each decision-log partition
     (a redelivered event gets its earlier verdict after a restart or a rebalance too)."""
     def decode(value: bytes) -> Outcome:
         return codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(value))[0]
 
     return TopicFollower(bootstrap, topic, decode, handler.observe_remote_decisions,
-                         name="decisions", tail=tail)
+                         name="decisions", tail=tail, security=security)
 
 
-def models_follower(bootstrap: str, topic: str, handler: SelectionHandler
+def models_follower(bootstrap: str, topic: str, handler: SelectionHandler,
+                    security: KafkaSecurity = PLAINTEXT
                     ) -> TopicFollower[codecs.pb.ModelVersion]:
     """Offers the newest model version of each poll to ``handler`` (older ones of the same poll
     are never loaded: a replay without compaction reads every version's checkpoint bytes, but
@@ -277,4 +290,4 @@ def models_follower(bootstrap: str, topic: str, handler: SelectionHandler
         return int(await handler.learning.offer_model(release))
 
     return TopicFollower(bootstrap, topic, codecs.pb.ModelVersion.FromString, fold,
-                         name="models")
+                         name="models", security=security)

@@ -12,6 +12,8 @@ import logging
 import re
 import time
 
+from service.streaming.security import PLAINTEXT, KafkaSecurity
+
 log = logging.getLogger("pairsieve.broker")
 
 __all__ = ["FEATURES_TOPIC", "REQUESTS_TOPIC", "LABELS_TOPIC", "DEAD_LETTER_TOPIC",
@@ -81,14 +83,16 @@ def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[s
             DECISIONS_TOPIC: {"cleanup.policy": "delete", "retention.ms": "604800000"}}
 
 
-def admin_client(bootstrap: str, timeout_s: float):
+def admin_client(bootstrap: str, timeout_s: float, security: KafkaSecurity = PLAINTEXT):
     """A kafka-python ``KafkaAdminClient`` for ``bootstrap`` whose requests time out after
-    ``timeout_s`` seconds (at least 0.2 s). The caller closes it."""
+    ``timeout_s`` seconds (at least 0.2 s), connecting as ``security`` says. The caller closes
+    it."""
     from kafka.admin import KafkaAdminClient
 
     ms = max(200, int(timeout_s * 1000))
     return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="pairsieve-admin",
-                            request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+                            request_timeout_ms=ms, bootstrap_timeout_ms=ms,
+                            **security.kafka_python())
 
 
 def check_bootstrap(bootstrap: str) -> None:
@@ -117,7 +121,8 @@ def _partition_counts(admin, names: list[str]) -> dict[str, int]:
 
 def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
                   *, replication_factor: int = 1,
-                  configs: dict[str, dict[str, str]] | None = None) -> None:
+                  configs: dict[str, dict[str, str]] | None = None,
+                  security: KafkaSecurity = PLAINTEXT) -> None:
     """Create topics with explicit partition counts; idempotent.
 
     Existing topics with the requested partition count are left alone. Returns only once
@@ -136,6 +141,8 @@ def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
     configs : dict[str, dict[str, str]], optional
         Topic name -> topic configs set at creation (see :func:`topic_configs`); an existing
         topic's configs are not changed.
+    security : KafkaSecurity
+        How the admin client connects (default plaintext).
 
     Raises
     ------
@@ -164,7 +171,7 @@ def create_topics(bootstrap: str, specs: dict[str, int], timeout_s: float = 20,
                          f"got {replication_factor!r}")
 
     deadline = time.monotonic() + timeout_s
-    admin = admin_client(bootstrap, min(10.0, timeout_s))
+    admin = admin_client(bootstrap, min(10.0, timeout_s), security)
     try:
         def check(counts: dict[str, int]) -> None:
             for name, have in counts.items():
