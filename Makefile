@@ -79,6 +79,9 @@ bench-long-stream: $(STAMP) ## the whole Bible in book order, budget 3000 -> rep
 bench-stream-cost: $(STAMP) ## per-item cost over a 1M-item stream -> reports/stream-cost.md
 	$(BIN)/pairsieve bench-stream-cost --items 1000000 --out reports/stream-cost.md
 
+chaos: $(STAMP) ## chaos + fuzz suite: kill -9, long history, poison, broker pause, hostile gRPC, 10 min of fuzzing -> reports/reliability.md (~30 min)
+	$(BIN)/python -m loadtests.chaos --out reports/reliability.md
+
 bench: $(STAMP) ## performance benchmark: engine, peers, stream cost, profile, Kafka, gRPC, GPU -> reports/perf.md (< 20 min)
 	$(BIN)/pairsieve bench --out reports/perf.md
 
@@ -92,4 +95,4 @@ clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-.PHONY: help install deploy-tools datasets datasets-tools demo serve lint test test-unit bench bench-quick bench-quality bench-quality-full bench-long-stream bench-stream-cost proto clean
+.PHONY: help install deploy-tools datasets datasets-tools demo serve lint test test-unit bench bench-quick bench-quality bench-quality-full bench-long-stream bench-stream-cost chaos proto clean

@@ -72,9 +72,11 @@ def _decision(item_id: str, modality: str, accept: bool) -> Decision:
 
 
 def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pairs: int,
-         partitions: int, seed: int, say=print, decisions: int = 0) -> int:
+         partitions: int, seed: int, say=print, decisions: int = 0,
+         embedding_dim: int = 128) -> int:
     """Produce the history (``decisions`` skip records on the decision log besides the
-    selections); returns the model version published."""
+    selections; a model version of an ``embedding_dim``-d shared space); returns the model
+    version published."""
     from kafka import KafkaProducer
 
     rng = np.random.default_rng(seed)
@@ -110,7 +112,7 @@ def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pai
         prod.send(TRAINING_PAIRS_TOPIC + suffix,
                   codecs.pair_to_proto(p, mods).SerializeToString(),
                   key=codecs.pair_key_bytes(p.key))
-    model = AlignmentModel(dims, 128, version=7, blocks=2)
+    model = AlignmentModel(dims, embedding_dim, version=7, blocks=2)
     model.n_pairs = pairs
     prod.send(MODELS_TOPIC + suffix, codecs.model_release_to_proto(ModelRelease(
         model, pairs, 0, {}, "history", time.time())).SerializeToString(), key=codecs.MODEL_KEY)

@@ -525,6 +525,11 @@ class LearningLoop:
             log.warning("ignoring model version %d: modalities %s, this worker has %s",
                         model.version, model.dims, self.dims)
             return False
+        if model.dim_out != self.model.dim_out:  # a worker of another PAIRSIEVE_EMBEDDING_DIM
+            log.warning("ignoring model version %d: a %d-d shared space, this worker's is %d-d "
+                        "(PAIRSIEVE_EMBEDDING_DIM must be the same on every worker)",
+                        model.version, model.dim_out, self.model.dim_out)
+            return False
         async with self._lock:
             if model.version <= self.model_version:  # a newer one won the race for the lock
                 return False

@@ -105,8 +105,13 @@ def build_engine(settings: Settings, metrics=None, publisher=None,
     :func:`initial_model`; ``is_trainer`` (default: always) says whether this worker trains.
     """
     model = initial_model(settings) if model is None else model
+    device, fell_back = settings.resolve_device()
+    if fell_back:
+        log.warning("PAIRSIEVE_DEVICE=%s but no CUDA device is available here: scoring on the "
+                    "CPU (pairsieve_scorer_gpu_fallback = 1; alert ScorerFellBackToCPU)",
+                    settings.device)
     selector = StreamingSelector(model, settings.selector_config(), seed=settings.seed,
-                                 device=settings.torch_device)
+                                 device=device)
     trainer = AlignmentTrainer(settings.dims, settings.trainer_config(), seed=settings.seed)
     on_model = (lambda m: m.save(settings.model_dir)) if settings.model_dir else None
     return SelectionHandler(selector, trainer, publisher, metrics,
@@ -217,7 +222,7 @@ async def start_service(settings: Settings) -> Service:
         return "processor" in roles and roles["processor"].owns_labels()
 
     handler = build_engine(settings, metrics, publisher, model, is_trainer=is_trainer)
-    metrics.scorer_device(handler.scorer_device, gpu_expected=settings.device == "cuda")
+    metrics.scorer_device(handler.scorer_device, gpu_expected=settings.gpu_expected)
     followers: list[TopicFollower] = [
         models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler, security),
         pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler, security)]

@@ -323,7 +323,9 @@ class Settings:
     model_dir: str = _s("", "checkpoint directory (loaded at start, written on every new "
                             "version; created with the first checkpoint); unset = none")
     device: str = _s("", "torch device: cpu, cuda, cuda:N, or auto (unset = auto: cuda when "
-                         "available, else cpu)", allowed="cpu, cuda, cuda:N or auto (or unset)",
+                         "available, else cpu); cuda on a machine without CUDA scores on the "
+                         "CPU with a warning and pairsieve_scorer_gpu_fallback = 1",
+                     allowed="cpu, cuda, cuda:N or auto (or unset)",
                      check=lambda v: bool(_DEVICE_RE.match(v)))
     seed: int = _s(0, "seed of every random choice", allowed=NONNEG_INT,
                    check=_non_negative_int)
@@ -420,10 +422,9 @@ class Settings:
 
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = int(dev.partition(":")[2] or 0)
-            if n == 0:
-                errors.append(f"{self.env_name('device')} (--device) = {dev!r}: no CUDA device "
-                              "is available here; use cpu or auto")
-            elif index >= n:
+            # n == 0: no GPU at all (a node that lost its driver, a CPU-only image) is not a
+            # settings error: the worker scores on the CPU and says so (resolve_device)
+            if 0 < n <= index:
                 errors.append(f"{self.env_name('device')} (--device) = {dev!r}: only {n} CUDA "
                               f"device(s) here (cuda:0..cuda:{n - 1})")
         if self.model_dir:
@@ -456,6 +457,22 @@ class Settings:
     def torch_device(self) -> str | None:
         """The device for torch; None = auto (cuda when available, else cpu)."""
         return None if self.device in ("", "auto") else self.device
+
+    @property
+    def gpu_expected(self) -> bool:
+        """Whether the deployment asked for a GPU (``cuda`` or ``cuda:N``)."""
+        return self.device.startswith("cuda")
+
+    def resolve_device(self) -> tuple[str | None, bool]:
+        """(the device for torch, fell back): ``cuda``/``cuda:N`` on a machine without any
+        CUDA device scores on the CPU instead of failing (``pairsieve_scorer_gpu_fallback``
+        and the alert ``ScorerFellBackToCPU`` say so); everything else as set."""
+        if self.gpu_expected:
+            import torch
+
+            if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+                return "cpu", True
+        return self.torch_device, False
 
     def budget_config(self) -> BudgetConfig:
         """The budget controller's config: this deployment's budget (in items; with budget unit

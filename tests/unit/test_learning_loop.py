@@ -342,6 +342,11 @@ def test_a_model_for_other_modalities_is_not_installed():
         foreign = AlignmentModel({"audio": 3, "video": 4}, 8, version=9)
         assert await loop.offer_model(ModelRelease(foreign, 0, 0, {}, "x", 0.0)) is False
         assert loop.model_version == 1
+        # same modalities, another shared-space size (a worker with another embedding_dim):
+        # skipped with a warning instead of failing the worker (found by the chaos suite)
+        wider = AlignmentModel(dict(loop.dims), loop.model.dim_out * 2, version=9)
+        assert await loop.offer_model(ModelRelease(wider, 0, 0, {}, "x", 0.0)) is False
+        assert loop.model_version == 1
 
     run_loop(body)
 

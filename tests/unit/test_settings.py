@@ -195,13 +195,34 @@ def _no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
-def test_cuda_when_unavailable_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_when_unavailable_falls_back_to_the_cpu_with_a_warning_and_the_gauge(
+        monkeypatch, caplog, device):
+    """Issue 16 item 4: a GPU deployment on a node without CUDA keeps serving on the CPU; the
+    log says so and pairsieve_scorer_gpu_fallback = 1 (the ScorerFellBackToCPU alert)."""
+    from prometheus_client import CollectorRegistry
+
+    from service.observability.metrics import PairsieveMetrics
+    from service.runtime import build_engine
+
     _no_cuda(monkeypatch)
-    with pytest.raises(SettingsError, match=r"^PAIRSIEVE_DEVICE \(--device\) = 'cuda': no CUDA "
-                                            r"device is available here; use cpu or auto$"):
-        Settings(device="cuda").check_environment()
-    Settings(device="cpu").check_environment()
-    Settings(device="auto").check_environment()
+    s = Settings(device=device, modalities="image:12,text:8", embedding_dim=8)
+    s.check_environment()  # not a settings error
+    assert s.resolve_device() == ("cpu", True)
+    registry = CollectorRegistry()
+    metrics = PairsieveMetrics(registry)
+    with caplog.at_level("WARNING", logger="pairsieve.runtime"):
+        handler = build_engine(s, metrics)
+    assert handler.scorer_device == "cpu"
+    assert any("no CUDA device is available here: scoring on the CPU" in r.getMessage()
+               for r in caplog.records)
+    metrics.scorer_device(handler.scorer_device, gpu_expected=s.gpu_expected)
+    assert registry.get_sample_value("pairsieve_scorer_gpu_fallback") == 1
+    for ok in ("cpu", "auto"):
+        Settings(device=ok).check_environment()
+        assert Settings(device=ok).resolve_device()[1] is False
+    metrics.scorer_device("cpu", gpu_expected=Settings(device="cpu").gpu_expected)
+    assert registry.get_sample_value("pairsieve_scorer_gpu_fallback") == 0
 
 
 def test_cuda_index_beyond_the_devices_is_a_clear_error(monkeypatch):
@@ -259,8 +280,8 @@ def test_start_service_checks_before_any_side_effect(monkeypatch):
     monkeypatch.setattr(runtime, "EmbeddedBroker", lambda *a, **k: touched.append("broker"))
     monkeypatch.setattr(runtime, "create_topics", lambda *a, **k: touched.append("topics"))
     monkeypatch.setattr(runtime, "start_metrics_server", lambda *a, **k: touched.append("port"))
-    with pytest.raises(SettingsError, match="no CUDA device"):
-        asyncio.run(runtime.start_service(Settings(device="cuda")))
+    with pytest.raises(SettingsError, match="PAIRSIEVE_MODEL_DIR"):  # needs the machine
+        asyncio.run(runtime.start_service(Settings(model_dir="/etc/passwd/models")))
     assert touched == []
 
 
@@ -298,7 +319,7 @@ def _serve_fails(monkeypatch, capsys, argv, env=None):
     (["--normalization", "minmax"], {}, "PAIRSIEVE_NORMALIZATION (--normalization) = 'minmax'"),
     ([], {"PAIRSIEVE_QUOTA_MIN_SHARE": "0.9"}, "PAIRSIEVE_QUOTA_MIN_SHARE"),
     (["--target-rate", "abc"], {}, "--target-rate = 'abc': expected a number"),
-    (["--device", "cuda"], {}, "PAIRSIEVE_DEVICE (--device) = 'cuda': no CUDA device"),
+    (["--model-dir", "/etc/passwd/m"], {}, "PAIRSIEVE_MODEL_DIR (--model-dir) = '/etc/passwd/m'"),
     ([], {"PAIRSIEVE_TLS_CERT_FILE": "/nonexistent/c.pem",
           "PAIRSIEVE_TLS_KEY_FILE": "/nonexistent/k.pem"}, "PAIRSIEVE_TLS_CERT_FILE"),
 ])
