@@ -25,6 +25,7 @@ Inputs and outputs are the plain dataclasses of :mod:`service.messages`: convert
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,9 +57,11 @@ from service.messages import (
     NullMetrics,
     NullPublisher,
     Outcome,
+    PartialPublish,
     Publisher,
 )
 
+log = logging.getLogger("pairsieve.handlers")
 
 async def _done() -> None:
     return None
@@ -125,6 +128,9 @@ class SelectionHandler:
         self.modalities = selector.modalities
         self.dims = dict(selector.model.dims)
         self._decided: LRU = LRU(dedup_capacity)  # event_id -> Outcome
+        # decision-log records of committed batches not yet written (the broker failed after
+        # the requests were published): written before anything else is decided
+        self._unlogged: list[tuple[list[Outcome], float]] = []
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairsieve-torch")
         # retraining (about a second with self-learning) must not stall the decisions
@@ -183,6 +189,7 @@ class SelectionHandler:
         items = [self.validate(ev) for ev in events]
         loop = asyncio.get_running_loop()
         async with self._lock:
+            await self._write_decision_log()  # raises -> nothing decided (broker still down)
             fresh_idx, seen_in_batch = [], set()
             for i, ev in enumerate(events):
                 if ev.event_id in self._decided or ev.event_id in seen_in_batch:
@@ -215,15 +222,31 @@ class SelectionHandler:
                             request_id=ev.event_id, item_id=ev.item_id, modality=ev.modality,
                             vector=vec, candidates=cands.get(ev.item_id, []),
                             outcome=out, requested_at=now, metadata=dict(ev.metadata)))
-                # raises -> nothing committed (the redelivered batch is decided afresh)
-                await asyncio.gather(
-                    self.publisher.publish_requests(requests) if requests else _done(),
-                    self.publisher.publish_decisions(list(outcomes.values()), now))
+                # Propose, publish, commit. The requests are the record of spend: a failed
+                # publish commits nothing (the redelivered batch is decided afresh), except the
+                # requests the broker did acknowledge, which are folded in at once exactly as
+                # the selection follower would fold them later (spent, cached, remembered), so
+                # the retry answers them as duplicates instead of requesting them again.
+                try:
+                    if requests:
+                        await self.publisher.publish_requests(requests)
+                except PartialPublish as exc:
+                    if exc.acked:
+                        log.warning("%d of %d requests were written before the publish failed; "
+                                    "they count as selected", len(exc.acked), len(requests))
+                        await self._fold_selections([(requests[i].outcome, requests[i].vector)
+                                                     for i in exc.acked])
+                    raise
                 await loop.run_in_executor(self._executor, self.selector.commit, proposal)
                 for ev_id, out in outcomes.items():
                     self._decided.put(ev_id, out)
                 for i, vec in zip(fresh_idx, vectors, strict=True):
                     self.learning.remember(events[i].item_id, events[i].modality, vec)
+                # The decision log only after the commit: it never records a verdict that was
+                # not kept. A failure raises (the caller retries; the batch is then answered as
+                # duplicates) and the records are written before the next decision.
+                self._unlogged.append((list(outcomes.values()), now))
+                await self._write_decision_log()
             result, emitted = [], set()
             for ev in events:
                 got = outcomes.get(ev.event_id)
@@ -238,6 +261,14 @@ class SelectionHandler:
             self.metrics.batch_decided(result, latencies, t_score)
             self.metrics.engine_state(self.status())
             return result
+
+    async def _write_decision_log(self) -> None:
+        """Write the pending decision-log records, oldest first (the caller holds the lock);
+        raises, keeping what is not written, when the publish fails."""
+        while self._unlogged:
+            outcomes, at = self._unlogged[0]
+            await self.publisher.publish_decisions(outcomes, at)
+            self._unlogged.pop(0)
 
     # ------------------------------------------------------------------ scale-out
     async def observe_remote_selection(self, outcome: Outcome, vector: np.ndarray) -> bool:
@@ -268,34 +299,44 @@ class SelectionHandler:
             check_modality(d.modality, self.modalities)
             checked.append((outcome, as_matrix(vector, self.dims[d.modality],
                                                name=f"remote selection {outcome.event_id!r}")[0]))
-        loop = asyncio.get_running_loop()
         async with self._lock:
             # Checked under the lock: submit() records its ids only after publish + commit, and
             # the follower may read this worker's own request back in between.
-            fresh, ids = [], set()
-            for outcome, vec in checked:
-                if outcome.event_id in self._decided or outcome.event_id in ids:
-                    continue
-                ids.add(outcome.event_id)
-                fresh.append((outcome, vec))
-            if not fresh:
-                return 0
-            groups: dict[str, list[np.ndarray]] = {}
-            costs: dict[str, float] = {}
-            for outcome, vec in fresh:
-                m = outcome.decision.modality
-                groups.setdefault(m, []).append(vec)
-                costs[m] = costs.get(m, 0.0) + float(outcome.decision.cost)
+            return await self._fold_selections(checked)
 
-            def fold() -> None:
-                for m, vecs in groups.items():
-                    self.selector.observe_external(m, np.stack(vecs), cost=costs[m])
+    async def _fold_selections(self, checked: Sequence[tuple[Outcome, np.ndarray]]) -> int:
+        """Fold in published selections (the caller holds the lock and checked the shapes).
 
-            await loop.run_in_executor(self._executor, fold)
-            for outcome, vec in fresh:
-                self._decided.put(outcome.event_id, outcome)
-                self.learning.remember(outcome.decision.item_id, outcome.decision.modality, vec)
-            self.metrics.engine_state(self.status())  # budget gauges include the others' spend
+        An event id remembered as accepted is skipped (already counted). One remembered as
+        skipped is folded in all the same: a request on the topic is the record of spend and
+        wins over a skip read from the decision log first (the followers replay concurrently).
+        """
+        loop = asyncio.get_running_loop()
+        fresh, ids = [], set()
+        for outcome, vec in checked:
+            prev = self._decided.get(outcome.event_id)
+            if (prev is not None and prev.decision.accept) or outcome.event_id in ids:
+                continue
+            ids.add(outcome.event_id)
+            fresh.append((outcome, vec))
+        if not fresh:
+            return 0
+        groups: dict[str, list[np.ndarray]] = {}
+        costs: dict[str, float] = {}
+        for outcome, vec in fresh:
+            m = outcome.decision.modality
+            groups.setdefault(m, []).append(vec)
+            costs[m] = costs.get(m, 0.0) + float(outcome.decision.cost)
+
+        def fold() -> None:
+            for m, vecs in groups.items():
+                self.selector.observe_external(m, np.stack(vecs), cost=costs[m])
+
+        await loop.run_in_executor(self._executor, fold)
+        for outcome, vec in fresh:
+            self._decided.put(outcome.event_id, outcome)
+            self.learning.remember(outcome.decision.item_id, outcome.decision.modality, vec)
+        self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return len(fresh)
 
     async def observe_remote_decisions(self, outcomes: Sequence[Outcome]) -> int:

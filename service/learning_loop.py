@@ -164,6 +164,9 @@ class LearningLoop:
         self._lock = lock
         self._items: LRU = LRU(vector_capacity)  # item_id -> (modality, vector)
         self._requests: LRU = LRU(request_capacity)  # label request ids taken in
+        # (pair key, request id) of every pair record stored: an echo of an earlier label of a
+        # pair labelled again is neither stored over the newer one nor counted again
+        self._stored_labels: LRU = LRU(request_capacity)
         self._pairs: dict[PairKey, TrainingPair] = {}
         self._partnerless: dict[PairKey, TrainingPair] = {}  # NO_MATCH: (id a, "") / ("", id b)
         self._validation: set[PairKey] = set()
@@ -309,33 +312,33 @@ class LearningLoop:
         async with self._lock:
             fresh: list[Label] = []
             duplicates = 0
-            taken: set[str] = set()
-            for lb in labels:
-                if lb.request_id and (lb.request_id in self._requests or lb.request_id in taken):
-                    duplicates += 1
-                    continue
-                if lb.request_id:
-                    taken.add(lb.request_id)
-                fresh.append(lb)
+            taken: set[str] = set()  # request ids answered finally earlier in this call
             pairs: list[TrainingPair] = []
             unresolved: list[str] = []
             remember: list[str] = []
             marks: list[TrainingPair] = []
-            for lb in fresh:
+            for lb in labels:  # in order: within one call as across calls
+                rid = lb.request_id
+                if rid and (rid in self._requests or rid in taken):
+                    duplicates += 1
+                    continue
+                fresh.append(lb)
                 if lb.status == "UNSURE":
                     continue  # not final: a later answer for this request is taken
                 if lb.status == "NO_MATCH":
-                    remember.append(lb.request_id)
+                    remember.append(rid)
+                    taken.add(rid)
                     mark = self.resolve_partnerless(lb)
                     if mark is not None:
                         marks.append(mark)
                     continue
                 got = self.resolve(lb)
                 if isinstance(got, str):
-                    unresolved.append(got)
+                    unresolved.append(got)  # not final: a corrected resend is taken
                 else:
                     pairs.append(got)
-                    remember.append(lb.request_id)
+                    remember.append(rid)
+                    taken.add(rid)
             if pairs or marks:
                 await self.publisher.publish_pairs(pairs + marks)  # raises -> nothing changed
             for lb in fresh:
@@ -396,6 +399,10 @@ class LearningLoop:
                 and np.array_equal(old.vector_a, p.vector_a) \
                 and np.array_equal(old.vector_b, p.vector_b):
             return None  # our own publication read back, or a redelivery
+        if p.request_id and (key, p.request_id) in self._stored_labels:
+            return None  # an earlier label of a pair labelled again since: already counted
+        if p.request_id:
+            self._stored_labels.put((key, p.request_id), True)
         ma, mb = self.modalities
         self._pairs[key] = p
         if self.is_validation(key):

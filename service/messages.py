@@ -392,12 +392,29 @@ class EngineStatus:
 
 
 # --------------------------------------------------------------------------- ports
+class PartialPublish(RuntimeError):
+    """A publish of several records failed after some of them were durably written.
+
+    Attributes
+    ----------
+    acked : tuple of int
+        Indices (into the records given) that the broker acknowledged: they are on the topic
+        and every reader will see them, so the caller must account for them as published.
+    """
+
+    def __init__(self, acked: Sequence[int], cause: BaseException):
+        super().__init__(f"{len(acked)} record(s) written before the publish failed: {cause!r}")
+        self.acked = tuple(acked)
+        self.cause = cause
+
+
 class Publisher(Protocol):
     """Where accepted items, decisions, acquired pairs and model versions go (topics, in the
     service).
 
     Every method returns only once its records are durably written, and raises if that cannot
-    be guaranteed (the caller then changes no state).
+    be guaranteed (the caller then changes no state). When some records of a call were written
+    before the failure, it raises :class:`PartialPublish` naming them.
     """
 
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None: ...

@@ -229,12 +229,12 @@ async def start_service(settings: Settings) -> Service:
     if settings.follow_selections:
         followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler,
                                                security))
-    if settings.decision_log and settings.decision_replay:
-        followers.append(decisions_follower(bootstrap, settings.topic(DECISIONS_TOPIC), handler,
-                                            settings.decision_replay, security))
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "
                     "(near-duplicates may be accepted twice; for measurements only)")
+    if settings.decision_log and settings.decision_replay:
+        followers.append(decisions_follower(bootstrap, settings.topic(DECISIONS_TOPIC), handler,
+                                            settings.decision_replay, security))
     # Nothing is decided before the state is complete: every follower reads its topic to the
     # end first (the newest model, all pairs, every earlier selection and its spend).
     t_replay = time.perf_counter()

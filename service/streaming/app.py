@@ -193,7 +193,7 @@ class StreamProcessor:
         int
             The number of events decided.
         """
-        good, good_records = [], []
+        good, good_records, bad = [], [], []
         for rec in records:
             try:
                 good.extend(codecs.decode_feature_record(rec.value, _headers(rec.headers),
@@ -201,7 +201,10 @@ class StreamProcessor:
                                                          self.settings.max_message_bytes))
                 good_records.append(rec)
             except codecs.WireError as exc:
-                await self._dead_letter(exc.reason, str(exc), rec)
+                bad.append((exc.reason, str(exc), rec))
+        if bad:  # all at once: one broker round trip for the batch's poison, not one each
+            await asyncio.gather(*(self._dead_letter(reason, detail, rec)
+                                   for reason, detail, rec in bad))
         if not good:
             return 0
         # take_events bounds records, and one record may be a FeatureBatch: bound the events.

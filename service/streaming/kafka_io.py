@@ -25,7 +25,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
-from service.messages import AlignmentRequestOut, ModelRelease, Outcome, TrainingPair
+from service.messages import (
+    AlignmentRequestOut,
+    ModelRelease,
+    Outcome,
+    PartialPublish,
+    TrainingPair,
+)
 from service.streaming.security import PLAINTEXT, KafkaSecurity
 from service.wire import codecs
 
@@ -76,8 +82,21 @@ class KafkaPublisher:
         await self._producer.start()
 
     async def _send_all(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
-        futs = [await self._producer.send(topic, value, key=key) for key, value in records]
-        await asyncio.gather(*futs)  # raises if any was not acknowledged
+        """Send and wait for every acknowledgement; raises :class:`PartialPublish` (with the
+        acknowledged indices) when any record could not be written."""
+        futs = []
+        try:
+            for key, value in records:
+                futs.append(await self._producer.send(topic, value, key=key))
+        except Exception as exc:  # the later records never reached the producer
+            done = await asyncio.gather(*futs, return_exceptions=True)
+            raise PartialPublish([i for i, r in enumerate(done)
+                                  if not isinstance(r, BaseException)], exc) from exc
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        failed = [r for r in done if isinstance(r, BaseException)]
+        if failed:
+            raise PartialPublish([i for i, r in enumerate(done)
+                                  if not isinstance(r, BaseException)], failed[0]) from failed[0]
 
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
         await self._send_all(self.topic, [

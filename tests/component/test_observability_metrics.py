@@ -6,7 +6,14 @@ Each test uses a fresh ``CollectorRegistry``; what ``/metrics`` exposes is parse
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import math
+import os
+import re
+import shutil
+import subprocess
+import time
 import urllib.request
 
 import numpy as np
@@ -14,20 +21,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import Decision, FeatureItem
-from service.messages import EngineStatus, Outcome
+from service.handlers import SelectionHandler
+from service.messages import EngineStatus, IncomingEvent, NullPublisher, Outcome
 from service.observability.metrics import (
     PairsieveMetrics,
     metric_names,
     start_metrics_server,
     stop_metrics_server,
 )
+from tests.support import data_and_model
 
 DIMS = {"image": 12, "text": 8}
 MODALITIES = ("image", "text")
@@ -489,3 +498,124 @@ def test_observe_many_exposes_what_observe_one_by_one_does(values, extra):
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-9), k
     assert generate_latest(regs[0]).count(b"x_bucket") == len(buckets) + 1
+
+
+# ----------------------------------------------------------------------------- cardinality
+def _series(registry: CollectorRegistry) -> tuple[str, list[str]]:
+    """The text exposition and its sample lines (every line not starting with '#')."""
+    text = generate_latest(registry).decode()
+    return text, [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+
+
+def _series_keys(lines: list[str]) -> set[str]:
+    """Each sample line without its value: the series (name and labels) it belongs to."""
+    return {ln.rsplit(" ", 1)[0] for ln in lines}
+
+
+def _letters(i: int) -> str:
+    """A distinct lower-case word per ``i`` ("a", "b", ... "ba", ...): input-derived values that
+    pass the free-form label guards' patterns (digits would not)."""
+    out = ""
+    while True:
+        out = "abcdefghijklmnopqrstuvwxyz"[i % 26] + out
+        i //= 26
+        if not i:
+            return out
+
+
+def _engine_traffic(metrics: PairsieveMetrics) -> None:
+    """A few hundred events through a real handler reporting to ``metrics``: 3 batches of 100,
+    one of them redelivered (duplicates), accepts and skips of both modalities."""
+    a, b, model = data_and_model()
+    cfg = SelectorConfig(index_size=64, cache_capacity=16,
+                         budget=BudgetConfig(total=40, target_rate=0.3, min_history=8, window=64,
+                                             warmup_accepts=4))
+    sel = StreamingSelector(copy.deepcopy(model), cfg, seed=0, device="cpu")
+    handler = SelectionHandler(sel, AlignmentTrainer(DIMS, seed=0), NullPublisher(),
+                               metrics, worker_id="worker-item-7", retrain_every=10_000)
+
+    def batch(lo: int) -> list[IncomingEvent]:
+        return [IncomingEvent(f"warm-evt-{j}", f"warm-item-{j}", "image" if j % 2 else "text",
+                              (a[j] if j % 2 else b[j]).copy(), event_time=time.time() - 0.01)
+                for j in range(lo, lo + 100)]
+
+    async def main() -> None:
+        for lo in (0, 100, 200):
+            await handler.submit(batch(lo))
+        await handler.submit(batch(100))  # redelivery: every event answered as a duplicate
+
+    try:
+        asyncio.run(main())
+    finally:
+        handler.close()
+
+
+def _hooks(metrics: PairsieveMetrics, ids: range) -> None:
+    """The transport hooks with values taken from input, one distinct value per id."""
+    for i in ids:
+        word = _letters(i)
+        metrics.dead_lettered(f"bad_{word}", f"modality{word}")  # reason and modality from input
+        metrics.dead_lettered("decode_error", f"item-{i}")
+        metrics.grpc_request(f"/pairsieve.v1.Pairsieve/{word.capitalize()}", "OK", 0.001)
+        metrics.grpc_request("/pairsieve.v1.Pairsieve/Submit", f"CODE_{i}", 0.001)
+        metrics.consumer_lag(f"pairsieve.features.{word}", i)
+        metrics.labels_received(f"STATUS_{i}")
+        metrics.candidate_judged(f"item-{i}")
+        metrics.scorer_device(f"cuda:{i}" if i % 2 else "cpu")
+
+
+def _outcomes(ids: range) -> list[Outcome]:
+    """Engine-shaped verdicts, one distinct event and item id each: both modalities, known and
+    unknown reason codes, accepts, skips and duplicates."""
+    reasons = ["accept:utility", "skip:below_threshold", "skip:pacing", f"accept:{ids.start}",
+               "skip:item-1"]
+    return [Outcome(f"evt-{i}", decision(f"item-{i}", "image" if i % 2 else "text", i % 3 == 0,
+                                         reasons[i % len(reasons)], utility=(i % 97) / 20 - 2),
+                    duplicate=i % 11 == 0, worker_id=f"worker-{i}")
+            for i in ids]
+
+
+def test_series_count_unchanged_after_100k_unique_ids():
+    """Label values never come from ids: after a few hundred events through a real engine and a
+    few hundred input-derived values through every transport hook (enough to fill the free-form
+    label guards' caps), 100,000 more distinct event/item ids (and as many input-derived reasons,
+    modality names, methods, codes, topics, statuses, devices) add no series at all.
+
+    When ``promtool`` is on PATH the final exposition must pass ``promtool check metrics``; when
+    it is not, only the series count and prometheus_client's own parser check it (the deploy
+    tests run promtool on a live scrape and fail without it)."""
+    reg = CollectorRegistry()
+    m = PairsieveMetrics(reg)  # as the service builds it: modalities learnt from decided items
+    _engine_traffic(m)
+    _hooks(m, range(400))
+    m.batch_decided(_outcomes(range(400)), [0.01] * 400, 0.002)
+    _, warm = _series(reg)
+    warm_keys = _series_keys(warm)
+    assert len(warm_keys) == len(warm)  # one line per series
+
+    n = 100_000
+    t0 = time.perf_counter()
+    for lo in range(400, 400 + n, 10_000):  # bulk: one call per 10k verdicts
+        ids = range(lo, min(lo + 10_000, 400 + n))
+        m.batch_decided(_outcomes(ids), [0.01] * len(ids), 0.002)
+    _hooks(m, range(400, 400 + n))
+    took = time.perf_counter() - t0
+    text, after = _series(reg)
+
+    assert len(after) == len(warm), sorted(_series_keys(after) ^ warm_keys)[:20]
+    assert _series_keys(after) == warm_keys
+    assert not re.search(r"(evt|item|worker)-\d", text), "an id became a label value"
+    assert "cuda:" not in text and "STATUS_" not in text and "CODE_" not in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # parses cleanly
+    events = families["pairsieve_events_received"]
+    total = sum(s.value for s in events.samples if s.name.endswith("_total"))
+    assert total >= 400 + n  # the traffic was counted, in bounded series
+    assert took < 30, f"{took:.1f}s for 100k ids"
+
+    promtool = shutil.which("promtool")
+    if promtool is None and os.access("/usr/bin/promtool", os.X_OK):
+        promtool = "/usr/bin/promtool"  # Debian's prometheus package (make deploy-tools)
+    if promtool is not None:
+        res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
