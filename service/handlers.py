@@ -6,13 +6,18 @@ order of operations for every batch, whatever its transport:
 1. drop events already decided (redelivery: the earlier decision is returned, marked duplicate;
    nothing is spent again and no second alignment request is made);
 2. ``propose`` in the torch executor (the asyncio loop never runs torch);
-3. publish one :class:`AlignmentRequestOut` per accepted event, and every decision (accept and
-   skip) to the decision log, through the injected :class:`Publisher`, and wait until both are
-   durably written;
-4. only then ``commit`` (budget, caches, history) and remember the decisions.
+3. publish one :class:`AlignmentRequestOut` per accepted event through the injected
+   :class:`Publisher` and wait until they are durably written (the requests topic is the record
+   of spend: every worker rebuilds its budget from it);
+4. only then ``commit`` (budget, caches, history) and remember the decisions;
+5. write every decision (accept and skip) to the decision log.
 
-A batch whose publish fails is not committed: the caller sees the exception, nothing was spent,
-and the redelivered batch is decided afresh. Labels (:meth:`report_alignment`) go to the
+A batch whose requests publish fails is not committed: the caller sees the exception, nothing
+was spent, and the redelivered batch is decided afresh; requests the broker did acknowledge
+before the failure (:class:`~service.messages.PartialPublish`) count as selected at once, as the
+selection follower would count them. A failed decision-log publish comes after the commit: the
+caller sees the exception (its retry is answered as duplicates) and the records are written
+before anything else is decided. Labels (:meth:`report_alignment`) go to the
 :class:`~service.learning_loop.LearningLoop` (the durable pairs store, retraining on the trainer
 worker every ``retrain_every`` new pairs, the quality gate, and model versions swapped in between
 two batches). Selections made by other workers (read from the
