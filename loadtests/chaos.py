@@ -83,12 +83,14 @@ def say(msg: str) -> None:
 # ---------------------------------------------------------------------------------- plumbing
 @dataclass
 class Check:
-    """One checked promise: what, the target, what was measured, passed."""
+    """One checked promise: what, the target, what was measured, passed. ``info``: a timing
+    reported but not judged (the short version's speed figures: no timed assertions in CI)."""
     scenario: str
     what: str
     target: str
     measured: str
     ok: bool
+    info: bool = False
 
 
 @dataclass
@@ -107,10 +109,15 @@ class Deployment:
         create_topics(self.bootstrap, specs, configs=configs)
         return suffix
 
-    def check(self, scenario: str, what: str, target: str, measured, ok: bool) -> bool:
-        self.checks.append(Check(scenario, what, target, str(measured), bool(ok)))
-        say(f"{'PASS' if ok else 'FAIL'} {scenario}: {what}: {measured} (target {target})")
+    def check(self, scenario: str, what: str, target: str, measured, ok: bool,
+              info: bool = False) -> bool:
+        self.checks.append(Check(scenario, what, target, str(measured), bool(ok), info))
+        verdict = "INFO" if info else "PASS" if ok else "FAIL"
+        say(f"{verdict} {scenario}: {what}: {measured} (target {target})")
         return bool(ok)
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and not c.info]
 
 
 class Worker:
@@ -343,7 +350,7 @@ def scenario_kill(dep: Deployment, workers: int, short: bool, history: int = 0) 
     dep.check(name, f"restarts after kill -9 (spawn -> serving, s; {len(restarts)} kills)",
               "p95 <= 30 s",
               f"median {statistics.median(restarts):.1f}, max {max(restarts):.1f}",
-              max(restarts) <= 30)
+              max(restarts) <= 30, info=short)
 
 
 # ---------------------------------------------------------------------------------- poison
@@ -429,16 +436,16 @@ def poison_records(rng, prefix: str) -> list[tuple[str, str, bytes, list | None]
 
 
 def _run_poison_stream(dep: Deployment, n_valid: int, poison_every: int | None, tag: str,
-                       rng) -> dict:
-    """Preload a topic (valid events, poison mixed in when ``poison_every``), start one worker,
-    time until every valid event is decided."""
+                       rng, keep=lambda kind, reason: True) -> dict:
+    """Preload a topic (valid events, poison mixed in when ``poison_every``: the kinds ``keep``
+    lets through), start one worker, time until every valid event is decided."""
     from kafka import KafkaProducer
 
     suffix = dep.topics(max_message_bytes=LIMIT)
     prefix = f"{tag}"
     prod = KafkaProducer(bootstrap_servers=dep.bootstrap, acks="all", linger_ms=20,
                          max_request_size=4 * LIMIT)
-    kinds = poison_records(rng, prefix) if poison_every else []
+    kinds = [k for k in poison_records(rng, prefix) if keep(k[0], k[1])] if poison_every else []
     expected: Counter = Counter()
     per_kind: Counter = Counter()
     valid_ids = []
@@ -488,24 +495,50 @@ def _run_poison_stream(dep: Deployment, n_valid: int, poison_every: int | None, 
 def scenario_poison(dep: Deployment, short: bool) -> None:
     rng = np.random.default_rng(11)
     n_valid = 2000 if short else 18000
-    clean = _run_poison_stream(dep, n_valid, None, "clean", rng)
-    dirty = _run_poison_stream(dep, n_valid, 9, "dirty", rng)  # 1 in 9: 10 % of all records
+    reps = 1 if short else 3
+    runs = []
+    for r in range(reps):  # interleaved: clean, poisoned, clean, poisoned, ...
+        clean = _run_poison_stream(dep, n_valid, None, f"clean{r}", rng)
+        dirty = _run_poison_stream(dep, n_valid, 9, f"dirty{r}", rng)  # 1 in 9: 10 % of records
+        runs.append((clean, dirty))
+        say(f"poison: repetition {r + 1}: clean {clean['valid'] / clean['took']:.0f}, poisoned "
+            f"{dirty['valid'] / dirty['took']:.0f} valid events/s")
+    dirty = runs[0][1]
     n_kinds = len(dirty["per_kind"])
-    dep.check("poison", f"malformed kinds injected ({sum(dirty['per_kind'].values())} records)",
-              ">= 12", n_kinds, n_kinds >= 12)
-    dep.check("poison", "dead letters per reason = injected", "exact",
-              ", ".join(f"{r} {dirty['reasons'][r]}/{dirty['expected'][r]}"
-                        for r in sorted(set(dirty["expected"]) | set(dirty["reasons"]))),
-              dirty["reasons"] == dirty["expected"])
-    dep.check("poison", "valid events without a decision (incl. records at limit and limit-1)",
-              "0", f"{dirty['lost']} of {dirty['valid']}", dirty["lost"] == 0)
-    dep.check("poison", "agent crashes / worker restarts / tracebacks", "0",
-              f"alive {dirty['alive']}, starts {dirty['starts']}, tracebacks {dirty['crashes']}",
-              dirty["alive"] and dirty["starts"] == 1 and dirty["crashes"] == 0)
-    ratio = (dirty["valid"] / dirty["took"]) / (clean["valid"] / clean["took"])
-    dep.check("poison", "valid throughput with 10 % poison / clean (same worker settings)",
-              ">= 0.90", f"{ratio:.2f} ({dirty['valid'] / dirty['took']:.0f} vs "
-              f"{clean['valid'] / clean['took']:.0f} events/s)", ratio >= 0.9)
+    dep.check("poison", f"malformed kinds injected ({sum(dirty['per_kind'].values())} records "
+              f"per run, {reps} run(s))", ">= 12", n_kinds, n_kinds >= 12)
+    for i, (_, d) in enumerate(runs):
+        tag = f" (run {i + 1})" if reps > 1 else ""
+        dep.check("poison", "dead letters per reason = injected" + tag, "exact",
+                  ", ".join(f"{r} {d['reasons'][r]}/{d['expected'][r]}"
+                            for r in sorted(set(d["expected"]) | set(d["reasons"]))),
+                  d["reasons"] == d["expected"])
+        dep.check("poison", "valid events without a decision (incl. records at limit and "
+                  "limit-1)" + tag, "0", f"{d['lost']} of {d['valid']}", d["lost"] == 0)
+        dep.check("poison", "agent crashes / worker restarts / tracebacks" + tag, "0",
+                  f"alive {d['alive']}, starts {d['starts']}, tracebacks {d['crashes']}",
+                  d["alive"] and d["starts"] == 1 and d["crashes"] == 0)
+    ratios = [(d["valid"] / d["took"]) / (c["valid"] / c["took"]) for c, d in runs]
+    med = statistics.median(ratios)
+    dep.check("poison", f"valid throughput with 10 % poison (all 16 kinds) / clean, same worker "
+              f"settings (median of {reps} interleaved pairs)", ">= 0.90",
+              f"{med:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; clean "
+              f"{statistics.median(c['valid'] / c['took'] for c, _ in runs):.0f} events/s)",
+              med >= 0.9, info=short)
+    if not short:  # where the cost comes from: the same 10 % of records, fewer kinds
+        for what, keep in (
+                ("without the oversized records (14 kinds)",
+                 lambda kind, reason: reason != "oversized"),
+                ("feature records only, without the oversized (9 kinds)",
+                 lambda kind, reason: kind.startswith("features") and reason != "oversized")):
+            sub = []
+            for r in range(2):
+                c = _run_poison_stream(dep, n_valid, None, f"cl-{len(sub)}-{r}", rng)
+                d = _run_poison_stream(dep, n_valid, 9, f"dl-{len(sub)}-{r}", rng, keep)
+                sub.append((d["valid"] / d["took"]) / (c["valid"] / c["took"]))
+            dep.check("poison", f"valid throughput with 10 % poison {what} / clean (median of 2 "
+                      "pairs)", "(breakdown)", f"{statistics.median(sub):.2f} (min "
+                      f"{min(sub):.2f}, max {max(sub):.2f})", True, info=True)
     dep.facts.append("poison kinds: " + "; ".join(f"{k} -> {r}" for k, r, _, _ in
                                                   poison_records(rng, "x")))
 
@@ -757,7 +790,8 @@ def scenario_fuzz(dep: Deployment, seconds: int) -> None:
 
 # ---------------------------------------------------------------------------------- report
 def render(dep: Deployment, argv: list[str], took_s: float, short: bool) -> str:
-    failed = [c for c in dep.checks if not c.ok]
+    failed = dep.failed()
+    judged = [c for c in dep.checks if not c.info]
     lines = [
         "# Reliability: the chaos suite",
         "",
@@ -769,16 +803,46 @@ def render(dep: Deployment, argv: list[str], took_s: float, short: bool) -> str:
         "decided is read back from the decision log, requests from the requests topic, dead "
         "letters from the dead-letter topic.",
         "",
-        f"**{len(dep.checks) - len(failed)} of {len(dep.checks)} checks passed.**",
+        f"**{len(judged) - len(failed)} of {len(judged)} checks passed** (rows marked "
+        "*measured* are figures without a verdict).",
         "",
         "| scenario | what was injected / checked | target | measured | |",
         "|---|---|---|---|---|",
         *[f"| {c.scenario} | {c.what} | {c.target} | {c.measured} | "
-          f"{'pass' if c.ok else '**FAIL**'} |" for c in dep.checks],
+          f"{'*measured*' if c.info else 'pass' if c.ok else '**FAIL**'} |"
+          for c in dep.checks],
         "",
     ]
     if dep.facts:
         lines += ["## Notes", "", *[f"- {f}" for f in dep.facts], ""]
+    lines += [
+        "## What else checks reliability (in `make test`)",
+        "",
+        "- `tests/integration/test_chaos_suite.py`: this suite's short version (`--short`), "
+        "every check must pass.",
+        "- `tests/unit/test_engine_state_machine.py`: hypothesis state machines over the engine "
+        "(fresh and redelivered batches, labels, failed and partly written publishes, the "
+        "followers, crash and replay in every follower order): budget never overspent, no "
+        "event requested twice, bounded memories within capacity, replay idempotent. It found "
+        "four engine defects, fixed with it (a failed decision-log publish re-requested a "
+        "batch; a skip replayed before its request hid the spend; an echo of a relabelled "
+        "pair counted its cost again; a final answer after UNSURE in one call was lost).",
+        "- `tests/unit/test_fuzz_inputs.py`: 30 s of the same fuzzer with a fixed seed.",
+        "- `tests/component/test_observability_metrics.py`: the metric series are the same "
+        "set after 100,000 unique ids, and `promtool check metrics` is clean.",
+        "- `tests/integration/test_kafka_security.py`: TLS + SASL (SCRAM) end to end.",
+        "",
+        "## Limits",
+        "",
+        "- Broker restart: not run. tansu 0.6.0 keeps its topics in memory (its `postgres://` "
+        "storage is not compiled into this build), so a restarted broker starts empty; the "
+        "broker pause above covers an unreachable broker. Against a durable Kafka, stop and "
+        "start it during `--scenarios kill` to see the same checks hold.",
+        "- The machine has 2 cores shared by the broker, the producer, the workers and this "
+        "driver: the throughput ratio is the median of interleaved clean/poisoned pairs of "
+        "one run, each timed from serving to the last valid decision (topics preloaded).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -827,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             if broker is not None:
                 broker.stop()
             keep = Path(a.out).with_suffix(".logs")
-            if any(not c.ok for c in dep.checks):  # keep the workers' logs of a failed run
+            if dep.failed():  # keep the workers' logs of a failed run
                 keep.mkdir(parents=True, exist_ok=True)
                 for f in Path(tmp).glob("*.log"):
                     (keep / f.name).write_text(f.read_text(errors="replace"))
@@ -836,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(report)
     say(f"wrote {a.out}")
-    return 0 if all(c.ok for c in dep.checks) else 1
+    return 0 if not dep.failed() else 1
 
 
 if __name__ == "__main__":
