@@ -68,9 +68,6 @@ from service.messages import (
 
 log = logging.getLogger("pairsieve.handlers")
 
-async def _done() -> None:
-    return None
-
 
 class SelectionHandler:
     """See module docstring.

@@ -49,6 +49,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from service.handlers import SelectionHandler
+from service.messages import PartialPublish
 from service.rpc.auth import TokenAuthInterceptor
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
@@ -145,6 +146,10 @@ class SelectorServicer(pb_grpc.SelectorServicer):
             return task.result()
         if isinstance(exc, ValueError):  # codecs.WireError included
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, PartialPublish):  # the broker failed a publish: retryable
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"publishing to Kafka failed ({exc.cause!r}); retry: the same "
+                                "event ids are answered with the verdicts already kept")
         log.error("gRPC call failed", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL,
                             f"internal error ({type(exc).__name__}); see the server log")

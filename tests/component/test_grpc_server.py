@@ -139,6 +139,35 @@ def test_submit_decides_publishes_accepted_and_dedups_redelivery():
     run(scenario())
 
 
+def test_a_failed_publish_is_unavailable_and_the_retry_gets_the_kept_verdicts():
+    """A broker failure while publishing is retryable (UNAVAILABLE, not INTERNAL): requests
+    the broker acknowledged before it failed count as selected, so the retry answers them as
+    duplicates and requests nothing twice."""
+    from service.messages import PartialPublish
+
+    class FlakyPublisher(RecordingPublisher):
+        fail_next = True
+
+        async def publish_requests(self, requests):
+            if self.fail_next and len(requests) > 1:
+                self.fail_next = False
+                self.published.extend(requests[:1])  # the first one reached the topic
+                raise PartialPublish([0], ConnectionError("broker gone"))
+            await super().publish_requests(requests)
+
+    async def scenario():
+        async with serving(FlakyPublisher()) as env:
+            code, details = await _code(env.stub.Submit(_submit(0, 24), timeout=10))
+            assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details
+            first = env.publisher.published[0].request_id
+            resp = await env.stub.Submit(_submit(0, 24), timeout=10)
+            by_id = {d.event_id: d for d in resp.decisions}
+            assert by_id[first].duplicate and by_id[first].accept
+            ids = [r.request_id for r in env.publisher.published]
+            assert len(ids) == len(set(ids))  # nothing requested twice
+    run(scenario())
+
+
 def test_submit_stream_answers_in_order():
     async def scenario():
         async with serving() as env:
