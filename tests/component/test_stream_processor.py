@@ -495,3 +495,54 @@ def test_an_unexpected_failure_retries_the_micro_batch_instead_of_acknowledging_
         assert calls == [8]
 
     run_env(body)
+
+
+# ----------------------------------------------------------------------------- KafkaPublisher
+class _FakeProducer:
+    """aiokafka's send(): returns a future per record; ``outcomes`` says how each ends (True:
+    acknowledged, an exception: failed; "raise": send() itself raises)."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+
+    async def send(self, topic, value, key=None):
+        outcome = self.outcomes.pop(0)
+        if outcome == "raise":
+            raise ConnectionError("producer closed")
+        fut = asyncio.get_running_loop().create_future()
+        if outcome is True:
+            fut.set_result(None)
+        else:
+            fut.set_exception(outcome)
+        return fut
+
+
+@pytest.mark.parametrize("outcomes, acked", [
+    ([True, TimeoutError("no ack"), True], (0, 2)),
+    ([True, True, "raise"], (0, 1)),
+    ([TimeoutError("no ack")] * 3, ()),
+])
+def test_a_publish_that_fails_names_the_records_the_broker_acknowledged(outcomes, acked):
+    from service.messages import PartialPublish
+    from service.streaming.kafka_io import KafkaPublisher
+
+    async def scenario():
+        pub = KafkaPublisher("127.0.0.1:9", "t")
+        pub._producer = _FakeProducer(outcomes)
+        with pytest.raises(PartialPublish) as err:
+            await pub._send_all("t", [(b"k", b"v")] * 3)
+        return err.value
+
+    err = asyncio.run(scenario())
+    assert err.acked == acked and err.cause is not None
+
+
+def test_a_publish_that_succeeds_raises_nothing():
+    from service.streaming.kafka_io import KafkaPublisher
+
+    async def scenario():
+        pub = KafkaPublisher("127.0.0.1:9", "t")
+        pub._producer = _FakeProducer([True, True])
+        await pub._send_all("t", [(b"k", b"v")] * 2)
+
+    asyncio.run(scenario())
