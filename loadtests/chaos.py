@@ -574,6 +574,28 @@ def _submit(port: int, events: list[IncomingEvent], timeout_s: float = 5.0) -> s
         return exc.code().name
 
 
+def _while_broker_down(dep: Deployment, scenario: str, what: str, port: int, seconds: float,
+                       prefix: str, seed: int) -> None:
+    """For ``seconds`` after the broker went away: probe health until NOT_SERVING, then call
+    ``Submit`` every 0.5 s; check both (NOT_SERVING within 15 s, UNAVAILABLE only)."""
+    t0 = time.monotonic()
+    not_serving_after = None
+    codes: Counter = Counter()
+    rng = np.random.default_rng(seed)
+    while time.monotonic() - t0 < seconds:
+        if not_serving_after is None and _health(port) == "NOT_SERVING":
+            not_serving_after = time.monotonic() - t0
+        if not_serving_after is not None:
+            codes[_submit(port, [event(0, f"{prefix}-{uuid.uuid4().hex[:6]}", rng)],
+                          timeout_s=3)] += 1
+        time.sleep(0.5)
+    dep.check(scenario, f"health NOT_SERVING after the broker {what} ({seconds:.0f} s down)",
+              "<= 15 s", "never" if not_serving_after is None else f"{not_serving_after:.1f} s",
+              not_serving_after is not None and not_serving_after <= 15)
+    dep.check(scenario, "Submit while the broker is down", "UNAVAILABLE only", dict(codes),
+              bool(codes) and set(codes) == {"UNAVAILABLE"})
+
+
 def scenario_broker(dep: Deployment, short: bool) -> None:
     if dep.broker_pid is None:
         dep.facts.append("broker pause: not run (needs the broker's pid: the standalone broker "
@@ -590,18 +612,8 @@ def scenario_broker(dep: Deployment, short: bool) -> None:
                     "brk", seed=5)
     time.sleep(5)
     os.kill(dep.broker_pid, signal.SIGSTOP)
-    t_stop = time.monotonic()
-    not_serving_after = None
-    codes = Counter()
-    rng = np.random.default_rng(2)
     try:
-        while time.monotonic() - t_stop < pause_s:
-            if not_serving_after is None and _health(w.grpc_port) == "NOT_SERVING":
-                not_serving_after = time.monotonic() - t_stop
-            if not_serving_after is not None:
-                codes[_submit(w.grpc_port, [event(0, f"sub-{uuid.uuid4().hex[:6]}", rng)],
-                              timeout_s=3)] += 1
-            time.sleep(0.5)
+        _while_broker_down(dep, "broker", "paused", w.grpc_port, pause_s, "sub", seed=2)
     finally:
         os.kill(dep.broker_pid, signal.SIGCONT)
     t_cont = time.monotonic()
@@ -611,11 +623,6 @@ def scenario_broker(dep: Deployment, short: bool) -> None:
     wait_until(lambda: prod.acked <= set(decided.items), 120)
     lost = len(prod.acked - set(decided.stop()))
     w.stop()
-    dep.check("broker", f"health NOT_SERVING after the broker paused ({pause_s:.0f} s pause)",
-              "<= 15 s", "never" if not_serving_after is None else f"{not_serving_after:.1f} s",
-              not_serving_after is not None and not_serving_after <= 15)
-    dep.check("broker", "Submit while the broker is down", "UNAVAILABLE only",
-              dict(codes), bool(codes) and set(codes) == {"UNAVAILABLE"})
     dep.check("broker", "SERVING again after SIGCONT", "recovers", f"{recovered:.1f} s",
               recovered < 60)
     dep.check("broker", "acknowledged events lost across the pause", "0",
@@ -624,8 +631,8 @@ def scenario_broker(dep: Deployment, short: bool) -> None:
 
 class DurableBroker:
     """tansu on S3 storage (an in-process moto S3 server): topics, records and committed
-    offsets survive a broker restart (tansu 0.6.0's memory storage does not). ``restart()``
-    kills the broker (SIGKILL) and starts it again on the same port after ``down_s``."""
+    offsets survive a broker restart (tansu 0.6.0's memory storage does not). ``kill()`` ends
+    the broker with SIGKILL, ``start()`` starts it again on the same port."""
 
     def __init__(self, workdir: Path):
         import boto3
@@ -689,17 +696,8 @@ def scenario_broker_restart(dep: Deployment, short: bool) -> None:
                         "rst", seed=9)
         time.sleep(8)
         broker.kill()
-        t_kill = time.monotonic()
-        not_serving_after = None
-        codes: Counter = Counter()
-        rng = np.random.default_rng(4)
-        while time.monotonic() - t_kill < down_s:
-            if not_serving_after is None and _health(w.grpc_port) == "NOT_SERVING":
-                not_serving_after = time.monotonic() - t_kill
-            if not_serving_after is not None:
-                codes[_submit(w.grpc_port, [event(0, f"rs-{uuid.uuid4().hex[:6]}", rng)],
-                              timeout_s=3)] += 1
-            time.sleep(0.5)
+        _while_broker_down(dep, "broker-restart", "was killed", w.grpc_port, down_s, "rs",
+                           seed=4)
         broker.start()
         t_up = time.monotonic()
         wait_until(lambda: _health(w.grpc_port) == "SERVING", 120, every_s=0.2)
@@ -721,12 +719,6 @@ def scenario_broker_restart(dep: Deployment, short: bool) -> None:
         broker_lost = sorted(prod.acked - on_topic)
         alive = w.proc is not None and w.proc.poll() is None
         w.stop()
-        dep.check("broker-restart", f"health NOT_SERVING after the broker was killed ({down_s:.0f}"
-                  " s down)", "<= 15 s",
-                  "never" if not_serving_after is None else f"{not_serving_after:.1f} s",
-                  not_serving_after is not None and not_serving_after <= 15)
-        dep.check("broker-restart", "Submit while the broker is down", "UNAVAILABLE only",
-                  dict(codes), bool(codes) and set(codes) == {"UNAVAILABLE"})
         dep.check("broker-restart", "SERVING again after the broker restarted",
                   "recovers, same process", f"{recovered:.1f} s, worker alive {alive}",
                   recovered < 120 and alive)
