@@ -724,7 +724,8 @@ def scenario_broker_restart(dep: Deployment, short: bool) -> None:
                   recovered < 120 and alive)
         dep.check("broker-restart", "events on the features topic without a decision (lost) / "
                   "duplicate requests / overspend", "0 / 0 / 0",
-                  f"{lost} of {len(on_topic)} / {len(reqs) - len(set(reqs))} / "
+                  f"{lost} of {len(on_topic)} / {len(reqs) - len(set(reqs))} "
+                  f"{sorted(r for r, n in Counter(reqs).items() if n > 1)[:5]} / "
                   f"{max(0, len(reqs) - budget)}",
                   lost == 0 and len(reqs) == len(set(reqs)) and len(reqs) <= budget)
         dep.check("broker-restart", "records the broker acknowledged (acks=all) but no longer "
