@@ -355,6 +355,11 @@ class SelectionHandler:
         return n
 
     # ------------------------------------------------------------------ labels
+    def check_label(self, label: Label) -> None:
+        """Raise ``ValueError`` naming the problem if :meth:`report_alignment` would refuse
+        ``label`` (see :meth:`LearningLoop.check_label`)."""
+        self.learning.check_label(label)
+
     async def report_alignment(self, labels: Sequence[Label]) -> LabelResult:
         """Take annotators' answers; MATCH pairs whose two vectors are known are published and join
         the training set (see :meth:`LearningLoop.add_labels`)."""

@@ -315,9 +315,10 @@ class LearningLoop:
             taken: set[str] = set()  # request ids answered finally earlier in this call
             pairs: list[TrainingPair] = []
             unresolved: list[str] = []
+            unresolved_at: list[int] = []
             remember: list[str] = []
             marks: list[TrainingPair] = []
-            for lb in labels:  # in order: within one call as across calls
+            for at, lb in enumerate(labels):  # in order: within one call as across calls
                 rid = lb.request_id
                 if rid and (rid in self._requests or rid in taken):
                     duplicates += 1
@@ -335,6 +336,7 @@ class LearningLoop:
                 got = self.resolve(lb)
                 if isinstance(got, str):
                     unresolved.append(got)  # not final: a corrected resend is taken
+                    unresolved_at.append(at)
                 else:
                     pairs.append(got)
                     remember.append(rid)
@@ -354,7 +356,7 @@ class LearningLoop:
             self.maybe_retrain()
         ignored = len(fresh) - len(pairs) - len(unresolved)
         return LabelResult(len(pairs), ignored, self.model_version, duplicates,
-                           tuple(unresolved))
+                           tuple(unresolved), tuple(unresolved_at))
 
     async def ingest_pairs(self, pairs: Sequence[TrainingPair]) -> int:
         """Store pairs published by any worker (read back from the training-pairs topic), under

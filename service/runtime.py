@@ -214,7 +214,7 @@ async def start_service(settings: Settings) -> Service:
                                                 if settings.decision_log else None),
                                modalities=list(settings.dims),
                                max_request_bytes=settings.max_message_bytes,
-                               security=security)
+                               security=security, idempotence=settings.kafka_idempotence)
     await publisher.start()
     roles: dict[str, StreamProcessor] = {}  # the processor exists only after the engine
 
@@ -223,6 +223,7 @@ async def start_service(settings: Settings) -> Service:
 
     handler = build_engine(settings, metrics, publisher, model, is_trainer=is_trainer)
     metrics.scorer_device(handler.scorer_device, gpu_expected=settings.gpu_expected)
+    metrics.publisher_idempotent(publisher.idempotent)
     followers: list[TopicFollower] = [
         models_follower(bootstrap, settings.topic(MODELS_TOPIC), handler, security),
         pairs_follower(bootstrap, settings.topic(TRAINING_PAIRS_TOPIC), handler, security)]

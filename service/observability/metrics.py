@@ -336,6 +336,10 @@ class PairsieveMetrics:
         self.scorer_gpu_fallback = Gauge(
             "pairsieve_scorer_gpu_fallback",
             "1 when a GPU was expected but the scorer runs on the CPU, else 0.", registry=r)
+        self.publisher_idempotent_gauge = Gauge(
+            "pairsieve_publisher_idempotent",
+            "1 when the publisher is idempotent (a retry never writes a record twice), else 0.",
+            registry=r)
         self.up = Gauge(
             "pairsieve_up", "1 while the service is serving, 0 otherwise.", registry=r)
         self.build_info = Gauge(
@@ -505,6 +509,10 @@ class PairsieveMetrics:
             self._device = dev
             self.scorer_device_info.labels(dev).set(1)
             self.scorer_gpu_fallback.set(1 if gpu_expected and dev == "cpu" else 0)
+
+    def publisher_idempotent(self, idempotent: bool) -> None:
+        """``pairsieve_publisher_idempotent``: what the broker granted the publisher."""
+        self.publisher_idempotent_gauge.set(1 if idempotent else 0)
 
     def set_serving(self, up: bool) -> None:
         """``pairsieve_up``: 1 while serving (set after start-up, cleared first at shutdown)."""

@@ -16,10 +16,15 @@ Per micro-batch (``take_events(batch_max_items, within=max_wait_seconds)``):
    at-least-once, and redeliveries are deduplicated by event id.
 
 Labels (one partition, so one worker of the group reads them: that worker is the trainer,
-:meth:`StreamProcessor.owns_labels`): each is decoded and handed to the learning loop, which
-publishes a MATCH as a training pair before the label is acknowledged (a publish failure is
-retried, the label is never acknowledged undone). A label that cannot be decoded or resolved goes
-to the dead-letter topic with its reason (``label_unresolved`` names the missing vector).
+:meth:`StreamProcessor.owns_labels`) are micro-batched the same way: each batch is decoded and
+handed to the learning loop in one call, which publishes the MATCHes as training pairs before the
+batch is acknowledged (a publish failure is retried, a label is never acknowledged undone). A
+label that cannot be decoded, is refused or cannot be resolved goes to the dead-letter topic with
+its reason (``label_unresolved`` names the missing vector).
+
+Dead letters are logged one full line per reason and ten seconds, with the count of the rest
+(:class:`~service.observability.log_throttle.ThrottledWarnings`): a poisoned topic must not
+drown the log.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
 from service.messages import StreamMetricsSink
+from service.observability.log_throttle import ThrottledWarnings
 from service.settings import Settings
 from service.streaming.kafka_io import KafkaPublisher
 from service.streaming.records import KafkaRecord
@@ -43,6 +49,10 @@ from service.wire import codecs
 log = logging.getLogger("pairsieve.stream")
 
 FETCH_WAIT_ATTR = "pairsieve_fetch_max_wait_ms"
+
+DEAD_LETTER_LOG_INTERVAL_S = 10.0
+"""Dead letters are logged one full line per reason and interval, with the count of the rest
+(the dead-letter topic and the metric keep every one)."""
 
 
 def install_fetch_wait_hook() -> None:
@@ -96,6 +106,8 @@ class StreamProcessor:
         self.draining = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self._in_flight: set[asyncio.Future] = set()
+        self._warnings = ThrottledWarnings(log, DEAD_LETTER_LOG_INTERVAL_S)
         self.batches = 0
         self.dead_letters = 0
         self.app = faust.App(
@@ -110,6 +122,7 @@ class StreamProcessor:
             broker_heartbeat_interval=settings.session_timeout_seconds / 4,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
+            consumer_max_fetch_size=settings.fetch_max_partition_bytes,
             stream_wait_empty=False,
             topic_allow_declare=False,
             logging_config=None,
@@ -128,21 +141,33 @@ class StreamProcessor:
 
     # ----------------------------------------------------------------- agents
     async def _on_features(self, stream):
-        # faust's take_events acknowledges a buffer when the loop moves on AND when the agent is
-        # cancelled (a `finally` in the generator). So: an unprocessed buffer gets an extra
-        # reference before we park (its offsets are never committed: redelivered after a
-        # restart), and a buffer being processed is shielded from cancellation (its offsets are
-        # committed only once its selections were published and the engine committed).
+        await self._consume(stream, self.process_feature_records, self._report_lag)
+
+    async def _on_labels(self, stream):
+        await self._consume(stream, self.process_label_records)
+
+    async def _consume(self, stream, process, after=None) -> None:
+        """Micro-batches of ``stream`` through ``process`` (retried until done,
+        :meth:`_until_done`), each acknowledged only once processed.
+
+        faust's take_events acknowledges a buffer when the loop moves on AND when the agent is
+        cancelled (a `finally` in the generator). So: an unprocessed buffer gets an extra
+        reference before we park (its offsets are never committed: redelivered after a
+        restart), and a buffer being processed is shielded from cancellation (its offsets are
+        committed only once its selections, pairs and dead letters were published and the engine
+        committed).
+        """
         s = self.settings
         async for events in stream.take_events(s.batch_max_items, within=s.max_wait_seconds):
             if self.draining.is_set():
                 for e in events:
                     e.message.incref()
                 await asyncio.Event().wait()  # parked until faust cancels the agent on stop
+            work = asyncio.ensure_future(self._until_done(
+                process, [KafkaRecord.from_message(e.message) for e in events]))
+            self._in_flight.add(work)
             self.idle.clear()
-            work = asyncio.ensure_future(self.process_until_done(
-                [KafkaRecord.from_message(e.message) for e in events]))
-            work.add_done_callback(lambda _t: self.idle.set())
+            work.add_done_callback(self._work_done)
             try:
                 await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -156,19 +181,29 @@ class StreamProcessor:
                 for e in events:
                     e.message.incref()  # undecided: never committed, redelivered
                 await asyncio.Event().wait()  # parked until faust cancels the agent on stop
-            self._report_lag(events)
+            if after is not None:
+                after(events)
+
+    def _work_done(self, task: asyncio.Future) -> None:
+        self._in_flight.discard(task)
+        if not self._in_flight:
+            self.idle.set()
 
     async def process_until_done(self, records: Sequence[KafkaRecord]) -> int:
-        """:meth:`process_feature_records`, again after any unexpected exception (with backoff)
-        until it completes: faust acknowledges the buffer when the agent moves on or crashes,
-        so no exception may leave the loop with events undecided. A retry is safe: decided
-        events are answered as duplicates (a dead letter may be published twice). During a
-        shutdown it gives up instead (:class:`GaveUp`): the caller keeps the batch's offsets
-        uncommitted, so it is redelivered after the restart."""
+        """:meth:`process_feature_records` until it completes (:meth:`_until_done`)."""
+        return await self._until_done(self.process_feature_records, records)
+
+    async def _until_done(self, process, records: Sequence[KafkaRecord]) -> int:
+        """``process(records)``, again after any unexpected exception (with backoff) until it
+        completes: faust acknowledges the buffer when the agent moves on or crashes, so no
+        exception may leave the loop with records unprocessed. A retry is safe: decided events
+        are answered as duplicates, labels taken in before as duplicates (a dead letter may be
+        published twice). During a shutdown it gives up instead (:class:`GaveUp`): the caller
+        keeps the batch's offsets uncommitted, so it is redelivered after the restart."""
         delay = 0.1
         while True:
             try:
-                return await self.process_feature_records(records)
+                return await process(records)
             except Exception as exc:
                 if self.draining.is_set():
                     log.error("processing a micro-batch of %d records failed during shutdown; "
@@ -256,8 +291,8 @@ class StreamProcessor:
         self.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_lettered(reason)
-        log.warning("dead letter (%s) from %s[%s]@%s: %s", reason, rec.topic, rec.partition,
-                    rec.offset, detail)
+        self._warnings.warn(reason, f"dead letter ({reason}) from {rec.topic}[{rec.partition}]"
+                                    f"@{rec.offset}: {detail}")
         value = codecs.dead_letter_bytes(reason, detail, rec.value or b"", rec.topic,
                                          rec.partition, rec.offset, time.time(),
                                          max_bytes=self.settings.max_message_bytes)
@@ -275,38 +310,63 @@ class StreamProcessor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _on_labels(self, stream):
-        async for event in stream.events():
-            await self.process_label_record(KafkaRecord.from_message(event.message))
+    async def process_label_records(self, records: Sequence[KafkaRecord]) -> int:
+        """Take one micro-batch of label records in: decode and check each (the bad ones are
+        dead-lettered, all at once), hand the rest to the learning loop in one call (in topic
+        order), dead-letter those it could not resolve. A failure to publish the batch's pairs
+        is retried until it succeeds (nothing was taken in before the publish).
+
+        Returns
+        -------
+        int
+            Records the learning loop took (resolved, ignored or duplicate).
+        """
+        labels, label_records, bad = [], [], []
+        for rec in records:
+            try:
+                label = codecs.label_from_proto(
+                    codecs.pb.AlignmentLabel.FromString(rec.value or b""), self.dims)
+                self.handler.check_label(label)
+            except codecs.WireError as exc:
+                bad.append((exc.reason, str(exc), rec))
+                continue
+            except DecodeError as exc:
+                bad.append(("undecodable", f"label: {exc}", rec))
+                continue
+            except ValueError as exc:  # the engine would refuse it (e.g. an unknown status)
+                bad.append(("rejected", str(exc), rec))
+                continue
+            labels.append(label)
+            label_records.append(rec)
+        taken = 0
+        if labels:
+            delay = 0.1
+            while True:
+                try:
+                    result = await self.handler.report_alignment(labels)
+                    break
+                except ValueError as exc:  # checked above: cannot happen; never lose the batch
+                    bad += [("rejected", str(exc), rec) for rec in label_records]
+                    result = None
+                    break
+                except Exception:
+                    log.exception("publishing the training pairs of %d labels failed; "
+                                  "retrying in %.1fs", len(labels), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            if result is not None:
+                bad += [("label_unresolved", why, label_records[at])
+                        for why, at in zip(result.unresolved, result.unresolved_at, strict=True)]
+                taken = len(labels) - len(result.unresolved)
+        if bad:  # all at once: one broker round trip for the batch's poison, not one each
+            await asyncio.gather(*(self._dead_letter(reason, detail, rec)
+                                   for reason, detail, rec in bad))
+        return taken
 
     async def process_label_record(self, rec: KafkaRecord) -> bool:
-        """Take one label record in; True when the learning loop took it (a bad or unresolvable
-        label is dead-lettered). A failure to publish its pair is retried until it succeeds."""
-        try:
-            label = codecs.label_from_proto(codecs.pb.AlignmentLabel.FromString(rec.value or b""),
-                                            self.dims)
-        except codecs.WireError as exc:
-            await self._dead_letter(exc.reason, str(exc), rec)
-            return False
-        except DecodeError as exc:
-            await self._dead_letter("undecodable", f"label: {exc}", rec)
-            return False
-        delay = 0.1
-        while True:
-            try:
-                result = await self.handler.report_alignment([label])
-                break
-            except ValueError as exc:  # the engine refused it (e.g. wrong partner dimension)
-                await self._dead_letter("rejected", str(exc), rec)
-                return False
-            except Exception:
-                log.exception("publishing the training pair of a label failed; retrying in "
-                              "%.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        for why in result.unresolved:
-            await self._dead_letter("label_unresolved", why, rec)
-        return not result.unresolved
+        """:meth:`process_label_records` of one record: True when the learning loop took it (a
+        bad or unresolvable label is dead-lettered)."""
+        return await self.process_label_records([rec]) == 1
 
     def owns_labels(self) -> bool:
         """Whether this worker's group member holds the labels partition now (it trains)."""
@@ -331,6 +391,7 @@ class StreamProcessor:
 
     async def stop(self) -> None:
         await self.app.stop()
+        self._warnings.flush()
 
 
 def _headers(headers) -> list[tuple[str, bytes]]:

@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import BrokerResponseError
 from google.protobuf.message import DecodeError
 
 from service.handlers import SelectionHandler
@@ -59,26 +60,55 @@ class KafkaPublisher:
     max_request_bytes : int
     security : KafkaSecurity
         How the producer connects (default plaintext).
+    idempotence : {"auto", "on", "off"}
+        Whether the producer is idempotent (a retry after a lost acknowledgement never writes
+        a record twice), see :meth:`start`; ``idempotent`` says what it got.
     """
 
     def __init__(self, bootstrap: str, topic: str, *, pairs_topic: str | None = None,
                  models_topic: str | None = None, decisions_topic: str | None = None,
                  modalities: Sequence[str] = (), max_request_bytes: int = 16 * 1024 * 1024,
-                 security: KafkaSecurity = PLAINTEXT):
+                 security: KafkaSecurity = PLAINTEXT, idempotence: str = "auto"):
         self.topic = topic
         self.decisions_topic = decisions_topic
         self.pairs_topic = pairs_topic
         self.models_topic = models_topic
         self.modalities = tuple(modalities)
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          max_request_size=max_request_bytes, linger_ms=0,
-                                          client_id="pairsieve-publisher",
-                                          **security.aiokafka())
+        if idempotence not in ("auto", "on", "off"):
+            raise ValueError(f"idempotence must be auto, on or off, got {idempotence!r}")
+        self.idempotence = idempotence
+        self._producer_args = dict(bootstrap_servers=bootstrap, acks="all",
+                                   max_request_size=max_request_bytes, linger_ms=0,
+                                   client_id="pairsieve-publisher", **security.aiokafka())
+        self._producer = self._new_producer(idempotence != "off")
+        self.idempotent = False
         self.published = 0
         self.pairs_published = 0
         self.models_published = 0
 
+    def _new_producer(self, idempotent: bool) -> AIOKafkaProducer:
+        return AIOKafkaProducer(enable_idempotence=idempotent, **self._producer_args)
+
     async def start(self) -> None:
+        """Connect. With idempotence ``auto``, a broker that refuses a producer id (tansu, or a
+        cluster without the IdempotentWrite permission) gets a plain producer and a warning;
+        with ``on`` that refusal stops the start (:class:`RuntimeError`)."""
+        if self.idempotence == "off":
+            await self._producer.start()
+            return
+        try:
+            await self._producer.start()
+            self.idempotent = True
+            return
+        except BrokerResponseError as exc:  # the broker answered InitProducerId with an error
+            await self._producer.stop()
+            if self.idempotence == "on":
+                raise RuntimeError(f"the broker refused an idempotent producer ({exc!r}) and "
+                                   "PAIRSIEVE_KAFKA_IDEMPOTENCE=on") from exc
+            log.warning("the broker refused an idempotent producer (%r): publishing without "
+                        "idempotence, so a retry after a lost acknowledgement (a broker crash) "
+                        "can write a request twice; readers deduplicate by request id", exc)
+        self._producer = self._new_producer(False)
         await self._producer.start()
 
     async def _send_all(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:

@@ -409,6 +409,44 @@ def test_labels_become_published_pairs_and_bad_ones_are_dead_lettered_with_a_rea
     run_env(body, pair_fail_times=2)
 
 
+def test_a_micro_batch_of_labels_is_one_learning_call_and_each_bad_record_keeps_its_offset():
+    """Labels are micro-batched: one pairs publish for the batch's MATCHes (in topic order), and
+    every dead letter (undecodable, refused by the engine, unresolvable) names its own record."""
+
+    async def body(env):
+        outs = await env.handler.submit([_ev(i) for i in range(8)])
+        imgs = [o.decision for o in outs if o.decision.accept and o.decision.modality == "image"]
+        assert len(imgs) >= 2
+        good = [Label(d.item_id, "image", f"t-partner-{k}", "MATCH", request_id=d.item_id,
+                      partner_vector=_vec(int(d.item_id[1:]), "text"))
+                for k, d in enumerate(imgs[:2])]
+        records = [
+            _label_record(good[0], 10),
+            KafkaRecord(b"\xff\xff", None, LABELS_SRC, 0, 11),
+            _label_record(Label("i-unknown", "image", "t1", "MATCH", request_id="r-u"), 12),
+            _label_record(Label(imgs[0].item_id, "image", "t1", "MATCH", request_id="r-c",
+                                cost=float("inf")), 13),
+            _label_record(good[1], 14),
+            _label_record(Label("i-nope", "image", "t2", "NO_MATCH", request_id="r-n"), 15),
+        ]
+        taken = await env.proc.process_label_records(records)
+        assert taken == 3  # two MATCHes and the NO_MATCH
+        assert env.publisher.pair_attempts == 1  # one publish for the whole batch
+        assert [p.key[0] for p in env.publisher.pairs] == [good[0].item_id, good[1].item_id]
+        dls = sorted(env.dead_letters(), key=lambda d: d.source_offset)
+        assert [(d.source_offset, d.reason) for d in dls] == [
+            (11, "undecodable"), (12, "label_unresolved"), (13, "non_finite")]
+        assert "'i-unknown'" in dls[1].detail
+        assert env.handler.status().pairs_acquired == 2
+        labels = env.handler.status().labels  # received: the unresolved MATCH included
+        assert (labels["MATCH"], labels["NO_MATCH"]) == (3, 1)
+        # the batch redelivered whole: duplicates, nothing published again
+        assert await env.proc.process_label_records(records) == 3
+        assert len(env.publisher.pairs) == 2
+
+    run_env(body)
+
+
 # --------------------------------------------------------------------------- oversized, failures
 class MessageSizeTooLargeError(Exception):
     """Named as kafka-python/aiokafka's: a broker limit smaller than the producer's."""
@@ -546,3 +584,65 @@ def test_a_publish_that_succeeds_raises_nothing():
         await pub._send_all("t", [(b"k", b"v")] * 2)
 
     asyncio.run(scenario())
+
+
+class _IdempotenceProbe:
+    """Stands in for AIOKafkaProducer: ``start`` fails like a broker that refuses a producer id
+    when asked for idempotence and ``refuse`` is set."""
+
+    made: list = []
+
+    def __init__(self, refuse, *, enable_idempotence, **kw):
+        self.idempotent, self.refuse, self.started, self.stopped = \
+            enable_idempotence, refuse, False, False
+        _IdempotenceProbe.made.append(self)
+
+    async def start(self):
+        from aiokafka.errors import UnknownError
+
+        if self.idempotent and self.refuse:
+            raise UnknownError()
+        self.started = True
+
+    async def stop(self):
+        self.stopped = True
+
+
+@pytest.mark.parametrize("mode, refuse, granted, producers", [
+    ("auto", False, True, [True]),          # a Kafka that grants it: one idempotent producer
+    ("auto", True, False, [True, False]),   # refused: stopped, a plain one instead
+    ("off", False, False, [False]),         # never asked
+    ("on", False, True, [True]),
+])
+def test_the_publisher_is_idempotent_where_the_broker_grants_it(monkeypatch, mode, refuse,
+                                                                granted, producers):
+    import service.streaming.kafka_io as kafka_io
+
+    _IdempotenceProbe.made = []
+    monkeypatch.setattr(kafka_io, "AIOKafkaProducer",
+                        lambda **kw: _IdempotenceProbe(refuse, **kw))
+
+    async def scenario():
+        pub = kafka_io.KafkaPublisher("127.0.0.1:9", "t", idempotence=mode)
+        await pub.start()
+        return pub.idempotent
+
+    assert asyncio.run(scenario()) is granted
+    assert [p.idempotent for p in _IdempotenceProbe.made] == producers
+    assert _IdempotenceProbe.made[-1].started
+    assert all(p.stopped for p in _IdempotenceProbe.made[:-1])
+
+
+def test_an_unknown_idempotence_mode_is_refused_by_value():
+    from service.streaming.kafka_io import KafkaPublisher
+
+    with pytest.raises(ValueError, match="got 'maybe'"):
+        KafkaPublisher("127.0.0.1:9", "t", idempotence="maybe")
+
+
+def test_the_features_consumer_fetches_as_many_bytes_per_partition_as_configured():
+    s = Settings.from_env({}, modalities="image:12,text:8", topic_suffix=".t",
+                          fetch_max_partition_bytes=3 << 20)
+    proc = StreamProcessor(s, "127.0.0.1:9", handler=None, publisher=None)
+    assert proc.app.conf.consumer_max_fetch_size == 3 << 20
+    assert Settings.from_env({}, modalities="image:12,text:8").fetch_max_partition_bytes == 4 << 20

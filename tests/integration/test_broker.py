@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -173,3 +174,30 @@ def test_start_failures_are_explained(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*boom: bad flag"):
         broker.start()
     assert broker.proc.poll() == 3
+
+
+def test_publisher_idempotence_auto_falls_back_on_tansu_and_on_refuses_to_start(kafka_topics,
+                                                                                caplog):
+    """tansu 0.6.0 answers aiokafka's InitProducerId v0 with UnknownError. ``auto``: a plain
+    producer, a warning and ``idempotent`` False (the records still arrive); ``on``: the start
+    fails by name; ``off``: never asks."""
+    from service.streaming.kafka_io import KafkaPublisher
+
+    bootstrap, topic = kafka_topics["bootstrap"], kafka_topics[REQUESTS_TOPIC]
+
+    async def run(mode):
+        pub = KafkaPublisher(bootstrap, topic, idempotence=mode)
+        await pub.start()
+        try:
+            await pub.send_raw(topic, b"after-" + mode.encode())
+            return pub.idempotent
+        finally:
+            await pub.stop()
+
+    with caplog.at_level(logging.WARNING, logger="pairsieve.kafka"):
+        assert asyncio.run(run("auto")) is False
+    assert "refused an idempotent producer" in caplog.text
+    assert "readers deduplicate by request id" in caplog.text
+    assert asyncio.run(run("off")) is False
+    with pytest.raises(RuntimeError, match="PAIRSIEVE_KAFKA_IDEMPOTENCE=on"):
+        asyncio.run(run("on"))
