@@ -27,12 +27,11 @@ Statistics change only in :meth:`ModalityAwareAcquisition.commit`.
 
 from __future__ import annotations
 
-import bisect
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.quantile import SlidingQuantile
 from service.core.validation import check_fraction
 
 
@@ -64,33 +63,33 @@ class EWNormalizer:
 class RankNormalizer:
     """Empirical CDF over the last ``window`` values, in [0, 1] (0.5 before any history).
 
-    A sorted copy of the window is kept with ``bisect``: O(log w) comparisons per item plus one
-    memmove of at most ``w`` floats, negligible for the window sizes used (<= 10^4).
+    The window is a :class:`~service.core.quantile.SlidingQuantile`: its values kept sorted in
+    one array, a committed batch folded in by binary search (in C, not one ``insort`` per value),
+    so a transform is two ``searchsorted`` calls on that array. NaN values are left out.
     """
 
     def __init__(self, window: int = 2048):
         self.window = int(window)
-        self._fifo: deque[float] = deque()
-        self._sorted: list[float] = []
+        self._values = SlidingQuantile(self.window)
         self.n = 0  # values folded in, ever
 
+    def __len__(self) -> int:
+        return len(self._values)
+
     def transform(self, x: np.ndarray) -> np.ndarray:
-        n = len(self._sorted)
+        arr = self._values.sorted_values()
+        n = len(arr)
         if n == 0:
             return np.full(np.shape(x), 0.5)
-        arr = np.asarray(self._sorted)
         lo = np.searchsorted(arr, x, side="left")
         hi = np.searchsorted(arr, x, side="right")
         return (lo + hi) / (2.0 * n)
 
     def update(self, x: np.ndarray) -> None:
-        for v in np.asarray(x, dtype=np.float64).ravel():
-            self.n += 1
-            self._fifo.append(float(v))
-            bisect.insort(self._sorted, float(v))
-            if len(self._fifo) > self.window:
-                old = self._fifo.popleft()
-                del self._sorted[bisect.bisect_left(self._sorted, old)]
+        v = np.asarray(x, dtype=np.float64).ravel()
+        v = v[~np.isnan(v)]
+        self.n += len(v)
+        self._values.extend(v)
 
 
 @dataclass(frozen=True)
@@ -167,6 +166,10 @@ class ModalityAwareAcquisition:
         """Return (norm_u, norm_d) for one modality's raw scores, arrays of shape (n,)."""
         return (self._norm[(modality, "u")].transform(np.asarray(uncertainty, dtype=np.float64)),
                 self._norm[(modality, "d")].transform(np.asarray(diversity, dtype=np.float64)))
+
+    def normalized_diversity(self, modality: str, diversity: np.ndarray) -> np.ndarray:
+        """The second half of :meth:`normalized` alone, shape (n,)."""
+        return self._norm[(modality, "d")].transform(np.asarray(diversity, dtype=np.float64))
 
     def normalized_typicality(self, modality: str,
                               typicality: np.ndarray | None) -> np.ndarray | float:

@@ -33,7 +33,7 @@ class SlidingQuantile:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = int(window)
-        self._ring = np.empty(self.window, dtype=np.float64)
+        self._ring = np.zeros(self.window, dtype=np.float64)  # zeros: equal states compare equal
         self._start = 0  # ring index of the oldest value
         self._n = 0
         self._sorted = np.empty(0, dtype=np.float64)
@@ -73,6 +73,10 @@ class SlidingQuantile:
         self._n += len(v)
         new = np.sort(v)
         self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+
+    def sorted_values(self) -> np.ndarray:
+        """The window's values in ascending order, shape (len(self),) (do not modify)."""
+        return self._sorted
 
     def value(self, q: float) -> float:
         """The q-quantile (numpy's "lower" method) of the window; NaN while it is empty."""

@@ -227,8 +227,12 @@ class StreamingSelector:
                             .sqrt_().double().cpu().numpy()
         by_cost = self.config.budget_unit == "cost"
 
-        def value(m: str) -> np.ndarray:
-            u = self.acquisition.utility(norm[m][0], norm[m][1], bonus[m], norm_t[m]) - pen[m]
+        def value(m: str, sub: np.ndarray | slice = slice(None)) -> np.ndarray:
+            """Utilities of modality m's items ``sub`` (elementwise: a subset gives the same
+            values as the whole)."""
+            nt = norm_t[m] if np.ndim(norm_t[m]) == 0 else norm_t[m][sub]
+            u = self.acquisition.utility(norm[m][0][sub], norm[m][1][sub], bonus[m], nt) \
+                - pen[m][sub]
             return self.costs.per_cost(m, u) if by_cost else u
 
         util = {m: value(m) for m in norm}
@@ -276,12 +280,16 @@ class StreamingSelector:
             for t in targets_of[m]:
                 if (t, m) not in gram:
                     continue
-                later = rows[t] > a
-                if later.any():
+                # only the undecided (later) items of t change: rows are in arrival order
+                first = int(np.searchsorted(rows[t], a, side="right"))
+                if first < len(rows[t]):
+                    later = slice(first, None)
                     cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
-                    norm[t][1] = self.acquisition.normalized(t, unc[t], cur_div[t])[1]
-                    util[t] = value(t)
-                    u_all[rows[t]], d_all[rows[t]] = util[t], cur_div[t]
+                    norm[t][1][later] = self.acquisition.normalized_diversity(
+                        t, cur_div[t][later])
+                    util[t][later] = value(t, later)
+                    u_all[rows[t][later]] = util[t][later]
+                    d_all[rows[t][later]] = cur_div[t][later]
         version = self.model_version
         col = {}  # per-item score components in arrival order, as Python floats
         for name in ("uncertainty", "margin", "entropy", "least_confidence"):

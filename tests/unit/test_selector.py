@@ -52,8 +52,17 @@ def _state(sel):
             [i.count for i in sel.scorer._index.values()])
 
 
+def _plain(o):
+    """An object's state as plain values (arrays as lists, nested objects as their fields)."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "__dict__"):
+        return {k: _plain(v) for k, v in vars(o).items()}
+    return copy.deepcopy(o)
+
+
 def _acq_state(acq):
-    norms = {k: copy.deepcopy(vars(v)) for k, v in acq._norm.items()}
+    norms = {k: _plain(v) for k, v in acq._norm.items()}
     return repr((norms, acq._gap, acq._unc, acq.discrepancy, acq.accepts))
 
 

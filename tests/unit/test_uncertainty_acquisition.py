@@ -166,7 +166,7 @@ def test_rank_normalizer_window_is_bounded():
     rk = RankNormalizer(window=3)
     for v in range(1, 11):
         rk.update(np.array([float(v)]))
-    assert len(rk._sorted) == 3 and len(rk._fifo) == 3
+    assert len(rk) == 3 and rk.n == 10
     # only 8, 9, 10 remain: 7.5 is below all of them, 9 is the median.
     np.testing.assert_allclose(rk.transform(np.array([7.5, 9.0, 11.0])), [0.0, 0.5, 1.0])
 
