@@ -230,7 +230,8 @@ class StreamingSelector:
         def value(m: str, sub: np.ndarray | slice = slice(None)) -> np.ndarray:
             """Utilities of modality m's items ``sub`` (elementwise: a subset gives the same
             values as the whole)."""
-            nt = norm_t[m] if np.ndim(norm_t[m]) == 0 else norm_t[m][sub]
+            t_m = norm_t[m]
+            nt = t_m[sub] if isinstance(t_m, np.ndarray) else t_m
             u = self.acquisition.utility(norm[m][0][sub], norm[m][1][sub], bonus[m], nt) \
                 - pen[m][sub]
             return self.costs.per_cost(m, u) if by_cost else u

@@ -64,11 +64,10 @@ class ThrottledWarnings:
             k.suppressed += 1
             k.last = message
             return False
-        more = k.suppressed if k is not None else 0
         self._kinds[kind] = _Kind(now)
-        if more:
+        if k is not None and k.suppressed:
             self.logger.warning("%s (and %d more of this kind in the last %.0f s, not logged "
-                                "one by one)", message, more, now - k.window_start)
+                                "one by one)", message, k.suppressed, now - k.window_start)
         else:
             self.logger.warning("%s", message)
         return True
