@@ -16,11 +16,12 @@ Per micro-batch (``take_events(batch_max_items, within=max_wait_seconds)``):
    at-least-once, and redeliveries are deduplicated by event id.
 
 Labels (one partition, so one worker of the group reads them: that worker is the trainer,
-:meth:`StreamProcessor.owns_labels`) are micro-batched the same way: each batch is decoded and
-handed to the learning loop in one call, which publishes the MATCHes as training pairs before the
+:meth:`StreamProcessor.owns_labels`) are micro-batched the same way: each label of a batch is
+decoded and handed to the learning loop, which publishes a MATCH as a training pair before the
 batch is acknowledged (a publish failure is retried, a label is never acknowledged undone). A
 label that cannot be decoded, is refused or cannot be resolved goes to the dead-letter topic with
-its reason (``label_unresolved`` names the missing vector).
+its reason (``label_unresolved`` names the missing vector); a batch's dead letters are published
+together, one broker round trip instead of one per bad label.
 
 Dead letters are logged one full line per reason and ten seconds, with the count of the rest
 (:class:`~service.observability.log_throttle.ThrottledWarnings`): a poisoned topic must not
@@ -311,10 +312,10 @@ class StreamProcessor:
                 delay = min(delay * 2, 5.0)
 
     async def process_label_records(self, records: Sequence[KafkaRecord]) -> int:
-        """Take one micro-batch of label records in: decode and check each (the bad ones are
-        dead-lettered, all at once), hand the rest to the learning loop in one call (in topic
-        order), dead-letter those it could not resolve. A failure to publish the batch's pairs
-        is retried until it succeeds (nothing was taken in before the publish).
+        """Take one micro-batch of label records in: decode and check each, hand the good ones
+        to the learning loop one by one in topic order, then dead-letter the bad and the
+        unresolvable ones all at once (in topic order). A failure to publish a label's pair is
+        retried until it succeeds (nothing was taken in before the publish).
 
         Returns
         -------
@@ -339,26 +340,30 @@ class StreamProcessor:
             labels.append(label)
             label_records.append(rec)
         taken = 0
-        if labels:
+        for label, rec in zip(labels, label_records, strict=True):
+            # one learning call per label, in topic order: the retrain cadence ("every N new
+            # pairs") sees the pairs arrive as the annotators answered them
             delay = 0.1
             while True:
                 try:
-                    result = await self.handler.report_alignment(labels)
+                    result = await self.handler.report_alignment([label])
                     break
-                except ValueError as exc:  # checked above: cannot happen; never lose the batch
-                    bad += [("rejected", str(exc), rec) for rec in label_records]
+                except ValueError as exc:  # checked above: cannot happen; never lose a label
                     result = None
+                    bad.append(("rejected", str(exc), rec))
                     break
                 except Exception:
-                    log.exception("publishing the training pairs of %d labels failed; "
-                                  "retrying in %.1fs", len(labels), delay)
+                    log.exception("publishing the training pair of a label failed; retrying in "
+                                  "%.1fs", delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            if result is not None:
-                bad += [("label_unresolved", why, label_records[at])
-                        for why, at in zip(result.unresolved, result.unresolved_at, strict=True)]
-                taken = len(labels) - len(result.unresolved)
-        if bad:  # all at once: one broker round trip for the batch's poison, not one each
+            if result is None:
+                continue
+            bad += [("label_unresolved", why, rec) for why in result.unresolved]
+            taken += not result.unresolved
+        if bad:  # all at once (one broker round trip for the batch's poison), in topic order
+            at = {id(rec): i for i, rec in enumerate(records)}
+            bad.sort(key=lambda b: at[id(b[2])])
             await asyncio.gather(*(self._dead_letter(reason, detail, rec)
                                    for reason, detail, rec in bad))
         return taken
