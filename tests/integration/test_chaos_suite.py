@@ -2,7 +2,7 @@
 real ``pairsieve serve`` workers killed with SIGKILL (1 and 2 workers, and with a history on the
 topics), 16 kinds of poison, a paused broker, a broker killed and restarted on durable storage
 and hostile gRPC traffic; every check must pass (timings are reported, not judged, here). After
-the broker restart, about 1 run in 8 shows one request record written twice (same bytes: a retry
+the broker restart, about 1 run in 7 shows one request record written twice (same bytes: a retry
 after an acknowledgement lost with the killed broker; tansu refuses an idempotent producer): the
 suite reports it apart from an event decided twice, which must never happen.
 (The fuzz scenario is left to ``tests/unit/test_fuzz_inputs.py``, which runs the same fuzzer.)
