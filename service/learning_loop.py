@@ -315,10 +315,9 @@ class LearningLoop:
             taken: set[str] = set()  # request ids answered finally earlier in this call
             pairs: list[TrainingPair] = []
             unresolved: list[str] = []
-            unresolved_at: list[int] = []
             remember: list[str] = []
             marks: list[TrainingPair] = []
-            for at, lb in enumerate(labels):  # in order: within one call as across calls
+            for lb in labels:  # in order: within one call as across calls
                 rid = lb.request_id
                 if rid and (rid in self._requests or rid in taken):
                     duplicates += 1
@@ -336,7 +335,6 @@ class LearningLoop:
                 got = self.resolve(lb)
                 if isinstance(got, str):
                     unresolved.append(got)  # not final: a corrected resend is taken
-                    unresolved_at.append(at)
                 else:
                     pairs.append(got)
                     remember.append(rid)
@@ -356,7 +354,7 @@ class LearningLoop:
             self.maybe_retrain()
         ignored = len(fresh) - len(pairs) - len(unresolved)
         return LabelResult(len(pairs), ignored, self.model_version, duplicates,
-                           tuple(unresolved), tuple(unresolved_at))
+                           tuple(unresolved))
 
     async def ingest_pairs(self, pairs: Sequence[TrainingPair]) -> int:
         """Store pairs published by any worker (read back from the training-pairs topic), under

@@ -167,8 +167,6 @@ class LabelResult:
     unresolved : tuple of str
         One message per MATCH label whose item or partner vector is unknown (no pair; the Kafka
         path dead-letters them with reason ``label_unresolved``).
-    unresolved_at : tuple of int
-        The position in the call's labels of each ``unresolved`` message (same order).
     """
 
     accepted: int
@@ -176,7 +174,6 @@ class LabelResult:
     model_version: int
     duplicates: int = 0
     unresolved: tuple[str, ...] = ()
-    unresolved_at: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from service.messages import (
     PartialPublish,
     TrainingPair,
 )
+from service.settings import IDEMPOTENCE_MODES
 from service.streaming.security import PLAINTEXT, KafkaSecurity
 from service.wire import codecs
 
@@ -74,7 +75,7 @@ class KafkaPublisher:
         self.pairs_topic = pairs_topic
         self.models_topic = models_topic
         self.modalities = tuple(modalities)
-        if idempotence not in ("auto", "on", "off"):
+        if idempotence not in IDEMPOTENCE_MODES:
             raise ValueError(f"idempotence must be auto, on or off, got {idempotence!r}")
         self.idempotence = idempotence
         self._producer_args = dict(bootstrap_servers=bootstrap, acks="all",
