@@ -360,10 +360,10 @@ class Settings:
                                        check=lambda v: _positive(v) and v <= 30)
     # Kafka's default (1 MiB) returns few events per fetch once large records are mixed in (an
     # oversized poison record of 2 x 64 KiB takes the room of ~600 events). On the chaos suite's
-    # 10 % poison mix, 3 interleaved pairs each in one run read 0.81 of clean throughput with
-    # 1 MiB, 0.88 with 4 MiB, 0.86 with 16 MiB; the full suite later read 0.81 at 4 MiB: an
-    # effect within this machine's noise. 4 MiB stays (it cannot hurt: a broker response is
-    # capped at 50 MB in all). A record larger than this is still returned whole (Kafka's rule).
+    # poison mix the difference between 1, 4 and 16 MiB was within this machine's noise (a
+    # one-off exploration, 3 interleaved pairs each; `make chaos` reports the 4 MiB figure).
+    # 4 MiB stays (it cannot hurt: a broker response is capped at 50 MB in all). A record larger
+    # than this is still returned whole (Kafka's rule).
     fetch_max_partition_bytes: int = _s(4 << 20, "most bytes one fetch of the features "
                                                  "consumer takes from one partition (a record "
                                                  "larger than this still arrives)",
