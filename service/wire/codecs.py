@@ -636,15 +636,19 @@ def dead_letter_bytes(reason: str, detail: str, original: bytes, topic: str | No
     its topic.
     """
     original = bytes(original or b"")
-    msg = pb.DeadLetter(reason=reason, detail=detail, original=original,
+    limit = None if max_bytes is None else \
+        max(0, max_bytes - min(DEAD_LETTER_HEADROOM, max_bytes // 8))
+    # an original over the limit by itself (every record refused as oversized) is never copied
+    # into the message: that copy and its size count cost more than the digest
+    fits = limit is None or len(original) <= limit
+    msg = pb.DeadLetter(reason=reason, detail=detail, original=original if fits else b"",
+                        original_omitted=not fits,
                         source_topic=topic or "",
                         source_partition=-1 if partition is None else int(partition),
                         source_offset=-1 if offset is None else int(offset),
                         failed_at=timestamp(now),
                         original_sha256=hashlib.sha256(original).hexdigest(),
                         original_size=len(original))
-    limit = None if max_bytes is None else \
-        max(0, max_bytes - min(DEAD_LETTER_HEADROOM, max_bytes // 8))
     if limit is not None and msg.ByteSize() > limit:
         msg.original = b""
         msg.original_omitted = True

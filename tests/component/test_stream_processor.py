@@ -251,6 +251,36 @@ def test_all_bad_kinds_in_one_micro_batch_and_a_bad_event_inside_a_batch():
     run_env(body)
 
 
+def test_dead_letters_go_out_while_the_batch_is_decided_and_the_batch_waits_for_them():
+    async def body(env):
+        release = asyncio.Event()
+        sent = env.publisher.send_raw
+
+        async def slow_send_raw(topic, value, key=None):
+            await release.wait()  # the broker has not acknowledged the dead letter yet
+            await sent(topic, value, key)
+
+        env.publisher.send_raw = slow_send_raw
+        records = [KafkaRecord(b"\xff\xff", None, SRC, 0, 0),
+                   KafkaRecord(codecs.encode_feature_batch([_ev(i) for i in range(6)]), BATCH,
+                               SRC, 0, 1),
+                   KafkaRecord(b"", BATCH, SRC, 0, 2)]
+        task = asyncio.ensure_future(env.proc.process_feature_records(records))
+        for _ in range(200):  # the events are decided without waiting for the dead letters
+            if env.seen() == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert env.seen() == 6 and env.dead_letters() == []
+        await asyncio.sleep(0.05)
+        assert not task.done()  # ... but the batch is not complete (acknowledged) before them
+        release.set()
+        assert await task == 6
+        assert [(d.reason, d.source_offset) for d in env.dead_letters()] == \
+            [("undecodable", 0), ("empty_batch", 2)]
+
+    run_env(body)
+
+
 def test_micro_batch_of_only_bad_records_decides_nothing():
     async def body(env):
         n = await env.proc.process_feature_records([

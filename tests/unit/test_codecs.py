@@ -537,6 +537,9 @@ def test_a_dead_letter_never_exceeds_its_limit_and_always_names_its_original(siz
     assert dl.original_sha256 == hashlib.sha256(original).hexdigest()
     assert dl.original_size == size and dl.source_offset == 9
     assert dl.original == (b"" if dl.original_omitted else original)
+    whole = codecs.dead_letter_bytes("oversized", "detail " * 40, original, "t", 0, 9, 1.0)
+    fits = len(whole) <= limit - min(codecs.DEAD_LETTER_HEADROOM, limit // 8)
+    assert dl.original_omitted == (not fits)  # the original travels whenever it fits
 
 
 def test_wire_error_rejects_unknown_reason():
