@@ -15,9 +15,13 @@ order of operations for every batch, whatever its transport:
 A batch whose requests publish fails is not committed: the caller sees the exception, nothing
 was spent, and the redelivered batch is decided afresh; requests the broker did acknowledge
 before the failure (:class:`~service.messages.PartialPublish`) count as selected at once, as the
-selection follower would count them. A failed decision-log publish comes after the commit: the
-caller sees the exception (its retry is answered as duplicates) and the records are written
-before anything else is decided. Labels (:meth:`report_alignment`) go to the
+selection follower would count them. The others may have been written all the same (an
+acknowledgement lost with a broker, a request timeout): before the next batch is decided the
+requests topic is read back to its end (:attr:`SelectionHandler.publish_fence`, the selection
+follower in the service), so a redelivered event whose request did land is answered as a
+duplicate instead of being requested a second time. A failed decision-log publish comes after
+the commit: the caller sees the exception (its retry is answered as duplicates) and the records
+are written before anything else is decided. Labels (:meth:`report_alignment`) go to the
 :class:`~service.learning_loop.LearningLoop` (the durable pairs store, retraining on the trainer
 worker every ``retrain_every`` new pairs, the quality gate, and model versions swapped in between
 two batches). Selections made by other workers (read from the
@@ -32,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -133,6 +137,13 @@ class SelectionHandler:
         # decision-log records of committed batches not yet written (the broker failed after
         # the requests were published): written before anything else is decided
         self._unlogged: list[tuple[list[Outcome], float]] = []
+        # After a publish that failed part-way, requests the broker did not confirm may be on
+        # the topic anyway: ``publish_fence()`` must then fold in everything on the requests
+        # topic (True) before anything else is decided. Set by the service to its selection
+        # follower's ``read_to_end``; None (tests, a worker that ignores other selections): no
+        # read-back is possible, the unconfirmed requests count as not written.
+        self.publish_fence: Callable[[], Awaitable[bool]] | None = None
+        self._fence_due = False
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairsieve-torch")
         # retraining (about a second with self-learning) must not stall the decisions
@@ -190,6 +201,8 @@ class SelectionHandler:
             raise ValueError("empty batch: submit() needs at least one event")
         items = [self.validate(ev) for ev in events]
         loop = asyncio.get_running_loop()
+        if self._fence_due:  # outside the lock: the follower folds what it reads under it
+            await self._read_back_unconfirmed()
         async with self._lock:
             await self._write_decision_log()  # raises -> nothing decided (broker still down)
             fresh_idx, seen_in_batch = [], set()
@@ -233,6 +246,8 @@ class SelectionHandler:
                     if requests:
                         await self.publisher.publish_requests(requests)
                 except PartialPublish as exc:
+                    if len(exc.acked) < len(requests) and self.publish_fence is not None:
+                        self._fence_due = True
                     if exc.acked:
                         log.warning("%d of %d requests were written before the publish failed; "
                                     "they count as selected", len(exc.acked), len(requests))
@@ -305,6 +320,17 @@ class SelectionHandler:
             # Checked under the lock: submit() records its ids only after publish + commit, and
             # the follower may read this worker's own request back in between.
             return await self._fold_selections(checked)
+
+    async def _read_back_unconfirmed(self) -> None:
+        """Fold in the whole requests topic before deciding again after a partly failed publish
+        (see the module docstring). Raises :class:`PartialPublish` (retryable: the caller tries
+        the batch again later) while the topic cannot be read to its end."""
+        assert self.publish_fence is not None
+        if not await self.publish_fence():
+            raise PartialPublish((), TimeoutError(
+                "the requests topic was not read back to its end after a publish that failed "
+                "part-way; not deciding until it is (a request may have been written)"))
+        self._fence_due = False
 
     async def _fold_selections(self, checked: Sequence[tuple[Outcome, np.ndarray]]) -> int:
         """Fold in published selections (the caller holds the lock and checked the shapes).

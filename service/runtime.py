@@ -230,6 +230,8 @@ async def start_service(settings: Settings) -> Service:
     if settings.follow_selections:
         followers.insert(0, selection_follower(bootstrap, settings.topic(REQUESTS_TOPIC), handler,
                                                security))
+        # after a publish that failed part-way, read the requests back before deciding again
+        handler.publish_fence = followers[0].read_to_end
     else:
         log.warning("PAIRSIEVE_FOLLOW_SELECTIONS=0: other workers' selections are ignored "
                     "(near-duplicates may be accepted twice; for measurements only)")

@@ -6,9 +6,11 @@ import numpy as np
 import torch
 
 from service.alignment.model import AlignmentModel
+from service.alignment.retrieval import csls_scores
 
 
-def recall_at_k(za: np.ndarray, zb: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+def recall_at_k(za: np.ndarray, zb: np.ndarray, ks=(1, 5),
+                csls_k: int = 0) -> dict[str, float]:
     """Recall@k of retrieving row i of ``zb`` from row i of ``za`` and back.
 
     Parameters
@@ -16,6 +18,9 @@ def recall_at_k(za: np.ndarray, zb: np.ndarray, ks=(1, 5)) -> dict[str, float]:
     za, zb : ndarray of shape (n, k)
         Embeddings of n held-out true pairs (row i of each is a pair).
     ks : iterable of int
+    csls_k : int
+        0: rank by cosine; > 0: by CSLS with this neighbourhood
+        (:func:`~service.alignment.retrieval.csls_scores`).
 
     Returns
     -------
@@ -24,7 +29,8 @@ def recall_at_k(za: np.ndarray, zb: np.ndarray, ks=(1, 5)) -> dict[str, float]:
     """
     if za.shape[0] != zb.shape[0] or za.shape[0] == 0:
         raise ValueError(f"need the same non-zero number of rows, got {za.shape} and {zb.shape}")
-    return recall_from_scores((torch.as_tensor(za) @ torch.as_tensor(zb).T).numpy(), ks)
+    sims = (torch.as_tensor(za) @ torch.as_tensor(zb).T).numpy()
+    return recall_from_scores(csls_scores(sims, csls_k) if csls_k else sims, ks)
 
 
 def recall_from_scores(s: np.ndarray, ks=(1, 5)) -> dict[str, float]:
@@ -45,6 +51,8 @@ def recall_from_scores(s: np.ndarray, ks=(1, 5)) -> dict[str, float]:
 
 
 def retrieval_recall(model: AlignmentModel, xa, xb, ks=(1, 5)) -> dict[str, float]:
-    """Embed held-out pairs with ``model`` and return :func:`recall_at_k`."""
+    """Embed held-out pairs with ``model`` and return :func:`recall_at_k` under the model's own
+    retrieval rule (cosine, or CSLS when its ``retrieval_csls_k`` > 0)."""
     ma, mb = model.modalities
-    return recall_at_k(model.embed(ma, xa), model.embed(mb, xb), ks)
+    return recall_at_k(model.embed(ma, xa), model.embed(mb, xb), ks,
+                       csls_k=model.retrieval_csls_k)

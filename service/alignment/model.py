@@ -26,6 +26,7 @@ from service.alignment.checkpoint import (
     load_checkpoint_bytes,
     save_checkpoint,
 )
+from service.alignment.retrieval import csls_scores
 from service.core.validation import as_matrix, check_dims, check_modality
 
 
@@ -43,13 +44,17 @@ class AlignmentModel(nn.Module):
     blocks : int
         Number of equal slices of the output normalised separately (1 or more; must divide
         ``dim_out``).
+    retrieval_csls_k : int
+        How :meth:`retrieval_scores` ranks candidates: 0 by cosine, ``k`` > 0 by CSLS with
+        neighbourhood ``k`` (:func:`~service.alignment.retrieval.csls_scores`).
 
     Shape
     -----
     embed(modality, x): (n, d_modality) -> (n, dim_out), rows of unit norm.
     """
 
-    def __init__(self, dims: dict[str, int], dim_out: int, version: int = 0, blocks: int = 1):
+    def __init__(self, dims: dict[str, int], dim_out: int, version: int = 0, blocks: int = 1,
+                 retrieval_csls_k: int = 0):
         super().__init__()
         self.dims = check_dims(dims)
         self.modalities: tuple[str, str] = tuple(self.dims)  # type: ignore[assignment]
@@ -59,6 +64,10 @@ class AlignmentModel(nn.Module):
             raise ValueError(f"blocks must be >= 1 and divide dim_out = {dim_out}, got {blocks}")
         self.dim_out = int(dim_out)
         self.blocks = int(blocks)
+        if retrieval_csls_k < 0:
+            raise ValueError(f"retrieval_csls_k must be >= 0 (0: plain cosine), got "
+                             f"{retrieval_csls_k}")
+        self.retrieval_csls_k = int(retrieval_csls_k)
         self.version = int(version)
         self.n_pairs = 0
         # Heads are keyed by position ("0", "1"): modality names are user strings and may hold
@@ -108,12 +117,29 @@ class AlignmentModel(nn.Module):
             z = self.forward(modality, torch.from_numpy(arr).to(dev))
         return z.cpu().numpy()
 
+    def retrieval_scores(self, za: np.ndarray, zb: np.ndarray) -> np.ndarray:
+        """How well each of ``za`` matches each of ``zb`` under this model's retrieval rule.
+
+        Parameters
+        ----------
+        za : ndarray of shape (p, dim_out)
+        zb : ndarray of shape (q, dim_out)
+            Embeddings (:meth:`embed`) of queries and candidates, one modality each.
+
+        Returns
+        -------
+        ndarray of shape (p, q)
+            Cosines, or their CSLS when ``retrieval_csls_k`` > 0 (higher = better match).
+        """
+        sims = np.asarray(za, dtype=np.float64) @ np.asarray(zb, dtype=np.float64).T
+        return csls_scores(sims, self.retrieval_csls_k) if self.retrieval_csls_k else sims
+
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         """What a checkpoint records besides the weights (plain JSON data)."""
         return {"dims": self.dims, "dim_out": self.dim_out, "version": self.version,
                 "n_pairs": self.n_pairs, "modalities": list(self.modalities),
-                "blocks": self.blocks}
+                "blocks": self.blocks, "retrieval_csls_k": self.retrieval_csls_k}
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``model-v{version:06d}.pt`` (+ ``.json`` metadata) and point ``LATEST`` at it.
@@ -140,6 +166,7 @@ class AlignmentModel(nn.Module):
     def from_meta(cls, meta: dict) -> AlignmentModel:
         """An untrained model shaped as ``meta`` (see :meth:`meta`) describes."""
         model = cls({m: meta["dims"][m] for m in meta["modalities"]}, meta["dim_out"],
-                    version=meta["version"], blocks=int(meta.get("blocks", 1)))
+                    version=meta["version"], blocks=int(meta.get("blocks", 1)),
+                    retrieval_csls_k=int(meta.get("retrieval_csls_k", 0)))
         model.n_pairs = int(meta.get("n_pairs", 0))
         return model

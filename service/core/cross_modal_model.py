@@ -27,6 +27,10 @@ class CrossModalModel(Protocol):
         Dimension ``k`` of the shared space.
     version : int
         Monotonic model version; 0 means "not trained on any pair yet".
+
+    Optional attribute ``retrieval_csls_k`` (int, default 0): partner candidates are ranked by
+    CSLS with that neighbourhood instead of by cosine (:meth:`UncertaintyScorer.top_partners
+    <service.core.scorer.UncertaintyScorer.top_partners>`).
     """
 
     dims: dict[str, int]

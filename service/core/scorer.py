@@ -42,6 +42,14 @@ class UncertaintyScores:
                 "least_confidence": self.least_confidence}[kind]
 
 
+CSLS_SHORTLIST = 20
+"""Partner candidates re-ranked by CSLS come from this many best by cosine (per query)."""
+CSLS_REFERENCE = 1024
+"""A candidate's CSLS neighbourhood is taken among at most this many recent items of the query
+modality (a bounded sample of the index: the cost per call stays one (shortlist x 1024) product
+however large the index)."""
+
+
 class _RingIndex:
     def __init__(self, size: int, raw_dim: int, dim: int, device: torch.device):
         self.size = size
@@ -159,7 +167,16 @@ class UncertaintyScorer:
             np.asarray(raw, dtype=np.float32), z.detach().to(self.device), ids)
 
     def top_partners(self, modality: str, z: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
-        """The ``k`` most similar recent items of the OTHER modality for each row of z (B, k_dim).
+        """The ``k`` best partners among the recent items of the OTHER modality for each row of z
+        (B, k_dim), under the model's retrieval rule.
+
+        With the model's ``retrieval_csls_k`` = c > 0 the cosine shortlist (the best
+        ``max(k, c, CSLS_SHORTLIST)``) is re-ranked by CSLS, ``2 cos - r_query - r_candidate``
+        (:mod:`service.alignment.retrieval`): ``r_query`` is the mean of the row's c best
+        cosines among the candidates, ``r_candidate`` the mean of a candidate's c best cosines
+        among (up to ``CSLS_REFERENCE``) recent items of ``modality``; so a hub (close to
+        everything) no longer crowds out the true partner. Cost: one (shortlisted candidates x
+        ``CSLS_REFERENCE``) product per call.
 
         Returns, per row, ``[(item_id, cosine similarity), ...]`` best first (items pushed without
         an id are left out).
@@ -168,13 +185,35 @@ class UncertaintyScorer:
         n = idx.filled
         if n == 0 or k <= 0:
             return [[] for _ in range(z.shape[0])]
+        c = int(getattr(self.model, "retrieval_csls_k", 0))
         with torch.inference_mode():
             sims = z @ idx.emb[:n].T
-            vals_t, pos_t = torch.topk(sims, min(k, n), dim=1)
+            if c <= 0:
+                vals_t, pos_t = torch.topk(sims, min(k, n), dim=1)
+            else:
+                vals_t, pos_t = self._csls_rerank(modality, sims, idx, min(k, n), c)
         vals, pos = vals_t.cpu().numpy(), pos_t.cpu().numpy()
         return [[(idx.ids[p], float(v)) for v, p in zip(vr, pr, strict=True)
                  if idx.ids[p] is not None]
                 for vr, pr in zip(vals, pos, strict=True)]
+
+    def _csls_rerank(self, modality: str, sims: torch.Tensor, idx: _RingIndex, k: int,
+                     c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosines (B, k), positions (B, k)) of the best k of the cosine shortlist by CSLS."""
+        n = sims.shape[1]
+        short_v, short_p = torch.topk(sims, min(n, max(k, c, CSLS_SHORTLIST)), dim=1)
+        r_query = short_v[:, :min(c, n)].mean(dim=1)  # the shortlist holds the c best
+        queries = self._index[modality]
+        nq = min(queries.filled, CSLS_REFERENCE)
+        uniq, inverse = torch.unique(short_p, return_inverse=True)
+        if nq:
+            cs = idx.emb[uniq] @ queries.emb[:nq].T
+            r_cand = torch.topk(cs, min(c, nq), dim=1).values.mean(dim=1)[inverse]
+        else:  # nothing of the query modality seen yet: no neighbourhood to discount by
+            r_cand = torch.zeros_like(short_v)
+        csls = 2 * short_v - r_query[:, None] - r_cand
+        order = torch.topk(csls, k, dim=1).indices
+        return short_v.gather(1, order), short_p.gather(1, order)
 
     def set_model(self, model: CrossModalModel) -> None:
         """Hot-swap the model and re-embed the recent-item index in the new space."""

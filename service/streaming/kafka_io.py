@@ -212,6 +212,8 @@ class TopicFollower(Generic[T]):
         self.read = 0
         self.skipped = 0
         self.caught_up = asyncio.Event()
+        self._polls = 0  # polls started
+        self._at_end_after = 0  # the latest poll (by its number) that left every partition read
 
     async def start(self) -> None:
         # A short fetch wait keeps the follower's lag low (aiokafka's default 500 ms dominated).
@@ -249,6 +251,8 @@ class TopicFollower(Generic[T]):
         assert c is not None
         try:
             while True:
+                self._polls += 1
+                poll = self._polls
                 batches = await c.getmany(timeout_ms=100, max_records=2000)
                 for tp, records in batches.items():
                     items = []
@@ -266,8 +270,31 @@ class TopicFollower(Generic[T]):
                 # wrong end offset, so end_offsets() cannot be used for this.)
                 if not batches and not self.caught_up.is_set():
                     self.caught_up.set()
+                if not batches or await self._at_high_water(c):
+                    self._at_end_after = poll
         except asyncio.CancelledError:
             pass
+
+    async def _at_high_water(self, c: AIOKafkaConsumer) -> bool:
+        """Every assigned partition read up to the high watermark of its last fetch."""
+        for tp in c.assignment():
+            hw = c.highwater(tp)
+            if hw is None or await c.position(tp) < hw:
+                return False
+        return True
+
+    async def read_to_end(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything on the topic when this is called is folded in: a poll that
+        started after the call left every partition read to its end (an empty poll, or the
+        position at the high watermark the broker reported). False after ``timeout_s`` or when
+        the follower stopped."""
+        want = self._polls + 1
+        deadline = time.monotonic() + timeout_s
+        while self._at_end_after < want:
+            if self._task is None or self._task.done() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def wait_caught_up(self, progress_every_s: float = 10.0) -> None:
         """Wait until the topic was read to its end once, logging progress while it takes."""

@@ -201,3 +201,54 @@ def test_publisher_idempotence_auto_falls_back_on_tansu_and_on_refuses_to_start(
     assert asyncio.run(run("off")) is False
     with pytest.raises(RuntimeError, match="PAIRSIEVE_KAFKA_IDEMPOTENCE=on"):
         asyncio.run(run("on"))
+
+
+def test_a_follower_reads_to_the_end_of_what_is_on_the_topic(tansu_broker):
+    """The read-back fence after a partly failed publish (``TopicFollower.read_to_end``): every
+    record on the topic when it is called is folded in before it returns True; with more records
+    arriving meanwhile it still returns (the position reaches the fetch's high watermark)."""
+    from service.streaming.kafka_io import TopicFollower
+
+    topic = f"fence.{uuid.uuid4().hex[:8]}"
+    create_topics(tansu_broker.bootstrap, {topic: 3})
+
+    async def run():
+        folded: list[bytes] = []
+
+        async def fold(items):
+            await asyncio.sleep(0.001)
+            folded.extend(items)
+            return len(items)
+
+        follower = TopicFollower(tansu_broker.bootstrap, topic, bytes, fold, name="fence test")
+        prod = AIOKafkaProducer(bootstrap_servers=tansu_broker.bootstrap)
+        await prod.start()
+        await follower.start()
+        try:
+            await follower.wait_caught_up()
+            for i in range(300):
+                await prod.send_and_wait(topic, f"r{i}".encode(), partition=i % 3)
+            assert await follower.read_to_end(timeout_s=20)
+            first = len(folded)
+
+            async def keep_writing():
+                for i in range(300, 900):
+                    await prod.send(topic, f"r{i}".encode(), partition=i % 3)
+                    await asyncio.sleep(0.002)
+            writer = asyncio.ensure_future(keep_writing())
+            await asyncio.sleep(0.2)
+            for i in range(3):  # marked records, then read back while the writer goes on
+                await prod.send_and_wait(topic, f"mark{i}".encode(), partition=i)
+            assert await follower.read_to_end(timeout_s=20)
+            marked = {v for v in folded if v.startswith(b"mark")}
+            await writer
+        finally:
+            await prod.stop()
+            await follower.stop()
+        stopped = await follower.read_to_end(timeout_s=1)
+        return first, marked, stopped
+
+    first, marked, stopped = asyncio.run(run())
+    assert first == 300
+    assert marked == {b"mark0", b"mark1", b"mark2"}
+    assert stopped is False  # a stopped follower cannot read back: the caller must not decide

@@ -121,6 +121,11 @@ class TopicPublisher(NullPublisher):
     async def publish_requests(self, requests: Sequence[AlignmentRequestOut]) -> None:
         if self._failing("requests"):
             raise ConnectionError("requests not acknowledged")
+        if self._failing("requests-unconfirmed"):  # all written, the later acks lost
+            k = len(requests) // 2
+            self.topics.requests += [codecs.request_to_proto(r).SerializeToString()
+                                     for r in requests]
+            raise PartialPublish(range(k), TimeoutError("acknowledgement lost with the broker"))
         if self._failing("requests-partial"):  # the first half written, then the broker fails
             k = len(requests) // 2 or 1
             self.topics.requests += [codecs.request_to_proto(r).SerializeToString()
@@ -663,6 +668,63 @@ def test_requests_written_before_a_failed_publish_count_as_selected():
         assert [o.duplicate for o in out] == [o.event_id == written[0] for o in out]
         ids = topics.requested_ids()
         assert len(ids) == len(set(ids)) and h.status().spent == len(ids)
+
+    _run_engine(body)
+
+
+def test_requests_written_without_their_acknowledgement_are_read_back_not_requested_again():
+    """A publish whose later acknowledgements were lost (the records are on the topic): with the
+    read-back fence the retry finds them and answers those events as duplicates; without it
+    (no follower to read back with) the retry requests them a second time."""
+    async def body(topics, publisher, build):
+        for fenced in (True, False):
+            topics.requests.clear()
+            h = build()
+            fences = []
+            if fenced:
+                async def fence():
+                    fences.append(len(topics.requests))
+                    await replay(h, topics, ("selections",))  # the selection follower's fold
+                    return True
+                h.publish_fence = fence
+            batch = [_event(f"u{i}", i) for i in range(4)]
+            publisher.fail = "requests-unconfirmed"
+            with pytest.raises(PartialPublish):
+                await h.submit(batch)
+            assert len(topics.requests) == 4 and h.status().spent == 2  # 2 confirmed
+            out = await h.submit(batch)
+            ids = topics.requested_ids()
+            if fenced:
+                assert fences == [4] and all(o.duplicate for o in out)
+                assert sorted(ids) == sorted(set(ids)) and h.status().spent == 4
+            else:  # the limit the fence removes: two events requested twice
+                assert len(ids) == 6 and len(set(ids)) == 4
+
+    _run_engine(body)
+
+
+def test_no_decision_before_the_read_back_after_an_unconfirmed_publish_succeeds():
+    async def body(topics, publisher, build):
+        h = build()
+        answers = [False, True]
+
+        async def fence():
+            ok = answers.pop(0)
+            if ok:
+                await replay(h, topics, ("selections",))
+            return ok
+        h.publish_fence = fence
+        publisher.fail = "requests-unconfirmed"
+        with pytest.raises(PartialPublish):
+            await h.submit([_event("v1", 0), _event("v2", 1)])
+        seen = h.status().seen
+        with pytest.raises(PartialPublish, match="not read back to its end"):
+            await h.submit([_event("v3", 2)])  # the broker still cannot be read: nothing decided
+        assert h.status().seen == seen and topics.requested_ids() == ["v1", "v2"]
+        out = await h.submit([_event("v3", 2)])  # read back now: decided
+        assert not out[0].duplicate and answers == []
+        await h.submit([_event("v4", 3)])  # the fence ran once, then no more
+        assert answers == []
 
     _run_engine(body)
 
