@@ -682,7 +682,7 @@ def test_requests_written_without_their_acknowledgement_are_read_back_not_reques
             h = build()
             fences = []
             if fenced:
-                async def fence():
+                async def fence(h=h, fences=fences):
                     fences.append(len(topics.requests))
                     await replay(h, topics, ("selections",))  # the selection follower's fold
                     return True
