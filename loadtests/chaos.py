@@ -484,15 +484,18 @@ def poison_records(rng, prefix: str) -> list[tuple[str, str, bytes, list | None]
 
 def _run_poison_stream(dep: Deployment, n_valid: int, poison_every: int | None, tag: str,
                        rng, keep=lambda kind, reason: True) -> dict:
-    """Preload a topic (valid events, poison mixed in when ``poison_every``: the kinds ``keep``
-    lets through), start one worker, time until every valid event is decided."""
+    """Preload a topic (valid events, poison mixed in when ``poison_every``: every
+    ``poison_every``-th record one of the kinds in turn, sent only when ``keep`` lets it through,
+    so a breakdown leaves the other records where they were), start one worker, time until every
+    valid event is decided. Clean and poisoned runs carry the same valid records, the two
+    FeatureBatch records exactly at and just below the size limit included."""
     from kafka import KafkaProducer
 
     suffix = dep.topics(max_message_bytes=LIMIT)
     prefix = f"{tag}"
     prod = KafkaProducer(bootstrap_servers=dep.bootstrap, acks="all", linger_ms=20,
                          max_request_size=4 * LIMIT)
-    kinds = [k for k in poison_records(rng, prefix) if keep(k[0], k[1])] if poison_every else []
+    kinds = poison_records(rng, prefix) if poison_every else []
     expected: Counter = Counter()
     per_kind: Counter = Counter()
     valid_ids = []
@@ -505,17 +508,18 @@ def _run_poison_stream(dep: Deployment, n_valid: int, poison_every: int | None, 
         if poison_every and i % poison_every == 0:
             kind, reason, value, headers = kinds[k % len(kinds)]
             k += 1
+            if not keep(kind, reason):
+                continue
             topic = (LABELS_TOPIC if kind.startswith("labels") else FEATURES_TOPIC) + suffix
             prod.send(topic, value, headers=headers)
             expected[reason] += 1
             per_kind[kind] += 1
-    if poison_every:  # valid records exactly at and just below the limit: decided, not poison
-        for size in (LIMIT, LIMIT - 1):
-            value = _sized_batch(size, f"{prefix}-at{size}", rng)
-            batch = codecs.pb.FeatureBatch.FromString(value)
-            valid_ids += [x.event_id for x in batch.events]
-            sizes_ok.append(size)
-            prod.send(FEATURES_TOPIC + suffix, value, headers=[codecs.FEATURE_HEADER_BATCH])
+    for size in (LIMIT, LIMIT - 1):  # valid records exactly at and just below the limit
+        value = _sized_batch(size, f"{prefix}-at{size}", rng)
+        batch = codecs.pb.FeatureBatch.FromString(value)
+        valid_ids += [x.event_id for x in batch.events]
+        sizes_ok.append(size)
+        prod.send(FEATURES_TOPIC + suffix, value, headers=[codecs.FEATURE_HEADER_BATCH])
     prod.flush()
     prod.close()
     decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id)
@@ -572,18 +576,18 @@ def scenario_poison(dep: Deployment, short: bool) -> None:
               f"{med:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; clean "
               f"{statistics.median(c['valid'] / c['took'] for c, _ in runs):.0f} events/s)",
               med >= 0.9, info=short)
-    if not short:  # where the cost comes from: the same 10 % of records, fewer kinds
+    if not short:  # where the cost comes from: the same positions, some kinds left out
         for what, keep in (
-                ("without the oversized records (14 kinds)",
+                ("without the 250 oversized records (14 kinds, 1,750 records)",
                  lambda kind, reason: reason != "oversized"),
-                ("feature records only, without the oversized (9 kinds)",
-                 lambda kind, reason: kind.startswith("features") and reason != "oversized")):
+                ("the 250 oversized records alone (64-128 KiB each)",
+                 lambda kind, reason: reason == "oversized")):
             sub = []
             for r in range(2):
                 c = _run_poison_stream(dep, n_valid, None, f"cl-{len(sub)}-{r}", rng)
                 d = _run_poison_stream(dep, n_valid, 9, f"dl-{len(sub)}-{r}", rng, keep)
                 sub.append((d["valid"] / d["took"]) / (c["valid"] / c["took"]))
-            dep.check("poison", f"valid throughput with 10 % poison {what} / clean (median of 2 "
+            dep.check("poison", f"valid throughput, poison {what} / clean (median of 2 "
                       "pairs)", "(breakdown)", f"{statistics.median(sub):.2f} (min "
                       f"{min(sub):.2f}, max {max(sub):.2f})", True, info=True)
     dep.facts.append("poison kinds: " + "; ".join(f"{k} -> {r}" for k, r, _, _ in
@@ -1007,6 +1011,21 @@ def render(dep: Deployment, argv: list[str], took_s: float, short: bool) -> str:
         "- The machine has 2 cores shared by the broker, the producer, the workers and this "
         "driver: the throughput ratio is the median of interleaved clean/poisoned pairs of "
         "one run, each timed from serving to the last valid decision (topics preloaded).",
+        "- Poison throughput with all 16 kinds stays under its 0.90 target because of the 250 "
+        "oversized records (the breakdown rows): 64-128 KiB each, 87 % of the poisoned "
+        "stream's bytes (25 MB against 2.7 MB of valid records). pairsieve's own work on one "
+        "is a length check, a SHA-256 and a small dead letter (the original is never copied "
+        "into it; the batch's dead letters go out while its events are decided). The rest is "
+        "the transfer: faust's consumer thread fetches and unpacks those bytes (once: the "
+        "worker's sockets received 32 MB against 7 MB clean) while holding the interpreter "
+        "lock that the event loop and the engine need, and py-spy profiles show the extra "
+        "time as those two waiting for it, not as pairsieve code; the worker's CPU time hardly "
+        "grows. A bare aiokafka consumer reads the same topic in about 0.1 s, so the cost is "
+        "the sharing of one interpreter, not the broker. A larger socket read buffer, a shorter "
+        "interpreter switch interval and per-partition fetches of 1-16 MiB did not change it "
+        "measurably (one-off explorations of this session, interleaved pairs). Lower "
+        "`PAIRSIEVE_MAX_MESSAGE_BYTES` does not help (the records still travel); a broker-side "
+        "limit (`max.message.bytes` on the features topic) keeps them off the topic.",
         "",
     ]
     return "\n".join(lines)
