@@ -227,7 +227,8 @@ class WorkerSet:
                            + "\n".join(f"--- {w.worker_id}\n{w.tail(1500)}" for w in self.procs))
 
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM every worker, wait, SIGKILL whatever is left. Returns exit codes."""
+        """SIGTERM every worker, wait, SIGKILL whatever is left (after a stack dump into its log,
+        SIGUSR1). Returns exit codes (None: killed)."""
         for w in self.procs:
             if w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGTERM)
@@ -237,6 +238,10 @@ class WorkerSet:
             try:
                 codes[w.worker_id] = w.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                # every thread's stack into its log first (the worker's faulthandler), so a
+                # worker that did not stop says where it was
+                w.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
                 w.proc.kill()
                 w.proc.wait()
                 codes[w.worker_id] = None  # killed
@@ -564,9 +569,13 @@ def run_configs(bootstrap: str, params: ScaleoutParams, configs=CONFIGS, log_dir
                 results[ws.name] = measure(ws, params.seed + 1000 * i, progress)
             finally:
                 codes = ws.stop()
+                killed = {w.worker_id: w.tail(6000) for w in ws.procs
+                          if codes.get(w.worker_id) is None}
                 if ws.name in results:
                     results[ws.name]["exit_codes"] = codes
                 progress(f"[{ws.name}] stopped workers: exit codes {codes}")
+                for wid, tail in killed.items():  # where it was: the stack dump in its log
+                    progress(f"--- {wid} did not stop on SIGTERM; its log ends:\n{tail}")
     finally:
         for ws in sets:  # on an error: never leave a worker behind
             ws.stop()

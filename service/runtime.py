@@ -20,6 +20,8 @@ followers, the metrics server and the embedded broker.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import io
 import logging
 import signal
 import threading
@@ -60,6 +62,11 @@ from service.streaming.topics import (
 from service.threads import limit_compute_threads
 
 log = logging.getLogger("pairsieve.runtime")
+
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+"""``kill -USR1 <pid>`` makes a serving worker write every thread's stack to stderr."""
+HOUSEKEEPING_STOP_S = 5.0
+"""How long shutdown waits for the cancelled housekeeping task before going on without it."""
 
 
 def initial_model(settings: Settings) -> AlignmentModel:
@@ -156,7 +163,10 @@ class Service:
         s = self.settings
         if self.housekeeping is not None:  # first: its broker watch could set SERVING again
             self.housekeeping.cancel()
-            await asyncio.gather(self.housekeeping, return_exceptions=True)
+            done, _ = await asyncio.wait({self.housekeeping}, timeout=HOUSEKEEPING_STOP_S)
+            if not done:
+                log.warning("housekeeping did not stop within %.0fs; shutting down without it",
+                            HOUSEKEEPING_STOP_S)
         log.info("shutting down: health NOT_SERVING")
         await self.grpc.set_serving(False)
         log.info("stop consuming; draining the in-flight batch")
@@ -319,13 +329,30 @@ async def housekeeping(handler: SelectionHandler, metrics: PairsieveMetrics,
             log.exception("housekeeping failed")
 
 
+def dump_stacks_on(sig: signal.Signals) -> bool:
+    """Make ``sig`` write every thread's Python stack to stderr (:mod:`faulthandler`, at C
+    level: it answers even when the event loop or the main thread is stuck). Returns whether it
+    could be registered (not where stderr has no file descriptor)."""
+    try:
+        faulthandler.register(sig, all_threads=True)
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return False
+    return True
+
+
 async def serve_forever(settings: Settings) -> int:
     """``pairsieve serve``: run until SIGTERM/SIGINT, then shut down in order."""
     svc = await start_service(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("%s received: shutting down", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    dump_stacks_on(STACK_DUMP_SIGNAL)
     await stop.wait()
     t0 = time.perf_counter()
     await svc.shutdown()
