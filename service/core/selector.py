@@ -284,13 +284,16 @@ class StreamingSelector:
                 # only the undecided (later) items of t change: rows are in arrival order
                 first = int(np.searchsorted(rows[t], a, side="right"))
                 if first < len(rows[t]):
-                    later = slice(first, None)
-                    cur_div[t][later] = np.minimum(cur_div[t][later], gram[(t, m)][later, j])
-                    norm[t][1][later] = self.acquisition.normalized_diversity(
-                        t, cur_div[t][later])
-                    util[t][later] = value(t, later)
-                    u_all[rows[t][later]] = util[t][later]
-                    d_all[rows[t][later]] = cur_div[t][later]
+                    # only the items the accept is now the nearest selection of change (the
+                    # rest keep their diversity, hence their utility, bit for bit)
+                    hit = np.flatnonzero(gram[(t, m)][first:, j] < cur_div[t][first:]) + first
+                    if len(hit) == 0:
+                        continue
+                    cur_div[t][hit] = gram[(t, m)][hit, j]
+                    norm[t][1][hit] = self.acquisition.normalized_diversity(t, cur_div[t][hit])
+                    util[t][hit] = value(t, hit)
+                    u_all[rows[t][hit]] = util[t][hit]
+                    d_all[rows[t][hit]] = cur_div[t][hit]
         version = self.model_version
         col = {}  # per-item score components in arrival order, as Python floats
         for name in ("uncertainty", "margin", "entropy", "least_confidence"):

@@ -87,7 +87,7 @@ def uncertainties_from_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
     With the logits shifted by their row maximum ``m1`` and ``e = exp(l)``, ``s = sum e``:
     ``p1 = 1 / s``, ``p2 = exp(m2 - m1) / s`` (``m2`` from :func:`top2`) and the entropy
-    ``H = log s - sum(e * l) / s`` (one batched dot product).
+    ``H = log s - sum(e * l) / s`` (one elementwise product, summed).
 
     Shape: logits (n, K) -> dict of (n,) tensors ``margin``, ``entropy``, ``least_confidence``.
     """
@@ -96,7 +96,9 @@ def uncertainties_from_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     t.sub_(m1[:, None])
     e = torch.exp(t)
     s = e.sum(dim=1)
-    dot = torch.bmm(e[:, None, :], t[:, :, None]).view(-1)
+    # sum(e * l) in place in e (no longer needed): ~7x faster than a batched (1, K) @ (K, 1)
+    # bmm on the CPU at K = 16k, 17x at 1k
+    dot = e.mul_(t).sum(dim=1)
     p1, p2 = 1.0 / s, torch.exp(m2 - m1) / s
     entropy = (torch.log(s) - dot / s) / math.log(t.shape[1])
     return {"margin": 1.0 - (p1 - p2), "entropy": entropy.clamp_(0.0, 1.0),

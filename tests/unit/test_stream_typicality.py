@@ -8,6 +8,7 @@ import torch
 
 from service.core.acquisition import AcquisitionConfig, ModalityAwareAcquisition
 from service.core.budget import BudgetConfig
+from service.core.scorer import top_k_mean
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.core.types import FeatureItem
 from tests.unit.test_selector import _batch, _data, _selector
@@ -116,3 +117,19 @@ def test_selector_with_typicality_spends_exactly_its_budget():
         s2.commit(s2.propose(_batch(a, b, lo, lo + 16)))
     assert s2.budget.spent == 15
     assert any(d.typicality != 0.0 for d in s2.propose(_batch(a, b, 0, 16)).decisions)
+
+
+@pytest.mark.parametrize("shape,k", [((7, 50), 5), ((33, 1024), 20), ((4, 6), 10), ((3, 9), 9)])
+def test_top_k_mean_is_bit_for_bit_torchs_topk_mean(shape, k):
+    # the CPU path selects with numpy.partition; the result must be exactly the old rule's
+    gen = torch.Generator().manual_seed(shape[1])
+    sims = torch.randn(shape, generator=gen)
+    sims[0, : shape[1] // 2] = sims[0, 0]  # ties in the top k
+    before = sims.clone()
+    want = sims.topk(min(k, shape[1]), dim=1).values.mean(dim=1).double().numpy()
+    got = top_k_mean(sims, k)
+    assert got.dtype == np.float64 and got.shape == (shape[0],)
+    assert np.array_equal(got, want)
+    assert torch.equal(sims, before)  # nothing written into the caller's tensor
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        top_k_mean(sims, 0)
