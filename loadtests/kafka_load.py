@@ -13,7 +13,8 @@ Point it at any deployment (its Kafka bootstrap and, optionally, the workers' ``
 What it produces (``pairsieve.features.v1`` + ``--topic-suffix``)
 -------------------------------------------------------------------
 * ``FeatureBatch`` records (header ``pairsieve-message: FeatureBatch``) of up to ``--batch-size``
-  events of ONE modality each (one producer per encoder, as in a real pipeline), sent when full or
+  events of ONE modality each (``--batch-size 1``: single ``FeatureEvent`` records instead; one
+  producer per encoder, as in a real pipeline), sent when full or
   ``--linger-ms`` after their first event; vectors are clustered, pre-packed float32 of the
   modality's dimension; every event has a unique ``event_id`` (``<run id>-<sequence>``);
 * modalities drawn per event with probabilities ``--mix``. The service accepts exactly two
@@ -262,11 +263,15 @@ class KafkaLoad:
     async def _flush(self, producer, mi: int, seqs: list[int]) -> None:
         mod, dim = self.mods[mi]
         t = time.time()
-        batch = pb.FeatureBatch(events=[self._event(s, mod, dim, t) for s in seqs])
         self.send_t[seqs] = t
         kind = "batch" if mod in self.valid_mods else "unknown_modality"
-        await self._send(producer, batch.SerializeToString(), [HEADER_BATCH], len(seqs), kind,
-                         seqs[0], t)
+        if self.cfg.batch_size == 1:  # single-event records, as an encoder without batching
+            value, header = self._event(seqs[0], mod, dim, t).SerializeToString(), HEADER_EVENT
+        else:
+            value = pb.FeatureBatch(events=[self._event(s, mod, dim, t)
+                                            for s in seqs]).SerializeToString()
+            header = HEADER_BATCH
+        await self._send(producer, value, [header], len(seqs), kind, seqs[0], t)
 
     async def _malformed(self, producer, seq: int) -> None:
         kind = MALFORMED_KINDS[seq % len(MALFORMED_KINDS)]
@@ -610,6 +615,7 @@ class KafkaLoad:
                 "service_p50_ms": _ms(hist_quantile(buckets, 0.50)),
                 "service_p99_ms": _ms(hist_quantile(buckets, 0.99)),
                 "service_le_50ms": hist_fraction_le(buckets, 0.05),
+                "service_le_100ms": hist_fraction_le(buckets, 0.1),
                 "service_latency_n": buckets[-1][1] if buckets else 0,
                 "lag_max_metric": max(lags) if lags else None}
 
@@ -773,7 +779,8 @@ class KafkaLoad:
         step_fields = ["phase", "target_per_s", "seconds", "produced", "produced_per_s", "good",
                        "requests", "decided", "decided_per_s", "decision_p50_ms",
                        "decision_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "service_p50_ms",
-                       "service_p99_ms", "service_le_50ms", "lag_max_metric", "lag_records_at_end"]
+                       "service_p99_ms", "service_le_50ms", "service_le_100ms", "lag_max_metric",
+                       "lag_records_at_end"]
         write_csv(os.path.join(d, "kafka_steps.csv"), result["steps"], step_fields)
         write_csv(os.path.join(d, "kafka_requests.csv"), result["requests_detail"],
                   ["event_id", "modality", "worker_id", "reason", "event_time", "requested_at",
@@ -875,7 +882,8 @@ def config_from_args(argv=None) -> KafkaLoadConfig:
     ap.add_argument("--mix", default="", help="share of each modality, e.g. 0.7,0.3")
     ap.add_argument("--malformed", type=float, default=0.0,
                     help="fraction of events sent as malformed single records")
-    ap.add_argument("--batch-size", type=int, default=32, help="events per FeatureBatch record")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="events per FeatureBatch record (1: single FeatureEvent records)")
     ap.add_argument("--linger-ms", type=float, default=20.0,
                     help="a partial batch is sent this long after its first event")
     ap.add_argument("--no-dead-letter", action="store_true", help="do not read the dead letters")

@@ -89,6 +89,33 @@ def install_fetch_wait_hook() -> None:
         create_worker_consumer)
 
 
+def faust_app(settings: Settings, bootstrap: str, group_id: str | None = None) -> faust.App:
+    """The faust app the workers run (consumer group ``group_id``, default the settings'), with
+    the features consumer's fetch wait from the settings. The benchmark's bare faust consumer
+    (``pairsieve bench``, Kafka: faust's own per-event ceiling) is built here too, so the two
+    cannot drift apart."""
+    app = faust.App(
+        group_id or settings.group_id,
+        broker=f"kafka://{bootstrap}",
+        broker_credentials=settings.kafka_security().faust_credentials(),
+        broker_client_id="pairsieve-stream",
+        web_enabled=False,
+        topic_disable_leader=True,
+        broker_rebalance_timeout=settings.rebalance_timeout_seconds,
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.session_timeout_seconds / 4,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        consumer_max_fetch_size=settings.fetch_max_partition_bytes,
+        stream_wait_empty=False,
+        topic_allow_declare=False,
+        logging_config=None,
+    )
+    install_fetch_wait_hook()
+    setattr(app, FETCH_WAIT_ATTR, max(1, round(settings.fetch_max_wait_seconds * 1000)))
+    return app
+
+
 class GaveUp(Exception):
     """A micro-batch that kept failing was abandoned at shutdown (its offsets stay
     uncommitted)."""
@@ -111,25 +138,7 @@ class StreamProcessor:
         self._warnings = ThrottledWarnings(log, DEAD_LETTER_LOG_INTERVAL_S)
         self.batches = 0
         self.dead_letters = 0
-        self.app = faust.App(
-            settings.group_id,
-            broker=f"kafka://{bootstrap}",
-            broker_credentials=settings.kafka_security().faust_credentials(),
-            broker_client_id="pairsieve-stream",
-            web_enabled=False,
-            topic_disable_leader=True,
-            broker_rebalance_timeout=settings.rebalance_timeout_seconds,
-            broker_session_timeout=settings.session_timeout_seconds,
-            broker_heartbeat_interval=settings.session_timeout_seconds / 4,
-            consumer_auto_offset_reset="earliest",
-            producer_acks=-1,
-            consumer_max_fetch_size=settings.fetch_max_partition_bytes,
-            stream_wait_empty=False,
-            topic_allow_declare=False,
-            logging_config=None,
-        )
-        install_fetch_wait_hook()
-        setattr(self.app, FETCH_WAIT_ATTR, max(1, round(settings.fetch_max_wait_seconds * 1000)))
+        self.app = faust_app(settings, bootstrap)
         s = settings
         self.features = self.app.topic(s.topic(FEATURES_TOPIC), value_serializer="raw",
                                        key_serializer="raw", partitions=s.features_partitions)

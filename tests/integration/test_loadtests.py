@@ -158,3 +158,41 @@ def test_grpc_driver_records_deadline_exceeded_and_unauthenticated(live_service,
     res = json.loads((tmp_path / "noauth" / "grpc_result.json").read_text())
     assert set(res["summary"]["errors"]) == {"UNAUTHENTICATED"}, res["summary"]
     assert res["summary"]["items_ok"] == 0
+
+
+def test_kafka_driver_sends_single_event_records_with_batch_size_one(live_service, tmp_path):
+    svc, s = live_service
+    out = tmp_path / "kafka-single"
+    before = svc.processor.batches
+    rc = kafka_load.main([
+        "--bootstrap", svc.bootstrap, "--topic-suffix", s.topic_suffix, "--rate", "100",
+        "--duration", "2", "--ramp-seconds", "0.2", "--modalities", MODALITIES,
+        "--batch-size", "1", "--no-dead-letter",
+        "--metrics-url", f"http://127.0.0.1:{svc.metrics_port}/metrics",
+        "--group-id", s.group_id, "--drain-seconds", "20", "--out-dir", str(out), "--no-plot"])
+    assert rc == 0
+    sm = json.loads((out / "kafka_result.json").read_text())["summary"]
+    ctx = json.dumps(sm, indent=1)
+    # one event per record, every one decided
+    assert sm["events_per_record"] == 1.0 and sm["produced_records"] == sm["produced_events"], ctx
+    assert sm["decided_events"] == sm["good_events"] == sm["produced_events"] > 100, ctx
+    assert svc.processor.batches > before
+    # on the topic: FeatureEvent records (the header says so), not FeatureBatch
+    c = KafkaConsumer(s.topic(FEATURES_TOPIC), bootstrap_servers=svc.bootstrap,
+                      auto_offset_reset="earliest", group_id=None, consumer_timeout_ms=2000)
+    prefix = f"{sm['run_id']}-".encode()
+    kinds = {dict(r.headers).get("pairsieve-message") for r in c if prefix in r.value}
+    c.close()
+    assert kinds == {b"FeatureEvent"}
+
+
+def test_faust_event_ceiling_consumes_every_single_event_record(tansu_broker, tmp_path,
+                                                               monkeypatch):
+    from service.perfbench.e2e import faust_event_ceiling
+
+    monkeypatch.chdir(tmp_path)  # faust writes "<group id>-data/" here
+    res = asyncio.run(faust_event_ceiling(tansu_broker.bootstrap, 400, timeout_s=60.0))
+    assert res["complete"] and res["consumed"] == res["records"] == 400, res
+    assert res["events_per_s"] > 0 and res["seconds"] > 0, res
+    # built like the workers' app: the settings' micro-batch bounds
+    assert (res["batch_max_items"], res["max_wait_seconds"]) == (256, 0.005), res

@@ -36,21 +36,32 @@ def test_reference_computes_the_same_shapes_as_the_selector():
     assert sel.status()["cache_fill"] == {m: 1.0 for m in sel.modalities}
     assert all(sel.scorer.index_fill(m) == SIZE for m in sel.modalities)
     k = sel.model.dim_out
+    typ_k = perf.reference_typicality_k(sel)
+    assert typ_k == sel.config.acquisition.typicality_k > 0  # the default weighs typicality
     ref = perf.MatmulReference(D, k, sel.scorer.index_size, sel.caches[sel.modalities[0]].capacity,
-                               sel.scorer.tau)
+                               sel.scorer.tau, typicality_k=typ_k)
     for b in (1, 8):
         assert ref.shapes(b) == perf.selector_shapes(sel, b)
+        assert set(ref.shapes(b)) == {"embed", "min_distance", "similarities", "typicality"}
         x, is_b = stream.mixed(b)
-        z, mind, probs = ref(x)
+        z, mind, probs, typ = ref(x)
         assert z.shape == (b, k) and mind.shape == (b,) and probs.shape == (b, SIZE)
         assert np.allclose(probs.sum(dim=1).numpy(), 1.0, atol=1e-4)
+        # typicality = mean of the typ_k best cosines to the own index
+        want = np.sort((z @ ref.own_index.T).numpy(), axis=1)[:, -typ_k:].mean(axis=1)
+        np.testing.assert_allclose(typ, want, atol=1e-6)
         # what the selector computes on the same rows: (b_m, k) embeddings against (C, k) / (K, k)
         for m in sel.modalities:
             assert tuple(sel.scorer.embed(m, x).shape) == (b, k)
             assert tuple(sel.caches[m].embeddings.shape) == (SIZE, k)
         prop = sel.propose(fixtures.items_from(x, is_b, sel.modalities))
         assert len(prop.decisions) == b
-    assert ref.flops_per_item() == 2 * (D * k + k * SIZE + k * SIZE)
+    assert ref.flops_per_item() == 2 * (D * k + k * SIZE + 2 * k * SIZE)
+    plain = perf.MatmulReference(D, k, SIZE, SIZE)  # without typicality: three matmuls
+    assert plain(x)[3] is None and "typicality" not in plain.shapes(8)
+    assert plain.flops_per_item() == 2 * (D * k + k * SIZE + k * SIZE)
+    with pytest.raises(ValueError, match="typicality_k must be >= 0, got -1"):
+        perf.MatmulReference(D, k, SIZE, SIZE, typicality_k=-1)
 
 
 def test_tiny_grid_returns_one_row_per_cell(tiny_engine):
@@ -79,6 +90,24 @@ def test_report_renders_every_section_header(tiny_engine, monkeypatch):
     assert "**FAILED**" in text and "boom" in text  # a failed section is shown, not dropped
     assert "Not run in this invocation" in text     # peers / profile absent
     assert "pairsieve bench --quick" in text and "torch.set_num_threads(1)" in text
+
+
+def test_engine_targets_are_read_per_micro_batch_as_the_issue_states(tiny_engine):
+    # issue 16: >= 80 % of the reference at B = 256, >= 50 % at B = 32 (not one rule for both)
+    def row(b, size, share):
+        r = dict(tiny_engine["rows"][0], batch=b, K=size, C=size)
+        r["share"] = {"median": share, "min": share, "max": share, "n": 1}
+        return r
+    e = dict(tiny_engine, rows=[row(32, 1024, 0.55), row(32, 4096, 0.45), row(256, 1024, 0.79),
+                                row(256, 4096, 0.81)])
+    text = "\n".join(perf._render_engine(e))
+    assert ("**Target (share >= 80% of the reference at B = 256): 1 of 2 cells meet it.** "
+            f"Below: d={D} K=C=1024 (0.79).") in text
+    assert ("**Target (share >= 50% of the reference at B = 32): 1 of 2 cells meet it.** "
+            f"Below: d={D} K=C=4096 (0.45).") in text
+    assert "typicality" in text  # the reference does the default's typicality too
+    text = "\n".join(perf._render_engine(dict(e, rows=e["rows"][:2])))
+    assert "No cell with B = 256 in this grid; its target is not evaluated." in text
 
 
 def test_e2e_module_functions_are_called_when_present(monkeypatch):
@@ -186,3 +215,41 @@ def test_write_report_appends_the_notes_beside_it(tmp_path, tiny_engine):
     (tmp_path / "perf-notes.md").write_text("## Findings and limits\n\nhand-written\n")
     with_notes = perf.write_report(res, tmp_path / "perf.md", "cmd").read_text()
     assert with_notes == plain + "\n## Findings and limits\n\nhand-written\n"
+
+
+def _kafka_res(ceiling, faust_rate, single, batched, le_100ms):
+    step = {"phase": "1000/s", "produced_per_s": 1000.0, "decided_per_s": 990.0, "kept_up": True}
+    run = lambda best: {"sustained_max_per_s": best, "sustained_max_step": "x",  # noqa: E731
+                        "highest_rate_kept_up": best, "steps": [step]}
+    floor = {f"fetch_max_wait_{w}ms": {"p50_ms": 1.0, "p99_ms": 2.0} for w in (1500, 50, 10)}
+    return {"compute_ceiling": {"items_per_s": ceiling},
+            "faust_ceiling": {"events_per_s": faust_rate, "complete": True},
+            "single_events": run(single), "one_worker": run(batched), "two_workers": run(batched),
+            "half_load": {"rate": batched / 2, "measured_at": "separate run",
+                          "service_le_100ms": le_100ms, "service_p99_ms": 90.0},
+            "raw_consume": {"events_per_s": 1e5, "mb_per_s": 100.0},
+            "broker_fetch_floor": floor}
+
+
+def test_kafka_targets_are_the_issues_three():
+    from service.perfbench import e2e
+
+    # single-event records against min(ceiling, faust's ceiling); batches against the ceiling
+    t = e2e.kafka_targets(_kafka_res(ceiling=6000, faust_rate=3000, single=2200, batched=4900,
+                                     le_100ms=0.995))
+    assert t["single_bound_per_s"] == 3000 and t["single_bound_is"] == "faust's per-event ceiling"
+    assert t["single_met"] and abs(t["single_ratio"] - 2200 / 3000) < 1e-12
+    assert t["batch_met"] and t["p99_met"] and t["p99_target_ms"] == 100.0
+    t = e2e.kafka_targets(_kafka_res(ceiling=6000, faust_rate=9000, single=4100, batched=4700,
+                                     le_100ms=0.98))
+    assert t["single_bound_is"] == "compute ceiling" and not t["single_met"]  # 4100 < 4200
+    assert not t["batch_met"] and not t["p99_met"]  # 4700 < 4800; 98 % within 100 ms
+    res = _kafka_res(6000, 3000, 2200, 4900, 0.995)
+    res["targets"] = e2e.kafka_targets(res)
+    text = e2e._kafka_table(res)
+    assert "target: single-event records >= 70% of min(compute ceiling, faust's per-event " \
+           "ceiling) = 2,100/s | MET (73% of the faust's per-event ceiling)" in text
+    assert "target: FeatureBatch records >= 80% of the compute ceiling = 4,800/s | MET (82%)" \
+           in text
+    assert "target: p99 <= 100 ms at half load | MET (share decided within 100 ms: 0.995)" in text
+    assert "One worker, stepped load, single-event records" in text
