@@ -213,12 +213,15 @@ class Settings:
     features_partitions: int = _s(4, "partitions of the features (and requests) topic when "
                                      "pairsieve creates it", allowed=POS_INT, check=_positive_int)
     batch_max_items: int = _s(256, "micro-batch size bound", allowed=POS_INT, check=_positive_int)
-    # 5 ms, not 50: faust's take_events waits this long after every batch for more records, so
-    # at low load it is pure latency, while under load a batch fills during that wait anyway
-    # (reports/perf.md, Kafka: the sustained maximum is unchanged, p99 at half load ~3x lower)
-    max_wait_seconds: float = _s(0.005, "micro-batch time bound: how long the worker waits for "
-                                        "more records before deciding what it has",
+    # A micro-batch closes when full, when nothing came in for batch_idle_seconds, or
+    # max_wait_seconds after its first event (service/streaming/take.py): full batches under
+    # load, ~2 ms added at low load (a fixed wait of 50 ms put the p99 at half load at ~200 ms)
+    max_wait_seconds: float = _s(0.05, "micro-batch time bound: longest a micro-batch stays "
+                                       "open after its first event",
                                  allowed=POS, check=_positive)
+    batch_idle_seconds: float = _s(0.002, "a micro-batch to which nothing was added for this "
+                                          "long is decided (<= the time bound)",
+                                   allowed=POS, check=_positive)
     max_message_bytes: int = _s(16 * 1024 * 1024, "largest gRPC message / Kafka record accepted "
                                                   "(bigger -> dead letter / RESOURCE_EXHAUSTED)",
                                 allowed=POS_INT, check=_positive_int)
@@ -400,6 +403,12 @@ class Settings:
                           f"{self.env_name('metrics_port')} (--metrics-port) are both "
                           f"{self.grpc_port!r}: expected two different ports (or 0 = pick a "
                           "free one)")
+        if (_positive(self.batch_idle_seconds) and _positive(self.max_wait_seconds)
+                and self.batch_idle_seconds > self.max_wait_seconds):
+            errors.append(f"{self.env_name('batch_idle_seconds')} (--batch-idle-seconds) = "
+                          f"{self.batch_idle_seconds!r} is longer than "
+                          f"{self.env_name('max_wait_seconds')} (--max-wait-seconds) = "
+                          f"{self.max_wait_seconds!r}: expected idle <= the time bound")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             errors.append("TLS needs both PAIRSIEVE_TLS_CERT_FILE (--tls-cert-file) and "
                           "PAIRSIEVE_TLS_KEY_FILE (--tls-key-file); got only "

@@ -4,7 +4,9 @@ Agents reading source topics run with concurrency 1 (the engine is sequential by
 accept changes the next decision), faust's web server is off, and torch work happens in the
 handler's executor, so the event loop (and Kafka heartbeats) never stall.
 
-Per micro-batch (``take_events(batch_max_items, within=max_wait_seconds)``):
+Per micro-batch (:meth:`~service.streaming.take.AdaptiveStream.take_until_idle`: closed when it
+holds ``batch_max_items`` events, when nothing came in for ``batch_idle_seconds``, or
+``max_wait_seconds`` after its first event):
 
 1. decode every record; bad ones (undecodable, wrong dimension, NaN/inf, unknown modality,
    missing fields, oversized) go to the dead-letter topic with a reason code and the original
@@ -44,6 +46,7 @@ from service.observability.log_throttle import ThrottledWarnings
 from service.settings import Settings
 from service.streaming.kafka_io import KafkaPublisher
 from service.streaming.records import KafkaRecord
+from service.streaming.take import AdaptiveStream
 from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.wire import codecs
 
@@ -110,6 +113,7 @@ def faust_app(settings: Settings, bootstrap: str, group_id: str | None = None) -
         stream_wait_empty=False,
         topic_allow_declare=False,
         logging_config=None,
+        Stream=AdaptiveStream,
     )
     install_fetch_wait_hook()
     setattr(app, FETCH_WAIT_ATTR, max(1, round(settings.fetch_max_wait_seconds * 1000)))
@@ -160,15 +164,16 @@ class StreamProcessor:
         """Micro-batches of ``stream`` through ``process`` (retried until done,
         :meth:`_until_done`), each acknowledged only once processed.
 
-        faust's take_events acknowledges a buffer when the loop moves on AND when the agent is
-        cancelled (a `finally` in the generator). So: an unprocessed buffer gets an extra
-        reference before we park (its offsets are never committed: redelivered after a
+        take_until_idle (as faust's take_events) acknowledges a buffer when the loop moves on AND
+        when the agent is cancelled (a `finally` in the generator). So: an unprocessed buffer
+        gets an extra reference before we park (its offsets are never committed: redelivered after a
         restart), and a buffer being processed is shielded from cancellation (its offsets are
         committed only once its selections, pairs and dead letters were published and the engine
         committed).
         """
         s = self.settings
-        async for events in stream.take_events(s.batch_max_items, within=s.max_wait_seconds):
+        async for events in stream.take_until_idle(s.batch_max_items, within=s.max_wait_seconds,
+                                                   idle=s.batch_idle_seconds):
             if self.draining.is_set():
                 for e in events:
                     e.message.incref()

@@ -195,4 +195,4 @@ def test_faust_event_ceiling_consumes_every_single_event_record(tansu_broker, tm
     assert res["complete"] and res["consumed"] == res["records"] == 400, res
     assert res["events_per_s"] > 0 and res["seconds"] > 0, res
     # built like the workers' app: the settings' micro-batch bounds
-    assert (res["batch_max_items"], res["max_wait_seconds"]) == (256, 0.005), res
+    assert (res["batch_max_items"], res["max_wait_seconds"]) == (256, 0.05), res

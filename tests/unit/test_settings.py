@@ -360,3 +360,16 @@ def test_cache_half_life_zero_turns_the_decay_off():
     assert Settings(cache_half_life=0).selector_config().cache_half_life is None
     assert Settings(cache_half_life=250).selector_config().cache_half_life == 250
 
+
+
+def test_the_micro_batch_idle_gap_must_fit_in_its_time_bound():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"PAIRSIEVE_BATCH_IDLE_SECONDS": "0.2",
+                           "PAIRSIEVE_MAX_WAIT_SECONDS": "0.1"})
+    assert err.value.errors == [
+        "PAIRSIEVE_BATCH_IDLE_SECONDS (--batch-idle-seconds) = 0.2 is longer than "
+        "PAIRSIEVE_MAX_WAIT_SECONDS (--max-wait-seconds) = 0.1: expected idle <= the time bound"]
+    s = Settings.from_env({"PAIRSIEVE_BATCH_IDLE_SECONDS": "0.1",
+                           "PAIRSIEVE_MAX_WAIT_SECONDS": "0.1"})
+    assert (s.batch_idle_seconds, s.max_wait_seconds) == (0.1, 0.1)
+    assert (Settings().batch_idle_seconds, Settings().max_wait_seconds) == (0.002, 0.05)
