@@ -434,6 +434,42 @@ async def raw_consume_rate(bootstrap: str, topic: str, expect_records: int,
         await c.stop()
 
 
+class CpuMeter:
+    """CPU seconds used during a run by this process (the in-process worker), the load driver
+    (this process's waited-for children) and the broker (``/proc/<pid>/stat``), next to the
+    wall time: where a 2-core machine's time goes while the worker is saturated."""
+
+    def __init__(self, broker_pid: int | None):
+        self.broker_pid = broker_pid
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        import resource
+
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (time.perf_counter(), time.process_time(), kids.ru_utime + kids.ru_stime,
+                proc_cpu_seconds(self.broker_pid))
+
+    def stop(self) -> dict:
+        end = self._sample()
+        wall, worker, driver, broker = (b - a for a, b in zip(self._start, end, strict=True))
+        return {"wall_s": wall, "worker_cpu_s": worker, "driver_cpu_s": driver,
+                "broker_cpu_s": broker, "cores_busy": (worker + driver + broker) / wall
+                if wall > 0 else None}
+
+
+def proc_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0.0 when unknown or gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _steps_summary(result: dict) -> dict:
     """Sustained maximum and kept-up steps of a stepped run.
 
@@ -550,12 +586,14 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
             url1 = f"http://127.0.0.1:{svc.metrics_port}/metrics"
             log(f"[kafka] one worker: rates {p['rates']} x {p['step_s']:g}s")
             d1 = str(out / "kafka-1worker")
+            meter = CpuMeter(broker.proc.pid if broker.proc else None)
             await _run_driver("kafka_load.py", _kafka_args(
                 boot, s1.topic_suffix, p["rates"], p["step_s"], p["ramp_s"], p["drain_s"],
                 [url1], s1.group_id, d1, "1 worker", 1), log, "1 worker",
                 timeout_s=len(p["rates"]) * p["step_s"] + p["drain_s"] + 90)
             r1 = json.loads((Path(d1) / "kafka_result.json").read_text())
             one = _steps_summary(r1)
+            one["cpu"] = meter.stop()
             res["one_worker"] = one
             runs = [r1]
             half = max(100.0, round((one["sustained_max_per_s"] or 200.0) / 2, -1))
@@ -582,6 +620,7 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
             log(f"[kafka] one worker, single-event records: rates {p['single_rates']} x "
                 f"{p['step_s']:g}s")
             ds = str(out / "kafka-single")
+            meter = CpuMeter(broker.proc.pid if broker.proc else None)
             await _run_driver("kafka_load.py", _kafka_args(
                 boot, s1.topic_suffix, p["single_rates"], p["step_s"], p["ramp_s"],
                 p["drain_s"], [url1], s1.group_id, ds, "single events", 4, events_per_record=1),
@@ -590,6 +629,7 @@ async def _kafka(quick: bool, out: Path, log) -> dict:
             rs = json.loads((Path(ds) / "kafka_result.json").read_text())
             runs.append(rs)
             res["single_events"] = _steps_summary(rs)
+            res["single_events"]["cpu"] = meter.stop()
         finally:
             await svc.shutdown()
 
@@ -822,6 +862,19 @@ def _kafka_notes(res: dict) -> str:
                 f"Prometheus metrics attached {c1:,.0f} items/s, i.e. the per-event metric "
                 f"updates take about {share:.0%} of the per-event time in the service's event "
                 f"loop (the Kafka path adds decoding, publishing and faust on top).")
+    cpu = [(name, res[key]["cpu"]) for name, key in (
+        ("FeatureBatch records", "one_worker"), ("single-event records", "single_events"))
+        if res.get(key, {}).get("cpu")]
+    if cpu:
+        notes.append(
+            "Where the machine's time went during the one-worker stepped runs (CPU seconds over "
+            "the run's wall time, the lighter steps included): " + "; ".join(
+                f"{name}: worker {c['worker_cpu_s']:.1f} s, load driver {c['driver_cpu_s']:.1f} s, "
+                f"broker {c['broker_cpu_s']:.1f} s in {c['wall_s']:.1f} s, i.e. "
+                f"{c['cores_busy']:.2f} of the {res['machine'].get('cpus')} cores busy"
+                for name, c in cpu) + ". The worker's share is its Python event loop, "
+            "faust's consumer thread and the engine's executor thread together (one interpreter "
+            "lock).")
     load = res["machine"].get("loadavg")
     notes.append(
         f"The load driver, the broker and the worker(s) share this machine's "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import sys
+import time
 import types
 
 import numpy as np
@@ -253,3 +254,29 @@ def test_kafka_targets_are_the_issues_three():
            in text
     assert "target: p99 <= 100 ms at half load | MET (share decided within 100 ms: 0.995)" in text
     assert "One worker, stepped load, single-event records" in text
+
+
+def test_cpu_meter_splits_cpu_time_between_worker_driver_and_broker():
+    import os
+    import subprocess
+
+    from service.perfbench import e2e
+
+    # a stand-in broker: a child process that burns CPU until stopped
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        meter = e2e.CpuMeter(burner.pid)
+        subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)  # "driver"
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.3:  # "worker": this process
+            sum(range(1000))
+        got = meter.stop()
+    finally:
+        burner.kill()
+        burner.wait()
+    assert got["wall_s"] > 0.3 and got["worker_cpu_s"] > 0.1
+    assert got["driver_cpu_s"] > 0 and got["broker_cpu_s"] > 0
+    assert got["cores_busy"] == pytest.approx(
+        (got["worker_cpu_s"] + got["driver_cpu_s"] + got["broker_cpu_s"]) / got["wall_s"])
+    assert e2e.proc_cpu_seconds(None) == 0.0 and e2e.proc_cpu_seconds(burner.pid) == 0.0  # gone
+    assert e2e.proc_cpu_seconds(os.getpid()) > 0
