@@ -49,13 +49,13 @@ from service.core.pool.base import PoolState
 from service.core.selector import StreamingSelector
 from service.core.types import FeatureItem
 from service.core.validation import MAX_ID_CHARS, VectorError, as_matrix, check_modality
+from service.decided import DecidedOutcomes
 from service.learning_loop import (
     DEFAULT_GAIN_HORIZON,
     DEFAULT_RETRAIN_EVERY,
     DEFAULT_VALIDATION_SHARE,
     LearningLoop,
 )
-from service.lru import LRU
 from service.messages import (
     AlignmentRequestOut,
     EngineStatus,
@@ -133,7 +133,7 @@ class SelectionHandler:
         self.clock = clock
         self.modalities = selector.modalities
         self.dims = dict(selector.model.dims)
-        self._decided: LRU = LRU(dedup_capacity)  # event_id -> Outcome
+        self._decided = DecidedOutcomes(dedup_capacity)  # event_id -> Outcome
         # decision-log records of committed batches not yet written (the broker failed after
         # the requests were published): written before anything else is decided
         self._unlogged: list[tuple[list[Outcome], float]] = []
@@ -255,8 +255,8 @@ class SelectionHandler:
                                                      for i in exc.acked])
                     raise
                 await loop.run_in_executor(self._executor, self.selector.commit, proposal)
-                for ev_id, out in outcomes.items():
-                    self._decided.put(ev_id, out)
+                for out in outcomes.values():
+                    self._decided.put(out)
                 for i, vec in zip(fresh_idx, vectors, strict=True):
                     self.learning.remember(events[i].item_id, events[i].modality, vec)
                 # The decision log only after the commit: it never records a verdict that was
@@ -362,7 +362,7 @@ class SelectionHandler:
 
         await loop.run_in_executor(self._executor, fold)
         for outcome, vec in fresh:
-            self._decided.put(outcome.event_id, outcome)
+            self._decided.put(outcome)
             self.learning.remember(outcome.decision.item_id, outcome.decision.modality, vec)
         self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return len(fresh)
@@ -376,7 +376,7 @@ class SelectionHandler:
         n = 0
         for o in outcomes:
             if not o.decision.accept and o.event_id not in self._decided:
-                self._decided.put(o.event_id, o)
+                self._decided.put(o)
                 n += 1
         return n
 

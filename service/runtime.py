@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import io
 import logging
 import signal
@@ -186,6 +187,7 @@ class Service:
         if self.broker is not None:
             log.info("stopping the embedded broker")
             self.broker.stop()
+        gc.unfreeze()  # an embedding process (the tests) gets the collector's reach back
         self.stopped.set()
         log.info("stopped")
 
@@ -267,6 +269,7 @@ async def start_service(settings: Settings) -> Service:
         tls_key=settings.tls_key_file or None, max_message_bytes=settings.max_message_bytes,
         metrics=metrics, max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         reflection_without_token=bool(settings.grpc_reflection_without_token))
+    freeze_startup_objects()
     await grpc.set_serving(True)
     metrics.set_serving(True)
     metrics.engine_state(handler.status())
@@ -327,6 +330,20 @@ async def housekeeping(handler: SelectionHandler, metrics: PairsieveMetrics,
                 await watch.probe()
         except Exception:  # never let a gauge refresh take the worker down
             log.exception("housekeeping failed")
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then move every object alive now (imported modules, the state replayed
+    from the topics) out of the cyclic garbage collector's reach (:func:`gc.freeze`), so a full
+    collection while serving walks only what was created since: ~300,000 start-up objects made
+    one take ~160 ms, in series with every decision waiting meanwhile. Frozen objects are still
+    freed by reference counting; only cycles among them stay (none are left: collected first).
+    Returns the number of objects frozen."""
+    gc.collect()
+    gc.freeze()
+    n = gc.get_freeze_count()
+    log.info("froze %d start-up objects out of the garbage collector", n)
+    return n
 
 
 def dump_stacks_on(sig: signal.Signals) -> bool:

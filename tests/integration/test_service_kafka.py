@@ -8,6 +8,7 @@ request, SIGTERM -> no accepted event lost.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -68,6 +69,8 @@ def test_features_in_requests_out_and_redelivery_makes_no_duplicate(kafka_topics
 
     async def scenario():
         svc = await start_service(s)
+        # start-up objects are out of the garbage collector's reach while serving
+        assert gc.get_freeze_count() > 10_000
         try:
             batch = codecs.encode_feature_batch(evs[:20])
             singles = [codecs.encode_feature_event(e) for e in evs[20:]]
@@ -86,6 +89,7 @@ def test_features_in_requests_out_and_redelivery_makes_no_duplicate(kafka_topics
             await svc.shutdown()
 
     status = asyncio.run(scenario())
+    assert gc.get_freeze_count() == 0  # and back after the shutdown (an embedding process)
     assert status.spent == 40 and status.seen == 40  # redelivered events were not re-decided
     reqs = read_all(boot, s.topic(REQUESTS_TOPIC), 40,
                      parse=codecs.pb.AlignmentRequest.FromString)
