@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import cProfile
 import gc
+import importlib
 import os
 import pstats
 import statistics
@@ -457,14 +458,15 @@ def run_stream_section(quick: bool, items: int = 300_000, warmup_items: int = 10
 
 # ---------------------------------------------------------------------------------------- e2e
 def _load_e2e():
-    """The e2e module, or None when it does not exist yet (any other import error propagates)."""
+    """The e2e module, or None when it does not exist (any other import error propagates).
+    Looked up by name, so the module registered in ``sys.modules`` is the one used (the
+    package attribute ``service.perfbench.e2e`` is set by whoever imported it first)."""
     try:
-        from service.perfbench import e2e
+        return importlib.import_module("service.perfbench.e2e")
     except ModuleNotFoundError as exc:
         if exc.name in ("service.perfbench.e2e",):
             return None
         raise
-    return e2e
 
 
 def run_e2e(kind: str, quick: bool, log: Callable[[str], None] = print) -> dict:
