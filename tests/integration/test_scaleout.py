@@ -6,6 +6,8 @@ each other's selections (``PAIRSIEVE_FOLLOW_SELECTIONS=1``) and two that do not 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from loadtests.scaleout import ScaleoutParams, run_configs
@@ -55,6 +57,9 @@ def test_two_workers_decide_each_event_once_and_share_their_selections(tansu_bro
         assert r["pairs_on_different_workers"] == 1.0, ctx
         assert r["pairs_with_an_accept"] > 0, ctx
         assert all(code == 0 for code in r["exit_codes"].values()), ctx
+        for wid in r["exit_codes"]:  # each logged the signal before its shutdown
+            log_text = (Path(r["log_dir"]) / f"{wid}.log").read_text(errors="replace")
+            assert "SIGTERM received: shutting down" in log_text, wid
 
     f, b = results["followers"], results["baseline"]
     assert f["budget_spent_equals_total_requests"], f["status"]
