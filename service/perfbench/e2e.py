@@ -219,6 +219,13 @@ class _ServeProcess:
 
 
 # --------------------------------------------------------------------------- measurements
+def _bank_vectors(mods, n: int, seed: int) -> dict[str, np.ndarray]:
+    """The load driver's vectors (:class:`~service.perfbench.fixtures.VectorBank`), unpacked:
+    modality -> (n, dim) float32."""
+    bank = fixtures.VectorBank(mods, n, seed)
+    return {m: np.stack([np.frombuffer(b, "<f4") for b in bank.packed[m]]) for m, _ in mods}
+
+
 def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0,
                     with_metrics: bool = False) -> dict:
     """Items/s of the engine alone: ``SelectionHandler.submit`` on 256-event batches, no Kafka.
@@ -237,8 +244,7 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     handler = build_engine(settings, PairsieveMetrics(CollectorRegistry()) if with_metrics
                            else None)
     mods = loadgen.parse_modalities(MODALITIES)
-    bank = fixtures.VectorBank(mods, 1024, seed)
-    vecs = {m: np.stack([np.frombuffer(b, "<f4") for b in bank.packed[m]]) for m, _ in mods}
+    vecs = _bank_vectors(mods, 1024, seed)
     mix = loadgen.parse_mix(MIX, len(mods))
     rng = np.random.default_rng(seed)
     warmup_s = seconds / 2 if warmup_s is None else warmup_s
@@ -349,8 +355,7 @@ async def faust_event_ceiling(bootstrap: str, records: int, seed: int = 0,
     topic = f"pairsieve.faust-ceiling.{run}"
     await asyncio.to_thread(create_topics, bootstrap, {topic: settings.features_partitions})
     mods = loadgen.parse_modalities(MODALITIES)
-    bank = fixtures.VectorBank(mods, 256, seed)
-    vecs = {m: [np.frombuffer(b, "<f4") for b in bank.packed[m]] for m, _ in mods}
+    vecs = _bank_vectors(mods, 256, seed)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
                                 max_batch_size=1024 * 1024)
     await producer.start()
