@@ -385,9 +385,14 @@ def scenario_kill(dep: Deployment, workers: int, short: bool, history: int = 0) 
     for w in ws:
         w.stop()
     tally = RequestTally.of([k for k in reqs if k[0].startswith(name)])
-    lost = len(wanted - seen)
+    missing = sorted(wanted - seen)
+    lost = len(missing)
+    # a missing decision record of a requested event: its worker was killed between writing
+    # the request and the decision record, and the redelivery did not write it
+    requested = sum(1 for e in missing if e in tally.ids)
     dep.check(name, "acknowledged events without a decision (lost)", "0",
-              f"{lost} of {len(wanted)} ({prod.failed} sends not acknowledged)", lost == 0)
+              f"{lost} of {len(wanted)} ({prod.failed} sends not acknowledged; {requested} of "
+              f"the lost requested) {missing[:5]}", lost == 0)
     dep.check(name, "budget overspend (requests - budget)", "0",
               f"{max(0, len(reqs) - budget)} ({len(reqs)} requests, budget {budget})",
               len(reqs) <= budget)

@@ -8,6 +8,11 @@ of a loaded worker) one took 164 ms, the p99 of the event-to-decision latency at
 a million it would take seconds. Stored as a flat tuple of strings and numbers, an entry is
 untracked by CPython after its first collection and costs a full collection nothing. An outcome is
 rebuilt only when it is read (a duplicate event, a selection folded in), which is rare.
+
+Each entry also says whether the decision log is known to hold it. An accept folded in from the
+requests topic may not be there: a worker stopped (kill -9) between writing the request and its
+decision record leaves the log without it, and the redelivered event, answered as a duplicate,
+must write it then (:meth:`DecidedOutcomes.unlogged`).
 """
 
 from __future__ import annotations
@@ -57,9 +62,22 @@ class DecidedOutcomes:
     def capacity(self) -> int:
         return self._lru.capacity
 
-    def put(self, outcome: Outcome) -> None:
-        """Remember ``outcome`` under its event id (as the newest entry)."""
-        self._lru.put(outcome.event_id, pack(outcome))
+    def put(self, outcome: Outcome, *, logged: bool = True) -> None:
+        """Remember ``outcome`` under its event id (as the newest entry); ``logged``: the
+        decision log holds it or will (False for a selection read from the requests topic)."""
+        self._lru.put(outcome.event_id, (*pack(outcome), logged))
+
+    def unlogged(self, event_id: str) -> bool:
+        """Whether ``event_id`` is remembered but the decision log may lack its record."""
+        packed = self._lru.get(event_id)
+        return packed is not None and not packed[-1]
+
+    def mark_logged(self, event_id: str) -> None:
+        """Record that the decision log holds ``event_id``'s decision (its place in the LRU
+        order is kept)."""
+        packed = self._lru.get(event_id)
+        if packed is not None and not packed[-1]:
+            self._lru[event_id] = (*packed[:-1], True)
 
     def get(self, event_id: str) -> Outcome | None:
         packed = self._lru.get(event_id)

@@ -263,8 +263,7 @@ class SelectionHandler:
                 # not kept. A failure raises (the caller retries; the batch is then answered as
                 # duplicates) and the records are written before the next decision.
                 self._unlogged.append((list(outcomes.values()), now))
-                await self._write_decision_log()
-            result, emitted = [], set()
+            result, emitted, relog = [], set(), []
             for ev in events:
                 got = outcomes.get(ev.event_id)
                 if got is not None and ev.event_id not in emitted:
@@ -273,6 +272,14 @@ class SelectionHandler:
                 else:  # decided earlier (or earlier in this batch): same verdict, marked duplicate
                     prev = got or self._decided[ev.event_id]
                     result.append(Outcome(ev.event_id, prev.decision, True, prev.worker_id))
+                    if got is None and self._decided.unlogged(ev.event_id):
+                        # a selection known from the requests topic only: its worker stopped
+                        # before logging it, so the log gets it now (as that worker decided it)
+                        relog.append(prev)
+                        self._decided.mark_logged(ev.event_id)
+            if relog:
+                self._unlogged.append((relog, self.clock()))
+            await self._write_decision_log()
             now = self.clock()
             latencies = [now - ev.event_time for ev in events if ev.event_time]
             self.metrics.batch_decided(result, latencies, t_score)
@@ -362,7 +369,9 @@ class SelectionHandler:
 
         await loop.run_in_executor(self._executor, fold)
         for outcome, vec in fresh:
-            self._decided.put(outcome)
+            # the decision log may lack it (its worker stopped after the request): a redelivery
+            # answered from here writes it (submit)
+            self._decided.put(outcome, logged=False)
             self.learning.remember(outcome.decision.item_id, outcome.decision.modality, vec)
         self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return len(fresh)
@@ -372,10 +381,13 @@ class SelectionHandler:
         restart): a redelivery of such an event gets the earlier verdict, marked duplicate.
         Accepts are folded in from the requests topic instead (they carry the spend); putting
         them here first would hide them from :meth:`observe_remote_selections`. Returns the
-        number remembered."""
+        number remembered. An accept read here marks a selection already folded in as logged
+        (a redelivery of it need not log it again)."""
         n = 0
         for o in outcomes:
-            if not o.decision.accept and o.event_id not in self._decided:
+            if o.decision.accept:
+                self._decided.mark_logged(o.event_id)
+            elif o.event_id not in self._decided:
                 self._decided.put(o)
                 n += 1
         return n

@@ -139,7 +139,8 @@ def explain(bootstrap: str, decisions_topic: str, pairs_topic: str, dims: Mappin
 
     Every decision-log record whose event id or item id is ``key`` (oldest first: a redelivery
     answered as a duplicate is not logged again, a batch decided afresh after a failed publish
-    is), with its reason, utility against the threshold, score components, model version and
+    is, and so is a selection whose worker stopped before logging it, when its event comes
+    again), with its reason, utility against the threshold, score components, model version and
     worker; then the training pair the item is part of, if any.
     """
     found = []

@@ -62,3 +62,22 @@ def test_the_store_is_a_bounded_mapping_by_write_order():
     assert list(store) == ["ev-3", "ev-4", "ev-2"]
     with pytest.raises(KeyError):
         store["ev-0"]
+
+
+def test_the_logged_flag_round_trips_and_marking_keeps_the_lru_order():
+    d = DecidedOutcomes(3)
+    rng = np.random.default_rng(2)
+    outs = [_outcome(i, rng, Reason.ACCEPT_UTILITY) for i in range(4)]
+    d.put(outs[0])
+    d.put(outs[1], logged=False)
+    d.put(outs[2])
+    assert [d.unlogged(o.event_id) for o in outs[:3]] == [False, True, False]
+    assert not d.unlogged("never-seen")
+    d.mark_logged("ev-1")
+    d.mark_logged("never-seen")  # nothing to mark: no entry made
+    assert not d.unlogged("ev-1") and "never-seen" not in d
+    assert list(d) == ["ev-0", "ev-1", "ev-2"] and d["ev-1"] == outs[1]
+    d.put(outs[3], logged=False)  # evicts the oldest, ev-0
+    assert list(d) == ["ev-1", "ev-2", "ev-3"] and d.unlogged("ev-3")
+    gc.collect()
+    assert not any(gc.is_tracked(v) for v in d._lru.values())

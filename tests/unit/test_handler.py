@@ -581,3 +581,58 @@ def test_every_fresh_decision_is_logged_and_logged_skips_answer_redeliveries(mak
             [o.decision.reason for o in skips]
 
     run(body())
+
+
+def test_a_selection_known_only_from_the_requests_topic_is_logged_when_redelivered(make):
+    """A worker killed between writing a request and its decision record: after the restart the
+    selection comes back from the requests topic, and its redelivered event (answered as a
+    duplicate) writes the missing decision record, once."""
+    other = make(RecordingPublisher(), worker_id="w-killed")
+    pub = DecisionLog()
+    h = make(pub, clock=lambda: 7.0)
+
+    async def body():
+        outs = await other.submit(_evs(0, 20))
+        accepted = [o for o in outs if o.decision.accept]
+        assert len(accepted) >= 2
+        a, b = accepted[:2]
+        for o in (a, b):
+            assert await h.observe_remote_selection(o, _vec(int(o.event_id[3:]),
+                                                             o.decision.modality))
+        # the decision log's tail holds b (read back by the decisions follower), not a
+        assert await h.observe_remote_decisions([b]) == 0
+        got = await h.submit([_ev(int(a.event_id[3:])), _ev(int(b.event_id[3:]))])
+        assert [o.duplicate for o in got] == [True, True]
+        assert pub.logged == [(a.event_id, True, 7.0)]
+        await h.submit([_ev(int(a.event_id[3:]))])  # a second redelivery: logged already
+        assert pub.logged == [(a.event_id, True, 7.0)]
+
+    run(body())
+
+
+def test_requests_written_before_a_failed_publish_reach_the_log_on_the_retry(make):
+    """A publish that failed part-way folds in the requests the broker acknowledged; the retry
+    answers them as duplicates and logs their decisions (no verdict missing from the log)."""
+    from service.messages import PartialPublish
+
+    class HalfThenLog(DecisionLog):
+        failed = False
+
+        async def publish_requests(self, requests):
+            if not self.failed:
+                self.failed = True
+                raise PartialPublish(list(range(len(requests))), RuntimeError("broker gone"))
+
+    pub = HalfThenLog()
+    h = make(pub)
+
+    async def body():
+        with pytest.raises(PartialPublish):
+            await h.submit(_evs(0, 20))
+        assert pub.logged == []
+        again = await h.submit(_evs(0, 20))
+        logged = {e for e, _, _ in pub.logged}
+        assert logged == {o.event_id for o in again}
+        assert len(pub.logged) == len(logged)
+
+    run(body())
