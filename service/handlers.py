@@ -56,6 +56,7 @@ from service.learning_loop import (
     DEFAULT_VALIDATION_SHARE,
     LearningLoop,
 )
+from service.lru import LRU
 from service.messages import (
     AlignmentRequestOut,
     EngineStatus,
@@ -134,6 +135,9 @@ class SelectionHandler:
         self.modalities = selector.modalities
         self.dims = dict(selector.model.dims)
         self._decided = DecidedOutcomes(dedup_capacity)  # event_id -> Outcome
+        # accepts read from the decision log before their request was folded in (the two
+        # followers replay concurrently): the fold then knows the log has them
+        self._logged_accepts = LRU(dedup_capacity)
         # decision-log records of committed batches not yet written (the broker failed after
         # the requests were published): written before anything else is decided
         self._unlogged: list[tuple[list[Outcome], float]] = []
@@ -370,8 +374,9 @@ class SelectionHandler:
         await loop.run_in_executor(self._executor, fold)
         for outcome, vec in fresh:
             # the decision log may lack it (its worker stopped after the request): a redelivery
-            # answered from here writes it (submit)
-            self._decided.put(outcome, logged=False)
+            # answered from here writes it (submit), unless the log was seen to hold it
+            logged = self._logged_accepts.pop(outcome.event_id, None) is not None
+            self._decided.put(outcome, logged=logged)
             self.learning.remember(outcome.decision.item_id, outcome.decision.modality, vec)
         self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return len(fresh)
@@ -381,12 +386,15 @@ class SelectionHandler:
         restart): a redelivery of such an event gets the earlier verdict, marked duplicate.
         Accepts are folded in from the requests topic instead (they carry the spend); putting
         them here first would hide them from :meth:`observe_remote_selections`. Returns the
-        number remembered. An accept read here marks a selection already folded in as logged
-        (a redelivery of it need not log it again)."""
+        number remembered. An accept read here marks its selection as logged, whether it was
+        folded in already or is folded in later (a redelivery of it need not log it again)."""
         n = 0
         for o in outcomes:
             if o.decision.accept:
-                self._decided.mark_logged(o.event_id)
+                if o.event_id in self._decided:
+                    self._decided.mark_logged(o.event_id)
+                else:
+                    self._logged_accepts.put(o.event_id, True)
             elif o.event_id not in self._decided:
                 self._decided.put(o)
                 n += 1
