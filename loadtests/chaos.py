@@ -998,10 +998,13 @@ def render(dep: Deployment, argv: list[str], took_s: float, short: bool) -> str:
         "- `tests/unit/test_engine_state_machine.py`: hypothesis state machines over the engine "
         "(fresh and redelivered batches, labels, failed and partly written publishes, the "
         "followers, crash and replay in every follower order): budget never overspent, no "
-        "event requested twice, bounded memories within capacity, replay idempotent. It found "
-        "four engine defects, fixed with it (a failed decision-log publish re-requested a "
-        "batch; a skip replayed before its request hid the spend; an echo of a relabelled "
-        "pair counted its cost again; a final answer after UNSURE in one call was lost).",
+        "event requested twice, bounded memories within capacity, replay idempotent, every "
+        "event of a batch that returned in the decision log. It found four engine defects, "
+        "fixed with it (a failed decision-log publish re-requested a batch; a skip replayed "
+        "before its request hid the spend; an echo of a relabelled pair counted its cost "
+        "again; a final answer after UNSURE in one call was lost). A fifth was found by this "
+        "suite's short run in CI and the machine checks it since: a worker killed between "
+        "writing a request and its decision record left the decision log without it.",
         "- `tests/unit/test_fuzz_inputs.py`: 30 s of the same fuzzer with a fixed seed.",
         "- `tests/component/test_observability_metrics.py`: the metric series are the same "
         "set after 100,000 unique ids, and `promtool check metrics` is clean.",

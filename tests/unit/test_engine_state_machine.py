@@ -16,7 +16,8 @@ published), no event id is requested twice, the bounded memories (diversity cach
 index, partnerless memory, item and dedup LRUs) stay within their capacities and the recent index
 holds exactly the newest items, every stored pair was published and vice versa, a label request
 id is published at most once. Checked in the rules: a failed publish commits nothing, a
-redelivery gets the earlier verdict, replaying the same history twice (or in another order)
+redelivery gets the earlier verdict, every event of a batch that returned has a decision-log
+record (after a crash too), replaying the same history twice (or in another order)
 gives the same state, and a re-sent label adds nothing.
 
 The last tests pin engine defects this machine found (``xfail(strict=True)``: they start passing,
@@ -346,6 +347,11 @@ class EngineMachine(RuleBasedStateMachine):
             event("a diversity cache evicted")
         new = [e for e in self.topics.requested_ids() if e not in before]
         assert sorted(new) == sorted(e for e, acc in fresh_now.items() if acc)
+        # a batch that returned is acknowledged by the caller: every one of its events has a
+        # decision record by now (one written earlier, by this worker or one before a crash)
+        logged = {o.event_id for o in self.topics.decision_outcomes()}
+        missing = sorted({ev.event_id for ev in events} - logged)
+        assert not missing, f"events answered without a decision-log record: {missing}"
 
     @rule(data=st.data())
     def submit_new_batch(self, data):
