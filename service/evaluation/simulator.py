@@ -105,6 +105,12 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
         "default-no-decay": lambda b: replace(SelectorConfig(budget=b), cache_half_life=None),
         "decay-1000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=1000.0),
         "decay-16000": lambda b: replace(SelectorConfig(budget=b), cache_half_life=16000.0),
+        # round 5: a stronger pull towards the modality farther from its selected set (rank
+        # normalisation per modality holds the stream near 50/50; the pool default is not held)
+        "coverage-0.3": lambda b: SelectorConfig(
+            budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.3)),
+        "coverage-0.6": lambda b: SelectorConfig(
+            budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.6)),
     }
 
 
