@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from service.evaluation import curves
-from service.evaluation.quality import REPLICATE, Job, _init_worker, _run_job
+from service.evaluation.quality import REPLICATE, Job, _init_worker, _mean_sem, _run_job
 
 BUDGET = 300
 DRAWS = 4
@@ -43,9 +43,9 @@ def main(argv: list[str]) -> None:
     arms = {f"random draw {d}": [("random", s, d) for s in seeds] for d in range(DRAWS)}
     arms[REPLICATE] = [(REPLICATE, s, 0) for s in seeds]
     for name, keys in arms.items():
-        d = 1000 * (np.array([auc[k] for k in keys]) - ref)
+        mean, sem = _mean_sem(1000 * (np.array([auc[k] for k in keys]) - ref))
         print(f"{dataset} {mode} {name}: AUC x1000 vs the mean of draws 1-{DRAWS - 1} "
-              f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(len(d)):.1f} ({len(d)} seeds)")
+              f"{mean:+.1f} ± {sem:.1f} ({len(keys)} seeds)")
 
 
 if __name__ == "__main__":
