@@ -163,9 +163,15 @@ class ModalityAwareAcquisition:
         return {m: float(np.clip((g - mean) / (mean + 1e-9), -1.0, 1.0)) for m, g in gaps.items()}
 
     def normalized(self, modality: str, uncertainty: np.ndarray, diversity: np.ndarray):
-        """Return (norm_u, norm_d) for one modality's raw scores, arrays of shape (n,)."""
-        return (self._norm[(modality, "u")].transform(np.asarray(uncertainty, dtype=np.float64)),
-                self._norm[(modality, "d")].transform(np.asarray(diversity, dtype=np.float64)))
+        """Return (norm_u, norm_d) for one modality's raw scores, arrays of shape (n,).
+
+        With ``uncertainty_weight`` 0 (the default) the uncertainty does not enter the utility:
+        ``norm_u`` is then 0 without a lookup (``0 * norm_u`` is 0 either way, so the utility
+        is the same bit for bit) and :meth:`commit` keeps no window for it."""
+        d = self._norm[(modality, "d")].transform(np.asarray(diversity, dtype=np.float64))
+        if self.config.uncertainty_weight == 0:
+            return np.zeros(len(d)), d
+        return self._norm[(modality, "u")].transform(np.asarray(uncertainty, dtype=np.float64)), d
 
     def normalized_diversity(self, modality: str, diversity: np.ndarray) -> np.ndarray:
         """The second half of :meth:`normalized` alone, shape (n,)."""
@@ -219,11 +225,12 @@ class ModalityAwareAcquisition:
         d = np.asarray(diversity, dtype=np.float64)
         if len(u) == 0:
             return
-        self._norm[(modality, "u")].update(u)
+        cfg = self.config
+        if cfg.uncertainty_weight != 0:  # else never read (see normalized)
+            self._norm[(modality, "u")].update(u)
         self._norm[(modality, "d")].update(d)
         if typicality is not None:
             self._norm[(modality, "t")].update(np.asarray(typicality, dtype=np.float64))
-        cfg = self.config
         a = 1.0 - (1.0 - cfg.coverage_alpha) ** len(d)
         for store, vals in ((self._gap, d), (self._unc, u)):
             m_ = float(vals.mean())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtests.chaos import LIMIT, _sized_batch, poison_records
+from loadtests.chaos import LIMIT, _sized_batch, decided_id_at, decision_rate, poison_records
 from service.wire import codecs
 
 pytestmark = pytest.mark.integration
@@ -49,6 +49,28 @@ def test_poison_records_are_what_the_suite_says_they_are():
             assert err.value.reason == reason, kind
         else:  # label_unresolved: decodes; only the engine knows the item is unknown
             codecs.label_from_proto(codecs.pb.AlignmentLabel.FromString(value), dims)
+
+
+def test_decision_rate_counts_from_the_first_batch_on_the_workers_clock():
+    """Three batches: 10 events at t = 100 (the first: its work is before the clock starts),
+    20 at 101, 30 at 103 -> 50 events over 3 s; degenerate inputs give NaN, not a number."""
+    times = [100.0] * 10 + [101.0] * 20 + [103.0] * 30
+    assert decision_rate(times) == pytest.approx(50 / 3)
+    assert decision_rate(list(reversed(times))) == pytest.approx(50 / 3)
+    assert np.isnan(decision_rate([]))
+    assert np.isnan(decision_rate([5.0, 5.0]))
+
+
+def test_decided_id_at_reads_a_decision_record():
+    from service.core.types import Decision
+    from service.messages import Outcome
+
+    d = Decision(item_id="i-1", modality="image", accept=False, utility=0.1, uncertainty=0.2,
+                 diversity=0.3, coverage_bonus=0.0, margin=0.1, entropy=0.2,
+                 least_confidence=0.3, threshold=0.5, model_version=0, reason="skip:below")
+    value = codecs.decision_record_to_proto(Outcome(event_id="ev-7", decision=d), 1234.5) \
+        .SerializeToString()
+    assert decided_id_at(value) == ("ev-7", pytest.approx(1234.5))
 
 
 @pytest.mark.slow

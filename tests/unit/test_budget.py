@@ -125,6 +125,29 @@ def test_external_spend_counts_against_the_budget_but_not_pacing():
         ctl.record_external(-1)
 
 
+def test_a_spend_over_the_total_from_other_workers_still_commits_skips():
+    """Other workers' selections can take the shared spend past the total (those in flight at
+    the moment): drafts then accept nothing and their commits go through, every time; an
+    accept beyond the total is still refused. (Refusing the skips made a worker dead-letter
+    every later batch: the chaos suite's kill-2w run.)"""
+    ctl = BudgetController(BudgetConfig(total=10, target_rate=0.5, min_history=1, explore=0.0),
+                           seed=0)
+    ctl.record_external(11)
+    for _ in range(3):
+        d = ctl.begin(4)
+        out = [d.decide(1.0) for _ in range(4)]
+        assert not any(o.accept for o in out)
+        assert {o.reason for o in out} == {"skip:budget_exhausted"}
+        ctl.commit(d)
+    assert ctl.spent == 11 and ctl.seen == 12 and ctl.remaining == 0
+    fresh = BudgetController(BudgetConfig(total=2, target_rate=1.0, explore=0.0), seed=0)
+    d = fresh.begin(2)
+    assert all(d.decide(1.0).accept for _ in range(2))
+    fresh.record_external(1)  # cannot happen inside the handler's lock: the check still holds
+    with pytest.raises(ValueError, match=r"commit would spend 3 > budget 2 \(2 accepts"):
+        fresh.commit(d)
+
+
 def test_target_rate_one_accepts_everything_within_the_budget():
     # The threshold at rate 1 would be the window minimum: items below it must not be skipped.
     ctl = BudgetController(BudgetConfig(total=50, target_rate=1.0, min_history=2, explore=0.0),

@@ -425,3 +425,23 @@ def test_scorer_scores_equal_the_functions_on_its_similarities():
     ref = all_uncertainties(sims, 0.05)
     for name in ("margin", "entropy", "least_confidence"):
         np.testing.assert_allclose(getattr(got, name), ref[name].double().numpy(), atol=1e-5)
+
+
+def test_uncertainty_off_keeps_no_window_and_leaves_the_utility_unchanged():
+    """uncertainty_weight 0 (the default): no uncertainty window is kept or read, and the
+    utility equals the one computed through that window bit for bit (0 * anything in [0, 1]
+    is 0); with a weight the window is kept and read."""
+    rng = np.random.default_rng(3)
+    off = ModalityAwareAcquisition(MODS, AcquisitionConfig())
+    on = ModalityAwareAcquisition(MODS, AcquisitionConfig(uncertainty_weight=0.4))
+    for _ in range(5):
+        u, d = rng.random(30), rng.random(30)
+        off.commit("a", u, d, accepted=1)
+        on.commit("a", u, d, accepted=1)
+    assert len(off._norm[("a", "u")]) == 0 and len(on._norm[("a", "u")]) == 150
+    u, d = rng.random(50), rng.random(50)
+    nu_off, nd_off = off.normalized("a", u, d)
+    nu_on, nd_on = on.normalized("a", u, d)
+    assert not nu_off.any() and nu_on.any() and np.array_equal(nd_off, nd_on)
+    via_window = off.utility(nu_on, nd_on, 0.1, 0.3)  # weight 0 times the real ranks
+    assert np.array_equal(off.utility(nu_off, nd_off, 0.1, 0.3), via_window)
