@@ -66,6 +66,7 @@ import numpy as np
 
 from service.messages import IncomingEvent
 from service.perfbench.e2e import proc_cpu_seconds
+from service.perfbench.loadgen import scrape_pairsieve
 from service.streaming.topics import (
     DEAD_LETTER_TOPIC,
     DECISIONS_TOPIC,
@@ -234,14 +235,14 @@ class Tail(threading.Thread):
         return list(self.items)
 
 
-def decided_id(value: bytes) -> str:
-    return codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(value))[0].event_id
-
-
 def decided_id_at(value: bytes) -> tuple[str, float]:
     """(event id, the worker's ``decided_at`` in seconds) of one decision record."""
     outcome, at = codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(value))
     return outcome.event_id, at
+
+
+def decided_id(value: bytes) -> str:
+    return decided_id_at(value)[0]
 
 
 def decision_rate(decided_at: Sequence[float]) -> float:
@@ -255,31 +256,6 @@ def decision_rate(decided_at: Sequence[float]) -> float:
     if last <= first:
         return float("nan")
     return sum(1 for t in decided_at if t > first) / (last - first)
-
-
-def metric_sums(metrics_port: int, names: Sequence[str], timeout_s: float = 2.0
-                ) -> dict[str, float]:
-    """The sum over all label sets of each metric in ``names`` on a worker's ``/metrics``."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                timeout=timeout_s) as r:
-        text = r.read().decode()
-    out = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def events_decided(metrics_port: int) -> int:
-    """Events a worker has decided (``pairsieve_events_received_total``): a cheap progress
-    probe, nothing is decoded but one short text page. (The decision log's end offsets are no
-    such probe on tansu 0.6.0: its latest offset lagged the records it held by about the last
-    batch of each partition.)"""
-    name = "pairsieve_events_received_total"
-    return int(metric_sums(metrics_port, [name])[name])
 
 
 def request_id(value: bytes) -> str:
@@ -583,13 +559,14 @@ def _run_poison_stream(dep: Deployment, n_valid: int, poison_every: int | None, 
     # decoding the decision log as it grew took a third of a core on this 2-core machine, and
     # rendering /metrics costs the worker's interpreter a few milliseconds (every 50 ms it took
     # a third as much CPU as the engine). The rates come from the worker's own clock, so the
-    # polling interval does not enter them. The log is read (and checked) afterwards.
-    wait_until(lambda: events_decided(w.metrics_port) >= len(want), 300, every_s=0.5)
+    # polling interval does not enter them. The log is read (and checked) afterwards. (The
+    # decision log's end offsets are no such probe on tansu 0.6.0: its latest offset lagged
+    # the records it held by about the last batch of each partition.)
+    url = f"http://127.0.0.1:{w.metrics_port}/metrics"
+    wait_until(lambda: scrape_pairsieve(url)["decided"] >= len(want), 300, every_s=0.5)
     took, cpu = time.monotonic() - t0, proc_cpu_seconds(w.proc.pid) - cpu0
-    sizes = metric_sums(w.metrics_port, ["pairsieve_micro_batch_size_sum",
-                                         "pairsieve_micro_batch_size_count"])
-    mean_batch = sizes["pairsieve_micro_batch_size_sum"] / max(
-        1.0, sizes["pairsieve_micro_batch_size_count"])
+    end = scrape_pairsieve(url)
+    mean_batch = end["batch_sum"] / max(1.0, end["batch_count"])
     decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id_at)
     dead = Tail(dep.bootstrap, DEAD_LETTER_TOPIC + suffix, dead_reason)
     wait_until(lambda: want <= {i for i, _ in decided.items}, 60, every_s=0.25)
@@ -1082,7 +1059,7 @@ def render(dep: Deployment, argv: list[str], took_s: float, short: bool) -> str:
         "spend one past the total (the overshoot the README's Scale-out section allows), the "
         "budget refused every later commit of that worker, skips included, and the stream "
         "dead-lettered each of its batches as `rejected` (8,193 of 12,000 events); "
-        "`tests/unit/test_budget.py` and `tests/unit/test_handler_overspent.py` check it.",
+        "`tests/unit/test_budget.py` and `tests/unit/test_handler.py` check it.",
         "- `tests/unit/test_fuzz_inputs.py`: 30 s of the same fuzzer with a fixed seed.",
         "- `tests/component/test_observability_metrics.py`: the metric series are the same "
         "set after 100,000 unique ids, and `promtool check metrics` is clean.",

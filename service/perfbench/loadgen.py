@@ -141,8 +141,9 @@ def scrape_pairsieve(url: str, timeout_s: float = 2.0) -> dict:
     """Read a pairsieve ``/metrics`` endpoint.
 
     Returns ``{"t", "events": {outcome: n}, "decided", "latency_buckets": [(le, cum)],
-    "latency_count", "lag", "grpc": {(method, code): n}}`` summed over label values.
-    ``decided`` = accepted + skipped + duplicate events.
+    "latency_count", "lag", "grpc": {(method, code): n}, "batch_sum", "batch_count"}`` summed
+    over label values. ``decided`` = accepted + skipped + duplicate events; ``batch_*`` are the
+    micro-batch size histogram's sum and count.
     """
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,6 +155,7 @@ def scrape_pairsieve(url: str, timeout_s: float = 2.0) -> dict:
     lat_count = 0.0
     lag = 0.0
     grpc_req: dict[str, float] = {}
+    batch = {"_sum": 0.0, "_count": 0.0}
     for fam in text_string_to_metric_families(text):
         if fam.name == "pairsieve_events_received":
             for s in fam.samples:
@@ -171,6 +173,11 @@ def scrape_pairsieve(url: str, timeout_s: float = 2.0) -> dict:
             for s in fam.samples:
                 if math.isfinite(s.value):
                     lag += s.value
+        elif fam.name == "pairsieve_micro_batch_size":
+            for s in fam.samples:
+                for end in batch:
+                    if s.name.endswith(end):
+                        batch[end] += s.value
         elif fam.name == "pairsieve_grpc_requests":
             for s in fam.samples:
                 if s.name.endswith("_total"):
@@ -179,7 +186,7 @@ def scrape_pairsieve(url: str, timeout_s: float = 2.0) -> dict:
     decided = sum(events.get(k, 0.0) for k in ("accepted", "skipped", "duplicate"))
     return {"t": t, "events": events, "decided": decided,
             "latency_buckets": sorted(buckets.items()), "latency_count": lat_count, "lag": lag,
-            "grpc": grpc_req}
+            "grpc": grpc_req, "batch_sum": batch["_sum"], "batch_count": batch["_count"]}
 
 
 def sum_scrapes(scrapes: Sequence[dict]) -> dict:

@@ -31,11 +31,15 @@ WORKER = "w-test"
 class RecordingPublisher(NullPublisher):
     def __init__(self):
         self.published = []
+        self.logged = []  # event ids of the decision records
         self.calls = 0
 
     async def publish_requests(self, requests):
         self.calls += 1
         self.published.extend(requests)
+
+    async def publish_decisions(self, outcomes, decided_at):
+        self.logged += [o.event_id for o in outcomes]
 
 
 class FailingPublisher(NullPublisher):
@@ -461,6 +465,32 @@ def test_remote_selection_counts_here_and_dedups_its_event(make):
         before = _snap(h)
         assert await h.observe_remote_selection(o, vec) is False
         _same(before, _snap(h))
+
+    run(body())
+
+
+def test_a_worker_over_the_total_keeps_deciding_and_logging(make):
+    """A worker whose view of the shared budget is over the total (another worker's accept
+    raced its own: README, Scale-out) keeps deciding every event: skips, logged, nothing spent.
+    (Its budget used to refuse every commit, and the stream dead-lettered each batch.)"""
+    mine = RecordingPublisher()
+    h, other = make(mine, total=6), make(RecordingPublisher(), total=6, worker_id="w-other")
+
+    async def body():
+        await h.submit(_evs(0, 8))  # spends part of the budget here
+        outs = await other.submit(_evs(100, 140))  # the other worker spends all of its own
+        for o in outs:  # ... and this worker folds them all in: over the total
+            if o.decision.accept:
+                i = int(o.event_id[3:])
+                await h.observe_remote_selection(o, _vec(i, o.decision.modality))
+        st = h.status()
+        assert st.spent > st.budget_total
+        spent, n_req = st.spent, len(mine.published)
+        later = await h.submit(_evs(200, 260))
+        assert len(later) == 60 and not any(x.decision.accept for x in later)
+        assert {x.decision.reason for x in later} == {"skip:budget_exhausted"}
+        assert h.status().spent == spent and len(mine.published) == n_req
+        assert set(mine.logged) >= {f"ev-{i}" for i in range(200, 260)}
 
     run(body())
 
