@@ -5,7 +5,10 @@ order of operations for every batch, whatever its transport:
 
 1. drop events already decided (redelivery: the earlier decision is returned, marked duplicate;
    nothing is spent again and no second alignment request is made);
-2. ``propose`` in the torch executor (the asyncio loop never runs torch);
+2. ``propose`` in the torch executor (the asyncio loop never runs torch); with a budget shared
+   by several workers, reserve the accepted event ids on the budget ledger
+   (:attr:`SelectionHandler.shared_budget`): an accept that gets no unit becomes
+   ``skip:budget_exhausted``;
 3. publish one :class:`AlignmentRequestOut` per accepted event through the injected
    :class:`Publisher` and wait until they are durably written (the requests topic is the record
    of spend: every worker rebuilds its budget from it);
@@ -38,6 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
@@ -69,7 +73,9 @@ from service.messages import (
     Outcome,
     PartialPublish,
     Publisher,
+    SharedBudget,
 )
+from service.observability.log_throttle import ThrottledWarnings
 
 log = logging.getLogger("pairsieve.handlers")
 
@@ -147,6 +153,12 @@ class SelectionHandler:
         # follower's ``read_to_end``; None (tests, a worker that ignores other selections): no
         # read-back is possible, the unconfirmed requests count as not written.
         self.publish_fence: Callable[[], Awaitable[bool]] | None = None
+        # A budget shared by several workers: before its accepts are published, their event
+        # ids are reserved on the budget ledger (:mod:`service.core.budget_ledger`), which
+        # answers per id whether it got a unit; a denied accept becomes skip:budget_exhausted.
+        # Set by the service when the budget has a total; None: the local count alone.
+        self.shared_budget: SharedBudget | None = None
+        self._denials = ThrottledWarnings(log, 60.0)
         self._fence_due = False
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairsieve-torch")
@@ -226,6 +238,19 @@ class SelectionHandler:
                 except VectorError as exc:  # the core knows items: name the event too
                     bad = events[fresh_idx[exc.index]].event_id if exc.index is not None else ""
                     raise exc.prefixed(f"event {bad!r}: " if bad else "") from None
+                acc_pos = [k for k, dec in enumerate(proposal.decisions) if dec.accept]
+                if acc_pos and self.shared_budget is not None:
+                    # raises (PartialPublish: retryable) when the ledger cannot answer: nothing
+                    # was published or spent
+                    grants = await self.shared_budget.reserve(
+                        [events[fresh_idx[k]].event_id for k in acc_pos])
+                    denied = [k for k, ok in zip(acc_pos, grants, strict=True) if not ok]
+                    if denied:
+                        proposal = self.selector.deny(proposal, denied)
+                        self._denials.warn("budget_ledger", f"the shared budget is spent: "
+                                           f"{len(denied)} of {len(acc_pos)} accepts of a batch "
+                                           "got no unit on the budget ledger (skip:budget_"
+                                           "exhausted)")
                 vectors = proposal.vectors  # validated, float32
                 cands = await loop.run_in_executor(
                     self._executor, self.selector.partner_candidates, proposal, self.candidates_k)
@@ -455,7 +480,7 @@ class SelectionHandler:
     def status(self) -> EngineStatus:
         """The engine's state now (budget, counts, model, caches, labels, model quality)."""
         gain = self.learning.expected_gain()
-        return EngineStatus.from_selector(
+        status = EngineStatus.from_selector(
             self.selector.status(), worker_id=self.worker_id,
             pairs_acquired=self.learning.pairs_acquired,
             budget_total=self.selector.budget.config.total,
@@ -467,6 +492,12 @@ class SelectionHandler:
             expected_gain=gain.gain if gain else float("nan"),
             expected_gain_se=gain.se if gain else float("nan"),
             expected_gain_pairs=self.learning.gain_horizon)
+        if self.shared_budget is not None and status.remaining is not None:
+            # units granted to accepts never published (a worker killed in between) are spent
+            # on the ledger though no request counts them here
+            status = replace(status, remaining=min(status.remaining,
+                                                   max(0, self.shared_budget.units_left())))
+        return status
 
     def close(self) -> None:
         self._train_executor.shutdown(wait=True)

@@ -37,7 +37,7 @@ from service.core.types import Decision
 __all__ = [
     "LABEL_STATUSES", "IncomingEvent", "Outcome", "AlignmentRequestOut", "Label", "LabelResult",
     "TrainingPair", "ModelRelease", "EngineStatus", "Publisher", "NullPublisher", "MetricsSink",
-    "StreamMetricsSink", "NullMetrics",
+    "StreamMetricsSink", "NullMetrics", "SharedBudget",
 ]
 
 #: The answers an annotator can give; only MATCH (with a partner) makes a training pair.
@@ -273,7 +273,8 @@ class EngineStatus:
     spent : int
         Selections counted against the budget (this worker's and those folded in from others).
     remaining : int or None
-        Budget left; None = unlimited.
+        Budget left; None = unlimited. With a shared budget (the budget ledger), the smaller of
+        this worker's count and the units the ledger has left.
     budget_total : int or None
         None = unlimited.
     seen : int
@@ -406,6 +407,21 @@ class PartialPublish(RuntimeError):
         super().__init__(f"{len(acked)} record(s) written before the publish failed: {cause!r}")
         self.acked = tuple(acked)
         self.cause = cause
+
+
+class SharedBudget(Protocol):
+    """One budget shared by several workers (the budget ledger in the service,
+    ``service.streaming.budget_reservations``).
+
+    :meth:`reserve` answers, per event id about to be requested, whether it holds a unit (granted
+    now or before); it raises :class:`PartialPublish` (retryable, nothing acknowledged) when it
+    cannot tell. :meth:`units_left` is what the shared total has left as far as this worker has
+    read.
+    """
+
+    async def reserve(self, event_ids: Sequence[str]) -> list[bool]: ...
+
+    def units_left(self) -> int: ...
 
 
 class Publisher(Protocol):

@@ -42,6 +42,7 @@ from service.rpc.server import GrpcServer, start_grpc_server
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
 from service.streaming.broker import EmbeddedBroker
+from service.streaming.budget_reservations import KafkaBudgetLedger
 from service.streaming.kafka_io import (
     KafkaPublisher,
     TopicFollower,
@@ -52,6 +53,7 @@ from service.streaming.kafka_io import (
 )
 from service.streaming.security import check_access
 from service.streaming.topics import (
+    BUDGET_LEDGER_TOPIC,
     DECISIONS_TOPIC,
     MODELS_TOPIC,
     REQUESTS_TOPIC,
@@ -255,6 +257,14 @@ async def start_service(settings: Settings) -> Service:
     t_replay = time.perf_counter()
     for follower in followers:
         await follower.start()
+    if settings.budget_ledger and settings.budget_unit == "items" and settings.budget_total >= 0:
+        # one total shared exactly by every worker (README, Scale-out)
+        ledger = KafkaBudgetLedger(bootstrap, settings.topic(BUDGET_LEDGER_TOPIC),
+                                   settings.budget_total, publisher, worker_id=handler.worker_id,
+                                   security=security)
+        await ledger.start()
+        followers.append(ledger.follower)
+        handler.shared_budget = ledger
     for follower in followers:
         await follower.wait_caught_up()
     log.info("state replayed in %.1fs: %d selections, %d training pairs, model version %d",

@@ -328,6 +328,12 @@ class Settings:
                            check=_non_negative_int)
     follow_selections: int = _s(1, "1: fold in every worker's selections (scale-out); 0: own "
                                    "only", allowed="0 or 1", check=lambda v: v in (0, 1))
+    budget_ledger: int = _s(1, "1: with a budget total in items, every accept is reserved on "
+                               "the one-partition budget ledger before it is requested (an "
+                               "exact total shared by all workers; one round trip per batch "
+                               "with accepts); 0: each worker counts the selections it has "
+                               "seen (two workers can overshoot by the accepts in flight)",
+                            allowed="0 or 1", check=lambda v: v in (0, 1))
     decision_log: int = _s(1, "1: publish every decision (accept and skip, components, "
                               "threshold, model version, reason, worker) to "
                               "pairsieve.decisions.v1 (`pairsieve explain`); 0: off",

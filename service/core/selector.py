@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -321,6 +321,28 @@ class StreamingSelector:
                               partnerless=col["partnerless"][i], cost=float(cost[i]))
                      for i, it in enumerate(items)]
         return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch, typ)
+
+    def deny(self, proposal: Proposal, positions: Sequence[int]) -> Proposal:
+        """The proposal with its accepts at ``positions`` turned into ``skip:budget_exhausted``.
+
+        For a budget shared by several workers (:mod:`service.core.budget_ledger`): the accepts
+        the ledger granted no unit are not requested, not spent and not cached when the result
+        is committed. The other decisions stay as proposed (a denial means the shared budget is
+        spent, and the ledger then grants no later accept of the batch a new unit either).
+
+        Raises
+        ------
+        ValueError
+            A position outside the batch or of a decision that is not an accept.
+        """
+        denied = set(int(k) for k in positions)
+        for k in sorted(denied):
+            if not 0 <= k < len(proposal.decisions) or not proposal.decisions[k].accept:
+                raise ValueError(f"deny: position {k} is not an accept of this batch of "
+                                 f"{len(proposal.decisions)}")
+        decisions = [replace(d, accept=False, reason=Reason.SKIP_BUDGET_EXHAUSTED, cost=0.0)
+                     if i in denied else d for i, d in enumerate(proposal.decisions)]
+        return replace(proposal, decisions=decisions)
 
     # ------------------------------------------------------------------ commit
     def commit(self, proposal: Proposal) -> None:

@@ -27,6 +27,7 @@ Known tansu 0.6.0 quirks (measured against the bundled build, see
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -314,3 +315,18 @@ class EmbeddedBroker:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"EmbeddedBroker({self.host}:{self.port}, {state})"
+
+
+@contextlib.contextmanager
+def bootstrap_or_embedded(bootstrap: str):
+    """Yield ``bootstrap``; when it is empty, start an :class:`EmbeddedBroker` for the block and
+    yield its address instead (stopped on exit). For the load drivers' ``--bootstrap``."""
+    if bootstrap:
+        yield bootstrap
+        return
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()

@@ -194,12 +194,17 @@ class TopicFollower(Generic[T]):
         Read only the last ``tail`` records of each partition (None: from the beginning).
     security : KafkaSecurity
         How the consumer connects (default plaintext).
+    fetch_max_wait_ms : int
+        How long the broker may hold a fetch that found nothing: the follower's lag behind a new
+        record when idle (a short wait keeps it low: aiokafka's default 500 ms dominated).
     """
 
     def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], T],
                  fold: Callable[[list[T]], Awaitable[int]], *, name: str,
-                 tail: int | None = None, security: KafkaSecurity = PLAINTEXT):
+                 tail: int | None = None, security: KafkaSecurity = PLAINTEXT,
+                 fetch_max_wait_ms: int = 50):
         self.topic = topic
+        self.fetch_max_wait_ms = int(fetch_max_wait_ms)
         self.tail = tail
         self.name = name
         self._decode = decode
@@ -208,6 +213,7 @@ class TopicFollower(Generic[T]):
         self._security = security
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
+        self.partitions = 0  # of the topic, once started
         self.folded = 0
         self.read = 0
         self.skipped = 0
@@ -216,10 +222,9 @@ class TopicFollower(Generic[T]):
         self._at_end_after = 0  # the latest poll (by its number) that left every partition read
 
     async def start(self) -> None:
-        # A short fetch wait keeps the follower's lag low (aiokafka's default 500 ms dominated).
         c = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
-                             fetch_max_wait_ms=50,
+                             fetch_max_wait_ms=self.fetch_max_wait_ms,
                              client_id=f"pairsieve-follower-{self.name.replace(' ', '-')}",
                              **self._security.aiokafka())
         await c.start()
@@ -235,6 +240,7 @@ class TopicFollower(Generic[T]):
             raise RuntimeError(f"{self.name} topic {self.topic!r} has no partitions "
                                "(not created?)")
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self.partitions = len(tps)
         c.assign(tps)
         await c.seek_to_beginning(*tps)
         if self.tail is not None:

@@ -17,7 +17,8 @@ from service.streaming.security import PLAINTEXT, KafkaSecurity
 log = logging.getLogger("pairsieve.broker")
 
 __all__ = ["FEATURES_TOPIC", "REQUESTS_TOPIC", "LABELS_TOPIC", "DEAD_LETTER_TOPIC",
-           "TRAINING_PAIRS_TOPIC", "MODELS_TOPIC", "DECISIONS_TOPIC", "TOPICS", "topic_specs",
+           "TRAINING_PAIRS_TOPIC", "MODELS_TOPIC", "DECISIONS_TOPIC", "BUDGET_LEDGER_TOPIC",
+           "TOPICS", "topic_specs",
            "topic_configs", "create_topics", "admin_client", "check_bootstrap"]
 
 FEATURES_TOPIC = "pairsieve.features.v1"
@@ -27,8 +28,9 @@ DEAD_LETTER_TOPIC = "pairsieve.dead-letter.v1"
 TRAINING_PAIRS_TOPIC = "pairsieve.training-pairs.v1"
 MODELS_TOPIC = "pairsieve.models.v1"
 DECISIONS_TOPIC = "pairsieve.decisions.v1"
+BUDGET_LEDGER_TOPIC = "pairsieve.budget-ledger.v1"
 TOPICS = (FEATURES_TOPIC, REQUESTS_TOPIC, LABELS_TOPIC, DEAD_LETTER_TOPIC, TRAINING_PAIRS_TOPIC,
-          MODELS_TOPIC, DECISIONS_TOPIC)
+          MODELS_TOPIC, DECISIONS_TOPIC, BUDGET_LEDGER_TOPIC)
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -41,7 +43,8 @@ def topic_specs(partitions: int = 4) -> dict[str, int]:
     partitions : int
         Partitions of the features, alignment-requests and decisions topics (the parallelism of
         the stream processor). Labels, dead letters, training pairs and models are low volume: one
-        partition each (one labels partition = one trainer at a time).
+        partition each (one labels partition = one trainer at a time). The budget ledger has one
+        partition by contract: its order is what every worker agrees on.
 
     Returns
     -------
@@ -57,7 +60,7 @@ def topic_specs(partitions: int = 4) -> dict[str, int]:
         raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
     return {FEATURES_TOPIC: partitions, REQUESTS_TOPIC: partitions, LABELS_TOPIC: 1,
             DEAD_LETTER_TOPIC: 1, TRAINING_PAIRS_TOPIC: 1, MODELS_TOPIC: 1,
-            DECISIONS_TOPIC: partitions}
+            DECISIONS_TOPIC: partitions, BUDGET_LEDGER_TOPIC: 1}
 
 
 def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[str, str]]:
@@ -67,9 +70,10 @@ def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[s
     training set from them: compacted (one record per pair key survives) and never deleted by
     time. The models topic keeps the newest version (one key) and must carry a checkpoint of up
     to ``max_message_bytes``. The decision log (one record per decided event) is kept for a week,
-    like the features it explains. On a broker without compaction (the embedded tansu keeps
-    everything) pairsieve stays correct: readers deduplicate pairs by key and take the newest
-    model version.
+    like the features it explains. The budget ledger is never deleted (its reservations decide
+    which event ids hold a unit; a worker replays them all). On a broker without compaction (the
+    embedded tansu keeps everything) pairsieve stays correct: readers deduplicate pairs by key
+    and take the newest model version.
 
     Returns
     -------
@@ -80,7 +84,8 @@ def topic_configs(max_message_bytes: int = 16 * 1024 * 1024) -> dict[str, dict[s
     return {TRAINING_PAIRS_TOPIC: {"cleanup.policy": "compact", "retention.ms": "-1"},
             MODELS_TOPIC: {"cleanup.policy": "compact", "retention.ms": "-1",
                            "max.message.bytes": size},
-            DECISIONS_TOPIC: {"cleanup.policy": "delete", "retention.ms": "604800000"}}
+            DECISIONS_TOPIC: {"cleanup.policy": "delete", "retention.ms": "604800000"},
+            BUDGET_LEDGER_TOPIC: {"cleanup.policy": "delete", "retention.ms": "-1"}}
 
 
 def admin_client(bootstrap: str, timeout_s: float, security: KafkaSecurity = PLAINTEXT):

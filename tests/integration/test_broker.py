@@ -40,7 +40,8 @@ def _partitions(bootstrap: str, names) -> dict[str, int]:
 def test_topic_specs():
     assert topic_specs(3) == {FEATURES_TOPIC: 3, REQUESTS_TOPIC: 3, LABELS_TOPIC: 1,
                               "pairsieve.dead-letter.v1": 1, "pairsieve.training-pairs.v1": 1,
-                              "pairsieve.models.v1": 1, "pairsieve.decisions.v1": 3}
+                              "pairsieve.models.v1": 1, "pairsieve.decisions.v1": 3,
+                              "pairsieve.budget-ledger.v1": 1}
     assert set(topic_specs()) == set(TOPICS)
     with pytest.raises(ValueError, match="0"):
         topic_specs(0)

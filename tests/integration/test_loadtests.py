@@ -196,3 +196,19 @@ def test_faust_event_ceiling_consumes_every_single_event_record(tansu_broker, tm
     assert res["events_per_s"] > 0 and res["seconds"] > 0, res
     # built like the workers' app: the settings' micro-batch bounds
     assert (res["batch_max_items"], res["max_wait_seconds"]) == (256, 0.05), res
+
+
+def test_budget_ledger_driver_measures_round_trips_and_idle_cpu(tansu_broker, tmp_path, capsys):
+    from loadtests import budget_ledger
+
+    out = tmp_path / "ledger.json"
+    assert budget_ledger.main(["--bootstrap", tansu_broker.bootstrap, "--reservations", "5",
+                               "--ids", "3", "--idle-seconds", "0.5", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rt = res["round_trip"]
+    assert rt["reservations"] == 5 and 0 < rt["median_ms"] <= rt["p90_ms"] <= rt["max_ms"]
+    assert [r["fetch_max_wait_ms"] for r in res["idle"]] == [10, 50]
+    assert all(r["idle_cpu_percent"] >= 0 for r in res["idle"])
+    assert "reservation round trip (5 x 3 ids" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        budget_ledger.main(["--reservations", "0"])

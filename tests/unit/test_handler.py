@@ -15,10 +15,18 @@ import torch
 
 from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
+from service.core.budget_ledger import BudgetLedger
 from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
-from service.messages import IncomingEvent, Label, LabelResult, NullMetrics, NullPublisher
+from service.messages import (
+    IncomingEvent,
+    Label,
+    LabelResult,
+    NullMetrics,
+    NullPublisher,
+    PartialPublish,
+)
 from tests.support import DIMS
 from tests.support import data_and_model as _data_and_model
 
@@ -650,7 +658,6 @@ def test_a_selection_known_only_from_the_requests_topic_is_logged_when_redeliver
 def test_requests_written_before_a_failed_publish_reach_the_log_on_the_retry(make):
     """A publish that failed part-way folds in the requests the broker acknowledged; the retry
     answers them as duplicates and logs their decisions (no verdict missing from the log)."""
-    from service.messages import PartialPublish
 
     class HalfThenLog(DecisionLog):
         failed = False
@@ -671,5 +678,89 @@ def test_requests_written_before_a_failed_publish_reach_the_log_on_the_retry(mak
         logged = {e for e, _, _ in pub.logged}
         assert logged == {o.event_id for o in again}
         assert len(pub.logged) == len(logged)
+
+    run(body())
+
+
+# --------------------------------------------------------------------------- budget ledger
+
+
+class SharedLedger:
+    """The budget ledger without Kafka: reservations applied in call order (the topic's order)."""
+
+    def __init__(self, total):
+        self.ledger = BudgetLedger(total)
+        self.calls = []
+
+    async def reserve(self, event_ids):
+        self.calls.append(list(event_ids))
+        return self.ledger.apply(event_ids)
+
+    def units_left(self):
+        return self.ledger.total - self.ledger.granted
+
+
+def test_two_workers_that_never_see_each_other_spend_the_total_exactly_with_a_ledger(make):
+    """The worst case of the race (neither worker ever folds in the other's selections): each
+    alone would spend the whole total; with the ledger they spend it once, together."""
+    def spend(ledger):
+        pubs = [RecordingPublisher(), RecordingPublisher()]
+        hs = [make(pubs[0], total=6), make(pubs[1], total=6, worker_id="w-other")]
+        if ledger is not None:
+            for h in hs:
+                h.shared_budget = ledger
+
+        async def body():
+            outs = await asyncio.gather(hs[0].submit(_evs(0, 40)), hs[1].submit(_evs(100, 140)))
+            outs += await asyncio.gather(hs[0].submit(_evs(40, 80)),
+                                         hs[1].submit(_evs(140, 180)))
+            return [o for batch in outs for o in batch]
+
+        outs = run(body())
+        requested = [r.request_id for p in pubs for r in p.published]
+        accepted = [o.event_id for o in outs if o.decision.accept]
+        assert sorted(requested) == sorted(accepted)  # a request for every accept, no other
+        return requested, outs, hs
+
+    requested, _, _ = spend(None)
+    assert len(requested) == 12  # the control: each worker spent its view of the total
+    ledger = SharedLedger(6)
+    requested, outs, hs = spend(ledger)
+    assert len(set(requested)) == len(requested) == 6
+    assert ledger.ledger.granted == 6
+    assert sum(h.status().spent for h in hs) == 6
+    denied = [o for o in outs if o.decision.reason == "skip:budget_exhausted"]
+    assert denied and not any(o.decision.accept for o in denied)
+
+
+def test_a_ledger_that_cannot_answer_leaves_nothing_spent_and_a_retry_is_granted_free(make):
+    pub = RecordingPublisher()
+    h = make(pub, total=30)
+    broken = {"on": True}
+
+    class Unreachable(SharedLedger):
+        async def reserve(self, ids):
+            if broken["on"]:
+                self.tried = list(ids)
+                raise PartialPublish((), TimeoutError("ledger not read back"))
+            return await super().reserve(ids)
+
+    h.shared_budget = ledger = Unreachable(30)
+
+    async def body():
+        before = _snap(h)
+        with pytest.raises(PartialPublish):
+            await h.submit(_evs(0, 30))
+        _same(before, _snap(h))
+        assert pub.published == [] and pub.logged == []
+        # the failed reservation was written all the same (the ledger applied it)
+        first = ledger.ledger.apply(ledger.tried)
+        assert all(first) and len(first) < 30
+        broken["on"] = False
+        outs = await h.submit(_evs(0, 30))
+        acc = [o.event_id for o in outs if o.decision.accept]
+        assert sorted(acc) == sorted(ledger.tried)  # the same decisions, redelivered
+        assert ledger.ledger.granted == len(first)  # the retry took no new unit
+        assert sorted(r.request_id for r in pub.published) == sorted(acc)
 
     run(body())

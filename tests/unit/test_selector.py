@@ -2,6 +2,7 @@
 errors."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -241,3 +242,32 @@ def test_vectorised_decisions_equal_item_by_item_decisions(seed, bs, quotas, tot
         slow.commit(d_slow)
     _eq(_state(fast), _state(slow))
     assert fast.budget.spent > 0 or total == 0
+
+
+def test_denied_accepts_are_skipped_not_spent_and_not_cached():
+    """``deny`` (the budget ledger granted no unit): the accepts named become
+    skip:budget_exhausted; committing spends and caches only the others."""
+    sel, a, b, _ = _selector(total=None, rate=0.5)
+    sel.commit(sel.propose(_batch(a, b, 0, 40)))  # past the warm-up history
+    p = sel.propose(_batch(a, b, 40, 120))
+    acc = [i for i, d in enumerate(p.decisions) if d.accept]
+    assert len(acc) >= 4
+    denied = acc[len(acc) // 2:]
+    q = sel.deny(p, denied)
+    assert [d.accept for d in p.decisions].count(True) == len(acc)  # the original is untouched
+    for i, (d0, d1) in enumerate(zip(p.decisions, q.decisions, strict=True)):
+        if i in denied:
+            assert not d1.accept and d1.reason == "skip:budget_exhausted" and d1.cost == 0.0
+            assert d1.utility == d0.utility and d1.item_id == d0.item_id
+        else:
+            assert d1 == d0
+    spent, cached = sel.budget.spent, sum(c.size for c in sel.caches.values())
+    sel.commit(q)
+    kept = len(acc) - len(denied)
+    assert sel.budget.spent == spent + kept
+    assert sum(c.size for c in sel.caches.values()) == cached + kept * len(sel.modalities)
+    with pytest.raises(ValueError, match="position 0 is not an accept"):
+        p2 = sel.propose(_batch(a, b, 120, 130))
+        sel.deny(replace(p2, decisions=[replace(d, accept=False) for d in p2.decisions]), [0])
+    with pytest.raises(ValueError, match="position 99 is not an accept of this batch of 10"):
+        sel.deny(sel.propose(_batch(a, b, 120, 130)), [99])
