@@ -427,8 +427,8 @@ def scenario_kill(dep: Deployment, workers: int, short: bool, history: int = 0) 
     # the budget ledger, applied in its order as every worker applies it: units granted to
     # an accept whose worker was killed before it published the request stay unspent
     grants = BudgetLedger(budget)
-    for _, ids in reservations:
-        grants.apply(ids)
+    for _, holder, ids in reservations:
+        grants.apply(ids, holder)
     distinct = {k[0] for k in reqs}
     unheld = sorted(e for e in distinct if not grants.holds(e))
     dep.check(name, "requests without a unit on the budget ledger", "0",

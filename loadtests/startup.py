@@ -103,7 +103,8 @@ def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pai
     for lo in range(0, selections, 256):
         ids = [f"ev-{i}" for i in range(lo, min(lo + 256, selections))]
         prod.send(BUDGET_LEDGER_TOPIC + suffix,
-                  codecs.reservation_bytes(f"history:{lo}", "history", ids, time.time()))
+                  codecs.reservation_bytes(f"history:{lo}", "history", "history", ids,
+                                           time.time()))
     for i in range(decisions):
         m = mods[i % 2]
         dec = _decision(f"skipped-{i}", m, accept=False)

@@ -8,7 +8,8 @@ order of operations for every batch, whatever its transport:
 2. ``propose`` in the torch executor (the asyncio loop never runs torch); with a budget shared
    by several workers, reserve the accepted event ids on the budget ledger
    (:attr:`SelectionHandler.shared_budget`): an accept that gets no unit becomes
-   ``skip:budget_exhausted``;
+   ``skip:budget_exhausted``, and one whose unit another worker reserved first is requested only
+   after the requests topic was read back (the publish fence; it may be there already);
 3. publish one :class:`AlignmentRequestOut` per accepted event through the injected
    :class:`Publisher` and wait until they are durably written (the requests topic is the record
    of spend: every worker rebuilds its budget from it);
@@ -47,6 +48,7 @@ import numpy as np
 
 from service.alignment import AlignmentModel, AlignmentTrainer
 from service.alignment.quality_gate import GateConfig
+from service.core.budget_ledger import Grant
 from service.core.pool import DEFAULT_STRATEGY as DEFAULT_POOL_STRATEGY
 from service.core.pool import STRATEGIES as POOL_STRATEGIES
 from service.core.pool.base import PoolState
@@ -78,6 +80,11 @@ from service.messages import (
 from service.observability.log_throttle import ThrottledWarnings
 
 log = logging.getLogger("pairsieve.handlers")
+
+
+class _ReadBackFirst(Exception):
+    """Inside :meth:`SelectionHandler.submit`: decide the batch again after the requests topic
+    was read back (see :meth:`SelectionHandler._read_back_first`)."""
 
 
 class SelectionHandler:
@@ -158,6 +165,7 @@ class SelectionHandler:
         # answers per id whether it got a unit; a denied accept becomes skip:budget_exhausted.
         # Set by the service when the budget has a total; None: the local count alone.
         self.shared_budget: SharedBudget | None = None
+        self._read_back_for = LRU(dedup_capacity)  # foreign-held ids already fenced once
         self._denials = ThrottledWarnings(log, 60.0)
         self._fence_due = False
         self._lock = asyncio.Lock()
@@ -216,9 +224,17 @@ class SelectionHandler:
         if not events:
             raise ValueError("empty batch: submit() needs at least one event")
         items = [self.validate(ev) for ev in events]
+        while True:  # each pass that reads back fences one more id of the batch: it ends
+            if self._fence_due:  # outside the lock: the follower folds what it reads under it
+                await self._read_back_unconfirmed()
+            try:
+                return await self._submit_once(events, items)
+            except _ReadBackFirst:
+                continue
+
+    async def _submit_once(self, events: Sequence[IncomingEvent], items: Sequence[FeatureItem]
+                           ) -> list[Outcome]:
         loop = asyncio.get_running_loop()
-        if self._fence_due:  # outside the lock: the follower folds what it reads under it
-            await self._read_back_unconfirmed()
         async with self._lock:
             await self._write_decision_log()  # raises -> nothing decided (broker still down)
             fresh_idx, seen_in_batch = [], set()
@@ -242,8 +258,9 @@ class SelectionHandler:
                 if acc_pos and self.shared_budget is not None:
                     # raises (PartialPublish: retryable) when the ledger cannot answer: nothing
                     # was published or spent
-                    grants = await self.shared_budget.reserve(
-                        [events[fresh_idx[k]].event_id for k in acc_pos])
+                    acc_ids = [events[fresh_idx[k]].event_id for k in acc_pos]
+                    grants = await self.shared_budget.reserve(acc_ids)
+                    self._read_back_first(acc_ids, grants)
                     denied = [k for k, ok in zip(acc_pos, grants, strict=True) if not ok]
                     if denied:
                         proposal = self.selector.deny(proposal, denied)
@@ -314,6 +331,25 @@ class SelectionHandler:
             self.metrics.batch_decided(result, latencies, t_score)
             self.metrics.engine_state(self.status())
             return result
+
+    def _read_back_first(self, event_ids: Sequence[str], grants: Sequence[Grant]) -> None:
+        """Raise :class:`_ReadBackFirst` (nothing of the batch is committed) when an accept holds
+        a unit that another worker process reserved first and was not read back for yet: that
+        worker requested it already, or is about to (it decided the event before its partition
+        moved here), so the requests topic is read to its end (the publish fence) before the
+        batch is decided again; then a request found there answers the event as a duplicate,
+        and one still missing (its worker died before publishing) is requested here."""
+        foreign = [e for e, g in zip(event_ids, grants, strict=True)
+                   if g is Grant.FOREIGN and e not in self._read_back_for]
+        if not foreign or self.publish_fence is None:
+            return
+        for e in foreign:
+            self._read_back_for.put(e, True)
+        self._fence_due = True
+        log.info("%d accepted event(s) hold a budget unit another worker reserved first (a "
+                 "redelivery, e.g. %r): reading the requests topic back before requesting them",
+                 len(foreign), foreign[0])
+        raise _ReadBackFirst
 
     async def _write_decision_log(self) -> None:
         """Write the pending decision-log records, oldest first (the caller holds the lock);

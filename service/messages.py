@@ -3,7 +3,8 @@
 Everything the facade (:mod:`service.handlers`), the learning loop (:mod:`service.learning_loop`),
 the converters (:mod:`service.wire.codecs`) and the adapters (Kafka, gRPC, metrics) exchange is
 defined here, as plain frozen dataclasses and protocols. This module imports nothing from the
-service but :mod:`service.core.types`, so any layer can depend on it.
+service but :mod:`service.core.types` and :mod:`service.core.budget_ledger` (both pure), so any
+layer can depend on it.
 
 Messages
 --------
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.core.budget_ledger import Grant
 from service.core.types import Decision
 
 __all__ = [
@@ -413,13 +415,14 @@ class SharedBudget(Protocol):
     """One budget shared by several workers (the budget ledger in the service,
     ``service.streaming.budget_reservations``).
 
-    :meth:`reserve` answers, per event id about to be requested, whether it holds a unit (granted
-    now or before); it raises :class:`PartialPublish` (retryable, nothing acknowledged) when it
-    cannot tell. :meth:`units_left` is what the shared total has left as far as this worker has
-    read.
+    :meth:`reserve` answers, per event id about to be requested, its
+    :class:`~service.core.budget_ledger.Grant` (truthy: it holds a unit; ``FOREIGN``: another
+    worker process reserved it first); it raises :class:`PartialPublish` (retryable, nothing
+    acknowledged) when it cannot tell. :meth:`units_left` is what the shared total has left as
+    far as this worker has read.
     """
 
-    async def reserve(self, event_ids: Sequence[str]) -> list[bool]: ...
+    async def reserve(self, event_ids: Sequence[str]) -> list[Grant]: ...
 
     def units_left(self) -> int: ...
 

@@ -19,12 +19,18 @@ of workers and however their reservations interleave. A worker killed between it
 publish leaves that unit granted but unspent (the budget can end below the total by the accepts
 in flight at each crash, never above it) unless its event, redelivered, is accepted again.
 
+Each reservation names its *holder* (one worker process). A grant of an id that another holder
+reserved first is :attr:`Grant.FOREIGN`: that holder may have requested it already, or be about
+to (a worker that lost the event's partition while deciding it), so the worker reads the
+requests topic back before it requests the id itself (``SelectionHandler.submit``).
+
 Pure: numpy-free bookkeeping over strings; the Kafka adapter is
 :mod:`service.streaming.budget_reservations`.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Sequence
 
@@ -34,6 +40,18 @@ def _digest(event_id: str) -> int:
     (8 bytes each; a collision among a million ids has odds of about 3e-8)."""
     return int.from_bytes(hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"),
                                           digest_size=8).digest(), "little")
+
+
+class Grant(enum.Enum):
+    """What a reservation got for one event id (truthy = it holds a unit)."""
+
+    NEW = "new"  # a unit granted by this reservation
+    HELD = "held"  # granted before, to the same holder (a retry)
+    FOREIGN = "foreign"  # granted before, to another holder first
+    DENIED = "denied"  # the total is granted: no unit
+
+    def __bool__(self) -> bool:
+        return self is not Grant.DENIED
 
 
 class BudgetLedger:
@@ -58,7 +76,8 @@ class BudgetLedger:
         self.total = total
         self.granted = 0
         self.applied = 0
-        self._ids: set[int] = set()
+        self._holder: dict[int, int] = {}  # id digest -> index of its first holder
+        self._holders: dict[str, int] = {}
 
     @property
     def exhausted(self) -> bool:
@@ -68,33 +87,44 @@ class BudgetLedger:
 
     def holds(self, event_id: str) -> bool:
         """Whether ``event_id`` was granted (by a reservation applied so far)."""
-        return _digest(event_id) in self._ids
+        return _digest(event_id) in self._holder
 
-    def apply(self, event_ids: Sequence[str]) -> list[bool]:
-        """Apply the next reservation of the log; returns, per id in order, whether it is granted.
+    def _holder_index(self, holder: str) -> int:
+        return self._holders.setdefault(holder, len(self._holders))
+
+    def _held(self, h: int, who: int) -> Grant:
+        return Grant.HELD if self._holder[h] == who else Grant.FOREIGN
+
+    def apply(self, event_ids: Sequence[str], holder: str = "") -> list[Grant]:
+        """Apply the next reservation of the log, made by ``holder``; returns, per id in order,
+        its :class:`Grant`.
 
         Every reader that applies the same reservations in the same order gets the same answers.
         An id repeated within one reservation is granted at most one unit.
         """
+        who = self._holder_index(holder)
         out = []
         for eid in event_ids:
             h = _digest(eid)
-            if h in self._ids:
-                out.append(True)
+            if h in self._holder:
+                out.append(self._held(h, who))
             elif self.granted < self.total:
-                self._ids.add(h)
+                self._holder[h] = who
                 self.granted += 1
-                out.append(True)
+                out.append(Grant.NEW)
             else:
-                out.append(False)
+                out.append(Grant.DENIED)
         self.applied += 1
         return out
 
-    def answer_locally(self, event_ids: Sequence[str]) -> list[bool] | None:
-        """What :meth:`apply` would answer for a reservation appended now, if that is known
-        without reading the log: once the ledger is exhausted no reservation gets a new unit,
-        so the answer is "granted before" for each id. None while units are left (only the log
-        order can tell then)."""
+    def answer_locally(self, event_ids: Sequence[str], holder: str = ""
+                       ) -> list[Grant] | None:
+        """What :meth:`apply` would answer for a reservation by ``holder`` appended now, if that
+        is known without reading the log: once the ledger is exhausted no reservation gets a new
+        unit, so each id is held before (by ``holder`` or another) or denied. None while units
+        are left (only the log order can tell then)."""
         if not self.exhausted:
             return None
-        return [self.holds(eid) for eid in event_ids]
+        who = self._holders.get(holder, -1)
+        return [self._held(h, who) if h in self._holder else Grant.DENIED
+                for h in map(_digest, event_ids)]

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from service.core.budget_ledger import BudgetLedger
+from service.core.budget_ledger import BudgetLedger, Grant
 from service.messages import PartialPublish
 from service.streaming.kafka_io import KafkaPublisher, TopicFollower
 from service.streaming.security import PLAINTEXT, KafkaSecurity
@@ -41,8 +41,8 @@ class KafkaBudgetLedger:
     publisher : KafkaPublisher
         Writes the reservations (``send_raw``, acknowledged by the broker).
     worker_id : str
-        Prefix of this worker's reservation ids (each process adds a random part, so a restarted
-        worker never reuses an id of its earlier life).
+        Prefix of this worker's holder name (each process adds a random part, so a restarted
+        worker is another holder than its earlier life).
     timeout_s : float
         How long :meth:`reserve` waits for its record to be read back.
     security : KafkaSecurity
@@ -63,12 +63,12 @@ class KafkaBudgetLedger:
         self.timeout_s = float(timeout_s)
         self._publisher = publisher
         self._worker_id = worker_id
-        self._prefix = f"{worker_id}:{uuid.uuid4().hex[:12]}"
+        self.holder = f"{worker_id}:{uuid.uuid4().hex[:12]}"  # this process
         self._seq = itertools.count()
         self._clock = clock
-        self._waiting: dict[str, asyncio.Future[list[bool]]] = {}
+        self._waiting: dict[str, asyncio.Future[list[Grant]]] = {}
         self.reservations = 0  # written by this worker
-        self.follower: TopicFollower[tuple[str, list[str]]] = TopicFollower(
+        self.follower: TopicFollower[tuple[str, str, list[str]]] = TopicFollower(
             bootstrap, topic, codecs.reservation_from_bytes, self._apply, name="budget ledger",
             security=security, fetch_max_wait_ms=fetch_max_wait_ms)
 
@@ -88,10 +88,10 @@ class KafkaBudgetLedger:
             if not fut.done():
                 fut.cancel()
 
-    async def _apply(self, records: list[tuple[str, list[str]]]) -> int:
+    async def _apply(self, records: list[tuple[str, str, list[str]]]) -> int:
         """Apply one poll's reservations in topic order; wake the reservation waiting for each."""
-        for reservation_id, event_ids in records:
-            grants = self.ledger.apply(event_ids)
+        for reservation_id, holder, event_ids in records:
+            grants = self.ledger.apply(event_ids, holder)
             fut = self._waiting.pop(reservation_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(grants)
@@ -101,9 +101,10 @@ class KafkaBudgetLedger:
         """Units the shared total has left, as far as this worker has read the ledger."""
         return self.ledger.total - self.ledger.granted
 
-    async def reserve(self, event_ids: Sequence[str]) -> list[bool]:
+    async def reserve(self, event_ids: Sequence[str]) -> list[Grant]:
         """Reserve a unit for each of ``event_ids`` (an accept about to be requested); returns,
-        per id, whether it holds one (granted now or before).
+        per id, its :class:`~service.core.budget_ledger.Grant` (truthy: it holds a unit, granted
+        now or before).
 
         Raises
         ------
@@ -115,15 +116,15 @@ class KafkaBudgetLedger:
         ids = list(event_ids)
         if not ids:
             return []
-        local = self.ledger.answer_locally(ids)
+        local = self.ledger.answer_locally(ids, self.holder)
         if local is not None:
             return local
-        reservation_id = f"{self._prefix}:{next(self._seq)}"
-        fut: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        reservation_id = f"{self.holder}:{next(self._seq)}"
+        fut: asyncio.Future[list[Grant]] = asyncio.get_running_loop().create_future()
         self._waiting[reservation_id] = fut
         try:
             await self._publisher.send_raw(self.topic, codecs.reservation_bytes(
-                reservation_id, self._worker_id, ids, self._clock()))
+                reservation_id, self.holder, self._worker_id, ids, self._clock()))
             self.reservations += 1
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError as exc:

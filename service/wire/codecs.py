@@ -398,23 +398,23 @@ def request_from_proto(msg: pb.AlignmentRequest) -> tuple[Outcome, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- budget ledger
-def reservation_bytes(reservation_id: str, worker_id: str, event_ids: Sequence[str],
-                      reserved_at: float | None = None) -> bytes:
+def reservation_bytes(reservation_id: str, holder: str, worker_id: str,
+                      event_ids: Sequence[str], reserved_at: float | None = None) -> bytes:
     """One :class:`pb.BudgetReservation` record value (the budget ledger topic)."""
-    return pb.BudgetReservation(reservation_id=reservation_id, worker_id=worker_id,
-                                event_ids=list(event_ids),
+    return pb.BudgetReservation(reservation_id=reservation_id, holder=holder,
+                                worker_id=worker_id, event_ids=list(event_ids),
                                 reserved_at=timestamp(reserved_at)).SerializeToString()
 
 
-def reservation_from_bytes(value: bytes) -> tuple[str, list[str]]:
-    """``(reservation_id, event_ids)`` of a budget-ledger record; raises ``WireError``
+def reservation_from_bytes(value: bytes) -> tuple[str, str, list[str]]:
+    """``(reservation_id, holder, event_ids)`` of a budget-ledger record; raises ``WireError``
     (``undecodable`` or ``missing_field``) for bytes that are not a reservation."""
     try:
         msg = pb.BudgetReservation.FromString(value)
     except DecodeError as exc:
         raise WireError("undecodable", f"budget reservation: {exc}") from None
-    _require(msg, ("reservation_id",), "budget reservation")
-    return msg.reservation_id, list(msg.event_ids)
+    _require(msg, ("reservation_id", "holder"), "budget reservation")
+    return msg.reservation_id, msg.holder, list(msg.event_ids)
 
 
 # --------------------------------------------------------------------------- labels

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import pytest
 
-from service.core.budget_ledger import BudgetLedger
+from service.core.budget_ledger import BudgetLedger, Grant
 from service.messages import IncomingEvent
 from service.runtime import start_service
 from service.settings import Settings
@@ -75,8 +75,8 @@ def test_two_workers_reserving_at_once_agree_and_never_pass_the_total(kafka_topi
             recs = await asyncio.to_thread(read_all, boot, topic, a[0].reservations +
                                            b[0].reservations, parse=codecs.reservation_from_bytes)
             replay, by_id = BudgetLedger(total), {}
-            for rid, ids in recs:
-                by_id[rid] = replay.apply(ids)
+            for rid, holder, ids in recs:
+                by_id[rid] = replay.apply(ids, holder)
             assert len(by_id) == a[0].reservations + b[0].reservations
             # once spent, answers are local: fewer records than reservations asked for
             assert a[0].reservations + b[0].reservations < 80
@@ -85,13 +85,14 @@ def test_two_workers_reserving_at_once_agree_and_never_pass_the_total(kafka_topi
             assert replay.granted == total
             for res in got:
                 for ids, ok in res:
-                    assert ok == [replay.holds(e) for e in ids]
+                    assert [bool(g) for g in ok] == [replay.holds(e) for e in ids]
             # a worker started later (a restart) replays the same grants
             c = await _ledger(boot, topic, total, "w-c")
             try:
                 assert c[0].ledger.granted == total
                 assert all(c[0].ledger.holds(e) for e in granted)
-                assert await c[0].reserve(["brand-new", next(iter(granted))]) == [False, True]
+                assert await c[0].reserve(["brand-new", next(iter(granted))]) == [
+                    Grant.DENIED, Grant.FOREIGN]  # held by a, or b: another process
             finally:
                 await _close(c)
         finally:
@@ -153,4 +154,4 @@ def test_a_service_reserves_its_accepts_and_a_spent_budget_stays_spent_after_a_r
     assert len(reqs) == 6
     ledger = read_all(kafka_topics["bootstrap"], kafka_topics[BUDGET_LEDGER_TOPIC], 1,
                       timeout_s=10, parse=codecs.reservation_from_bytes)
-    assert ledger and sorted(e for _, ids in ledger for e in ids) == sorted(first)
+    assert ledger and sorted(e for _, _, ids in ledger for e in ids) == sorted(first)

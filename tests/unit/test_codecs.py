@@ -611,11 +611,12 @@ def test_bulk_batch_decoding_equals_event_by_event(seed, n, faults):
 
 
 def test_budget_reservation_round_trip_and_bad_bytes():
-    raw = codecs.reservation_bytes("w-1:abc:0", "w-1", ["ev-1", "ev-2"], 1_700_000_000.5)
-    assert codecs.reservation_from_bytes(raw) == ("w-1:abc:0", ["ev-1", "ev-2"])
+    raw = codecs.reservation_bytes("w-1:abc:0", "w-1:abc", "w-1", ["ev-1", "ev-2"],
+                                   1_700_000_000.5)
+    assert codecs.reservation_from_bytes(raw) == ("w-1:abc:0", "w-1:abc", ["ev-1", "ev-2"])
     with pytest.raises(codecs.WireError, match="budget reservation: missing field "
                                                "'reservation_id'") as err:
-        codecs.reservation_from_bytes(codecs.reservation_bytes("", "w-1", ["ev-1"]))
+        codecs.reservation_from_bytes(codecs.reservation_bytes("", "w-1:abc", "w-1", ["ev-1"]))
     assert err.value.reason == "missing_field"
     with pytest.raises(codecs.WireError) as err:
         codecs.reservation_from_bytes(b"\xff\xff\xff")

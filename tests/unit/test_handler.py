@@ -686,15 +686,20 @@ def test_requests_written_before_a_failed_publish_reach_the_log_on_the_retry(mak
 
 
 class SharedLedger:
-    """The budget ledger without Kafka: reservations applied in call order (the topic's order)."""
+    """The budget ledger without Kafka: reservations applied in call order (the topic's order),
+    all by one holder; :meth:`view` gives another worker process its own holder name."""
 
-    def __init__(self, total):
-        self.ledger = BudgetLedger(total)
+    def __init__(self, total, holder="w", ledger=None):
+        self.ledger = BudgetLedger(total) if ledger is None else ledger
+        self.holder = holder
         self.calls = []
+
+    def view(self, holder):
+        return SharedLedger(self.ledger.total, holder, self.ledger)
 
     async def reserve(self, event_ids):
         self.calls.append(list(event_ids))
-        return self.ledger.apply(event_ids)
+        return self.ledger.apply(event_ids, self.holder)
 
     def units_left(self):
         return self.ledger.total - self.ledger.granted
@@ -754,7 +759,7 @@ def test_a_ledger_that_cannot_answer_leaves_nothing_spent_and_a_retry_is_granted
         _same(before, _snap(h))
         assert pub.published == [] and pub.logged == []
         # the failed reservation was written all the same (the ledger applied it)
-        first = ledger.ledger.apply(ledger.tried)
+        first = ledger.ledger.apply(ledger.tried, ledger.holder)
         assert all(first) and len(first) < 30
         broken["on"] = False
         outs = await h.submit(_evs(0, 30))
@@ -762,5 +767,72 @@ def test_a_ledger_that_cannot_answer_leaves_nothing_spent_and_a_retry_is_granted
         assert sorted(acc) == sorted(ledger.tried)  # the same decisions, redelivered
         assert ledger.ledger.granted == len(first)  # the retry took no new unit
         assert sorted(r.request_id for r in pub.published) == sorted(acc)
+
+    run(body())
+
+
+def _fence_reading(h, *publishers):
+    """A publish fence for ``h`` that folds in what ``publishers`` wrote (the selection
+    follower reading the requests topic to its end); ``calls`` counts the read-backs."""
+    read = {"calls": 0, "at": [0] * len(publishers)}
+
+    async def fence():
+        read["calls"] += 1
+        for k, p in enumerate(publishers):
+            new = p.published[read["at"][k]:]
+            read["at"][k] = len(p.published)
+            if new:
+                await h.observe_remote_selections([(r.outcome, r.vector) for r in new])
+        return True
+
+    h.publish_fence = fence
+    return read
+
+
+def test_a_unit_another_worker_reserved_and_requested_is_read_back_not_requested_again(make):
+    """The other worker decided and requested these events; they reach this worker (its
+    partition moved) before it has read those requests: the foreign-held units make it read the
+    requests topic back first, and the events are answered as duplicates."""
+    ledger = SharedLedger(30)
+    other_pub, pub = RecordingPublisher(), RecordingPublisher()
+    other, h = make(other_pub, worker_id="w-other"), make(pub)
+    other.shared_budget, h.shared_budget = ledger.view("other"), ledger.view("here")
+    read = _fence_reading(h, other_pub)
+
+    async def body():
+        first = await other.submit(_evs(0, 30))
+        requested = {o.event_id for o in first if o.decision.accept}
+        assert requested and {r.request_id for r in other_pub.published} == requested
+        again = await h.submit(_evs(0, 30))
+        assert read["calls"] == 1
+        # none requested again (the others, skipped there, are decided afresh here: this worker
+        # has not read the other's decision log in this test)
+        assert requested.isdisjoint(r.request_id for r in pub.published)
+        assert {o.event_id for o in again if o.duplicate} == requested
+        assert all(o.decision.accept for o in again if o.event_id in requested)
+        assert ledger.ledger.granted == len(requested) + len(pub.published)
+
+    run(body())
+
+
+def test_a_unit_whose_first_holder_died_before_publishing_is_requested_after_the_read_back(
+        make):
+    """The other worker reserved the units and died before its publish: the read-back finds no
+    request, and this worker requests the events itself, once, on the units already held."""
+    ledger = SharedLedger(30)
+    pub = RecordingPublisher()
+    dead, h = make(FailingPublisher(), worker_id="w-dead"), make(pub)
+    dead.shared_budget, h.shared_budget = ledger.view("dead"), ledger.view("here")
+    read = _fence_reading(h)
+
+    async def body():
+        with pytest.raises(ConnectionError):
+            await dead.submit(_evs(0, 30))
+        reserved = dead.shared_budget.calls[0]
+        outs = await h.submit(_evs(0, 30))
+        assert read["calls"] == 1  # one read-back, then the batch is decided and published
+        mine = sorted(r.request_id for r in pub.published)
+        assert mine == sorted(reserved) == sorted(o.event_id for o in outs if o.decision.accept)
+        assert ledger.ledger.granted == len(reserved)  # no new unit for the same events
 
     run(body())

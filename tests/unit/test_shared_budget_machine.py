@@ -4,11 +4,12 @@ A hypothesis ``RuleBasedStateMachine`` drives two real :class:`~service.handlers
 workers that publish into one in-memory requests topic and reserve on one in-memory
 :class:`~service.core.budget_ledger.BudgetLedger` (reservations applied in call order, as the
 one-partition topic orders them). Each worker reads the other's requests only when a ``follow``
-rule says so, so its view of the spend is arbitrarily stale: the race that let two workers
-overshoot the total. Rules: fresh batches on either worker, an event redelivered to the worker
-that decided it or (after it read the requests) to the other one, a reservation that fails (written
-to the ledger or not), following, and a crash of either worker (rebuilt from the requests topic;
-the ledger survives it, as the topic does).
+rule says so (or its publish fence reads them back), so its view of the spend is arbitrarily
+stale: the race that let two workers overshoot the total. Rules: fresh batches on either worker,
+an event redelivered to either worker whether or not that one has read the other's requests, a
+reservation that fails (written to the ledger or not), following, and a crash of either worker
+(rebuilt from the requests topic, another holder on the ledger, which survives it as the topic
+does).
 
 Checked after every step: the requests topic never holds more distinct event ids than the total,
 every requested id holds a unit on the ledger, no event id is requested twice, and neither worker
@@ -54,22 +55,27 @@ class SharedBudgetMachine(RuleBasedStateMachine):
 
     def build(self, k: int):
         h = new_handler(TopicPublisher(self.topics), total=self.total, rate=self.rate)
-
         machine = self
+        holder = f"w{k}-life{len(self.built)}"  # a restarted worker is another holder
 
         class Ledger:  # the one-partition topic, as worker k reaches it
             async def reserve(self, ids):
                 fail, machine.fail_next[k] = machine.fail_next[k], None
                 if fail == "written":  # applied by the log, the answer never came back
-                    machine.ledger.apply(ids)
+                    machine.ledger.apply(ids, holder)
                 if fail is not None:
                     raise PartialPublish((), TimeoutError("reservation not read back"))
-                return machine.ledger.apply(ids)
+                return machine.ledger.apply(ids, holder)
 
             def units_left(self):
                 return machine.ledger.total - machine.ledger.granted
 
+        async def read_to_end():  # the selection follower's read-back (the publish fence)
+            await machine._follow(k)
+            return True
+
         h.shared_budget = Ledger()
+        h.publish_fence = read_to_end
         self.built.append(h)
         return h
 
@@ -103,22 +109,25 @@ class SharedBudgetMachine(RuleBasedStateMachine):
     def redeliver_an_event(self, k, data):
         if not self.decided_by:
             return
-        eid = data.draw(st.sampled_from(sorted(self.decided_by)))
-        owner, ev = self.decided_by[eid]
-        if owner != k:  # another worker gets it after a rebalance: it has read the requests
-            self.follow(k)
+        _, ev = self.decided_by[data.draw(st.sampled_from(sorted(self.decided_by)))]
+        # to either worker, whether or not it has read the other's requests (a partition that
+        # moved before the new owner caught up): the ledger's foreign-held units make it read
+        # them back before it requests anything twice
         self._submit(k, [ev])
 
     @rule(k=st.integers(0, 1), how=st.sampled_from(["lost", "written"]))
     def next_reservation_fails(self, k, how):
         self.fail_next[k] = how
 
+    async def _follow(self, k: int) -> None:
+        new = self.topics.request_outcomes()[self.cursor[k]:]
+        self.cursor[k] = len(self.topics.requests)
+        if new:
+            await self.workers[k].observe_remote_selections(new)
+
     @rule(k=st.integers(0, 1))
     def follow(self, k):
-        new = self.topics.request_outcomes()[self.cursor[k]:]
-        if new:
-            self.run(self.workers[k].observe_remote_selections(new))
-        self.cursor[k] = len(self.topics.requests)
+        self.run(self._follow(k))
 
     @rule(k=st.integers(0, 1))
     def crash_and_replay(self, k):

@@ -250,16 +250,18 @@ class CurvePoint(_message.Message):
     def __init__(self, training_pairs: _Optional[int] = ..., recall_at_1: _Optional[float] = ..., validation_pairs: _Optional[int] = ...) -> None: ...
 
 class BudgetReservation(_message.Message):
-    __slots__ = ("reservation_id", "worker_id", "event_ids", "reserved_at")
+    __slots__ = ("reservation_id", "worker_id", "event_ids", "reserved_at", "holder")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     worker_id: str
     event_ids: _containers.RepeatedScalarFieldContainer[str]
     reserved_at: _timestamp_pb2.Timestamp
-    def __init__(self, reservation_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., event_ids: _Optional[_Iterable[str]] = ..., reserved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    holder: str
+    def __init__(self, reservation_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., event_ids: _Optional[_Iterable[str]] = ..., reserved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("reason", "detail", "original", "source_topic", "source_partition", "source_offset", "failed_at", "original_omitted", "original_sha256", "original_size")
