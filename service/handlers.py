@@ -528,6 +528,8 @@ class SelectionHandler:
             expected_gain=gain.gain if gain else float("nan"),
             expected_gain_se=gain.se if gain else float("nan"),
             expected_gain_pairs=self.learning.gain_horizon)
+        # the version the reported recall belongs to (a swap in progress shows the old pair)
+        status = replace(status, model_version=self.learning.version_in_use)
         if self.shared_budget is not None and status.remaining is not None:
             # units granted to accepts never published (a worker killed in between) are spent
             # on the ledger though no request counts them here

@@ -176,6 +176,11 @@ class LearningLoop:
         self._highest_version = selector.model_version  # highest ever offered or trained
         self._training: asyncio.Task | None = None
         self.validation_recall: dict[int, float] = {}
+        # The version validation_recall and history belong to. The selector's own version
+        # changes first, inside the executor, while the event loop may serve a status: status
+        # reports this one, set together with the recall, so a version is never shown with its
+        # predecessor's quality.
+        self.version_in_use = selector.model_version
         self.gain_horizon = int(gain_horizon)
         self.history: tuple[tuple[int, float, int], ...] = ()  # of the version in use
         self.labels_by_status = {s: 0 for s in LABEL_STATUSES}
@@ -544,6 +549,7 @@ class LearningLoop:
                 self._executor, self.selector.set_model, model)
             self.validation_recall = dict(release.validation_recall)
             self.history = tuple(release.history)
+            self.version_in_use = model.version
             gain = self.expected_gain()
             self.metrics.model_quality(self.validation_recall, release.validation_pairs,
                                        gain.gain if gain else float("nan"), self.gain_horizon)

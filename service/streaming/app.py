@@ -5,8 +5,9 @@ accept changes the next decision), faust's web server is off, and torch work hap
 handler's executor, so the event loop (and Kafka heartbeats) never stall.
 
 Per micro-batch (:meth:`~service.streaming.take.AdaptiveStream.take_until_idle`: closed when it
-holds ``batch_max_items`` events, when nothing came in for ``batch_idle_seconds``, or
-``max_wait_seconds`` after its first event):
+holds ``batch_max_items`` records (more while malformed records come in, so that its valid part
+stays near that size: :func:`~service.streaming.take.record_target`), when nothing came in for
+``batch_idle_seconds``, or ``max_wait_seconds`` after its first event):
 
 1. decode every record; bad ones (undecodable, wrong dimension, NaN/inf, unknown modality,
    missing fields, oversized) go to the dead-letter topic with a reason code and the original
@@ -46,7 +47,7 @@ from service.observability.log_throttle import ThrottledWarnings
 from service.settings import Settings
 from service.streaming.kafka_io import KafkaPublisher
 from service.streaming.records import KafkaRecord
-from service.streaming.take import AdaptiveStream
+from service.streaming.take import AdaptiveStream, RefusedShare, record_target
 from service.streaming.topics import DEAD_LETTER_TOPIC, FEATURES_TOPIC, LABELS_TOPIC
 from service.wire import codecs
 
@@ -141,6 +142,8 @@ class StreamProcessor:
         self._in_flight: set[asyncio.Future] = set()
         self._warnings = ThrottledWarnings(log, DEAD_LETTER_LOG_INTERVAL_S)
         self.batches = 0
+        # malformed records take slots of the take buffer: size it so the valid part stays full
+        self.refused = RefusedShare()
         self.dead_letters = 0
         self.app = faust_app(settings, bootstrap)
         s = settings
@@ -155,12 +158,18 @@ class StreamProcessor:
 
     # ----------------------------------------------------------------- agents
     async def _on_features(self, stream):
-        await self._consume(stream, self.process_feature_records, self._report_lag)
+        await self._consume(stream, self.process_feature_records, self._report_lag,
+                            bound=self.feature_record_bound)
 
     async def _on_labels(self, stream):
         await self._consume(stream, self.process_label_records)
 
-    async def _consume(self, stream, process, after=None) -> None:
+    def feature_record_bound(self) -> int:
+        """Records the next features micro-batch takes: ``batch_max_items``, more while malformed
+        records are coming in (:func:`~service.streaming.take.record_target`)."""
+        return record_target(self.settings.batch_max_items, self.refused.share)
+
+    async def _consume(self, stream, process, after=None, bound=None) -> None:
         """Micro-batches of ``stream`` through ``process`` (retried until done,
         :meth:`_until_done`), each acknowledged only once processed.
 
@@ -172,7 +181,8 @@ class StreamProcessor:
         committed).
         """
         s = self.settings
-        async for events in stream.take_until_idle(s.batch_max_items, within=s.max_wait_seconds,
+        async for events in stream.take_until_idle(bound or s.batch_max_items,
+                                                   within=s.max_wait_seconds,
                                                    idle=s.batch_idle_seconds):
             if self.draining.is_set():
                 for e in events:
@@ -252,6 +262,8 @@ class StreamProcessor:
                 good_records.append(rec)
             except codecs.WireError as exc:
                 bad.append((exc.reason, str(exc), rec))
+        if records:
+            self.refused.observe(len(bad), len(records))
         # The batch's dead letters go out all at once (one broker round trip, not one each) and
         # while its good events are decided, not before them: waiting for that acknowledgement
         # first put one produce round trip in series with every batch that held poison (1,125

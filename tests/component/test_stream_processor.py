@@ -22,6 +22,7 @@ from service.messages import IncomingEvent, Label, NullPublisher
 from service.settings import Settings
 from service.streaming.app import StreamProcessor
 from service.streaming.records import KafkaRecord
+from service.streaming.take import record_target
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from tests.support import DIMS
@@ -277,6 +278,35 @@ def test_dead_letters_go_out_while_the_batch_is_decided_and_the_batch_waits_for_
         assert await task == 6
         assert [(d.reason, d.source_offset) for d in env.dead_letters()] == \
             [("undecodable", 0), ("empty_batch", 2)]
+
+    run_env(body)
+
+
+def test_the_record_bound_grows_while_poison_comes_in_and_shrinks_after():
+    """Malformed records take slots of the take buffer: the features agent's bound grows with
+    the refused share so the valid part of a batch stays near batch_max_items."""
+    async def body(env):
+        plain = env.proc.settings.batch_max_items
+        assert env.proc.feature_record_bound() == plain
+        offset = 0
+        for _ in range(12):  # every 5th record malformed: 20 % refused
+            recs = []
+            for j in range(10):
+                offset += 1
+                value = (b"\xff\xff" if j % 5 == 0 else
+                         codecs.encode_feature_event(_ev(offset % 40, event_id=f"p{offset}")))
+                recs.append(KafkaRecord(value, None, SRC, 0, offset))
+            await env.proc.process_feature_records(recs)
+        poisoned = env.proc.feature_record_bound()
+        assert env.proc.refused.share == pytest.approx(0.2, abs=0.02)
+        assert plain < poisoned <= 2 * plain
+        assert poisoned == record_target(plain, env.proc.refused.share)
+        for _ in range(40):  # clean again
+            offset += 1
+            await env.proc.process_feature_records([KafkaRecord(
+                codecs.encode_feature_event(_ev(offset % 40, event_id=f"c{offset}")),
+                None, SRC, 0, offset)])
+        assert env.proc.feature_record_bound() == plain
 
     run_env(body)
 

@@ -21,7 +21,7 @@ from service.streaming.topics import create_topics
 pytestmark = pytest.mark.integration
 
 
-async def _batches(bootstrap: str, produce, *, max_: int, within: float, idle: float,
+async def _batches(bootstrap: str, produce, *, max_, within: float, idle: float,
                    expect: int) -> list[list[int]]:
     """Run ``produce(send)`` against a fresh one-partition topic while a faust app built like
     the workers' takes micro-batches of it; returns the batches' values (ints)."""
@@ -88,6 +88,21 @@ def test_a_batch_never_exceeds_its_size_bound(tansu_broker, tmp_path, monkeypatc
                                idle=0.5, expect=25))
     assert [v for b in got for v in b] == list(range(25))
     assert [len(b) for b in got] == [10, 10, 5]
+
+
+def test_a_callable_bound_is_asked_before_each_batch(tansu_broker, tmp_path, monkeypatch):
+    """The features agent grows its record bound while poison comes in: a bound asked anew
+    once the caller is done with each batch, before the next record enters the buffer."""
+    monkeypatch.chdir(tmp_path)
+    bounds = iter([3, 5, 4, 100])
+
+    async def one_burst(send):
+        await send(range(12))
+
+    got = asyncio.run(_batches(tansu_broker.bootstrap, one_burst, max_=lambda: next(bounds),
+                               within=30.0, idle=20.0, expect=12))
+    assert [v for b in got for v in b] == list(range(12))
+    assert [len(b) for b in got] == [3, 5, 4]
 
 
 def test_a_steady_trickle_is_cut_by_the_time_bound(tansu_broker, tmp_path, monkeypatch):

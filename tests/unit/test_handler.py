@@ -23,6 +23,7 @@ from service.messages import (
     IncomingEvent,
     Label,
     LabelResult,
+    ModelRelease,
     NullMetrics,
     NullPublisher,
     PartialPublish,
@@ -411,6 +412,43 @@ def test_label_statuses_unknown_partners_and_unknown_status(make):
         assert h.status().labels == {"MATCH": 5, "NO_MATCH": 1, "UNSURE": 1}
 
     run(body())
+
+
+def test_status_never_shows_a_version_with_its_predecessors_recall(make, monkeypatch):
+    """The selector's version changes inside the executor, before the learning loop sets the new
+    recall; a status served in between showed the new version with the old recall (a flaky
+    two-worker integration test found it). It reports the pair in use until the swap is done."""
+    import threading
+    h = make()
+    entered, release = threading.Event(), threading.Event()
+    swap = h.selector.set_model
+
+    def slow_swap(model):
+        swap(model)  # the selector's version is the new one from here
+        entered.set()
+        release.wait(10)
+    monkeypatch.setattr(h.selector, "set_model", slow_swap)
+    newer = copy.deepcopy(h.selector.model)
+    newer.version = h.selector.model_version + 5
+    before = h.status()
+
+    async def go():
+        task = asyncio.ensure_future(h.learning.offer_model(
+            ModelRelease(newer, pairs_seen=3, validation_pairs=4,
+                         validation_recall={1: 0.5}, worker_id="w9", trained_at=1.0)))
+        while not entered.is_set():
+            await asyncio.sleep(0.005)
+        assert h.selector.model_version == newer.version  # the race window is open
+        during = h.status()
+        release.set()
+        assert await task is True
+        return during
+
+    during = asyncio.run(go())
+    assert (during.model_version, during.validation_recall) == (before.model_version,
+                                                                 before.validation_recall)
+    after = h.status()
+    assert (after.model_version, after.validation_recall) == (newer.version, {1: 0.5})
 
 
 def test_failed_retrain_keeps_model_and_stream_running(make, monkeypatch):
