@@ -1,5 +1,5 @@
-"""Shared test data (a small two-modality dataset and an alignment model trained on it) and the
-plain Kafka client helpers of the integration tests."""
+"""Shared test data (a small two-modality dataset and an alignment model trained on it), the
+plain Kafka client helpers of the integration tests, and a budget ledger without Kafka."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from service.alignment import AlignmentTrainer
+from service.core.budget_ledger import BudgetLedger
 
 DIMS = {"image": 12, "text": 8}
 
@@ -64,3 +65,23 @@ def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None, **client):
             out.append(parse(rec.value) if parse else rec.value)
     c.close()
     return out
+
+
+class SharedLedger:
+    """The budget ledger without Kafka: reservations applied in call order (the topic's order),
+    all by one holder; :meth:`view` gives another worker process its own holder name."""
+
+    def __init__(self, total, holder="w", ledger=None):
+        self.ledger = BudgetLedger(total) if ledger is None else ledger
+        self.holder = holder
+        self.calls = []
+
+    def view(self, holder):
+        return SharedLedger(self.ledger.total, holder, self.ledger)
+
+    async def reserve(self, event_ids):
+        self.calls.append(list(event_ids))
+        return self.ledger.apply(event_ids, self.holder)
+
+    def units_left(self):
+        return self.ledger.left

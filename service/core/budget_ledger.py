@@ -80,6 +80,11 @@ class BudgetLedger:
         self._holders: dict[str, int] = {}
 
     @property
+    def left(self) -> int:
+        """Units not granted yet (``total - granted``)."""
+        return self.total - self.granted
+
+    @property
     def exhausted(self) -> bool:
         """True once ``total`` ids were granted: no later reservation gets a new unit, so
         :meth:`answer_locally` answers any reservation without the log."""

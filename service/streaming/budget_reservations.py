@@ -99,7 +99,7 @@ class KafkaBudgetLedger:
 
     def units_left(self) -> int:
         """Units the shared total has left, as far as this worker has read the ledger."""
-        return self.ledger.total - self.ledger.granted
+        return self.ledger.left
 
     async def reserve(self, event_ids: Sequence[str]) -> list[Grant]:
         """Reserve a unit for each of ``event_ids`` (an accept about to be requested); returns,

@@ -14,8 +14,9 @@ NEW, HELD, FOREIGN, DENIED = Grant.NEW, Grant.HELD, Grant.FOREIGN, Grant.DENIED
 def test_new_ids_are_granted_up_to_the_total_and_old_ones_again_for_free():
     led = BudgetLedger(3)
     assert led.apply(["a", "b"], "w1") == [NEW, NEW]
+    assert led.left == 1 and not led.exhausted
     assert led.apply(["c", "d", "a"], "w1") == [NEW, DENIED, HELD]  # d: spent; a: held already
-    assert led.granted == 3 and led.exhausted and led.applied == 2
+    assert led.granted == 3 and led.left == 0 and led.exhausted and led.applied == 2
     assert led.apply(["b", "e"], "w1") == [HELD, DENIED]
     assert led.holds("c") and not led.holds("d")
 

@@ -15,7 +15,6 @@ import torch
 
 from service.alignment import AlignmentTrainer
 from service.core.budget import BudgetConfig
-from service.core.budget_ledger import BudgetLedger
 from service.core.pool import STRATEGIES
 from service.core.selector import SelectorConfig, StreamingSelector
 from service.handlers import SelectionHandler
@@ -28,7 +27,7 @@ from service.messages import (
     NullPublisher,
     PartialPublish,
 )
-from tests.support import DIMS
+from tests.support import DIMS, SharedLedger
 from tests.support import data_and_model as _data_and_model
 
 WORKER = "w-test"
@@ -721,26 +720,6 @@ def test_requests_written_before_a_failed_publish_reach_the_log_on_the_retry(mak
 
 
 # --------------------------------------------------------------------------- budget ledger
-
-
-class SharedLedger:
-    """The budget ledger without Kafka: reservations applied in call order (the topic's order),
-    all by one holder; :meth:`view` gives another worker process its own holder name."""
-
-    def __init__(self, total, holder="w", ledger=None):
-        self.ledger = BudgetLedger(total) if ledger is None else ledger
-        self.holder = holder
-        self.calls = []
-
-    def view(self, holder):
-        return SharedLedger(self.ledger.total, holder, self.ledger)
-
-    async def reserve(self, event_ids):
-        self.calls.append(list(event_ids))
-        return self.ledger.apply(event_ids, self.holder)
-
-    def units_left(self):
-        return self.ledger.total - self.ledger.granted
 
 
 def test_two_workers_that_never_see_each_other_spend_the_total_exactly_with_a_ledger(make):

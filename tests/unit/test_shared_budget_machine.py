@@ -27,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from service.core.budget_ledger import BudgetLedger
 from service.messages import IncomingEvent, PartialPublish
+from tests.support import SharedLedger
 from tests.unit.test_engine_state_machine import (
     MODALITIES,
     TopicPublisher,
@@ -58,23 +59,20 @@ class SharedBudgetMachine(RuleBasedStateMachine):
         machine = self
         holder = f"w{k}-life{len(self.built)}"  # a restarted worker is another holder
 
-        class Ledger:  # the one-partition topic, as worker k reaches it
+        class Ledger(SharedLedger):  # the one-partition topic, as worker k reaches it
             async def reserve(self, ids):
                 fail, machine.fail_next[k] = machine.fail_next[k], None
                 if fail == "written":  # applied by the log, the answer never came back
-                    machine.ledger.apply(ids, holder)
+                    self.ledger.apply(ids, self.holder)
                 if fail is not None:
                     raise PartialPublish((), TimeoutError("reservation not read back"))
-                return machine.ledger.apply(ids, holder)
-
-            def units_left(self):
-                return machine.ledger.total - machine.ledger.granted
+                return await super().reserve(ids)
 
         async def read_to_end():  # the selection follower's read-back (the publish fence)
             await machine._follow(k)
             return True
 
-        h.shared_budget = Ledger()
+        h.shared_budget = Ledger(self.total, holder, self.ledger)
         h.publish_fence = read_to_end
         self.built.append(h)
         return h
