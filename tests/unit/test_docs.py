@@ -2,7 +2,9 @@
 docstrings cite the papers by keys listed in the References; no hard-coded machine paths."""
 
 import ast
+import functools
 import re
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 
@@ -37,11 +39,28 @@ def test_readme_quick_start_is_the_two_commands():
     assert "make demo" in quick and "make test" in quick
 
 
+@functools.lru_cache(maxsize=1)
+def _git_ignored() -> frozenset[Path]:
+    """Files and folders git ignores (what a local run left, e.g. a failed chaos run's worker
+    logs in ``reports/reliability.logs/``): not the repository's. Empty without git."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard",
+                              "--directory"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(ROOT / line.rstrip("/") for line in out.splitlines() if line)
+
+
 def _text_files(*tops: Path):
-    """Every text file under ``tops`` (a file or a folder), binary files (a NUL byte) skipped."""
+    """Every text file under ``tops`` (a file or a folder), binary files (a NUL byte) and what
+    git ignores skipped."""
+    ignored = _git_ignored()
     for top in tops:
         for p in sorted([top] if top.is_file() else top.rglob("*")):
             if not p.is_file() or "__pycache__" in p.parts:
+                continue
+            if p in ignored or any(parent in ignored for parent in p.parents):
                 continue
             data = p.read_bytes()
             if b"\0" not in data:
