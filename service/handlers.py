@@ -516,8 +516,10 @@ class SelectionHandler:
     def status(self) -> EngineStatus:
         """The engine's state now (budget, counts, model, caches, labels, model quality)."""
         gain = self.learning.expected_gain()
+        # the version the reported recall belongs to (a swap in progress shows the old pair)
+        engine = {**self.selector.status(), "model_version": self.learning.version_in_use}
         status = EngineStatus.from_selector(
-            self.selector.status(), worker_id=self.worker_id,
+            engine, worker_id=self.worker_id,
             pairs_acquired=self.learning.pairs_acquired,
             budget_total=self.selector.budget.config.total,
             target_rate=self.selector.budget.config.target_rate,
@@ -528,8 +530,6 @@ class SelectionHandler:
             expected_gain=gain.gain if gain else float("nan"),
             expected_gain_se=gain.se if gain else float("nan"),
             expected_gain_pairs=self.learning.gain_horizon)
-        # the version the reported recall belongs to (a swap in progress shows the old pair)
-        status = replace(status, model_version=self.learning.version_in_use)
         if self.shared_budget is not None and status.remaining is not None:
             # units granted to accepts never published (a worker killed in between) are spent
             # on the ledger though no request counts them here
