@@ -1127,8 +1127,8 @@ def render(dep: Deployment, argv: list[str], took_s: float, short: bool) -> str:
         "pairs lands on either side of 0.90 (2026-12-07: 0.91, 0.86 and 0.86 in three runs of "
         "the scenario, the last with 16 MiB fetches; 15 pairs pooled 0.89); on a quiet machine "
         "rerun `--scenarios poison` for a tighter one. A larger fetch changed nothing "
-        "measurable (4 or 16 MiB per partition, the oversized records alone: medians 0.83 and "
-        "0.84 of 3 pairs each). "
+        "measurable (`PAIRSIEVE_FETCH_MAX_PARTITION_BYTES=16777216` with `--scenarios poison`: "
+        "0.86, as with the default 4 MiB in this report). "
         "Oversized records travel to the worker before they can be refused (25 MB against "
         "2.7 MB of valid records here); a broker-side `max.message.bytes` on the features "
         "topic keeps them off it on a broker that enforces it (tansu 0.6.0 does not).",
