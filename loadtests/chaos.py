@@ -211,15 +211,18 @@ class Worker:
 
 
 class Tail(threading.Thread):
-    """Reads ``topic`` from its start, decoding every record with ``parse``, until stopped."""
+    """Reads ``topic`` from its start, decoding every record with ``parse``, until stopped;
+    ``items`` holds what ``parse`` returned, or with ``many`` the items of the lists it
+    returned (a decision-log record holds a batch)."""
 
-    def __init__(self, bootstrap: str, topic: str, parse):
+    def __init__(self, bootstrap: str, topic: str, parse, *, many: bool = False):
         super().__init__(daemon=True, name=f"tail-{topic}")
         from kafka import KafkaConsumer
 
         self.items: list = []
         self.stopping = threading.Event()
         self.parse = parse
+        self.many = many
         self.c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                group_id=None, consumer_timeout_ms=200,
                                max_partition_fetch_bytes=32 << 20, fetch_max_bytes=64 << 20)
@@ -228,7 +231,10 @@ class Tail(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             for rec in self.c:
-                self.items.append(self.parse(rec.value))
+                if self.many:
+                    self.items.extend(self.parse(rec.value))
+                else:
+                    self.items.append(self.parse(rec.value))
                 if self.stopping.is_set():
                     break
         self.c.close()
@@ -239,14 +245,15 @@ class Tail(threading.Thread):
         return list(self.items)
 
 
-def decided_id_at(value: bytes) -> tuple[str, float]:
-    """(event id, the worker's ``decided_at`` in seconds) of one decision record."""
-    outcome, at = codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(value))
-    return outcome.event_id, at
+def decided_id_at(value: bytes) -> list[tuple[str, float]]:
+    """(event id, the worker's ``decided_at`` in seconds) of each decision of one decision-log
+    record (a worker writes one record per engine batch)."""
+    outcomes, at = codecs.decision_records_from_proto(codecs.pb.DecisionRecord.FromString(value))
+    return [(o.event_id, at) for o in outcomes]
 
 
-def decided_id(value: bytes) -> str:
-    return decided_id_at(value)[0]
+def decided_id(value: bytes) -> list[str]:
+    return [event_id for event_id, _ in decided_id_at(value)]
 
 
 def decision_rate(decided_at: Sequence[float]) -> float:
@@ -386,7 +393,7 @@ def scenario_kill(dep: Deployment, workers: int, short: bool, history: int = 0) 
         w.spawn()
     for w in ws:
         w.wait_serving()
-    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id)
+    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id, many=True)
     requests = Tail(dep.bootstrap, REQUESTS_TOPIC + suffix, request_key)
     ledger = Tail(dep.bootstrap, BUDGET_LEDGER_TOPIC + suffix, codecs.reservation_from_bytes)
     prod = Producer(dep.bootstrap, FEATURES_TOPIC + suffix, n_events, rate, f"{name}", seed=3)
@@ -586,7 +593,7 @@ def _run_poison_stream(dep: Deployment, n_valid: int, poison_every: int | None, 
     took, cpu = time.monotonic() - t0, proc_cpu_seconds(w.proc.pid) - cpu0
     end = scrape_pairsieve(url)
     mean_batch = end["batch_sum"] / max(1.0, end["batch_count"])
-    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id_at)
+    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id_at, many=True)
     dead = Tail(dep.bootstrap, DEAD_LETTER_TOPIC + suffix, dead_reason)
     wait_until(lambda: want <= {i for i, _ in decided.items}, 60, every_s=0.25)
     wait_until(lambda: sum(expected.values()) <= len(dead.items), 30)
@@ -728,7 +735,7 @@ def scenario_broker(dep: Deployment, short: bool) -> None:
                broker_down_after_seconds=10)
     w.spawn()
     w.wait_serving()
-    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id)
+    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id, many=True)
     pause_s = 20.0 if short else 40.0
     prod = Producer(dep.bootstrap, FEATURES_TOPIC + suffix, int(50 * (pause_s + 20)), 50.0,
                     "brk", seed=5)
@@ -825,7 +832,7 @@ def scenario_broker_restart(dep: Deployment, short: bool) -> None:
         wait_until(lambda: _health(w.grpc_port) == "SERVING", 120, every_s=0.2)
         recovered = time.monotonic() - t_up
         prod.join()
-        decided = Tail(broker.bootstrap, DECISIONS_TOPIC + suffix, decided_id)
+        decided = Tail(broker.bootstrap, DECISIONS_TOPIC + suffix, decided_id, many=True)
         requests = Tail(broker.bootstrap, REQUESTS_TOPIC + suffix, request_key)
         # attribute: an acknowledged record missing from the features topic after the restart
         # was lost by the broker; one on the topic without a decision would be pairsieve's
@@ -969,7 +976,7 @@ def scenario_grpc(dep: Deployment, short: bool) -> None:
               dict(cap), cap.get("RESOURCE_EXHAUSTED", 0) > 0 and set(cap) <= {
                   "OK", "RESOURCE_EXHAUSTED"})
     # SIGTERM under load: every Submit answered OK must have its decision in the log
-    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id)
+    decided = Tail(dep.bootstrap, DECISIONS_TOPIC + suffix, decided_id, many=True)
     ok_ids: list[str] = []
     stop = threading.Event()
 

@@ -45,7 +45,7 @@ from service.messages import (
     Outcome,
     TrainingPair,
 )
-from service.settings import parse_modalities
+from service.settings import Settings, parse_modalities
 from service.streaming.broker import bootstrap_or_embedded
 from service.streaming.topics import (
     BUDGET_LEDGER_TOPIC,
@@ -105,14 +105,13 @@ def fill(bootstrap: str, suffix: str, dims: dict[str, int], selections: int, pai
         prod.send(BUDGET_LEDGER_TOPIC + suffix,
                   codecs.reservation_bytes(f"history:{lo}", "history", "history", ids,
                                            time.time()))
-    for i in range(decisions):
-        m = mods[i % 2]
-        dec = _decision(f"skipped-{i}", m, accept=False)
-        prod.send(DECISIONS_TOPIC + suffix, codecs.decision_record_to_proto(
-            Outcome(f"sk-{i}", dec, False, "history"), time.time()).SerializeToString(),
-            key=f"sk-{i}".encode(), partition=i % partitions)
-        if (i + 1) % 100000 == 0:
-            say(f"  {i + 1} decisions produced ({time.perf_counter() - t0:.0f}s)")
+    for n, lo in enumerate(range(0, decisions, 256)):  # as a worker writes them: a record a batch
+        batch = [Outcome(f"sk-{i}", _decision(f"skipped-{i}", mods[i % 2], accept=False), False,
+                         "history") for i in range(lo, min(lo + 256, decisions))]
+        for rec in codecs.decision_records_to_proto(batch, time.time()):
+            prod.send(DECISIONS_TOPIC + suffix, rec.SerializeToString(), partition=n % partitions)
+        if (lo + 256) % 102400 == 0:
+            say(f"  {lo + 256} decisions produced ({time.perf_counter() - t0:.0f}s)")
     a, b = mods
     for j in range(pairs):
         p = TrainingPair(f"item-{2 * j}", f"partner-{j}", vecs[a][j % 1024], vecs[b][j % 1024],
@@ -182,8 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--selections", type=int, default=100_000)
     ap.add_argument("--pairs", type=int, default=10_000)
     ap.add_argument("--decisions", type=int, default=0,
-                    help="skip decisions on the decision log (a worker replays the last "
-                         "PAIRSIEVE_DECISION_REPLAY per partition)")
+                    help="skip decisions on the decision log, in records of 256 as a worker "
+                         "writes them (it replays the last PAIRSIEVE_DECISION_REPLAY records "
+                         "per partition)")
     ap.add_argument("--modalities", default="image:512,text:384")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--restarts", type=int, default=3)
@@ -223,8 +223,9 @@ def main(argv=None) -> int:
         f"{a.bootstrap or 'embedded tansu'}).",
         "",
         f"History on the topics: {a.selections} selections (requests topic, {a.partitions} "
-        f"partitions), {a.decisions} skip decisions on the decision log (the worker replays at "
-        f"most the last 200,000 per partition), {a.pairs} training pairs, 1 model version; "
+        f"partitions), {a.decisions} skip decisions on the decision log (records of 256, as a "
+        f"worker writes them; it replays at most the last {Settings().decision_replay:,} records "
+        f"per partition), {a.pairs} training pairs, 1 model version; "
         f"modalities {a.modalities}.",
         "",
         "| restart | spawn -> serving (s) | replay (s) | budget spent | pairs | model |",

@@ -442,6 +442,13 @@ class SelectionHandler:
         self.metrics.engine_state(self.status())  # budget gauges include the others' spend
         return len(fresh)
 
+    def holds_logged_decision(self, event_id: str) -> bool:
+        """Whether a decision-log record of ``event_id`` would change nothing here: its outcome
+        is remembered and known to be logged, so :meth:`observe_remote_decisions` would neither
+        remember nor mark anything for it (whatever the record says). The decisions follower
+        skips decoding such records (a worker reads its own log back)."""
+        return event_id in self._decided and not self._decided.unlogged(event_id)
+
     async def observe_remote_decisions(self, outcomes: Sequence[Outcome]) -> int:
         """Remember skip decisions from the decision log (any worker's, this one's before a
         restart): a redelivery of such an event gets the earlier verdict, marked duplicate.

@@ -338,9 +338,12 @@ class Settings:
                               "threshold, model version, reason, worker) to "
                               "pairsieve.decisions.v1 (`pairsieve explain`); 0: off",
                            allowed="0 or 1", check=lambda v: v in (0, 1))
-    decision_replay: int = _s(200_000, "decision-log records per partition replayed at start-up "
-                                       "(a redelivered skipped event gets its earlier verdict); "
-                                       "0: none", allowed=NONNEG_INT, check=_non_negative_int)
+    decision_replay: int = _s(2_000, "decision-log records per partition replayed at start-up "
+                                     "(a redelivered skipped event gets its earlier verdict); "
+                                     "a record holds one engine batch, up to "
+                                     "PAIRSIEVE_BATCH_MAX_ITEMS decisions (one in logs written "
+                                     "before 2026-12-07); 0: none",
+                              allowed=NONNEG_INT, check=_non_negative_int)
     model_dir: str = _s("", "checkpoint directory (loaded at start, written on every new "
                             "version; created with the first checkpoint); unset = none")
     device: str = _s("", "torch device: cpu, cuda, cuda:N, or auto (unset = auto: cuda when "

@@ -52,9 +52,10 @@ def produce(bootstrap, topic, values, headers=None, **client):
     p.close()
 
 
-def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None, **client):
+def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None, many=False, **client):
     """Read ``topic`` from the start with a plain kafka-python consumer (no group) until
-    ``expect`` records or ``timeout_s``. ``client``: more consumer arguments."""
+    ``expect`` items or ``timeout_s``: one per record, or with ``many`` the items of the list
+    ``parse`` returns per record. ``client``: more consumer arguments."""
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
@@ -62,9 +63,21 @@ def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None, **client):
     out, deadline = [], time.time() + timeout_s
     while time.time() < deadline and len(out) < expect:
         for rec in c:
-            out.append(parse(rec.value) if parse else rec.value)
+            if many:
+                out.extend(parse(rec.value))
+            else:
+                out.append(parse(rec.value) if parse else rec.value)
     c.close()
     return out
+
+
+def decision_protos(value: bytes) -> list:
+    """The ``Decision`` messages of one decision-log record, in order (a batch record or the
+    older one-decision form)."""
+    from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
+
+    msg = pb.DecisionRecord.FromString(value)
+    return ([msg.decision] if msg.HasField("decision") else []) + list(msg.decisions)
 
 
 class SharedLedger:

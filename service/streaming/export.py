@@ -144,12 +144,11 @@ def explain(bootstrap: str, decisions_topic: str, pairs_topic: str, dims: Mappin
     worker; then the training pair the item is part of, if any.
     """
     found = []
-    for outcome, at in read_topic(
+    for outcomes, at in read_topic(
             bootstrap, decisions_topic,
-            lambda v: codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(v)),
+            lambda v: codecs.decision_records_from_proto(codecs.pb.DecisionRecord.FromString(v)),
             timeout_s=timeout_s, security=security):
-        if outcome.event_id == key or outcome.decision.item_id == key:
-            found.append((outcome, at))
+        found += [(o, at) for o in outcomes if o.event_id == key or o.decision.item_id == key]
     lines = []
     for outcome, at in found:
         d = outcome.decision

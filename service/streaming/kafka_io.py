@@ -112,7 +112,8 @@ class KafkaPublisher:
         self._producer = self._new_producer(False)
         await self._producer.start()
 
-    async def _send_all(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
+    async def _send_all(self, topic: str,
+                        records: Sequence[tuple[bytes | None, bytes]]) -> None:
         """Send and wait for every acknowledgement; raises :class:`PartialPublish` (with the
         acknowledged indices) when any record could not be written."""
         futs = []
@@ -136,11 +137,13 @@ class KafkaPublisher:
         self.published += len(requests)
 
     async def publish_decisions(self, outcomes: Sequence[Outcome], decided_at: float) -> None:
+        """One decision-log record per engine batch (:func:`codecs.decision_records_to_proto`;
+        no key: the producer spreads the records over the partitions)."""
         if self.decisions_topic is None or not outcomes:
             return
         await self._send_all(self.decisions_topic, [
-            (o.event_id.encode(), codecs.decision_record_to_proto(o, decided_at)
-             .SerializeToString()) for o in outcomes])
+            (None, rec.SerializeToString())
+            for rec in codecs.decision_records_to_proto(outcomes, decided_at)])
 
     async def publish_pairs(self, pairs: Sequence[TrainingPair]) -> None:
         if self.pairs_topic is None:
@@ -347,14 +350,24 @@ def pairs_follower(bootstrap: str, topic: str, handler: SelectionHandler,
 
 
 def decisions_follower(bootstrap: str, topic: str, handler: SelectionHandler, tail: int,
-                       security: KafkaSecurity = PLAINTEXT) -> TopicFollower[Outcome]:
+                       security: KafkaSecurity = PLAINTEXT) -> TopicFollower[list[Outcome]]:
     """Remembers the skip decisions of the last ``tail`` records of each decision-log partition
-    (a redelivered event gets its earlier verdict after a restart or a rebalance too)."""
-    def decode(value: bytes) -> Outcome:
-        return codecs.decision_record_from_proto(codecs.pb.DecisionRecord.FromString(value))[0]
+    (a redelivered event gets its earlier verdict after a restart or a rebalance too).
 
-    return TopicFollower(bootstrap, topic, decode, handler.observe_remote_decisions,
-                         name="decisions", tail=tail, security=security)
+    A decision whose event the handler remembers as logged (this worker's own, read back)
+    would change nothing (:meth:`SelectionHandler.holds_logged_decision`): only its event id
+    is read. The check runs as the poll is decoded, on the event loop that folds it right after
+    (no await in between), so it still holds at the fold.
+    """
+    def decode(value: bytes) -> list[Outcome]:
+        return codecs.decision_records_from_proto(codecs.pb.DecisionRecord.FromString(value),
+                                                  held=handler.holds_logged_decision)[0]
+
+    async def fold(records: list[list[Outcome]]) -> int:
+        return await handler.observe_remote_decisions([o for rec in records for o in rec])
+
+    return TopicFollower(bootstrap, topic, decode, fold, name="decisions", tail=tail,
+                         security=security)
 
 
 def models_follower(bootstrap: str, topic: str, handler: SelectionHandler,

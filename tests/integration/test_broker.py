@@ -253,3 +253,4 @@ def test_a_follower_reads_to_the_end_of_what_is_on_the_topic(tansu_broker):
     assert first == 300
     assert marked == {b"mark0", b"mark1", b"mark2"}
     assert stopped is False  # a stopped follower cannot read back: the caller must not decide
+

@@ -61,7 +61,7 @@ def test_decision_rate_counts_from_the_first_batch_on_the_workers_clock():
     assert np.isnan(decision_rate([5.0, 5.0]))
 
 
-def test_decided_id_at_reads_a_decision_record():
+def test_decided_id_at_reads_a_decision_record_of_either_form():
     from service.core.types import Decision
     from service.messages import Outcome
 
@@ -70,7 +70,10 @@ def test_decided_id_at_reads_a_decision_record():
                  least_confidence=0.3, threshold=0.5, model_version=0, reason="skip:below")
     value = codecs.decision_record_to_proto(Outcome(event_id="ev-7", decision=d), 1234.5) \
         .SerializeToString()
-    assert decided_id_at(value) == ("ev-7", pytest.approx(1234.5))
+    assert decided_id_at(value) == [("ev-7", pytest.approx(1234.5))]
+    batch = codecs.decision_records_to_proto([Outcome(event_id=f"ev-{i}", decision=d)
+                                              for i in range(3)], 99.0)
+    assert decided_id_at(batch[0].SerializeToString()) == [(f"ev-{i}", 99.0) for i in range(3)]
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from service.streaming.topics import (
     topic_specs,
 )
 from service.wire import codecs
-from tests.support import produce, read_all
+from tests.support import decision_protos, produce, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -245,9 +245,9 @@ def test_a_skipped_event_redelivered_after_a_restart_gets_its_earlier_decision(k
     # log, not decided afresh (this worker's seen counts decided events)
     assert asyncio.run(run()) == 0
     log = read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 13, timeout_s=5,
-                    parse=codecs.pb.DecisionRecord.FromString)
-    assert sorted(r.decision.event_id for r in log) == sorted(e.event_id for e in evs)
-    assert all(r.decision.reason == "skip:budget_exhausted" for r in log)
+                   parse=decision_protos, many=True)
+    assert sorted(d.event_id for d in log) == sorted(e.event_id for e in evs)
+    assert all(d.reason == "skip:budget_exhausted" for d in log)
     env = {**os.environ, "PAIRSIEVE_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
            "PAIRSIEVE_TOPIC_SUFFIX": s.topic_suffix, "PAIRSIEVE_MODALITIES": s.modalities}
     res = subprocess.run([sys.executable, "-m", "service", "explain", "img-3"], env=env,
@@ -284,8 +284,8 @@ def test_no_match_lowers_the_utility_of_the_items_neighbours(kafka_topics):
             await svc.shutdown()
 
     asyncio.run(scenario())
-    log = {r.decision.event_id: r.decision for r in read_all(
-        s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 22, parse=codecs.pb.DecisionRecord.FromString)}
+    log = {d.event_id: d for d in read_all(
+        s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 22, parse=decision_protos, many=True)}
     near, far = log["near-5"].components.partnerless, log["far"].components.partnerless
     assert near > 0.4 and far < near, (near, far)  # the weight is 0.5 at cosine 1
     pairs = read_all(s.kafka_bootstrap, s.topic(TRAINING_PAIRS_TOPIC), 1,
@@ -320,10 +320,10 @@ def test_a_cost_budget_stops_at_its_cost(kafka_topics):
     assert st.cost_spent == pytest.approx(4 + 22 / 3) and st.spent == 6
     assert st.budget_unit == "cost" and st.cost_total == 12.0
     log = read_all(s.kafka_bootstrap, s.topic(DECISIONS_TOPIC), 24,
-                    parse=codecs.pb.DecisionRecord.FromString)
-    accepted = [r.decision for r in log if r.decision.accept]
+                   parse=decision_protos, many=True)
+    accepted = [d for d in log if d.accept]
     assert sorted(round(d.cost, 3) for d in accepted) == [1.0] * 4 + [3.667] * 2
-    skipped = {r.decision.reason for r in log if not r.decision.accept}
+    skipped = {d.reason for d in log if not d.accept}
     assert skipped == {"skip:budget_exhausted"}
 
 

@@ -321,13 +321,37 @@ def test_decision_record_round_trip_and_errors():
     d = Decision("it1", "image", False, 0.25, 0.1, 0.2, 0.0, 0.3, 0.4, 0.5, 0.6, 3,
                  "skip:below_threshold", typicality=0.7, partnerless=0.1, cost=2.5)
     msg = codecs.decision_record_to_proto(Outcome("e1", d, False, "w0"), 1_700_000_000.5)
-    back, at = codecs.decision_record_from_proto(pb.DecisionRecord.FromString(
+    back, at = codecs.decision_records_from_proto(pb.DecisionRecord.FromString(
         msg.SerializeToString()))
-    assert back == Outcome("e1", d, False, "w0") and at == 1_700_000_000.5
-    _reason(lambda: codecs.decision_record_from_proto(pb.DecisionRecord()), "missing_field",
-            "missing field 'decision'")
+    assert back == [Outcome("e1", d, False, "w0")] and at == 1_700_000_000.5
+    _reason(lambda: codecs.decision_records_from_proto(pb.DecisionRecord()), "missing_field",
+            "missing field 'decisions'")
     msg.decision.reason = "skip:from_a_newer_peer"  # unknown reasons pass through unchanged
-    assert codecs.decision_record_from_proto(msg)[0].decision.reason == "skip:from_a_newer_peer"
+    assert codecs.decision_records_from_proto(msg)[0][0].decision.reason == \
+        "skip:from_a_newer_peer"
+
+
+def test_a_batch_of_decisions_is_one_record_in_order_and_reads_back_whole():
+    outs = [Outcome(f"e{i}", Decision(f"it{i}", "image" if i % 2 else "text", i % 7 == 0,
+                                      0.01 * i, 0.1, 0.2, 0.0, 0.3, 0.4, 0.5, 0.6, 3,
+                                      "accept:utility" if i % 7 == 0 else "skip:pacing"),
+                    i % 5 == 0, "w0")
+            for i in range(2 * codecs.DECISIONS_PER_RECORD + 3)]
+    recs = codecs.decision_records_to_proto(outs, 12.5)
+    assert [len(r.decisions) for r in recs] == [codecs.DECISIONS_PER_RECORD] * 2 + [3]
+    assert len(codecs.decision_records_to_proto(outs[:256], 1.0)) == 1  # the default batch
+    back = [codecs.decision_records_from_proto(pb.DecisionRecord.FromString(
+        r.SerializeToString())) for r in recs]
+    assert [o for got, _ in back for o in got] == outs and {at for _, at in back} == {12.5}
+    # a reader that knows only the one-decision form refuses a batch record (never misreads it)
+    assert not pb.DecisionRecord.FromString(recs[2].SerializeToString()).HasField("decision")
+    # held decisions are left out without being built; the rest keep their order
+    got, _ = codecs.decision_records_from_proto(recs[2], held=lambda e: e.endswith("1"))
+    assert [o.event_id for o in got] == [o.event_id for o in outs[-3:]
+                                         if not o.event_id.endswith("1")]
+    bad = pb.DecisionRecord()
+    bad.decisions.add(item_id="no-event-id")
+    _reason(lambda: codecs.decision_records_from_proto(bad), "missing_field", "event_id")
 
 
 def test_zero_vectors_and_overlong_ids_are_refused_naming_the_event():

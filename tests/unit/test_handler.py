@@ -692,6 +692,47 @@ def test_a_selection_known_only_from_the_requests_topic_is_logged_when_redeliver
     run(body())
 
 
+def _dedup_state(h):
+    return (list(h._decided._lru.items()), list(h._logged_accepts.items()))
+
+
+def test_a_decision_record_the_handler_holds_as_logged_changes_nothing_when_folded(make):
+    """The decisions follower skips decoding a record when ``holds_logged_decision`` says so
+    (a worker reads its own log back): folding any such record, accept or skip, whatever it
+    says, must leave the dedup memory as it was; the ids it refuses are the ones a fold
+    changes."""
+    other = make(RecordingPublisher(), worker_id="w-other")
+    h = make(DecisionLog())
+
+    async def body():
+        mine = await h.submit(_evs(0, 12))  # decided and logged here
+        theirs = await other.submit(_evs(20, 40))
+        sel = [o for o in theirs if o.decision.accept]
+        assert len(sel) >= 2 and any(not o.decision.accept for o in theirs)
+        # a selection known from the requests topic only: remembered, not yet logged
+        assert await h.observe_remote_selection(sel[0], _vec(int(sel[0].event_id[3:]),
+                                                             sel[0].decision.modality))
+        assert not h.holds_logged_decision(sel[0].event_id)  # its record must be read
+        assert not h.holds_logged_decision(theirs[-1].event_id)  # unknown here
+        flipped = [type(o)(o.event_id, other_decision, o.duplicate, o.worker_id)
+                   for o, other_decision in zip(mine, [t.decision for t in theirs], strict=False)]
+        held, changed = 0, 0
+        for record in [*mine, *flipped, *theirs]:
+            before = _dedup_state(h)
+            skip = h.holds_logged_decision(record.event_id)
+            await h.observe_remote_decisions([record])
+            if skip:
+                held += 1
+                assert _dedup_state(h) == before, record
+            elif _dedup_state(h) != before:
+                changed += 1
+        assert held == 2 * len(mine)  # own records, as logged and with another verdict
+        assert changed >= 1  # the others' skips are remembered
+        assert h.holds_logged_decision(sel[0].event_id)  # its record marked it logged
+
+    run(body())
+
+
 def test_requests_written_before_a_failed_publish_reach_the_log_on_the_retry(make):
     """A publish that failed part-way folds in the requests the broker acknowledged; the retry
     answers them as duplicates and logs their decisions (no verdict missing from the log)."""

@@ -105,12 +105,14 @@ class Decision(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., item_id: _Optional[str] = ..., modality: _Optional[str] = ..., accept: _Optional[bool] = ..., utility: _Optional[float] = ..., components: _Optional[_Union[ScoreComponents, _Mapping]] = ..., threshold: _Optional[float] = ..., model_version: _Optional[int] = ..., reason: _Optional[str] = ..., duplicate: _Optional[bool] = ..., worker_id: _Optional[str] = ..., cost: _Optional[float] = ...) -> None: ...
 
 class DecisionRecord(_message.Message):
-    __slots__ = ("decision", "decided_at")
+    __slots__ = ("decision", "decided_at", "decisions")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     decided_at: _timestamp_pb2.Timestamp
-    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
 
 class PartnerCandidate(_message.Message):
     __slots__ = ("item_id", "similarity")
