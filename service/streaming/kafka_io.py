@@ -200,14 +200,18 @@ class TopicFollower(Generic[T]):
     fetch_max_wait_ms : int
         How long the broker may hold a fetch that found nothing: the follower's lag behind a new
         record when idle (a short wait keeps it low: aiokafka's default 500 ms dominated).
+    max_records : int
+        Records decoded and folded per poll (the event loop runs nothing else meanwhile): keep
+        it small for records that hold many messages.
     """
 
     def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], T],
                  fold: Callable[[list[T]], Awaitable[int]], *, name: str,
                  tail: int | None = None, security: KafkaSecurity = PLAINTEXT,
-                 fetch_max_wait_ms: int = 50):
+                 fetch_max_wait_ms: int = 50, max_records: int = 2000):
         self.topic = topic
         self.fetch_max_wait_ms = int(fetch_max_wait_ms)
+        self.max_records = int(max_records)
         self.tail = tail
         self.name = name
         self._decode = decode
@@ -262,7 +266,7 @@ class TopicFollower(Generic[T]):
             while True:
                 self._polls += 1
                 poll = self._polls
-                batches = await c.getmany(timeout_ms=100, max_records=2000)
+                batches = await c.getmany(timeout_ms=100, max_records=self.max_records)
                 for tp, records in batches.items():
                     items = []
                     for rec in records:
@@ -366,8 +370,10 @@ def decisions_follower(bootstrap: str, topic: str, handler: SelectionHandler, ta
     async def fold(records: list[list[Outcome]]) -> int:
         return await handler.observe_remote_decisions([o for rec in records for o in rec])
 
+    # a record holds up to a batch of decisions: 8 a poll, as many decisions as ~2,000 records
+    # of the other followers, so a replay does not hold the event loop for seconds at a time
     return TopicFollower(bootstrap, topic, decode, fold, name="decisions", tail=tail,
-                         security=security)
+                         security=security, max_records=8)
 
 
 def models_follower(bootstrap: str, topic: str, handler: SelectionHandler,

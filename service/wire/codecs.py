@@ -370,9 +370,9 @@ def decision_records_to_proto(outcomes: Sequence[Outcome], decided_at: float
     """The decision-log records of one engine batch: its decisions in order, in records of at
     most :data:`DECISIONS_PER_RECORD` (one, for the default batch size), all at ``decided_at``.
 
-    One record per batch instead of one per decision: 256 records of ~140 bytes each cost the
-    worker's event loop about 80 us per decision to encode, send, and read back (a third of its
-    time at full load), one record of 256 decisions about a tenth of that.
+    One record per batch instead of one per decision: 256 records of ~140 bytes each, encoded,
+    sent and read back one by one, took about a third of a worker's event loop at full load
+    (its CPU per event fell by a fifth to a quarter with one record; reports/perf.md).
     """
     at = timestamp(decided_at)
     return [pb.DecisionRecord(decisions=[decision_to_proto(o) for o in
