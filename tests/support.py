@@ -74,10 +74,9 @@ def read_all(bootstrap, topic, expect, timeout_s=30.0, parse=None, many=False, *
 def decision_protos(value: bytes) -> list:
     """The ``Decision`` messages of one decision-log record, in order (a batch record or the
     older one-decision form)."""
-    from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
+    from service.wire import codecs
 
-    msg = pb.DecisionRecord.FromString(value)
-    return ([msg.decision] if msg.HasField("decision") else []) + list(msg.decisions)
+    return codecs.decisions_of(codecs.pb.DecisionRecord.FromString(value))
 
 
 class SharedLedger:

@@ -60,7 +60,7 @@ __all__ = [
     "status_to_proto", "dead_letter_bytes", "timestamp", "seconds", "pair_to_proto",
     "pair_from_proto", "pair_key_bytes", "model_release_to_proto", "model_release_from_proto",
     "MODEL_KEY", "decision_record_to_proto", "decision_records_to_proto",
-    "decision_records_from_proto", "DECISIONS_PER_RECORD",
+    "decision_records_from_proto", "decisions_of", "DECISIONS_PER_RECORD",
 ]
 
 REASONS = ("undecodable", "wrong_dimension", "non_finite", "unknown_modality", "missing_field",
@@ -390,17 +390,21 @@ def decision_records_from_proto(msg: pb.DecisionRecord,
     own records back: only the ids are read). Raises ``WireError`` (``missing_field``) for a
     record without decisions or with a decision that has no event id (nothing of it is used).
     """
-    decisions = list(msg.decisions)
-    if msg.HasField("decision"):
-        decisions.insert(0, msg.decision)
+    decisions = decisions_of(msg)
     if not decisions:
         raise WireError("missing_field", "decision record: missing field 'decisions'")
-    if not all(d.event_id for d in decisions):
+    ids = [d.event_id for d in decisions]
+    if not all(ids):
         raise WireError("missing_field", "decision record: a decision without 'event_id'")
     if held is not None:
-        decisions = [d for d in decisions if not held(d.event_id)]
+        decisions = [d for d, e in zip(decisions, ids, strict=True) if not held(e)]
     return ([decision_from_proto(d) for d in decisions],
             seconds(msg, "decided_at"))
+
+
+def decisions_of(msg: pb.DecisionRecord) -> list[pb.Decision]:
+    """The ``Decision`` messages of a decision-log record of either form, in order."""
+    return ([msg.decision] if msg.HasField("decision") else []) + list(msg.decisions)
 
 
 def request_to_proto(r: AlignmentRequestOut) -> pb.AlignmentRequest:
