@@ -37,7 +37,7 @@ from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 from service.core.partnerless import PartnerlessMemory
 from service.core.reasons import Reason
 from service.core.scorer import UncertaintyScorer
-from service.core.types import Decision, FeatureItem
+from service.core.types import Decision, FeatureItem, decisions_from_columns
 from service.core.validation import as_matrix, check_modality, item_vectors
 
 
@@ -180,7 +180,9 @@ class StreamingSelector:
         """
         if len(items) == 0:
             raise ValueError("empty batch: propose() needs at least one item")
-        mods = [check_modality(it.modality, self.modalities) for it in items]
+        mods = [it.modality for it in items]
+        for m in dict.fromkeys(mods):  # each distinct modality once, the first bad one named
+            check_modality(m, self.modalities)
         rows = {m: np.array([i for i, mm in enumerate(mods) if mm == m], dtype=np.int64)
                 for m in self.modalities}
         raw, emb, unc, div, scores, norm = {}, {}, {}, {}, {}, {}
@@ -310,16 +312,16 @@ class StreamingSelector:
         for m in pen:
             pen_all[rows[m]] = pen[m]
         col["partnerless"] = pen_all.tolist()
-        u_list, t_list, d_list = ut_all.tolist(), thr_all.tolist(), div_all.tolist()
-        decisions = [Decision(item_id=it.item_id, modality=mods[i], accept=bool(accept[i]),
-                              utility=u_list[i], uncertainty=col["uncertainty"][i],
-                              diversity=d_list[i], coverage_bonus=float(bonus[mods[i]]),
-                              margin=col["margin"][i], entropy=col["entropy"][i],
-                              least_confidence=col["least_confidence"][i], threshold=t_list[i],
-                              model_version=version, reason=reasons[i],
-                              typicality=col["typicality"][i],
-                              partnerless=col["partnerless"][i], cost=float(cost[i]))
-                     for i, it in enumerate(items)]
+        acc_list = accept.tolist()
+        decisions = decisions_from_columns({
+            "item_id": [it.item_id for it in items], "modality": mods, "accept": acc_list,
+            "utility": ut_all.tolist(), "uncertainty": col["uncertainty"],
+            "diversity": div_all.tolist(), "coverage_bonus": [float(bonus[m]) for m in mods],
+            "margin": col["margin"], "entropy": col["entropy"],
+            "least_confidence": col["least_confidence"], "threshold": thr_all.tolist(),
+            "model_version": [version] * n, "reason": reasons,
+            "typicality": col["typicality"], "partnerless": col["partnerless"],
+            "cost": cost.tolist()})
         return Proposal(decisions, draft, raw, emb, rows, unc, div, self._epoch, typ)
 
     def deny(self, proposal: Proposal, positions: Sequence[int]) -> Proposal:

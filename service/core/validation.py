@@ -99,19 +99,12 @@ def item_vectors(vectors, dim: int, *, item_ids, modality: str,
         Naming the first bad item (id, modality, shape/dtype, first bad value).
     """
     pos = range(len(vectors)) if positions is None else positions
-    arrs = []
-    for v, item_id, p in zip(vectors, item_ids, pos, strict=True):
-        a = np.asarray(v)
-        if a.ndim == 2 and a.shape[0] == 1:  # one row of a matrix: (1, dim) reads as (dim,)
-            a = a[0]
-        if a.ndim != 1 or a.shape[0] != dim or a.dtype.kind not in "fiub":
-            what = (f"wrong dimension {a.shape[0]}, expected {dim}" if a.ndim == 1
-                    and a.dtype.kind in "fiub" else f"expected a real vector of shape ({dim},)")
-            kind = "wrong_dimension" if a.dtype.kind in "fiub" else "undecodable"
-            raise VectorError(kind, f"item {item_id!r} ({modality}): {what} ({_layout(a)})", p)
-        arrs.append(a)
-    mat = np.ascontiguousarray(np.stack(arrs), dtype=np.float32)
+    mat = _stacked_if_plain(vectors, dim, item_ids)
+    if mat is None:  # not all plain (dim,) vectors: check one by one, naming the first bad one
+        mat = np.stack(_checked_rows(vectors, dim, item_ids, modality, pos))
+    mat = np.ascontiguousarray(mat, dtype=np.float32)
     if not np.isfinite(mat).all() or (mat.size and np.abs(mat).max() > MAX_ABS_FEATURE):
+        arrs = _checked_rows(vectors, dim, item_ids, modality, pos)
         for row, a, item_id, p in zip(mat, arrs, item_ids, pos, strict=True):
             err = vector_value_problem(row, f"item {item_id!r} ({modality})", p, original=a)
             if err is not None:
@@ -123,6 +116,38 @@ def item_vectors(vectors, dim: int, *, item_ids, modality: str,
                                          "values are 0 (no direction: its cosine to anything "
                                          "is undefined)", list(pos)[j])
     return mat
+
+
+def _stacked_if_plain(vectors, dim: int, item_ids) -> np.ndarray | None:
+    """``np.stack(vectors)`` when that is already the checked result: every vector of shape
+    (dim,) and real (one C call for the batch); None when any is not (or the stack fails), for
+    :func:`_checked_rows` to name it."""
+    if len(vectors) == 0 or len(item_ids) != len(vectors):
+        return None
+    try:
+        mat = np.stack(vectors)
+    except (ValueError, TypeError):
+        return None
+    if mat.ndim != 2 or mat.shape[1] != dim or mat.dtype.kind not in "fiub":
+        return None
+    return mat
+
+
+def _checked_rows(vectors, dim: int, item_ids, modality: str, pos) -> list[np.ndarray]:
+    """Each vector as a (dim,) real array, or a :class:`VectorError` naming the first that is
+    not (a (1, dim) row of a matrix reads as (dim,))."""
+    arrs = []
+    for v, item_id, p in zip(vectors, item_ids, pos, strict=True):
+        a = np.asarray(v)
+        if a.ndim == 2 and a.shape[0] == 1:  # one row of a matrix: (1, dim) reads as (dim,)
+            a = a[0]
+        if a.ndim != 1 or a.shape[0] != dim or a.dtype.kind not in "fiub":
+            what = (f"wrong dimension {a.shape[0]}, expected {dim}" if a.ndim == 1
+                    and a.dtype.kind in "fiub" else f"expected a real vector of shape ({dim},)")
+            kind = "wrong_dimension" if a.dtype.kind in "fiub" else "undecodable"
+            raise VectorError(kind, f"item {item_id!r} ({modality}): {what} ({_layout(a)})", p)
+        arrs.append(a)
+    return arrs
 
 
 def check_modality(modality: str, known: Iterable[str]) -> str:

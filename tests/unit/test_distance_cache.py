@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core.distance_cache import DistanceCache
+from service.core.distance_cache import DistanceCache, pairwise_sq_dist
 
 
 def _unit(rng, n, k):
@@ -162,3 +162,66 @@ def test_lazy_neighbour_upkeep_evicts_a_most_redundant_point(seed, cap, n_add, d
         assert len(gone) == 1 and len(after) == cap
         assert nn[gone[0]] <= nn.min() + 1e-4  # float32 |a|^2+|b|^2-2ab: ~1e-5 at d ~ 0.01
     assert cache.evictions == max(0, n_add - cap)
+
+
+def _add_row_by_row(cache: DistanceCache, x: np.ndarray, clock: float) -> None:
+    """The reference of ``DistanceCache._add_sequential``: every row through ``_add_one``, its
+    distances to the cache as it is then (the batch's new-to-cache and new-to-new products)."""
+    t = torch.from_numpy(x)
+    with torch.inference_mode():
+        d_xe = np.full((len(x), cache.capacity), np.inf)
+        m0 = cache.size
+        if m0:
+            d_xe[:, :m0] = pairwise_sq_dist(t, cache._emb[:m0], cache._sq[:m0]) \
+                .sqrt_().double().numpy()
+        d_xx = pairwise_sq_dist(t, t, (t * t).sum(dim=1)).sqrt_().double().numpy()
+        src = np.full(cache.capacity, -1)
+        for i in range(len(x)):
+            d_new = d_xe[i, :cache.size].copy()
+            moved = np.flatnonzero(src[:cache.size] >= 0)
+            d_new[moved] = d_xx[i, src[moved]]
+            slot = cache._add_one(t[i], None, 0, d_new, (t[i] * t[i]).sum())
+            if slot is not None:
+                src[slot] = i
+                cache._born[slot] = clock
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), cap=st.integers(1, 24), batches=st.integers(1, 6),
+       size=st.integers(1, 40), dup=st.floats(0.0, 0.8), grid=st.booleans())
+def test_a_batch_turned_away_together_evicts_exactly_as_row_by_row(seed, cap, batches, size,
+                                                                    dup, grid):
+    """The batched insertion (the rows a full cache turns away decided together) leaves the
+    cache bit for bit as the row-by-row rule does: the same slots, neighbour distances, stale
+    marks and eviction count, batch after batch (near-duplicates make rows go in and be turned
+    away in mixed runs, exact copies tie with the eviction candidate, and stale minima reach
+    it). On a small integer grid every distance is exact, so ties are common."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        return rng.integers(0, 3, size=(n, 5)).astype(np.float32) if grid else _unit(rng, n, 5)
+
+    fast, ref = DistanceCache(dim=5, capacity=cap), DistanceCache(dim=5, capacity=cap)
+    seen = draw(1)
+    for b in range(batches):
+        x = draw(size)
+        near = rng.random(size) < dup
+        k = int(near.sum())
+        exact = rng.random((k, 1)) < 0.5  # exact copies tie: turned away, never evicting
+        x[near] = seen[rng.integers(len(seen), size=k)] \
+            + np.where(exact, 0.0, 1e-3 * rng.normal(size=(k, 5))).astype(np.float32)
+        seen = np.vstack([seen, x])
+        with torch.inference_mode():
+            if fast.size + size <= cap:  # fits: the bulk path, the same for both
+                fast.add(x, clock=b)
+                ref.add(x, clock=b)
+                continue
+            fast._add_sequential(torch.from_numpy(x), None, 0, np.full(size, float(b)))
+        _add_row_by_row(ref, x, float(b))
+        n = ref.size
+        assert fast.size == n and fast.evictions == ref.evictions
+        np.testing.assert_array_equal(fast.embeddings.numpy(), ref.embeddings.numpy())
+        np.testing.assert_array_equal(fast._nn[:n], ref._nn[:n])
+        np.testing.assert_array_equal(fast._nn_idx[:n], ref._nn_idx[:n])
+        np.testing.assert_array_equal(fast._stale[:n], ref._stale[:n])
+        np.testing.assert_array_equal(fast._born[:n], ref._born[:n])

@@ -60,6 +60,35 @@ def test_item_vectors_stacks_exactly_as_before():
     assert out.dtype == np.float32 and out.flags.c_contiguous
 
 
+
+@pytest.mark.parametrize("case", ["arrays", "mixed dtypes", "lists", "a (1, d) row", "bools"])
+def test_item_vectors_gives_one_result_whether_stacked_at_once_or_checked_row_by_row(case):
+    """A batch of plain (d,) vectors is stacked in one call; anything else goes row by row. Both
+    ways give the same float32 matrix (and a (1, d) row still reads as (d,))."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(3, 6))
+    vs = {"arrays": list(base.astype(np.float32)),
+          "mixed dtypes": [base[0], base[1].astype(np.float32), np.arange(1, 7)],
+          "lists": [list(r) for r in base],
+          "a (1, d) row": [base[0], base[1][None, :], base[2]],
+          "bools": [np.ones(6, bool), base[1], base[2]]}[case]
+    out = item_vectors(vs, 6, item_ids=list("abc"), modality="x")
+    want = np.stack([np.asarray(v).reshape(6) for v in vs]).astype(np.float32)
+    np.testing.assert_array_equal(out, want)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (np.zeros((2, 12)), "wrong_dimension"), (np.array(["a"] * 12), "undecodable"),
+    (np.zeros(12, complex), "undecodable"), (np.zeros(11), "wrong_dimension")])
+def test_a_batch_that_cannot_be_stacked_as_is_names_its_bad_item(bad, reason):
+    good = np.ones(12, np.float32)
+    with pytest.raises(VectorError) as ei:
+        item_vectors([good, good, bad], 12, item_ids=["a", "b", "c-3"], modality="image")
+    assert str(ei.value).startswith("item 'c-3' (image): ") and ei.value.index == 2
+    assert ei.value.kind == reason
+
+
 def test_a_submitted_batch_is_checked_once_at_the_core_entry(monkeypatch):
     _, _, model = data_and_model()
     a, b, _ = data_and_model()
