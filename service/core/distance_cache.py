@@ -223,8 +223,9 @@ class DistanceCache:
                 i += away
                 if i == n:
                     break
-            slot = self._add_one(x[i], None if raw is None else raw[i], tag,
-                                 dist[i, :size].copy(), sq[i])
+            # row i's distances are read for the last time here: _add_one may overwrite them
+            slot = self._add_one(x[i], None if raw is None else raw[i], tag, dist[i, :size],
+                                 sq[i])
             if slot is not None:
                 self._born[slot] = born[i]
                 later = slice(i + 1, n)
@@ -274,7 +275,8 @@ class DistanceCache:
 
     def _add_one(self, v: torch.Tensor, raw: np.ndarray | None, tag: int = 0,
                  d_new: np.ndarray | None = None, v_sq: torch.Tensor | None = None) -> int | None:
-        """Insert one vector; ``d_new`` (size,) are its distances to the cached ones if known.
+        """Insert one vector; ``d_new`` (size,) are its distances to the cached ones if known
+        (the caller's array, which this may overwrite: the evicted slot's entry becomes inf).
         Returns the slot it went to, or None when it was itself the most redundant point."""
         n = self.size
         if n:
@@ -296,7 +298,6 @@ class DistanceCache:
                 return None
             slot = e
             self.evictions += 1
-            d_new = d_new.copy()
             d_new[e] = np.inf  # the evicted point is gone
             j = int(np.argmin(d_new))
             nn_new, nn_new_idx = float(d_new[j]), j
