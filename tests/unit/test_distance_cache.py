@@ -207,7 +207,7 @@ def test_a_batch_turned_away_together_evicts_exactly_as_row_by_row(seed, cap, ba
         x = draw(size)
         near = rng.random(size) < dup
         k = int(near.sum())
-        exact = rng.random((k, 1)) < 0.5  # exact copies tie: turned away, never evicting
+        exact = rng.random((k, 1)) < 0.5  # exact copies: distance 0 to a cached point
         x[near] = seen[rng.integers(len(seen), size=k)] \
             + np.where(exact, 0.0, 1e-3 * rng.normal(size=(k, 5))).astype(np.float32)
         seen = np.vstack([seen, x])

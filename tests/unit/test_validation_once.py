@@ -60,7 +60,6 @@ def test_item_vectors_stacks_exactly_as_before():
     assert out.dtype == np.float32 and out.flags.c_contiguous
 
 
-
 @pytest.mark.parametrize("case", ["arrays", "mixed dtypes", "lists", "a (1, d) row", "bools"])
 def test_item_vectors_gives_one_result_whether_stacked_at_once_or_checked_row_by_row(case):
     """A batch of plain (d,) vectors is stacked in one call; anything else goes row by row. Both
