@@ -312,9 +312,8 @@ class StreamingSelector:
         for m in pen:
             pen_all[rows[m]] = pen[m]
         col["partnerless"] = pen_all.tolist()
-        acc_list = accept.tolist()
         decisions = decisions_from_columns({
-            "item_id": [it.item_id for it in items], "modality": mods, "accept": acc_list,
+            "item_id": [it.item_id for it in items], "modality": mods, "accept": accept.tolist(),
             "utility": ut_all.tolist(), "uncertainty": col["uncertainty"],
             "diversity": div_all.tolist(), "coverage_bonus": [float(bonus[m]) for m in mods],
             "margin": col["margin"], "entropy": col["entropy"],
