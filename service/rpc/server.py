@@ -19,6 +19,11 @@ task: when the deadline passes (or the client cancels) the caller gets its statu
 the batch still completes; a retry with the same event ids is answered from the dedup memory
 (``duplicate=True``) and spends nothing. :meth:`GrpcServer.stop` waits for such work.
 
+Batching: the ``Submit`` and ``SubmitStream`` calls that arrive while the engine decides a batch
+are decided together as the next one (:class:`~service.rpc.coalesce.SubmitCoalescer`, at most
+``coalesce_max_items`` events; each call still gets exactly its own outcomes and its own input
+errors). A call that finds the engine idle is decided at once.
+
 Flow control of ``SubmitStream``: requests are processed one at a time, in order; the next
 request message is read only after the previous response was handed to gRPC. Unread messages
 stay in gRPC's HTTP/2 flow-control window, so a client that sends faster than the engine decides
@@ -51,6 +56,7 @@ from grpc_reflection.v1alpha import reflection
 from service.handlers import SelectionHandler
 from service.messages import PartialPublish
 from service.rpc.auth import TokenAuthInterceptor
+from service.rpc.coalesce import SubmitCoalescer
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
@@ -70,8 +76,10 @@ class GrpcMetrics(Protocol):
 class SelectorServicer(pb_grpc.SelectorServicer):
     """``pairsieve.v1.Selector`` over one :class:`SelectionHandler` (see module docstring)."""
 
-    def __init__(self, handler: SelectionHandler, *, min_deadline_s: float = 0.01):
+    def __init__(self, handler: SelectionHandler, *, min_deadline_s: float = 0.01,
+                 coalesce_max_items: int = 1024):
         self.handler = handler
+        self.coalescer = SubmitCoalescer(handler.submit, max_items=coalesce_max_items)
         self.dims = dict(handler.dims)
         self.min_deadline_s = float(min_deadline_s)
         self.serving = False
@@ -123,7 +131,9 @@ class SelectorServicer(pb_grpc.SelectorServicer):
     # ------------------------------------------------------------------ plumbing
     async def _submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         events = codecs.submit_request_from_proto(decoded(request), self.dims)
-        return codecs.submit_response_to_proto(await self.handler.submit(events))
+        for ev in events:  # this call's id errors are its own, before it joins a merged batch
+            self.handler.validate(ev)
+        return codecs.submit_response_to_proto(await self.coalescer.submit(events))
 
     async def _call(self, context, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``work`` as its own task within the call's deadline; map its errors."""
@@ -332,7 +342,8 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
                             metrics: GrpcMetrics | Any | None = None,
                             min_deadline_s: float = 0.01,
                             max_concurrent_rpcs: int | None = None,
-                            reflection_without_token: bool = False) -> GrpcServer:
+                            reflection_without_token: bool = False,
+                            coalesce_max_items: int = 1024) -> GrpcServer:
     """Start ``pairsieve.v1.Selector`` (+ health, reflection) and return the running server.
 
     Health is SERVING once this returns (start the server last, when the engine is ready);
@@ -341,6 +352,8 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
     port (see ``GrpcServer.port``). ``max_concurrent_rpcs`` caps the calls in progress (health
     and reflection included); a call beyond it is refused at once with ``RESOURCE_EXHAUSTED``
     (gRPC's own admission control), so overload is answered instead of queued.
+    ``coalesce_max_items`` bounds the events of concurrent ``Submit`` calls decided as one engine
+    batch (:mod:`service.rpc.coalesce`; 1 = every call alone).
     """
     if bool(tls_cert) != bool(tls_key):
         raise ValueError(f"TLS needs both a certificate and a key, got tls_cert={tls_cert!r}, "
@@ -361,7 +374,8 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
         ("grpc.max_send_message_length", int(max_message_bytes)),
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silent share
     ])
-    servicer = SelectorServicer(handler, min_deadline_s=min_deadline_s)
+    servicer = SelectorServicer(handler, min_deadline_s=min_deadline_s,
+                                coalesce_max_items=coalesce_max_items)
     add_selector_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

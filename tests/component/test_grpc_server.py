@@ -139,6 +139,36 @@ def test_submit_decides_publishes_accepted_and_dedups_redelivery():
     run(scenario())
 
 
+def test_concurrent_calls_are_decided_as_one_batch_each_answered_with_its_own_events():
+    async def scenario():
+        # a slow publish keeps the engine busy with the first call while the others arrive
+        async with serving(RecordingPublisher(delay_s=1.0), total=None) as env:
+            first = asyncio.ensure_future(env.stub.Submit(_submit(0, 40), timeout=10))
+            while env.publisher.calls == 0:  # the first call is deciding
+                await asyncio.sleep(0.01)
+            # calls 2..5; call 5 repeats ev-50 of call 4 and ev-3 of the first call
+            later = [_submit(40, 48), _submit(48, 56), _submit(56, 64),
+                     pb.SubmitRequest(events=[_event(50), _event(3), _event(70)])]
+            answers = await asyncio.gather(first, *[env.stub.Submit(r, timeout=10)
+                                                    for r in later])
+            co = env.server.servicer.coalescer
+            assert (co.calls, co.batches) == (5, 2)  # the first alone, the four waiting together
+            for req, resp in zip([_submit(0, 40), *later], answers, strict=True):
+                assert [d.event_id for d in resp.decisions] == [e.event_id for e in req.events]
+            seen = {d.event_id: d for resp in answers[:-1] for d in resp.decisions}
+            last = answers[-1].decisions
+            assert [d.duplicate for d in last] == [True, True, False]
+            for d in last[:2]:  # the verdict of the call that decided it, in the same batch too
+                assert (d.accept, d.reason) == (seen[d.event_id].accept,
+                                                seen[d.event_id].reason)
+            assert not any(d.duplicate for resp in answers[:-1] for d in resp.decisions)
+            accepted = [d.event_id for resp in answers for d in resp.decisions
+                        if d.accept and not d.duplicate]
+            assert sorted(r.request_id for r in env.publisher.published) == sorted(accepted)
+            assert env.publisher.calls == 2
+    run(scenario())
+
+
 def test_a_failed_publish_is_unavailable_and_the_retry_gets_the_kept_verdicts():
     """A broker failure while publishing is retryable (UNAVAILABLE, not INTERNAL): requests
     the broker acknowledged before it failed count as selected, so the retry answers them as
