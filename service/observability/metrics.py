@@ -73,6 +73,7 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 
 SCORING_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                      5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SUBMIT_BATCH_CALL_BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32, 64)
 RETRAIN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 UTILITY_BUCKETS = tuple(round(-4.0 + 0.5 * i, 2) for i in range(17))  # -4.0 .. 4.0
 COMPONENT_BUCKETS = tuple(round(0.1 * i, 2) for i in range(21))  # 0.0 .. 2.0
@@ -326,6 +327,10 @@ class PairsieveMetrics:
             "pairsieve_grpc_request_duration_seconds",
             "Time to handle one gRPC request, by method, in seconds.",
             ["method"], buckets=GRPC_BUCKETS_S, registry=r)
+        self.grpc_submit_batch_calls = Histogram(
+            "pairsieve_grpc_submit_batch_calls",
+            "Submit/SubmitStream calls decided together as one engine batch.",
+            buckets=SUBMIT_BATCH_CALL_BUCKETS, registry=r)
         self.consumer_lag_gauge = Gauge(
             "pairsieve_consumer_lag",
             "Messages between the consumer group's committed offset and the end of the topic.",
@@ -497,6 +502,10 @@ class PairsieveMetrics:
         self.grpc_requests.labels(short, name if name in GRPC_CODES else "UNKNOWN").inc()
         if seconds is not None and math.isfinite(seconds):
             self.grpc_duration.labels(short).observe(max(0.0, float(seconds)))
+
+    def grpc_submit_batch(self, calls: int) -> None:
+        """``calls`` concurrent gRPC ``Submit`` calls were decided as one engine batch."""
+        self.grpc_submit_batch_calls.observe(int(calls))
 
     def scorer_device(self, device: Any, gpu_expected: bool = False) -> None:
         """The scorer's torch device (``"cpu"``, ``"cuda"``, ``"cuda:0"``, ``torch.device``...).

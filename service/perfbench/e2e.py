@@ -914,6 +914,9 @@ async def _grpc(quick: bool, out: Path, log) -> dict:
             await _run_driver("grpc_load.py", args, log, "grpc",
                               timeout_s=n_phases * (p["duration"] + 10) + 60)
             result = json.loads((Path(d) / "grpc_result.json").read_text())
+            co = svc.grpc.servicer.coalescer
+            merged = {"calls": co.calls, "engine_batches": co.batches,
+                      "max_items": co.max_items}
             server = await asyncio.to_thread(
                 loadgen.scrape_pairsieve, f"http://127.0.0.1:{svc.metrics_port}/metrics")
         finally:
@@ -921,7 +924,7 @@ async def _grpc(quick: bool, out: Path, log) -> dict:
     finally:
         broker.stop()
     return {"params": {**p, "modalities": MODALITIES, "mix": MIX}, "driver": result,
-            "server_grpc_requests": server["grpc"]}
+            "server_grpc_requests": server["grpc"], "coalescing": merged}
 
 
 def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
@@ -942,16 +945,23 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
         "best_items_per_s": max((p["items_per_s"] for p in phases), default=0.0),
         "errors": res["driver"]["summary"]["errors"],
         "seconds": res["seconds"], "loadavg": res["machine"]["loadavg"],
+        "coalescing": res["coalescing"],
     }
     loadgen.write_json(str(out / "e2e_grpc.json"), {"summary": summary, "details": res})
+    merged = res["coalescing"]
     table = (f"**gRPC path: {res['params']['concurrency']} concurrent clients, closed loop, "
              f"{res['params']['duration']:g}s per phase**\n\n"
              + loadgen.grpc_phases_table(res["driver"]))
+    per_batch = merged["calls"] / merged["engine_batches"] if merged["engine_batches"] else 0.0
     notes = ("Closed loop: each client waits for its answer before sending the next request; "
              "the client runs in its own process on the same machine, so it takes CPU from the "
-             "service. The engine decides one request at a time (concurrent requests queue on "
-             "its lock), so items/s grows with the batch size and latency with the concurrency; "
-             "batch 1 measures the per-call overhead.")
+             "service. The calls that wait while the engine decides a batch are decided together "
+             f"as its next one (at most {merged['max_items']:,} events, "
+             "`PAIRSIEVE_GRPC_COALESCE_MAX_ITEMS`): over all phases "
+             f"{merged['calls']:,} calls in {merged['engine_batches']:,} engine batches "
+             f"({per_batch:.1f} calls per batch). Items/s grows with the batch size (fewer "
+             "calls per item) and latency with the concurrency; batch 1 measures the per-call "
+             "overhead.")
     return {"table_md": table, "summary": summary, "notes": notes, "details": res,
             "artifacts_dir": str(out)}
 

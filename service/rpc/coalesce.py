@@ -48,15 +48,19 @@ class SubmitCoalescer:
     max_items
         At most this many events in one merged batch (calls are never split: a single call
         larger than this is decided alone). ``1`` turns merging off (every call alone).
+    on_batch
+        Called with the number of calls of each batch handed to ``decide`` (metrics).
     """
 
-    def __init__(self, decide: Decide, *, max_items: int = 1024):
+    def __init__(self, decide: Decide, *, max_items: int = 1024,
+                 on_batch: Callable[[int], None] | None = None):
         if int(max_items) < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items!r}")
         self._decide = decide
         self.max_items = int(max_items)
         self._waiting: deque[tuple[Sequence[IncomingEvent], asyncio.Future]] = deque()
         self._runner: asyncio.Task | None = None
+        self._on_batch = on_batch
         self.batches = 0  # merged batches decided (for tests and metrics)
         self.calls = 0    # calls answered
 
@@ -104,6 +108,11 @@ class SubmitCoalescer:
 
     async def _decide_group(self, group) -> None:
         self.batches += 1
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(group))
+            except Exception:  # metrics must never fail a call
+                log.exception("on_batch failed")
         if len(group) == 1:
             events, fut = group[0]
             _settle(fut, result=await self._decide(events))

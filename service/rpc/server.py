@@ -32,7 +32,8 @@ is slowed down by the transport (its writes wait) instead of growing a queue in 
 Other features: standard health checking (``grpc_health.v1.health.aio.HealthServicer``), server
 reflection (``grpc_reflection.v1alpha.reflection``), max message sizes (a larger request ends in
 ``RESOURCE_EXHAUSTED``), optional bearer-token auth (:mod:`service.rpc.auth`), optional TLS and an
-optional ``metrics`` object with ``grpc_request(method, code, seconds)``.
+optional ``metrics`` object with ``grpc_request(method, code, seconds)`` (and, if it has one,
+``grpc_submit_batch(calls)``: the calls of each engine batch).
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ class SelectorServicer(pb_grpc.SelectorServicer):
     """``pairsieve.v1.Selector`` over one :class:`SelectionHandler` (see module docstring)."""
 
     def __init__(self, handler: SelectionHandler, *, min_deadline_s: float = 0.01,
-                 coalesce_max_items: int = 1024):
+                 coalesce_max_items: int = 1024,
+                 on_batch: Callable[[int], None] | None = None):
         self.handler = handler
-        self.coalescer = SubmitCoalescer(handler.submit, max_items=coalesce_max_items)
+        self.coalescer = SubmitCoalescer(handler.submit, max_items=coalesce_max_items,
+                                         on_batch=on_batch)
         self.dims = dict(handler.dims)
         self.min_deadline_s = float(min_deadline_s)
         self.serving = False
@@ -375,7 +378,8 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silent share
     ])
     servicer = SelectorServicer(handler, min_deadline_s=min_deadline_s,
-                                coalesce_max_items=coalesce_max_items)
+                                coalesce_max_items=coalesce_max_items,
+                                on_batch=getattr(metrics, "grpc_submit_batch", None))
     add_selector_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -56,9 +56,13 @@ class RecordingPublisher(NullPublisher):
 class RecordingMetrics:
     def __init__(self):
         self.calls = []
+        self.batches = []
 
     def grpc_request(self, method, code, seconds):
         self.calls.append((method, code, seconds))
+
+    def grpc_submit_batch(self, calls):
+        self.batches.append(calls)
 
 
 def _event(i, modality=None, vector=None, dim=None, event_id=None):
@@ -153,6 +157,7 @@ def test_concurrent_calls_are_decided_as_one_batch_each_answered_with_its_own_ev
                                                     for r in later])
             co = env.server.servicer.coalescer
             assert (co.calls, co.batches) == (5, 2)  # the first alone, the four waiting together
+            assert env.metrics.batches == [1, 4]
             for req, resp in zip([_submit(0, 40), *later], answers, strict=True):
                 assert [d.event_id for d in resp.decisions] == [e.event_id for e in req.events]
             seen = {d.event_id: d for resp in answers[:-1] for d in resp.decisions}

@@ -52,7 +52,8 @@ EXPECTED_NAMES = {
     "pairsieve_modality_share", "pairsieve_modality_imbalance", "pairsieve_threshold",
     "pairsieve_utility_bucket", "pairsieve_score_bucket", "pairsieve_labels_received_total",
     "pairsieve_pairs_acquired", "pairsieve_grpc_requests_total",
-    "pairsieve_grpc_request_duration_seconds_bucket", "pairsieve_scorer_device_info",
+    "pairsieve_grpc_request_duration_seconds_bucket", "pairsieve_grpc_submit_batch_calls_bucket",
+    "pairsieve_scorer_device_info",
     "pairsieve_scorer_gpu_fallback", "pairsieve_consumer_lag", "pairsieve_up",
     "pairsieve_build_info",
 }
@@ -351,6 +352,8 @@ def test_transport_hooks(reg, m, scrape):
     m.grpc_request("/pairsieve.v1.Selection/SubmitEvents", "OK", 0.003)
     m.grpc_request("SubmitEvents", "INVALID_ARGUMENT", 0.001)
     m.grpc_request("GetStatus", "NOT_A_CODE", 0.002)
+    m.grpc_submit_batch(1)
+    m.grpc_submit_batch(5)
     m.consumer_lag("pairsieve.features.v1", 42)
     m.consumer_lag("pairsieve.alignment-labels.v1", -3)
     m.set_serving(True)
@@ -367,6 +370,9 @@ def test_transport_hooks(reg, m, scrape):
     assert s(g, method="SubmitEvents", code="INVALID_ARGUMENT") == 1
     assert s(g, method="GetStatus", code="UNKNOWN") == 1
     assert s("pairsieve_grpc_request_duration_seconds_count", method="SubmitEvents") == 2
+    assert s("pairsieve_grpc_submit_batch_calls_count") == 2
+    assert s("pairsieve_grpc_submit_batch_calls_sum") == 6
+    assert s.bucket("pairsieve_grpc_submit_batch_calls", "4.0") == 1
     assert s("pairsieve_consumer_lag", topic="pairsieve.features.v1") == 42
     assert s("pairsieve_consumer_lag", topic="pairsieve.alignment-labels.v1") == 0
     assert s("pairsieve_up") == 1
