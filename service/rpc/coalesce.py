@@ -13,9 +13,10 @@ What a caller sees is what it would see alone:
 * its outcomes, in its events' order, for its events only. The events of a merged batch are
   decided in arrival order, so an event id sent in two calls of one batch is decided once and the
   later call gets it as a duplicate, exactly as if the calls had run one after the other;
-* its own error: a call whose events the core refuses (``VectorError``, raised before anything is
-  decided or published) makes the merged batch be decided again call by call, so only that call
-  fails. Any other error (e.g. ``PartialPublish``: the broker failed, retryable) reaches every
+* its own error: a call's events are checked when decoded (ids, modality, dimension, values), so
+  a bad call fails before it joins a batch. Should the core still refuse an event of a merged
+  batch (``VectorError``, raised before anything is decided or published), the batch is decided
+  again call by call, so only that call fails. Any other error (e.g. ``PartialPublish``: the broker failed, retryable) reaches every
   call of the batch, as it would have reached each of them alone (nothing was committed; a retry
   with the same event ids is answered from the dedup memory where the broker did take a request).
 

@@ -192,9 +192,27 @@ def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> tuple[int, st
 
 
 def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
-    return IncomingEvent(event_id=msg.event_id, item_id=msg.item_id, modality=msg.modality,
-                         vector=vec, event_time=seconds(msg, "event_time"), source=msg.source,
-                         metadata=dict(msg.metadata))
+    """The :class:`IncomingEvent` of a checked message: the same object as the dataclass's own
+    constructor makes, at about half its cost (a frozen dataclass's generated ``__init__`` sets
+    each field through ``object.__setattr__``; a batch builds hundreds)."""
+    ev = _new_object(IncomingEvent)
+    ev.__dict__.update(event_id=msg.event_id, item_id=msg.item_id, modality=msg.modality,
+                       vector=vec, event_time=seconds(msg, "event_time"), source=msg.source,
+                       metadata=dict(msg.metadata) if msg.metadata else {})
+    return ev
+
+
+_new_object = object.__new__
+
+
+def _passes_checks(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> bool:
+    """True when :func:`_check_event` would pass ``msg`` (the common case, without building
+    the error's wording); False sends it to :func:`_check_event` for the error."""
+    event_id, item_id, modality = msg.event_id, msg.item_id, msg.modality
+    dim = dims.get(modality) if modality else None
+    return (dim is not None and 0 < len(event_id) <= MAX_ID_CHARS
+            and 0 < len(item_id) <= MAX_ID_CHARS and msg.dim == dim
+            and len(msg.vector) == 4 * dim)
 
 
 def event_from_proto(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> IncomingEvent:
@@ -223,6 +241,8 @@ def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
     n = len(msgs)
     first_bad, bad_exc = n, None
     for i, m in enumerate(msgs):
+        if _passes_checks(m, dims):
+            continue
         try:
             _check_event(m, dims)
         except WireError as exc:
@@ -246,7 +266,10 @@ def events_from_protos(msgs: Sequence[pb.FeatureEvent], dims: Mapping[str, int]
                 event_from_proto(good[k], dims)  # raises this event's value error
             except WireError as exc:
                 raise exc.prefixed(f"batch event {k} of {n}: ") from None
-        vectors = np.split(flat, np.cumsum(sizes)[:-1])
+        vectors, lo = [], 0
+        for hi in ends.tolist():  # views into flat (np.split does the same, slower)
+            vectors.append(flat[lo:hi])
+            lo = hi
     if bad_exc is not None:
         raise bad_exc.prefixed(f"batch event {first_bad} of {n}: ") from None
     return [_incoming(m, v) for m, v in zip(good, vectors, strict=True)]

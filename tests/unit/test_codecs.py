@@ -645,3 +645,57 @@ def test_budget_reservation_round_trip_and_bad_bytes():
     with pytest.raises(codecs.WireError) as err:
         codecs.reservation_from_bytes(b"\xff\xff\xff")
     assert err.value.reason == "undecodable"
+
+
+# --------------------------------------------------------------------------- the batch fast path
+_FAST_DIMS = {"image": 3, "text": 2}
+
+
+def test_the_fast_check_passes_exactly_the_events_the_full_check_passes():
+    import itertools
+
+    one = b"\x00\x00\x80\x3f"  # 1.0f
+    cases = itertools.product(["", "e", "e" * 256, "e" * 257], ["", "i", "i" * 256, "i" * 257],
+                              ["image", "text", "", "audio"], range(5), [0, 4, 7, 8, 12, 16])
+    passed = 0
+    for event_id, item_id, modality, dim, n_bytes in cases:  # every combination: 1,920
+        msg = pb.FeatureEvent(event_id=event_id, item_id=item_id, modality=modality,
+                              vector=one * (n_bytes // 4) + b"\x01" * (n_bytes % 4), dim=dim)
+        try:
+            codecs._check_event(msg, _FAST_DIMS)
+            full = True
+        except WireError:
+            full = False
+        assert codecs._passes_checks(msg, _FAST_DIMS) is full, msg
+        passed += full
+    assert passed == 2 * 2 * 2  # valid ids x valid ids x the two modalities at their own size
+
+
+def test_a_decoded_event_is_the_dataclass_the_constructor_makes_and_stays_frozen():
+    import dataclasses
+
+    msgs = [pb.FeatureEvent(event_id="e1", item_id="i1", modality="image",
+                            vector=codecs.encode_vector(np.array([1.0, 2.0, 3.0])), dim=3,
+                            source="s", metadata={"k": "v"}),
+            pb.FeatureEvent(event_id="e2", item_id="i2", modality="text",
+                            vector=codecs.encode_vector(np.array([0.5, -1.0])), dim=2)]
+    msgs[0].event_time.FromSeconds(12)
+    got = codecs.events_from_protos(msgs, _FAST_DIMS)
+    want = [IncomingEvent(event_id="e1", item_id="i1", modality="image",
+                          vector=np.array([1, 2, 3], np.float32), event_time=12.0, source="s",
+                          metadata={"k": "v"}),
+            IncomingEvent(event_id="e2", item_id="i2", modality="text",
+                          vector=np.array([0.5, -1], np.float32))]
+    for g, w in zip(got, want, strict=True):
+        assert type(g) is IncomingEvent
+        for f in dataclasses.fields(IncomingEvent):
+            a, b = getattr(g, f.name), getattr(w, f.name)
+            if f.name == "vector":
+                assert a.dtype == np.float32 and np.array_equal(a, b)
+            else:
+                assert a == b and type(a) is type(b), f.name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            g.event_id = "x"  # type: ignore[misc]
+    got[0].metadata["k"] = "changed"  # its own dict, not the message's map
+    assert msgs[0].metadata["k"] == "v"
+    assert got[1].metadata == {} and got[1].event_time is None
