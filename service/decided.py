@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import fields
+from operator import attrgetter
 
 from service.core.reasons import Reason
 from service.core.types import Decision
@@ -30,16 +31,16 @@ _DECISION_FIELDS = tuple(f.name for f in fields(Decision))
 
 _REASON = _DECISION_FIELDS.index("reason")
 _REASONS = {r.value: r for r in Reason}
+_decision_values = attrgetter(*_DECISION_FIELDS)  # one C call: the fields' values, in order
 
 
 def pack(outcome: Outcome) -> tuple:
     """``outcome`` as one flat tuple of atoms (the decision's fields, then duplicate and worker
     id), which the garbage collector stops tracking. The reason travels as its plain string (a
     :class:`~service.core.reasons.Reason` member is an object the collector tracks)."""
-    d = outcome.decision
-    values = [getattr(d, name) for name in _DECISION_FIELDS]
-    values[_REASON] = str(values[_REASON])
-    return (*values, outcome.duplicate, outcome.worker_id)
+    values = _decision_values(outcome.decision)
+    return (*values[:_REASON], str(values[_REASON]), *values[_REASON + 1:], outcome.duplicate,
+            outcome.worker_id)
 
 
 def unpack(event_id: str, packed: tuple) -> Outcome:

@@ -16,9 +16,10 @@ What a caller sees is what it would see alone:
 * its own error: a call's events are checked when decoded (ids, modality, dimension, values), so
   a bad call fails before it joins a batch. Should the core still refuse an event of a merged
   batch (``VectorError``, raised before anything is decided or published), the batch is decided
-  again call by call, so only that call fails. Any other error (e.g. ``PartialPublish``: the broker failed, retryable) reaches every
-  call of the batch, as it would have reached each of them alone (nothing was committed; a retry
-  with the same event ids is answered from the dedup memory where the broker did take a request).
+  again call by call, so only that call fails. Any other error (e.g. ``PartialPublish``: the
+  broker failed, retryable) reaches every call of the batch, as it would have reached each of
+  them alone (nothing was committed; a retry with the same event ids is answered from the dedup
+  memory where the broker did take a request).
 
 A caller that gives up (deadline, cancellation) does not stop its batch: the handler's work
 never stops halfway (see :mod:`service.rpc.server`).

@@ -699,3 +699,27 @@ def test_a_decoded_event_is_the_dataclass_the_constructor_makes_and_stays_frozen
     got[0].metadata["k"] = "changed"  # its own dict, not the message's map
     assert msgs[0].metadata["k"] == "v"
     assert got[1].metadata == {} and got[1].event_time is None
+
+
+@pytest.mark.parametrize("value, kind", [
+    (float("nan"), "non_finite"), (float("inf"), "non_finite"), (-float("inf"), "non_finite"),
+    (np.nextafter(np.float32(codecs.MAX_ABS_FEATURE), np.float32(np.inf)), "non_finite"),
+    (-np.nextafter(np.float32(codecs.MAX_ABS_FEATURE), np.float32(np.inf)), "non_finite"),
+    (0.0, "zero_vector"), (codecs.MAX_ABS_FEATURE, None), (-codecs.MAX_ABS_FEATURE, None),
+    (1e-30, None)])
+def test_one_event_and_a_batch_refuse_and_take_the_same_values(value, kind):
+    # the single-event fast path (one reduction over the values) refuses what the full checks do
+    vec = np.zeros(3, np.float32) if kind == "zero_vector" else np.array([0.5, value, -1.0],
+                                                                          np.float32)
+    if kind == "zero_vector":
+        vec[:] = value
+    msg = pb.FeatureEvent(event_id="e", item_id="i", modality="image", dim=3,
+                          vector=codecs.encode_vector(vec))
+    for decode in (lambda: codecs.event_from_proto(msg, _FAST_DIMS),
+                   lambda: codecs.events_from_protos([msg], _FAST_DIMS)[0]):
+        if kind is None:
+            assert np.array_equal(decode().vector, vec)
+        else:
+            with pytest.raises(WireError) as ei:
+                decode()
+            assert ei.value.reason == kind and "'e'" in str(ei.value)
