@@ -47,7 +47,10 @@ gRPC path (:func:`run_grpc`)
 ----------------------------
 One in-process worker; ``loadtests/grpc_load.py`` with concurrent clients: unary ``Submit`` with
 batches of 1, 32 and 256 events and ``SubmitStream`` with the same batches; items/s and client-side
-request latency percentiles per phase.
+request latency percentiles per phase. Then the target (issue 16: unary ``Submit`` at 256 items,
+8 clients >= 80 % of the engine ceiling) as pairs run alternately, the compute ceiling then a
+unary-256 phase, the share of each pair and its median (this machine's speed drifts between
+minutes, so a ceiling measured once, apart from the phase, is no reference).
 
 Everything stops by itself; subprocesses are stopped with SIGTERM (SIGKILL after a grace period).
 The machine's load average is recorded: on a shared 2-core box the numbers are noisy.
@@ -87,9 +90,14 @@ KAFKA_QUICK: dict[str, Any] = dict(
     two_worker_rates=[6000], ceiling_s=2.0, probe_s=1.5, metrics_ceiling=False,
     single_rates=[4000], faust_records=5_000)
 GRPC_FULL: dict[str, Any] = dict(concurrency=8, duration=5.0, ramp=1.0, batches=[1, 32, 256],
-                                 modes=["unary", "stream"])
+                                 modes=["unary", "stream"], target_reps=3, target_duration=4.0,
+                                 ceiling_s=2.0)
 GRPC_QUICK: dict[str, Any] = dict(concurrency=4, duration=2.0, ramp=0.4, batches=[1, 32, 256],
-                                  modes=["unary", "stream"])
+                                  modes=["unary", "stream"], target_reps=1, target_duration=1.5,
+                                  ceiling_s=1.0)
+# issue 16: unary Submit at 256 items with 8 clients >= 80 % of the engine ceiling
+GRPC_TARGET = 0.80
+GRPC_TARGET_BATCH = 256
 MODALITIES = "image:512,text:384"
 MIX = "0.7,0.3"
 # issue 16: one worker >= 70 % of min(compute ceiling, faust's per-event ceiling) with
@@ -914,6 +922,7 @@ async def _grpc(quick: bool, out: Path, log) -> dict:
             await _run_driver("grpc_load.py", args, log, "grpc",
                               timeout_s=n_phases * (p["duration"] + 10) + 60)
             result = json.loads((Path(d) / "grpc_result.json").read_text())
+            target = await _grpc_target(svc.grpc_port, p, out, log)
             co = svc.grpc.servicer.coalescer
             merged = {"calls": co.calls, "engine_batches": co.batches,
                       "max_items": co.max_items}
@@ -924,7 +933,34 @@ async def _grpc(quick: bool, out: Path, log) -> dict:
     finally:
         broker.stop()
     return {"params": {**p, "modalities": MODALITIES, "mix": MIX}, "driver": result,
-            "server_grpc_requests": server["grpc"], "coalescing": merged}
+            "server_grpc_requests": server["grpc"], "coalescing": merged, "target": target}
+
+
+async def _grpc_target(port: int, p: dict, out: Path, log) -> dict:
+    """The target's figure, robust to this machine's drift: the compute ceiling and a unary
+    phase at 256 items run alternately ``target_reps`` times; the share of each pair, medians."""
+    pairs = []
+    for rep in range(p["target_reps"]):
+        ceiling = await asyncio.to_thread(compute_ceiling, p["ceiling_s"])
+        d = str(out / f"grpc-target-{rep}")
+        await _run_driver("grpc_load.py", [
+            "--target", f"127.0.0.1:{port}", "--concurrency", str(p["concurrency"]),
+            "--duration", f"{p['target_duration']:g}", "--ramp-seconds", f"{p['ramp']:g}",
+            "--batch", str(GRPC_TARGET_BATCH), "--modes", "unary", "--deadline-ms", "5000",
+            "--modalities", MODALITIES, "--mix", MIX, "--out-dir", d],
+            log, "grpc", timeout_s=p["target_duration"] + 70)
+        phase = json.loads((Path(d) / "grpc_result.json").read_text())["phases"][0]
+        pairs.append({"ceiling_items_per_s": ceiling["items_per_s"],
+                      "grpc_items_per_s": phase["items_per_s"],
+                      "p50_ms": phase["latency_ms"]["p50"], "p99_ms": phase["latency_ms"]["p99"],
+                      "share": phase["items_per_s"] / ceiling["items_per_s"]})
+        log(f"[grpc] target pair {rep + 1}/{p['target_reps']}: ceiling "
+            f"{ceiling['items_per_s']:.0f}, gRPC {phase['items_per_s']:.0f} items/s "
+            f"(share {pairs[-1]['share']:.2f})")
+    shares = [x["share"] for x in pairs]
+    return {"pairs": pairs, "share_median": float(np.median(shares)),
+            "share_min": min(shares), "share_max": max(shares),
+            "met": float(np.median(shares)) >= GRPC_TARGET}
 
 
 def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
@@ -945,19 +981,31 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
         "best_items_per_s": max((p["items_per_s"] for p in phases), default=0.0),
         "errors": res["driver"]["summary"]["errors"],
         "seconds": res["seconds"], "loadavg": res["machine"]["loadavg"],
-        "coalescing": res["coalescing"],
+        "coalescing": res["coalescing"], "target": res["target"],
     }
     loadgen.write_json(str(out / "e2e_grpc.json"), {"summary": summary, "details": res})
-    merged = res["coalescing"]
+    merged, tgt = res["coalescing"], res["target"]
+    med = {k: float(np.median([x[k] for x in tgt["pairs"]]))
+           for k in ("ceiling_items_per_s", "grpc_items_per_s", "p50_ms", "p99_ms")}
     table = (f"**gRPC path: {res['params']['concurrency']} concurrent clients, closed loop, "
              f"{res['params']['duration']:g}s per phase**\n\n"
-             + loadgen.grpc_phases_table(res["driver"]))
+             + loadgen.grpc_phases_table(res["driver"])
+             + f"\n\n**Target (unary `Submit` at {GRPC_TARGET_BATCH} items, "
+             f"{res['params']['concurrency']} clients >= {GRPC_TARGET:.0%} of the engine "
+             f"ceiling): {'MET' if tgt['met'] else 'NOT MET'}**, share "
+             f"{tgt['share_median']:.2f} ({tgt['share_min']:.2f}–{tgt['share_max']:.2f}) over "
+             f"{len(tgt['pairs'])} pairs run alternately after the phases above (the compute "
+             f"ceiling, {res['params']['ceiling_s']:g}s after a warm-up, then "
+             f"{res['params']['target_duration']:g}s of unary {GRPC_TARGET_BATCH}); medians: "
+             f"gRPC {med['grpc_items_per_s']:,.0f} items/s against the ceiling's "
+             f"{med['ceiling_items_per_s']:,.0f}, p50 {med['p50_ms']:.0f} / p99 "
+             f"{med['p99_ms']:.0f} ms.")
     per_batch = merged["calls"] / merged["engine_batches"] if merged["engine_batches"] else 0.0
     notes = ("Closed loop: each client waits for its answer before sending the next request; "
              "the client runs in its own process on the same machine, so it takes CPU from the "
              "service. The calls that wait while the engine decides a batch are decided together "
              f"as its next one (at most {merged['max_items']:,} events, "
-             "`PAIRSIEVE_ENGINE_BATCH_MAX_EVENTS`): over all phases "
+             "`PAIRSIEVE_ENGINE_BATCH_MAX_EVENTS`): over all phases and the target's pairs "
              f"{merged['calls']:,} calls in {merged['engine_batches']:,} engine batches "
              f"({per_batch:.1f} calls per batch). Items/s grows with the batch size (fewer "
              "calls per item) and latency with the concurrency; batch 1 measures the per-call "
