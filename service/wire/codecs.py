@@ -191,6 +191,9 @@ def _check_event(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> tuple[int, st
     return expected, what
 
 
+_new_object = object.__new__
+
+
 def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
     """The :class:`IncomingEvent` of a checked message: the same object as the dataclass's own
     constructor makes, at about half its cost (a frozen dataclass's generated ``__init__`` sets
@@ -200,9 +203,6 @@ def _incoming(msg: pb.FeatureEvent, vec: np.ndarray) -> IncomingEvent:
                        vector=vec, event_time=seconds(msg, "event_time"), source=msg.source,
                        metadata=dict(msg.metadata) if msg.metadata else {})
     return ev
-
-
-_new_object = object.__new__
 
 
 def _passes_checks(msg: pb.FeatureEvent, dims: Mapping[str, int]) -> bool:
