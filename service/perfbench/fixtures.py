@@ -168,26 +168,7 @@ def warm_selector(sel: StreamingSelector, sample: Callable[[int], tuple[np.ndarr
 
     t0 = time.perf_counter()
     mods = sel.modalities
-    cross = sel.config.cross_insert
-    for _ in range(10_000):
-        room = {m: c.capacity - c.size for m, c in sel.caches.items()}
-        if max(room.values()) == 0:
-            break
-        for m in mods:
-            targets = mods if cross else (m,)
-            n = min(1024, min(room[t] for t in targets))
-            if n <= 0:
-                continue
-            x, _ = sample(n)
-            sel.observe_external(m, x, count_budget=False)
-            room = {t: c.capacity - c.size for t, c in sel.caches.items()}
-    k_full = sel.scorer.index_size
-    for m in mods:
-        done = 0
-        while done < k_full:
-            x, _ = sample(min(4096, k_full - done))
-            sel.scorer.observe(m, x, sel.scorer.embed(m, x))
-            done += len(x)
+    warm_selector_modalities(sel, lambda _m, n: sample(n)[0])  # steps 1 and 2
     done = 0
     while done < extra_items:
         x, is_b = sample(batch)
@@ -195,9 +176,40 @@ def warm_selector(sel: StreamingSelector, sample: Callable[[int], tuple[np.ndarr
         done += batch
     st = sel.status()
     return {"cache_fill": min(st["cache_fill"].values()),
-            "index_fill": min(sel.scorer.index_fill(m) for m in mods) / k_full,
+            "index_fill": min(sel.scorer.index_fill(m) for m in mods) / sel.scorer.index_size,
             "evictions": sum(st["cache_evictions"].values()), "streamed": done,
             "seconds": time.perf_counter() - t0}
+
+
+def warm_selector_modalities(sel: StreamingSelector,
+                             sample: Callable[[str, int], np.ndarray]) -> dict:
+    """Fill every distance cache of ``sel`` to capacity (``observe_external``, no budget) and
+    both K-item indexes, each modality from its own rows: ``sample(modality, n)`` -> (n, d_m).
+
+    Steps 1 and 2 of :func:`warm_selector`, for modalities of any dimensions. Returns the fill
+    reached.
+    """
+    mods = sel.modalities
+    targets = {m: (mods if sel.config.cross_insert else (m,)) for m in mods}
+    for _ in range(10_000):
+        room = {m: c.capacity - c.size for m, c in sel.caches.items()}
+        if max(room.values()) == 0:
+            break
+        for m in mods:
+            n = min(1024, min(room[t] for t in targets[m]))
+            if n > 0:
+                sel.observe_external(m, sample(m, n), count_budget=False)
+                room = {t: c.capacity - c.size for t, c in sel.caches.items()}
+    k_full = sel.scorer.index_size
+    for m in mods:
+        done = 0
+        while done < k_full:
+            x = sample(m, min(4096, k_full - done))
+            sel.scorer.observe(m, x, sel.scorer.embed(m, x))
+            done += len(x)
+    st = sel.status()
+    return {"cache_fill": min(st["cache_fill"].values()),
+            "index_fill": min(sel.scorer.index_fill(m) for m in mods) / k_full}
 
 
 # ---------------------------------------------------------------------------------------- machine
