@@ -85,7 +85,8 @@ LOADTESTS = ROOT / "loadtests"
 _SERVING = re.compile(r"pairsieve serving: gRPC :(\d+), metrics :(\d+)")
 
 KAFKA_FULL: dict[str, Any] = dict(
-    rates=[500, 1000, 2000, 4000, 8000], step_s=5.0, ramp_s=1.0, drain_s=25.0, half_s=6.0,
+    rates=[500, 1000, 2000, 3000, 4000, 5000, 6000, 8000], step_s=5.0, ramp_s=1.0, drain_s=25.0,
+    half_s=6.0,
     two_worker_rates=[1000, 2000, 4000, 8000], ceiling_s=4.0, probe_s=2.5, metrics_ceiling=True,
     single_rates=[1000, 2000, 4000], faust_records=20_000)
 KAFKA_QUICK: dict[str, Any] = dict(
