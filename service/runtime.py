@@ -278,7 +278,7 @@ async def start_service(settings: Settings) -> Service:
         auth_token=settings.auth_token or None, tls_cert=settings.tls_cert_file or None,
         tls_key=settings.tls_key_file or None, max_message_bytes=settings.max_message_bytes,
         metrics=metrics, max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-        coalesce_max_items=settings.engine_batch_max_events,
+        coalesce_max_items=settings.grpc_coalesce_max_items,
         reflection_without_token=bool(settings.grpc_reflection_without_token))
     freeze_startup_objects()
     await grpc.set_serving(True)

@@ -192,11 +192,9 @@ class Settings:
     grpc_max_concurrent_rpcs: int = _s(64, "gRPC calls handled at once; more are refused with "
                                            "RESOURCE_EXHAUSTED (back-pressure: retry later)",
                                        allowed=POS_INT, check=_positive_int)
-    engine_batch_max_events: int = _s(1024, "events decided as one engine batch, at most: a Kafka "
-                                            "micro-batch's events (a FeatureBatch record holds "
-                                            "many) are decided in pieces of this size; "
-                                            "concurrent gRPC Submit calls are merged up to it "
-                                            "(a call is never split; 1 = every call alone)",
+    grpc_coalesce_max_items: int = _s(1024, "events of concurrent gRPC Submit calls decided as "
+                                            "one engine batch, at most (calls are never split; "
+                                            "1 = every call alone)",
                                       allowed=POS_INT, check=_positive_int)
     metrics_port: int = _s(9464, "Prometheus `/metrics` port (0 = pick a free one)",
                            allowed=PORT, check=_port)

@@ -1017,7 +1017,7 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
              "the client runs in its own process on the same machine, so it takes CPU from the "
              "service. The calls that wait while the engine decides a batch are decided together "
              f"as its next one (at most {merged['max_items']:,} events, "
-             "`PAIRSIEVE_ENGINE_BATCH_MAX_EVENTS`): over all phases and the target's pairs "
+             "`PAIRSIEVE_GRPC_COALESCE_MAX_ITEMS`): over all phases and the target's pairs "
              f"{merged['calls']:,} calls in {merged['engine_batches']:,} engine batches "
              f"({per_batch:.1f} calls per batch). Items/s grows with the batch size (fewer "
              "calls per item) and latency with the concurrency; batch 1 measures the per-call "

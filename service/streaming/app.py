@@ -280,7 +280,7 @@ class StreamProcessor:
         if not good:
             return 0
         # take_events bounds records, and one record may be a FeatureBatch: bound the events.
-        step = self.settings.engine_batch_max_events
+        step = self.settings.batch_max_items
         for lo in range(0, len(good), step):
             if not await self._submit(good[lo:lo + step], records):
                 return 0

@@ -76,10 +76,10 @@ class RecordingMetrics:
         self.dead.append(reason)
 
 
-def _settings(**kw):
+def _settings():
     return Settings.from_env({}, modalities="image:12,text:8", topic_suffix=".t",
                              max_message_bytes=MAX_BYTES, group_id="pairsieve-test",
-                             batch_max_items=64, **kw)
+                             batch_max_items=64)
 
 
 def _handler(publisher):
@@ -93,8 +93,8 @@ def _handler(publisher):
 
 
 class Env:
-    def __init__(self, fail_times=0, pair_fail_times=0, **settings):
-        self.settings = _settings(**settings)
+    def __init__(self, fail_times=0, pair_fail_times=0):
+        self.settings = _settings()
         self.publisher = FakePublisher(fail_times, pair_fail_times)
         self.metrics = RecordingMetrics()
         self.handler = _handler(self.publisher)
@@ -192,26 +192,6 @@ def test_batch_with_header_and_single_event_without_header_are_decided():
         assert env.metrics.micro_batches == [12, 11]
 
     run_env(body)
-
-
-def test_a_micro_batch_is_decided_in_engine_batches_of_at_most_engine_batch_max_events():
-    async def body(env):
-        sizes = []
-        submit = env.handler.submit
-
-        async def recording(events):
-            sizes.append([ev.event_id for ev in events])
-            return await submit(events)
-        env.handler.submit = recording
-        records = [KafkaRecord(codecs.encode_feature_batch([_ev(i) for i in range(j, j + 4)]),
-                               BATCH, SRC, 0, j) for j in range(0, 12, 4)]
-        records.append(KafkaRecord(codecs.encode_feature_event(_ev(12)), EVENT, SRC, 0, 12))
-        assert await env.proc.process_feature_records(records) == 13
-        # 3 FeatureBatch records of 4 and one single event, in order, in pieces of 5
-        assert sizes == [[f"ev-{i}" for i in range(lo, min(lo + 5, 13))] for lo in (0, 5, 10)]
-        assert env.metrics.micro_batches == [5, 5, 3] and env.seen() == 13
-
-    run_env(body, engine_batch_max_events=5)
 
 
 # --------------------------------------------------------------------------- dead letters
