@@ -233,6 +233,11 @@ def overview() -> dict:
     L.add(timeseries("gRPC latency p99, by method",
                      quantiles("pairsieve_grpc_request_duration_seconds", "method", (0.99,)),
                      "s", min_=0))
+    L.add(timeseries("gRPC calls per engine batch", [
+        target(f"sum(rate(pairsieve_grpc_submit_batch_calls_sum{S}[{RI}])) / "
+               f"sum(rate(pairsieve_grpc_submit_batch_calls_count{S}[{RI}]))", "mean")],
+        "short", "Concurrent Submit calls decided as one engine batch (above 1: merged; up to "
+        "PAIRSIEVE_GRPC_COALESCE_MAX_ITEMS events).", min_=0))
 
     L.row("Caches and model")
     L.add(timeseries("Diversity cache fill, by modality", [
