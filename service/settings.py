@@ -45,6 +45,7 @@ from service.learning_loop import (
     DEFAULT_RETRAIN_EVERY,
     DEFAULT_VALIDATION_SHARE,
 )
+from service.rpc.coalesce import DEFAULT_MAX_ITEMS
 from service.streaming.security import MECHANISMS, PROTOCOLS, KafkaSecurity
 
 ENV_PREFIX = "PAIRSIEVE_"
@@ -192,9 +193,10 @@ class Settings:
     grpc_max_concurrent_rpcs: int = _s(64, "gRPC calls handled at once; more are refused with "
                                            "RESOURCE_EXHAUSTED (back-pressure: retry later)",
                                        allowed=POS_INT, check=_positive_int)
-    grpc_coalesce_max_items: int = _s(1024, "events of concurrent gRPC Submit calls decided as "
-                                            "one engine batch, at most (calls are never split; "
-                                            "1 = every call alone)",
+    grpc_coalesce_max_items: int = _s(DEFAULT_MAX_ITEMS,
+                                      "events of concurrent gRPC Submit calls decided as one "
+                                      "engine batch, at most (calls are never split; 1 = every "
+                                      "call alone)",
                                       allowed=POS_INT, check=_positive_int)
     metrics_port: int = _s(9464, "Prometheus `/metrics` port (0 = pick a free one)",
                            allowed=PORT, check=_port)

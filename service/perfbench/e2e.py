@@ -239,15 +239,15 @@ def _bank_vectors(mods, n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0,
-                    with_metrics: bool = False, steady: bool = True) -> dict:
+                    with_metrics: bool = False) -> dict:
     """Items/s of the engine alone: ``SelectionHandler.submit`` on 256-event batches, no Kafka.
 
     ``with_metrics``: with the service's Prometheus metrics attached (as in ``pairsieve serve``),
-    to show their share of the per-event cost. ``steady``: first fill every distance cache to
-    capacity and both K-item indexes with the load driver's vectors (as the engine section does),
-    so the ceiling is that of an engine in the state the measured service reaches after a few
-    tens of thousands of events (full caches, evictions on every accept); a fresh engine with
-    part-empty caches decides faster than the service it is compared with.
+    to show their share of the per-event cost. At steady state: every distance cache is first
+    filled to capacity and both K-item indexes with the load driver's vectors (as the engine
+    section does), so the ceiling is that of an engine in the state the measured service reaches
+    after a few tens of thousands of events (full caches, evictions on every accept); a fresh
+    engine with part-empty caches decides faster than the service it is compared with.
     """
     from prometheus_client import CollectorRegistry
 
@@ -264,10 +264,8 @@ def compute_ceiling(seconds: float, warmup_s: float | None = None, seed: int = 0
     mix = loadgen.parse_mix(MIX, len(mods))
     rng = np.random.default_rng(seed)
     warmup_s = seconds / 2 if warmup_s is None else warmup_s
-    fill = None
-    if steady:
-        fill = fixtures.warm_selector_modalities(
-            handler.selector, lambda m, n: vecs[m][rng.integers(0, len(vecs[m]), n)])
+    fill = fixtures.warm_selector_modalities(
+        handler.selector, lambda m, n: vecs[m][rng.integers(0, len(vecs[m]), n)])
 
     async def go():
         i = 0

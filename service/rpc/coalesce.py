@@ -39,6 +39,8 @@ log = logging.getLogger("pairsieve.grpc")
 
 Decide = Callable[[Sequence[IncomingEvent]], Awaitable[list[Outcome]]]
 
+DEFAULT_MAX_ITEMS = 1024  # events of one merged batch (Settings.grpc_coalesce_max_items)
+
 
 class SubmitCoalescer:
     """Decide concurrent calls' events as one batch through ``decide`` (see module docstring).
@@ -54,7 +56,7 @@ class SubmitCoalescer:
         Called with the number of calls of each batch handed to ``decide`` (metrics).
     """
 
-    def __init__(self, decide: Decide, *, max_items: int = 1024,
+    def __init__(self, decide: Decide, *, max_items: int = DEFAULT_MAX_ITEMS,
                  on_batch: Callable[[int], None] | None = None):
         if int(max_items) < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items!r}")

@@ -57,7 +57,7 @@ from grpc_reflection.v1alpha import reflection
 from service.handlers import SelectionHandler
 from service.messages import PartialPublish
 from service.rpc.auth import TokenAuthInterceptor
-from service.rpc.coalesce import SubmitCoalescer
+from service.rpc.coalesce import DEFAULT_MAX_ITEMS, SubmitCoalescer
 from service.wire import codecs
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2 as pb
 from service.wire.gen.pairsieve.v1 import pairsieve_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ class SelectorServicer(pb_grpc.SelectorServicer):
     """``pairsieve.v1.Selector`` over one :class:`SelectionHandler` (see module docstring)."""
 
     def __init__(self, handler: SelectionHandler, *, min_deadline_s: float = 0.01,
-                 coalesce_max_items: int = 1024,
+                 coalesce_max_items: int = DEFAULT_MAX_ITEMS,
                  on_batch: Callable[[int], None] | None = None):
         self.handler = handler
         self.coalescer = SubmitCoalescer(handler.submit, max_items=coalesce_max_items,
@@ -346,7 +346,7 @@ async def start_grpc_server(handler: SelectionHandler, *, host: str = "0.0.0.0",
                             min_deadline_s: float = 0.01,
                             max_concurrent_rpcs: int | None = None,
                             reflection_without_token: bool = False,
-                            coalesce_max_items: int = 1024) -> GrpcServer:
+                            coalesce_max_items: int = DEFAULT_MAX_ITEMS) -> GrpcServer:
     """Start ``pairsieve.v1.Selector`` (+ health, reflection) and return the running server.
 
     Health is SERVING once this returns (start the server last, when the engine is ready);
