@@ -47,7 +47,10 @@ What it measures
   over ALL decided events (p50/p99 interpolated inside the buckets) and its
   ``pairsieve_consumer_lag`` gauge; with ``--group-id`` the service's committed offsets give the
   events processed and the lag in records behind the last offset this driver produced (faust
-  commits every ~2.8 s, so this lags by up to that).
+  commits every ~2.8 s, so this lags by up to that);
+* **drain rate** (with ``--metrics-url``; ``summary.drain``): events the workers decided per
+  second while they worked off the backlog left when the producer stopped, i.e. their own
+  throughput with nothing producing (None without a backlog of at least a second).
 
 Output in ``--out-dir``: ``kafka_result.json`` (config, summary, per-step results, time series),
 ``kafka_timeseries.csv`` (one row per second), ``kafka_steps.csv`` (one row per rate step),
@@ -75,6 +78,7 @@ from service.perfbench.fixtures import VectorBank, machine_info
 from service.perfbench.loadgen import (
     HEADER_BATCH,
     HEADER_EVENT,
+    drain_rate,
     hist_delta,
     hist_fraction_le,
     hist_quantile,
@@ -661,6 +665,8 @@ class KafkaLoad:
             "committed_processed_events": processed[0] if processed else None,
             "lag_records_end": lag_end, "drained": getattr(self, "drained", False),
             "elapsed_s": self.t_end - self.t0, "scrape_errors": self.scrape_errors,
+            # the worker's own rate while it worked off the backlog, the producer stopped
+            "drain": drain_rate(self.scrapes, self.t_produce_end),
         }
         steps = []
         for ph in self.phases:

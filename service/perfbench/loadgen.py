@@ -211,6 +211,33 @@ def sum_scrapes(scrapes: Sequence[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- output
+def drain_rate(scrapes: Sequence[Mapping], t_from: float, min_seconds: float = 1.0
+               ) -> dict | None:
+    """Events decided per second while a backlog was worked off, the producer stopped.
+
+    From the first scrape at or after ``t_from`` (when the producer stopped) to the last scrape
+    whose ``decided`` count is still below the final one, so the worker was busy over the whole
+    window. This is the worker's own throughput with nothing else producing: on a machine that
+    also runs the load driver, a rate read while producing shares the cores with it.
+
+    Returns ``{"events", "seconds", "events_per_s", "backlog_events"}``, or None when the window
+    is shorter than ``min_seconds`` (no backlog worth measuring) or there are too few scrapes.
+    ``scrapes``: :func:`sum_scrapes`-shaped dicts in time order (``t``, ``decided``).
+    """
+    if not scrapes:
+        return None
+    after = [s for s in scrapes if s["t"] >= t_from]
+    final = scrapes[-1]["decided"]
+    busy = [s for s in after if s["decided"] < final]
+    if not after or not busy or busy[-1]["t"] - after[0]["t"] < min_seconds:
+        return None
+    a, b = after[0], busy[-1]
+    seconds = b["t"] - a["t"]
+    return {"events": b["decided"] - a["decided"], "seconds": seconds,
+            "events_per_s": (b["decided"] - a["decided"]) / seconds,
+            "backlog_events": final - a["decided"]}
+
+
 def write_csv(path: str, rows: Sequence[Mapping], fields: Sequence[str] | None = None) -> str:
     fields = list(fields or (rows[0].keys() if rows else []))
     with open(path, "w", newline="") as f:
