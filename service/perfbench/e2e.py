@@ -799,15 +799,25 @@ async def _kafka_target_rounds(boot: str, settings, metrics_url: str, p: dict, o
             f"load {half:.0f}/s p99 {_fmt(half_step.get('service_p99_ms'))} ms; single events "
             f"{s_drain:.0f} events/s working off the backlog "
             f"({_fmt0(one_ev['sustained_per_s'])}/s while {rate_s:.0f}/s were produced)")
-    return {"batch_rate": rate_b, "single_rate": rate_s, "half_rate": half, "rounds": rounds,
-            "ceiling": _med([r["ceiling_items_per_s"] for r in rounds]),
-            "batch_events_per_s": _med([r["batch_events_per_s"] for r in rounds]),
-            "batch_share": _med([r["batch_share"] for r in rounds]),
-            "batch_while_producing_per_s": _med([r["batch_while_producing_per_s"]
-                                                 for r in rounds]),
-            "single_events_per_s": _med([r["single_events_per_s"] for r in rounds]),
-            "single_while_producing_per_s": _med([r["single_while_producing_per_s"]
-                                                  for r in rounds]),
+    return rounds_summary(rounds, rate_b, rate_s, half)
+
+
+ROUND_MEDIANS = {"ceiling": "ceiling_items_per_s", "batch_events_per_s": "batch_events_per_s",
+                 "batch_share": "batch_share",
+                 "batch_while_producing_per_s": "batch_while_producing_per_s",
+                 "single_events_per_s": "single_events_per_s",
+                 "single_while_producing_per_s": "single_while_producing_per_s"}
+"""Summary key -> the per-round key it is the median (min, max) of."""
+
+
+def rounds_summary(rounds: list[dict], batch_rate: float, single_rate: float,
+                   half_rate: float) -> dict:
+    """The rounds of :func:`_kafka_target_rounds` with the median, min and max of each figure
+    (:data:`ROUND_MEDIANS`, and every :data:`HALF_LOAD_KEYS` of the half-load steps) and the
+    offered rates."""
+    return {"batch_rate": batch_rate, "single_rate": single_rate, "half_rate": half_rate,
+            "rounds": rounds,
+            **{name: _med([r[key] for r in rounds]) for name, key in ROUND_MEDIANS.items()},
             "half_load": {k: _med([r["half_load"][k] for r in rounds]) for k in HALF_LOAD_KEYS}}
 
 
@@ -1133,10 +1143,9 @@ async def _grpc_target(port: int, p: dict, out: Path, log) -> dict:
         log(f"[grpc] target pair {rep + 1}/{p['target_reps']}: ceiling "
             f"{ceiling['items_per_s']:.0f}, gRPC {phase['items_per_s']:.0f} items/s "
             f"(share {pairs[-1]['share']:.2f})")
-    shares = [x["share"] for x in pairs]
-    return {"pairs": pairs, "share_median": float(np.median(shares)),
-            "share_min": min(shares), "share_max": max(shares),
-            "met": float(np.median(shares)) >= GRPC_TARGET}
+    share = _med([x["share"] for x in pairs])
+    return {"pairs": pairs, "share_median": share["median"], "share_min": share["min"],
+            "share_max": share["max"], "met": share["median"] >= GRPC_TARGET}
 
 
 def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
@@ -1161,7 +1170,7 @@ def run_grpc(quick: bool, *, out_dir: str | None = None, log=print) -> dict:
     }
     loadgen.write_json(str(out / "e2e_grpc.json"), {"summary": summary, "details": res})
     merged, tgt = res["coalescing"], res["target"]
-    med = {k: float(np.median([x[k] for x in tgt["pairs"]]))
+    med = {k: _med([x[k] for x in tgt["pairs"]])["median"]
            for k in ("ceiling_items_per_s", "grpc_items_per_s", "p50_ms", "p99_ms")}
     table = (f"**gRPC path: {res['params']['concurrency']} concurrent clients, closed loop, "
              f"{res['params']['duration']:g}s per phase**\n\n"

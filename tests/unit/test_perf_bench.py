@@ -237,16 +237,7 @@ def _kafka_res(ceiling, faust_rate, single, batched, le_100ms):
                        "batch_share": batched / (ceiling * f), "single_events_per_s": single,
                        "batch_while_producing_per_s": 0.5 * batched,
                        "single_while_producing_per_s": 0.5 * single, "half_load": half})
-    rr = {"batch_rate": 8000.0, "single_rate": 4000.0, "half_rate": batched / 2,
-          "rounds": rounds,
-          "ceiling": e2e._med([r["ceiling_items_per_s"] for r in rounds]),
-          "batch_events_per_s": e2e._med([batched] * 3),
-          "batch_share": e2e._med([r["batch_share"] for r in rounds]),
-          "single_events_per_s": e2e._med([single] * 3),
-          "batch_while_producing_per_s": e2e._med([0.5 * batched] * 3),
-          "single_while_producing_per_s": e2e._med([0.5 * single] * 3),
-          "half_load": {k: e2e._med([r["half_load"][k] for r in rounds])
-                        for k in e2e.HALF_LOAD_KEYS}}
+    rr = e2e.rounds_summary(rounds, 8000.0, 4000.0, batched / 2)
     return {"compute_ceiling": {"items_per_s": ceiling}, "rounds": rr,
             "params": {"target_step_s": 5.0, "half_s": 6.0},
             "faust_ceiling": {"events_per_s": faust_rate, "complete": True},
