@@ -114,10 +114,16 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
     }
 
 
+# Stream strategies that defer each decision until a window of W offered items is in, then take
+# the pool default's top picks among them (round 6 of reports/stream-tuning.md): what a selector
+# could do if the service held events for W arrivals instead of deciding each as it comes.
+_STREAM_WINDOWS = {"window-256": 256, "window-1024": 1024}
+
+
 def list_strategies() -> dict[str, list[str]]:
     """Strategy names per mode (``random`` and ``default`` always included)."""
     pool = sorted(set(_pool_strategies()) | {"random"})
-    return {"pool": pool, "stream": sorted(_stream_configs())}
+    return {"pool": pool, "stream": sorted(set(_stream_configs()) | set(_STREAM_WINDOWS))}
 
 
 @dataclass(frozen=True)
@@ -356,7 +362,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     # Items whose partner was already acquired are not offered, so about `budget` fewer arrive.
     rate = min(1.0, cfg.budget / max(1, len(stream) - cfg.budget))
     rng = srng
-    factory = _stream_configs()[cfg.strategy]
+    factory = _stream_configs().get(cfg.strategy)
     if cfg.stream_unpaired == "seen":  # the cold model's whitening from the first events only
         _refit_unpaired_on_seen(trainer, ds, oracle, stream[:2 * cfg.batch_size])
     model = trainer.cold_model()
@@ -381,7 +387,10 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     log_cost()
     next_retrain = cfg.retrain_every
     raws = (ds.a, ds.b)
-    if factory is None:
+    if cfg.strategy in _STREAM_WINDOWS:
+        model = _stream_windowed(ds, cfg, model, oracle, stream, rng, _STREAM_WINDOWS[cfg.strategy],
+                                 retrain, curve, log_cost, clock)
+    elif factory is None:
         # Random: selection sampling (Knuth's Algorithm S) over the items actually offered:
         # accept with probability (budget left) / (offered items left), so every run spends
         # exactly the budget on a uniform random subset. (A fixed acceptance probability ended
@@ -457,6 +466,90 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
         curve.append(point)
         log_cost()
     return curve
+
+
+def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve, log_cost, clock):
+    """Stream mode, decisions deferred to windows of ``window`` offered items (see
+    ``_STREAM_WINDOWS``); returns the last model.
+
+    The first ``cfg.warmup`` acquisitions are taken at random as items arrive (selection sampling,
+    about the target rate, like the selector's warm-up). After them, offered items are held until
+    ``window`` are in (or the stream ends); the pool default then picks among the held items only
+    (never one that has not arrived), as many as the budget left times the window's share of the
+    open items still to come (stochastic rounding; the last window gets the rest). Its selected
+    set is every revealed pair so far; the model is retrained between windows.
+    """
+    mods, raws = (ds.modality_a, ds.modality_b), (ds.a, ds.b)
+    strategy = POOL_DEFAULT()
+    codes = stream.tolist()
+    position = np.empty(len(codes), dtype=np.int64)
+    position[stream] = np.arange(len(codes))
+    now = {"p": 0, "left": len(codes)}  # position, open items at it or later
+
+    def acquire(side: int, k: int) -> None:
+        partner_open = oracle.open[1 - side][k]
+        oracle.acquire(side, k)
+        if partner_open and not oracle.open[1 - side][k] and position[2 * k + 1 - side] > now["p"]:
+            now["left"] -= 1  # its partner, still ahead in the stream, will not be offered
+
+    def decide(held: list[int], last: bool) -> None:
+        """Pick among the ``held`` item codes: their share of the budget left, all of it when
+        ``last``; picks that were a held partner of an earlier pick are made up for."""
+        held = [h for h in held if oracle.open[h % 2][h // 2]]
+        need = cfg.budget - oracle.spent
+        share = len(held) / max(1, len(held) + now["left"])
+        goal = oracle.spent + min(len(held), need if last else int(np.floor(need * share
+                                                                            + rng.random())))
+        while oracle.spent < goal and held:
+            cand = {side: np.array([h // 2 for h in held if h % 2 == side], dtype=np.int64)
+                    for side in (0, 1)}
+            rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
+            state = PoolState(
+                modalities=mods,
+                raw={mods[i]: raws[i][oracle.rows[cand[i]]] for i in (0, 1)},
+                embedded={mods[i]: model.embed(mods[i], raws[i][oracle.rows[cand[i]]])
+                          for i in (0, 1)},
+                selected={mods[i]: model.embed(mods[i], raws[i][rows]) if len(rows)
+                          else np.zeros((0, model.dim_out), np.float32) for i in (0, 1)},
+                model=model,
+                acquired_per_modality={mods[i]: oracle.per_modality[i] for i in (0, 1)})
+            t = time.perf_counter()
+            picks = strategy.select(state, goal - oracle.spent, rng)
+            clock["select"] += time.perf_counter() - t
+            for m, j in picks:
+                side = mods.index(m)
+                if oracle.open[side][cand[side][j]]:  # not the partner of an earlier pick
+                    acquire(side, int(cand[side][j]))
+            held = [h for h in held if oracle.open[h % 2][h // 2]]
+
+    next_retrain = cfg.retrain_every
+    held: list[int] = []
+    for p, it in enumerate(codes):
+        if oracle.spent >= cfg.budget:
+            break
+        s, k = it % 2, it // 2
+        if not oracle.open[s][k]:  # its partner was acquired: not offered (already uncounted)
+            continue
+        now["p"] = p
+        now["left"] -= 1
+        clock["offered"] += 1
+        clock["position"] = p + 1
+        if oracle.spent < cfg.warmup:
+            # selection sampling over the items still to come, as random does: about the
+            # target rate, and exactly the budget when it is all warm-up
+            if rng.random() * (now["left"] + 1) < cfg.budget - oracle.spent:
+                acquire(s, k)
+        else:
+            held.append(it)
+        if len(held) >= window or (held and now["left"] == 0):
+            decide(held, last=now["left"] == 0)
+            held = []
+        if oracle.spent >= next_retrain:
+            model, point = retrain(model)
+            curve.append(point)
+            log_cost()
+            next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
+    return model
 
 
 def _refit_unpaired_on_seen(trainer: AlignmentTrainer, ds: Dataset, oracle: _Oracle,

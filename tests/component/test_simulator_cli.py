@@ -477,3 +477,72 @@ def test_no_warm_up_starts_from_the_cold_model(tiny, mode):
     res = simulate(tiny, SimConfig(strategy="default", mode=mode, **{**SMALL, "warmup": 0}))
     assert res["curve"][0]["pairs"] == 0 and res["curve"][-1]["pairs"] == SMALL["budget"]
 
+
+
+# --- simulate: stream decisions deferred to windows (round 6 of reports/stream-tuning.md) -------
+
+
+class WindowRecorder:
+    """The pool default, keeping the candidates (raw rows) and picks of every window it decides."""
+
+    def __init__(self):
+        self.windows: list[dict] = []
+        self._inner = sim_mod.POOL_DEFAULT()
+
+    def select(self, state: PoolState, budget, rng):
+        picks = self._inner.select(state, budget, rng)
+        self.windows.append({"raw": {m: state.raw[m].copy() for m in state.modalities},
+                             "picks": list(picks)})
+        return picks
+
+
+@pytest.mark.parametrize("window", [25, 64])
+def test_stream_window_decides_consecutive_stretches_of_arrivals_and_spends_the_budget(
+        tiny, monkeypatch, window):
+    """A window strategy picks only among the items that arrived in its window (never one still
+    ahead in the stream), each offered item is in one window, and the run spends exactly the
+    budget without paying for a partner of an earlier pick."""
+    rec = WindowRecorder()
+    monkeypatch.setattr(sim_mod, "POOL_DEFAULT", lambda: rec)
+    monkeypatch.setitem(sim_mod._STREAM_WINDOWS, "window-test", window)
+    cfg = SimConfig(strategy="window-test", mode="stream", **SMALL)
+    res = simulate(tiny, cfg)
+    assert res["curve"][-1]["pairs"] == SMALL["budget"] and res["wasted"] == 0
+    # the stream order the simulator drew (same seed streams as simulate's)
+    _, pool = sim_mod._split(tiny, cfg, np.random.default_rng(cfg.seed))
+    stream = np.random.default_rng([cfg.seed, 1]).permutation(2 * len(pool))
+    arrival = np.empty(len(stream), dtype=np.int64)
+    arrival[stream] = np.arange(len(stream))
+    row_to_k = {int(r): k for k, r in enumerate(pool)}
+    look = {"a": {r.tobytes(): i for i, r in enumerate(tiny.a)},
+            "b": {r.tobytes(): i for i, r in enumerate(tiny.b)}}
+    side = {"a": 0, "b": 1}
+    stretches, picked = [], 0
+    for w in rec.windows:
+        codes = {m: [2 * row_to_k[look[m][r.tobytes()]] + side[m] for r in w["raw"][m]]
+                 for m in ("a", "b")}
+        pos = sorted(int(arrival[c]) for m in codes for c in codes[m])
+        assert pos, "a window was decided with no candidates"
+        stretches.append((pos[0], pos[-1], len(pos)))
+        picked += len(w["picks"])
+        for m, j in w["picks"]:
+            assert 0 <= j < len(codes[m])  # a pick is one of the window's own candidates
+    assert rec.windows and picked >= SMALL["budget"] - SMALL["warmup"]
+    windows = [stretches[0]]
+    for lo, hi, n in stretches[1:]:
+        w_lo, w_hi, _ = windows[-1]
+        if lo >= w_lo and hi <= w_hi:  # a make-up pick in the same window (a partner was picked)
+            continue
+        assert lo > w_hi  # the next window follows the last in arrival order, never overlaps
+        windows.append((lo, hi, n))
+    assert all(n <= window for _, _, n in windows)
+    # a window is decided when its window-th item arrived (so at most that many candidates,
+    # fewer when partners of earlier picks dropped out), the last one when the stream ended
+    assert windows[0][2] == window
+
+
+def test_stream_window_strategies_are_listed_and_bad_names_refused():
+    names = list_strategies()["stream"]
+    assert {"window-256", "window-1024"} <= set(names)
+    with pytest.raises(ValueError, match="unknown stream strategy 'window-7'"):
+        SimConfig(strategy="window-7", mode="stream")
