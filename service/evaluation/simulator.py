@@ -306,6 +306,23 @@ def _warmup_picks(oracle: _Oracle, n: int, rng: np.random.Generator) -> None:
         oracle.acquire(it % 2, it // 2)
 
 
+def _pool_state(ds: Dataset, oracle: _Oracle, model, cand: dict[int, np.ndarray]) -> PoolState:
+    """What a pool strategy sees: the candidates ``cand[side]`` (positions in the pool of each
+    modality's open items, in the order the strategy's picks index), every revealed pair as the
+    selected set, the current model."""
+    mods, raws = (ds.modality_a, ds.modality_b), (ds.a, ds.b)
+    rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
+    return PoolState(
+        modalities=mods,
+        raw={mods[s]: raws[s][oracle.rows[cand[s]]] for s in (0, 1)},
+        embedded={mods[s]: model.embed(mods[s], raws[s][oracle.rows[cand[s]]]) for s in (0, 1)},
+        selected={mods[s]: model.embed(mods[s], raws[s][rows]) if len(rows)
+                  else np.zeros((0, model.dim_out), np.float32) for s in (0, 1)},
+        model=model,
+        acquired_per_modality={mods[s]: oracle.per_modality[s] for s in (0, 1)},
+    )
+
+
 def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     mods = (ds.modality_a, ds.modality_b)
     strategy = _pool_strategies()[cfg.strategy]()
@@ -318,18 +335,7 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
         # Each modality's candidates in an independent random order: row j of one modality must
         # not be the partner of row j of the other (that would leak the hidden pairing).
         cand = {s: order_rng.permutation(np.flatnonzero(oracle.open[s])) for s in (0, 1)}
-        raws = {0: ds.a, 1: ds.b}
-        rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
-        state = PoolState(
-            modalities=mods,
-            raw={mods[s]: raws[s][oracle.rows[cand[s]]] for s in (0, 1)},
-            embedded={mods[s]: model.embed(mods[s], raws[s][oracle.rows[cand[s]]]) for s in (0, 1)},
-            selected={mods[s]: model.embed(mods[s], raws[s][rows]) if len(rows)
-                      else np.zeros((0, model.dim_out), np.float32) for s in (0, 1)},
-            model=model,
-            acquired_per_modality={mods[s]: oracle.per_modality[s] for s in (0, 1)},
-        )
-        picks = strategy.select(state, k, rng)
+        picks = strategy.select(_pool_state(ds, oracle, model, cand), k, rng)
         if not picks:
             break
         for m, j in picks:
@@ -479,7 +485,7 @@ def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve
     open items still to come (stochastic rounding; the last window gets the rest). Its selected
     set is every revealed pair so far; the model is retrained between windows.
     """
-    mods, raws = (ds.modality_a, ds.modality_b), (ds.a, ds.b)
+    mods = (ds.modality_a, ds.modality_b)
     strategy = POOL_DEFAULT()
     codes = stream.tolist()
     position = np.empty(len(codes), dtype=np.int64)
@@ -503,16 +509,7 @@ def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve
         while oracle.spent < goal and held:
             cand = {side: np.array([h // 2 for h in held if h % 2 == side], dtype=np.int64)
                     for side in (0, 1)}
-            rows = np.asarray(oracle.revealed_rows, dtype=np.int64)
-            state = PoolState(
-                modalities=mods,
-                raw={mods[i]: raws[i][oracle.rows[cand[i]]] for i in (0, 1)},
-                embedded={mods[i]: model.embed(mods[i], raws[i][oracle.rows[cand[i]]])
-                          for i in (0, 1)},
-                selected={mods[i]: model.embed(mods[i], raws[i][rows]) if len(rows)
-                          else np.zeros((0, model.dim_out), np.float32) for i in (0, 1)},
-                model=model,
-                acquired_per_modality={mods[i]: oracle.per_modality[i] for i in (0, 1)})
+            state = _pool_state(ds, oracle, model, cand)
             t = time.perf_counter()
             picks = strategy.select(state, goal - oracle.spent, rng)
             clock["select"] += time.perf_counter() - t
