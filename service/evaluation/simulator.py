@@ -13,7 +13,9 @@ by every strategy for the same seed, so curves of different strategies are paire
 
 Stream ``random`` is selection sampling: it spends exactly the budget on a uniform random subset
 of the offered items. The selector paces towards a target rate and, since it cannot go back, may
-end a few acquisitions short when the stream runs out (its curve then ends there).
+end a few acquisitions short when the stream runs out (its curve then ends there). The
+``window-*`` stream strategies hold offered items in windows and let the pool default pick among
+each window's items (an experiment: a service deciding later; ``_stream_windowed``).
 """
 
 from __future__ import annotations
