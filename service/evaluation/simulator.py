@@ -60,6 +60,11 @@ def _pool_strategies() -> dict[str, Callable[[], object]]:
     return out
 
 
+# Stream strategies that select as the default until this share of the budget is spent, then
+# at random (selection sampling over the rest of the stream); round 7 of reports/stream-tuning.md.
+_STREAM_SWITCH_TO_RANDOM = {"default-then-random-0.33": 1 / 3, "default-then-random-0.5": 0.5}
+
+
 def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | None]:
     # the tuning candidates (rounds 1-4 of reports/stream-tuning.md) ran without drift decay
     def cfg(uw, dw, cw=0.1, unc="entropy", norm="zscore", quotas=False, tw=0.0):
@@ -113,6 +118,9 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
             budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.3)),
         "coverage-0.6": lambda b: SelectorConfig(
             budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.6)),
+        # round 7: the default until a share of the budget is spent, random after it
+        # (_STREAM_SWITCH_TO_RANDOM; [TypiClust]: typical items suit low budgets only)
+        **{name: (lambda b: SelectorConfig(budget=b)) for name in _STREAM_SWITCH_TO_RANDOM},
     }
 
 
@@ -395,20 +403,20 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     log_cost()
     next_retrain = cfg.retrain_every
     raws = (ds.a, ds.b)
-    if cfg.strategy in _STREAM_WINDOWS:
-        model = _stream_windowed(ds, cfg, model, oracle, stream, rng, _STREAM_WINDOWS[cfg.strategy],
-                                 retrain, curve, log_cost, clock)
-    elif factory is None:
-        # Random: selection sampling (Knuth's Algorithm S) over the items actually offered:
-        # accept with probability (budget left) / (offered items left), so every run spends
-        # exactly the budget on a uniform random subset. (A fixed acceptance probability ended
-        # 20 % of the runs up to 6 % short of a 300 budget, and the reference curve's last
-        # point then averaged only the runs that got there.)
+
+    def random_from(start: int, model):
+        """Random from stream position ``start`` on: selection sampling (Knuth's Algorithm S)
+        over the items actually offered, accept with probability (budget left) / (offered items
+        left), so every run spends exactly the budget on a uniform random subset. (A fixed
+        acceptance probability ended 20 % of the runs up to 6 % short of a 300 budget, and the
+        reference curve's last point then averaged only the runs that got there.)"""
+        nonlocal next_retrain
         position = np.empty(2 * n, dtype=np.int64)
         position[stream] = np.arange(2 * n)
-        left = 2 * n  # open items at the current position or later
-        u = rng.random(len(stream))
-        for p, (it, ui) in enumerate(zip(stream, u, strict=True)):
+        # open items at the current position or later
+        left = int(sum(bool(oracle.open[it % 2][it // 2]) for it in stream[start:].tolist()))
+        u = rng.random(len(stream) - start)
+        for p, (it, ui) in enumerate(zip(stream[start:], u, strict=True), start):
             if oracle.spent >= cfg.budget:
                 break
             s, k = int(it % 2), int(it // 2)
@@ -427,14 +435,22 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
                     model, point = retrain(model)
                     curve.append(point)
                     log_cost()
-                    next_retrain += cfg.retrain_every
+                    next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
+        return model
+
+    if cfg.strategy in _STREAM_WINDOWS:
+        model = _stream_windowed(ds, cfg, model, oracle, stream, rng, _STREAM_WINDOWS[cfg.strategy],
+                                 retrain, curve, log_cost, clock)
+    elif factory is None:
+        model = random_from(0, model)
     else:
         bcfg = BudgetConfig(total=cfg.budget, target_rate=rate, warmup_accepts=cfg.warmup,
                             explore=cfg.explore, window=1024)
         selector = StreamingSelector(model, factory(bcfg), seed=int(srng.integers(2**31)),
                                      device="cpu")
         pos = 0
-        while pos < len(stream) and oracle.spent < cfg.budget:
+        stop = round(cfg.budget * _STREAM_SWITCH_TO_RANDOM.get(cfg.strategy, 1.0))
+        while pos < len(stream) and oracle.spent < stop:
             batch, pos = [], pos
             while len(batch) < cfg.batch_size and pos < len(stream):
                 it = int(stream[pos])
@@ -469,6 +485,8 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
                 if progress:
                     progress(f"{cfg.strategy}/stream seed {cfg.seed}: {oracle.spent}/{cfg.budget} "
                              f"r1={point['r1']:.3f}")
+        if oracle.spent < cfg.budget and pos < len(stream):  # a switch to random
+            model = random_from(pos, model)
     if curve[-1]["pairs"] != oracle.spent:
         model, point = retrain(model)
         curve.append(point)

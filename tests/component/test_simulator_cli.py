@@ -546,3 +546,33 @@ def test_stream_window_strategies_are_listed_and_bad_names_refused():
     assert {"window-256", "window-1024"} <= set(names)
     with pytest.raises(ValueError, match="unknown stream strategy 'window-7'"):
         SimConfig(strategy="window-7", mode="stream")
+
+
+@pytest.mark.parametrize("name", sorted(sim_mod._STREAM_SWITCH_TO_RANDOM))
+def test_stream_switch_to_random_selects_until_its_share_then_spends_the_rest_at_random(
+        tiny, monkeypatch, name):
+    """default-then-random-*: the selector decides every batch until its share of the budget is
+    spent and none after; selection sampling then spends exactly the rest."""
+    acquired: list[int] = []
+    spent_at_propose: list[int] = []
+    real_acquire, real_propose = sim_mod._Oracle.acquire, sim_mod.StreamingSelector.propose
+
+    def acquire(self, side, k):
+        acquired.append(k)
+        return real_acquire(self, side, k)
+
+    def propose(self, batch):
+        spent_at_propose.append(len(acquired))
+        return real_propose(self, batch)
+
+    monkeypatch.setattr(sim_mod._Oracle, "acquire", acquire)
+    monkeypatch.setattr(sim_mod.StreamingSelector, "propose", propose)
+    cfg = dict(SMALL, budget=90)
+    simulate(tiny, SimConfig(strategy="default", mode="stream", **cfg))
+    assert max(spent_at_propose) > round(cfg["budget"] * 0.5)  # the default selects on
+    acquired.clear()
+    spent_at_propose.clear()
+    res = simulate(tiny, SimConfig(strategy=name, mode="stream", **cfg))
+    stop = round(cfg["budget"] * sim_mod._STREAM_SWITCH_TO_RANDOM[name])
+    assert spent_at_propose and max(spent_at_propose) < stop  # no selector decision after it
+    assert res["curve"][-1]["pairs"] == cfg["budget"] == len(acquired)
