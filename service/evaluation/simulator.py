@@ -15,7 +15,9 @@ Stream ``random`` is selection sampling: it spends exactly the budget on a unifo
 of the offered items. The selector paces towards a target rate and, since it cannot go back, may
 end a few acquisitions short when the stream runs out (its curve then ends there). The
 ``window-*`` stream strategies hold offered items in windows and let the pool default pick among
-each window's items (an experiment: a service deciding later; ``_stream_windowed``).
+each window's items (an experiment: a service deciding later; ``_stream_windowed``); the
+``default-then-random-*`` ones select as the default until a share of the budget is spent and at
+random after it (``_STREAM_SWITCH_TO_RANDOM``).
 """
 
 from __future__ import annotations

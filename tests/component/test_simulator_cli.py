@@ -478,7 +478,6 @@ def test_no_warm_up_starts_from_the_cold_model(tiny, mode):
     assert res["curve"][0]["pairs"] == 0 and res["curve"][-1]["pairs"] == SMALL["budget"]
 
 
-
 # --- simulate: stream decisions deferred to windows (round 6 of reports/stream-tuning.md) -------
 
 
