@@ -361,6 +361,33 @@ def _run_pool(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     return curve
 
 
+class _StreamAhead:
+    """How many open items the stream still holds after the current position: the denominator of
+    selection sampling and of a window's share. An acquisition through :meth:`acquire` that
+    closes a partner still ahead in the stream takes that partner off (it will not be offered)."""
+
+    def __init__(self, oracle: _Oracle, stream: np.ndarray, start: int = 0):
+        self.oracle = oracle
+        self.position = np.empty(len(stream), dtype=np.int64)
+        self.position[stream] = np.arange(len(stream))
+        # open items at the current position or later
+        self.left = int(sum(bool(oracle.open[it % 2][it // 2]) for it in stream[start:].tolist()))
+        self.p = start
+
+    def offer(self, p: int) -> None:
+        """The open item at stream position ``p`` is being offered (it leaves ``left``)."""
+        self.p = p
+        self.left -= 1
+
+    def acquire(self, side: int, k: int) -> None:
+        oracle = self.oracle
+        partner_open = oracle.open[1 - side][k]
+        oracle.acquire(side, k)
+        if partner_open and not oracle.open[1 - side][k] \
+                and self.position[2 * k + 1 - side] > self.p:
+            self.left -= 1  # the partner, still ahead in the stream, will not be offered
+
+
 def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     mods = (ds.modality_a, ds.modality_b)
     n = len(oracle.rows)
@@ -406,17 +433,24 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     next_retrain = cfg.retrain_every
     raws = (ds.a, ds.b)
 
+    def retrain_if_due(model):
+        """Retrain once ``retrain_every`` more acquisitions were made; (model, retrained?)."""
+        nonlocal next_retrain
+        if oracle.spent < next_retrain:
+            return model, False
+        model, point = retrain(model)
+        curve.append(point)
+        log_cost()
+        next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
+        return model, True
+
     def random_from(start: int, model):
         """Random from stream position ``start`` on: selection sampling (Knuth's Algorithm S)
         over the items actually offered, accept with probability (budget left) / (offered items
         left), so every run spends exactly the budget on a uniform random subset. (A fixed
         acceptance probability ended 20 % of the runs up to 6 % short of a 300 budget, and the
         reference curve's last point then averaged only the runs that got there.)"""
-        nonlocal next_retrain
-        position = np.empty(2 * n, dtype=np.int64)
-        position[stream] = np.arange(2 * n)
-        # open items at the current position or later
-        left = int(sum(bool(oracle.open[it % 2][it // 2]) for it in stream[start:].tolist()))
+        ahead = _StreamAhead(oracle, stream, start)
         u = rng.random(len(stream) - start)
         for p, (it, ui) in enumerate(zip(stream[start:], u, strict=True), start):
             if oracle.spent >= cfg.budget:
@@ -424,25 +458,18 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
             s, k = int(it % 2), int(it // 2)
             if not oracle.open[s][k]:  # its partner was acquired: not offered (already uncounted)
                 continue
-            accept = ui * left < cfg.budget - oracle.spent
-            left -= 1
+            accept = ui * ahead.left < cfg.budget - oracle.spent
+            ahead.offer(p)
             clock["offered"] += 1
             clock["position"] = p + 1
             if accept:
-                partner_open = oracle.open[1 - s][k]
-                oracle.acquire(s, k)
-                if partner_open and not oracle.open[1 - s][k] and position[2 * k + 1 - s] > p:
-                    left -= 1  # the partner, still ahead in the stream, will not be offered
-                if oracle.spent >= next_retrain:
-                    model, point = retrain(model)
-                    curve.append(point)
-                    log_cost()
-                    next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
+                ahead.acquire(s, k)
+                model, _ = retrain_if_due(model)
         return model
 
     if cfg.strategy in _STREAM_WINDOWS:
         model = _stream_windowed(ds, cfg, model, oracle, stream, rng, _STREAM_WINDOWS[cfg.strategy],
-                                 retrain, curve, log_cost, clock)
+                                 retrain_if_due, clock)
     elif factory is None:
         model = random_from(0, model)
     else:
@@ -478,15 +505,12 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
                     selector.reveal_partner(mods[1 - s], raws[1 - s][row])
                 elif oracle.no_match > no_match:  # the annotator answered NO_MATCH
                     selector.mark_partnerless(mods[s], raws[s][oracle.rows[k]])
-            if oracle.spent >= next_retrain:
-                model, point = retrain(model)
-                curve.append(point)
-                log_cost()
+            model, retrained = retrain_if_due(model)
+            if retrained:
                 selector.set_model(model)
-                next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
                 if progress:
                     progress(f"{cfg.strategy}/stream seed {cfg.seed}: {oracle.spent}/{cfg.budget} "
-                             f"r1={point['r1']:.3f}")
+                             f"r1={curve[-1]['r1']:.3f}")
         if oracle.spent < cfg.budget and pos < len(stream):  # a switch to random
             model = random_from(pos, model)
     if curve[-1]["pairs"] != oracle.spent:
@@ -496,7 +520,7 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     return curve
 
 
-def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve, log_cost, clock):
+def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain_if_due, clock):
     """Stream mode, decisions deferred to windows of ``window`` offered items (see
     ``_STREAM_WINDOWS``); returns the last model.
 
@@ -510,22 +534,14 @@ def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve
     mods = (ds.modality_a, ds.modality_b)
     strategy = POOL_DEFAULT()
     codes = stream.tolist()
-    position = np.empty(len(codes), dtype=np.int64)
-    position[stream] = np.arange(len(codes))
-    now = {"p": 0, "left": len(codes)}  # position, open items at it or later
-
-    def acquire(side: int, k: int) -> None:
-        partner_open = oracle.open[1 - side][k]
-        oracle.acquire(side, k)
-        if partner_open and not oracle.open[1 - side][k] and position[2 * k + 1 - side] > now["p"]:
-            now["left"] -= 1  # its partner, still ahead in the stream, will not be offered
+    ahead = _StreamAhead(oracle, stream)
 
     def decide(held: list[int], last: bool) -> None:
         """Pick among the ``held`` item codes: their share of the budget left, all of it when
         ``last``; picks that were a held partner of an earlier pick are made up for."""
         held = [h for h in held if oracle.open[h % 2][h // 2]]
         need = cfg.budget - oracle.spent
-        share = len(held) / max(1, len(held) + now["left"])
+        share = len(held) / max(1, len(held) + ahead.left)
         goal = oracle.spent + min(len(held), need if last else int(np.floor(need * share
                                                                             + rng.random())))
         while oracle.spent < goal and held:
@@ -538,10 +554,9 @@ def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve
             for m, j in picks:
                 side = mods.index(m)
                 if oracle.open[side][cand[side][j]]:  # not the partner of an earlier pick
-                    acquire(side, int(cand[side][j]))
+                    ahead.acquire(side, int(cand[side][j]))
             held = [h for h in held if oracle.open[h % 2][h // 2]]
 
-    next_retrain = cfg.retrain_every
     held: list[int] = []
     for p, it in enumerate(codes):
         if oracle.spent >= cfg.budget:
@@ -549,25 +564,20 @@ def _stream_windowed(ds, cfg, model, oracle, stream, rng, window, retrain, curve
         s, k = it % 2, it // 2
         if not oracle.open[s][k]:  # its partner was acquired: not offered (already uncounted)
             continue
-        now["p"] = p
-        now["left"] -= 1
+        ahead.offer(p)
         clock["offered"] += 1
         clock["position"] = p + 1
         if oracle.spent < cfg.warmup:
             # selection sampling over the items still to come, as random does: about the
             # target rate, and exactly the budget when it is all warm-up
-            if rng.random() * (now["left"] + 1) < cfg.budget - oracle.spent:
-                acquire(s, k)
+            if rng.random() * (ahead.left + 1) < cfg.budget - oracle.spent:
+                ahead.acquire(s, k)
         else:
             held.append(it)
-        if len(held) >= window or (held and now["left"] == 0):
-            decide(held, last=now["left"] == 0)
+        if len(held) >= window or (held and ahead.left == 0):
+            decide(held, last=ahead.left == 0)
             held = []
-        if oracle.spent >= next_retrain:
-            model, point = retrain(model)
-            curve.append(point)
-            log_cost()
-            next_retrain = (oracle.spent // cfg.retrain_every + 1) * cfg.retrain_every
+        model, _ = retrain_if_due(model)
     return model
 
 
