@@ -31,7 +31,7 @@ def _cmd_simulate(args) -> int:
                     test_size=args.test_size, round_size=args.round_size, warmup=args.warmup,
                     retrain_every=args.retrain_every, stream_order=args.order, trainer=trainer,
                     learner="ridge-baseline" if baseline else "pairsieve",
-                    stream_unpaired=args.stream_unpaired)
+                    stream_unpaired=args.stream_unpaired, random_after=args.random_after)
     if args.plot and not args.out:
         raise SystemExit("simulate: --plot writes beside --out; give --out FILE.json too")
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -99,7 +99,8 @@ def _cmd_bench_quality(args) -> int:
             raise ValueError(f"--rerun takes MODE:STRATEGY (e.g. pool:default), got "
                              f"{args.rerun!r}")
         quality.rerun_strategy(mode, strategy, args.out_dir, args.jobs,
-                               command="pairsieve " + " ".join(sys.argv[1:]))
+                               command="pairsieve " + " ".join(sys.argv[1:]),
+                               random_after=args.random_after)
         return 0
     strategies = None
     if args.strategies:
@@ -108,7 +109,8 @@ def _cmd_bench_quality(args) -> int:
                  args.seeds, args.budget, args.jobs, args.out_dir, strategies,
                  command="pairsieve " + " ".join(sys.argv[1:]), first_seed=args.first_seed,
                  random_draws=quality.RANDOM_DRAWS if args.random_draws is None
-                 else args.random_draws, stream_unpaired=args.stream_unpaired)
+                 else args.random_draws, stream_unpaired=args.stream_unpaired,
+                 random_after=args.random_after)
     return 0
 
 
@@ -230,7 +232,22 @@ def _deployment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole read")
 
 
+def _share_or_off(raw: str) -> float | None:
+    """``--random-after``: a share in (0, 1], or ``off`` (None: utility to the end)."""
+    if raw.strip().lower() in ("off", "none"):
+        return None
+    try:
+        share = float(raw)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 < share <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or 'off', got {raw!r}")
+    return share
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from service.core.budget import TUNED_RANDOM_AFTER
+
     p = argparse.ArgumentParser(prog="pairsieve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -247,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--round-size", type=int, default=25)
     s.add_argument("--warmup", type=int, default=50)
     s.add_argument("--retrain-every", type=int, default=25)
+    s.add_argument("--random-after", type=_share_or_off, default=TUNED_RANDOM_AFTER,
+                   help="stream mode: share of the budget spent by utility before accepts turn "
+                        "random, in (0, 1], or 'off' (default: the service's, "
+                        f"{TUNED_RANDOM_AFTER:.4g})")
     s.add_argument("--order", choices=("shuffled", "dataset"), default="shuffled",
                    help="stream mode: events in random order, or in the dataset's row order "
                         "(e.g. the Bible in book order: a drifting stream)")
@@ -293,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream-unpaired", choices=("seen", "pool"), default="seen",
                    help="stream mode: the learner's unpaired data is the items offered so far "
                         "(seen, as the service; default) or the whole pool from the start")
+    q.add_argument("--random-after", type=_share_or_off, default=TUNED_RANDOM_AFTER,
+                   help="stream selector's random tail, as simulate's (default: the service's; "
+                        "'off' reproduces the stream runs before it); the orphan check uses "
+                        "the value its results were made with")
     q.add_argument("--rerun", metavar="MODE:STRATEGY",
                    help="re-run one strategy of one mode for every dataset and seed of "
                         "OUT_DIR's results (the other runs are kept) and rebuild the report")

@@ -13,9 +13,9 @@ dataclasses (:class:`~service.core.selector.SelectorConfig`,
 as literals; :meth:`Settings.selector_config` and :meth:`Settings.trainer_config` build the
 engine's configs from the settings, so what the benchmark measures as the stream ``default``
 (``SelectorConfig()`` and ``TrainerConfig()`` defaults) is what a deployment runs. Only the
-deployment's own values are set here: the budget (``budget_total``, ``target_rate``) and the
-cold-start warm-up (:data:`~service.core.budget.TUNED_WARMUP_ACCEPTS`, shared with the
-simulator).
+deployment's own values are set here: the budget (``budget_total``, ``target_rate``), the
+cold-start warm-up (:data:`~service.core.budget.TUNED_WARMUP_ACCEPTS`) and the random tail's
+share (:data:`~service.core.budget.TUNED_RANDOM_AFTER`), both shared with the simulator.
 
 **Validated before anything starts.** :class:`Settings` checks every value when it is built
 (one line per bad value, naming the variable and flag, echoing the value and saying what is
@@ -38,7 +38,7 @@ from typing import Any, cast
 from service.alignment.quality_gate import GateConfig
 from service.alignment.trainer import TrainerConfig
 from service.core.acquisition import AcquisitionConfig
-from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
+from service.core.budget import TUNED_RANDOM_AFTER, TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.selector import SelectorConfig
 from service.learning_loop import (
     DEFAULT_GAIN_HORIZON,
@@ -248,6 +248,11 @@ class Settings:
                                     "random exploration", allowed=FRACTION, check=_fraction)
     warmup_accepts: int = _s(TUNED_WARMUP_ACCEPTS, "random accepts before utilities are trusted "
                              "(cold start)", allowed=NONNEG_INT, check=_non_negative_int)
+    random_after: float = _s(TUNED_RANDOM_AFTER,
+                             "share of budget_total spent by utility; the rest is accepted at "
+                             "random (the random tail: coverage pays early, costs late); 1: "
+                             "utility to the end; no effect without an item budget",
+                             allowed=RATE, check=_rate)
     threshold_window: int = _from(BudgetConfig, "window", "recent utilities the acceptance "
                                   "threshold (a quantile) is taken over", allowed=POS_INT,
                                   check=_positive_int)
@@ -527,7 +532,8 @@ class Settings:
         items = self.budget_unit == "items" and self.budget_total >= 0
         return BudgetConfig(total=self.budget_total if items else None,
                             target_rate=self.target_rate, explore=self.explore_fraction,
-                            warmup_accepts=self.warmup_accepts, window=self.threshold_window)
+                            warmup_accepts=self.warmup_accepts, window=self.threshold_window,
+                            random_after=self.random_after)
 
     def acquisition_config(self) -> AcquisitionConfig:
         values = {name: getattr(self, name) for name in ACQUISITION_FIELDS}

@@ -11,6 +11,13 @@
 * **Warm-up**: until ``warmup_accepts`` items have been accepted (or fewer than ``min_history``
   utilities were seen), items are accepted at random with probability ``rate`` (cold start: the
   model's scores mean nothing before it has pairs).
+* **Random tail**: once ``random_after`` of the ``total`` budget is spent, items are accepted at
+  random whatever their utility (``accept:random_tail`` / ``skip:random_tail``), with probability
+  ``rate``, or ``2·rate`` while the spend is behind the pacing baseline by more than ``slack``
+  (the catch-up rule's counterpart). Utility-driven selection pays at low budgets and costs at
+  high ones ([TypiClust]'s phase transition; measured on the real stream in rounds 7-8 of
+  ``reports/stream-tuning.md``), so the tuned default spends the first third by utility and the
+  rest as a uniform sample of the stream.
 
 ``begin()`` returns a :class:`BudgetDraft` that decides item by item on *tentative* counters;
 the controller itself changes only in :meth:`BudgetController.commit`, called after the decisions
@@ -36,6 +43,11 @@ from service.core.validation import check_fraction
 # warm-up accepts"). BudgetConfig's own default stays 0 for library users, who may warm up with
 # labels they already have.
 TUNED_WARMUP_ACCEPTS = 50
+# Share of the budget spent by utility before the random tail (round 7 of
+# reports/stream-tuning.md, tuned on emoji seeds 200-399; confirmed on fresh seeds in round 8).
+# The service's PAIRSIEVE_RANDOM_AFTER default and the simulator's; BudgetConfig's own default is
+# None (no tail) for library users.
+TUNED_RANDOM_AFTER = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class BudgetConfig:
         Utilities needed before a threshold exists.
     slack : float
         Items of spend the pacing gate tolerates ahead of / behind the expected spend.
+    random_after : float or None
+        Share of ``total`` in (0, 1] after which accepts are random (the random tail); None: the
+        utility decides to the end. Needs ``total``: without one there is no share to reach.
     """
 
     total: int | None = None
@@ -67,6 +82,7 @@ class BudgetConfig:
     warmup_accepts: int = 0
     min_history: int = 32
     slack: float = 8.0
+    random_after: float | None = None
 
     def __post_init__(self):
         if self.total is not None and self.total < 0:
@@ -79,6 +95,15 @@ class BudgetConfig:
                              f"got {self.window}, {self.min_history}")
         if self.warmup_accepts < 0 or self.slack < 0:
             raise ValueError("warmup_accepts and slack must be >= 0")
+        if self.random_after is not None and not 0.0 < self.random_after <= 1.0:
+            raise ValueError(f"random_after must be in (0, 1] or None, got {self.random_after!r}")
+
+    @property
+    def random_tail_from(self) -> int | None:
+        """Spend from which accepts are random (``round(random_after * total)``); None: never."""
+        if self.random_after is None or self.total is None:
+            return None
+        return round(self.random_after * self.total)
 
 
 @dataclass(frozen=True)
@@ -93,10 +118,12 @@ class BudgetDecision:
 # Outcome codes of the rule inside decide_run (small ints so every rule is one np.where);
 # _REASON_OF[code] is the Reason. The two accept:utility codes differ in their threshold: the
 # catch-up-aware one (_ABOVE/_BELOW) or the plain one (everything else).
-_QUOTA, _EXHAUSTED, _PACING, _TAKE_ALL, _WARM_YES, _WARM_NO, _EXPLORE, _ABOVE, _BELOW = range(9)
+(_QUOTA, _EXHAUSTED, _PACING, _TAKE_ALL, _WARM_YES, _WARM_NO, _EXPLORE, _ABOVE, _BELOW,
+ _TAIL_YES, _TAIL_NO) = range(11)
 _REASON_OF = (Reason.SKIP_QUOTA, Reason.SKIP_BUDGET_EXHAUSTED, Reason.SKIP_PACING,
               Reason.ACCEPT_UTILITY, Reason.ACCEPT_WARMUP, Reason.SKIP_WARMUP,
-              Reason.ACCEPT_EXPLORE, Reason.ACCEPT_UTILITY, Reason.SKIP_BELOW_THRESHOLD)
+              Reason.ACCEPT_EXPLORE, Reason.ACCEPT_UTILITY, Reason.SKIP_BELOW_THRESHOLD,
+              Reason.ACCEPT_RANDOM_TAIL, Reason.SKIP_RANDOM_TAIL)
 
 
 class BudgetDraft:
@@ -118,7 +145,9 @@ class BudgetDraft:
         rate = ctl.config.target_rate
         self._expected = rate * (ctl.seen + np.arange(1, len(self._u) + 1))
         self._explore = self._u[:, 0] < ctl.config.explore * rate
-        self._warm_yes = self._u[:, 1] < rate
+        self._warm_yes = self._u[:, 1] < rate  # the random tail's draw too, ...
+        self._tail_catch_yes = self._u[:, 1] < 2.0 * rate  # ... at twice the rate when behind
+        self._tail_from = ctl.config.random_tail_from
         self._thr = ctl.threshold()
         self._thr_lo = ctl.catch_up_threshold()
 
@@ -173,12 +202,17 @@ class BudgetDraft:
         open_ = ~blocked & ((self.own_spent - expected) <= cfg.slack)  # not quota, not pacing
         if cfg.total is not None and self.spent >= cfg.total:
             open_[:] = False
+        tail = self._tail_from is not None and self.spent >= self._tail_from
         warm = self.spent < cfg.warmup_accepts or math.isnan(thr)
-        catch = (expected - self.own_spent > cfg.slack) & (not math.isnan(thr_lo))
+        behind = expected - self.own_spent > cfg.slack
+        catch = behind & (not math.isnan(thr_lo))
         thr_eff = np.where(catch, thr_lo, thr)
         explore, warm_yes = self._explore[run], self._warm_yes[run]
+        tail_yes = np.where(behind, self._tail_catch_yes[run], warm_yes)
         if rate >= 1.0:
             ok = open_
+        elif tail:
+            ok = open_ & tail_yes
         elif warm:
             ok = open_ & warm_yes
         else:
@@ -191,6 +225,8 @@ class BudgetDraft:
         head = slice(0, m)
         if rate >= 1.0:
             codes[:] = _TAKE_ALL
+        elif tail:
+            codes[:] = np.where(tail_yes[head], _TAIL_YES, _TAIL_NO)
         elif warm:
             codes[:] = np.where(warm_yes[head], _WARM_YES, _WARM_NO)
         else:

@@ -18,11 +18,13 @@ class Reason(enum.StrEnum):
     ACCEPT_UTILITY = "accept:utility"  #: utility cleared the threshold (or rate 1: take all)
     ACCEPT_EXPLORE = "accept:explore"  #: random exploration, whatever the utility
     ACCEPT_WARMUP = "accept:warmup"  #: random accept during the cold start
+    ACCEPT_RANDOM_TAIL = "accept:random_tail"  #: random accept once ``random_after`` is spent
     SKIP_BELOW_THRESHOLD = "skip:below_threshold"  #: utility under the threshold
     SKIP_BUDGET_EXHAUSTED = "skip:budget_exhausted"  #: the absolute budget is spent
     SKIP_PACING = "skip:pacing"  #: spend is ahead of ``rate * seen`` by more than the slack
     SKIP_WARMUP = "skip:warmup"  #: random skip during the cold start
     SKIP_QUOTA = "skip:quota"  #: vetoed by the per-modality quota (outside the budget)
+    SKIP_RANDOM_TAIL = "skip:random_tail"  #: random skip once ``random_after`` is spent
     #: Never produced by the core: a redelivered event answered from the handler's dedup memory
     #: (``Outcome.duplicate``); metrics count it under this code.
     SKIP_DUPLICATE = "skip:duplicate"

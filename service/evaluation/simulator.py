@@ -17,7 +17,10 @@ end a few acquisitions short when the stream runs out (its curve then ends there
 ``window-*`` stream strategies hold offered items in windows and let the pool default pick among
 each window's items (an experiment: a service deciding later; ``_stream_windowed``); the
 ``default-then-random-*`` ones select as the default until a share of the budget is spent and at
-random after it (``_STREAM_SWITCH_TO_RANDOM``).
+random after it (``_STREAM_SWITCH_TO_RANDOM``, selection sampling: round 7). The service's own
+version of that switch, the budget controller's random tail (``SimConfig.random_after``, the
+service's default), is in every selector strategy unless ``random_after`` is None;
+``default-no-random-tail`` is the default without it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
 from service.core.acquisition import AcquisitionConfig
-from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
+from service.core.budget import TUNED_RANDOM_AFTER, TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT
 from service.core.pool import STRATEGIES as POOL_BASELINES
 from service.core.pool.base import PoolState
@@ -121,8 +124,12 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
         "coverage-0.6": lambda b: SelectorConfig(
             budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.6)),
         # round 7: the default until a share of the budget is spent, random after it
-        # (_STREAM_SWITCH_TO_RANDOM; [TypiClust]: typical items suit low budgets only)
-        **{name: (lambda b: SelectorConfig(budget=b)) for name in _STREAM_SWITCH_TO_RANDOM},
+        # (_STREAM_SWITCH_TO_RANDOM, in the simulator; [TypiClust]: typical items suit low
+        # budgets only). The core's own random tail is off in them, so they run as in round 7.
+        **{name: (lambda b: SelectorConfig(budget=replace(b, random_after=None)))
+           for name in _STREAM_SWITCH_TO_RANDOM},
+        # round 8: the default without its random tail (the stream default up to round 7)
+        "default-no-random-tail": lambda b: SelectorConfig(budget=replace(b, random_after=None)),
     }
 
 
@@ -150,6 +157,9 @@ class SimConfig:
     test_size: int = 500
     round_size: int = 25  # pool: acquisitions per round
     warmup: int = TUNED_WARMUP_ACCEPTS  # random acquisitions before any strategy acts (both modes)
+    # stream: share of the budget the selector spends by utility before its random tail
+    # (BudgetConfig.random_after; None: utility to the end)
+    random_after: float | None = TUNED_RANDOM_AFTER
     retrain_every: int = DEFAULT_RETRAIN_EVERY  # stream: acquisitions between retrains
     batch_size: int = 32  # stream: micro-batch size
     explore: float = 0.05
@@ -181,6 +191,8 @@ class SimConfig:
                              f"{self.stream_unpaired!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.random_after is not None and not 0.0 < self.random_after <= 1.0:
+            raise ValueError(f"random_after must be in (0, 1] or None, got {self.random_after!r}")
         if self.learner not in ("pairsieve", "ridge-baseline"):
             raise ValueError(f"learner must be 'pairsieve' or 'ridge-baseline', got "
                              f"{self.learner!r}")
@@ -388,6 +400,13 @@ class _StreamAhead:
             self.left -= 1  # the partner, still ahead in the stream, will not be offered
 
 
+def _stream_budget(cfg: SimConfig, rate: float) -> BudgetConfig:
+    """The stream selector's budget: the run's budget at ``rate``, the warm-up, exploration and
+    random tail of ``cfg``, and a 1,024-utility threshold window (sized for the short streams)."""
+    return BudgetConfig(total=cfg.budget, target_rate=rate, warmup_accepts=cfg.warmup,
+                        explore=cfg.explore, window=1024, random_after=cfg.random_after)
+
+
 def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     mods = (ds.modality_a, ds.modality_b)
     n = len(oracle.rows)
@@ -473,9 +492,8 @@ def _run_stream(ds, cfg, trainer, oracle, test, rng, srng, progress, cost):
     elif factory is None:
         model = random_from(0, model)
     else:
-        bcfg = BudgetConfig(total=cfg.budget, target_rate=rate, warmup_accepts=cfg.warmup,
-                            explore=cfg.explore, window=1024)
-        selector = StreamingSelector(model, factory(bcfg), seed=int(srng.integers(2**31)),
+        selector = StreamingSelector(model, factory(_stream_budget(cfg, rate)),
+                                     seed=int(srng.integers(2**31)),
                                      device="cpu")
         pos = 0
         stop = round(cfg.budget * _STREAM_SWITCH_TO_RANDOM.get(cfg.strategy, 1.0))

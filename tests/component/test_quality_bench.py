@@ -268,3 +268,42 @@ def test_cli_bench_stream_cost_writes_segment_report(tmp_path, capsys):
     rows = [r for r in text.splitlines() if r.startswith("| ")]
     assert len(rows) == 1 + 4  # the header and one row per measured segment (4096 / 1024)
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| 1,024", "| 2,048", "| 3,072", "| 4,096"]
+
+
+def test_random_after_reaches_the_stream_runs_and_the_report_says_which(tmp_path, monkeypatch):
+    """``--random-after`` sets the stream selector's random tail of every run (Job ->
+    SimConfig), the results' meta records it and the header names it; a rerun records its own
+    and the orphan check reuses the one its results were made with. Random's runs do not use
+    the selector: the same with or without a tail."""
+    from service.core.budget import TUNED_RANDOM_AFTER
+
+    seen: list[float | None] = []
+    real_run_job = quality._run_job
+    monkeypatch.setattr(quality, "_run_job",
+                        lambda job: seen.append(job.random_after) or real_run_job(job))
+    runs, heads = {}, {}
+    for flag in ([], ["--random-after", "off"]):
+        out = tmp_path / ("off" if flag else "on")
+        assert main(["bench-quality", "--modes", "stream", "--seeds", "1", "--datasets",
+                     "synthetic", "--strategies", "random,default", "--budget", "60", "--jobs",
+                     "1", "--random-draws", "1", "--out-dir", str(out), *flag]) == 0
+        data = quality.read_results(out / "quality-results.json.gz")
+        runs[bool(flag)] = {r["strategy"]: r["curve"] for r in data["runs"]}
+        heads[bool(flag)] = (data["meta"]["random_after"],
+                             (out / "quality.md").read_text().splitlines()[2])
+    assert seen == [TUNED_RANDOM_AFTER] * 2 + [None] * 2
+    assert heads[False][0] == TUNED_RANDOM_AFTER and "random tail after 0.333 of the budget" \
+        in heads[False][1]
+    assert heads[True][0] is None and "stream selector: no random tail" in heads[True][1]
+    assert runs[False]["random"] == runs[True]["random"]
+    seen.clear()
+    out = tmp_path / "off"
+    assert main(["bench-quality", "--rerun", "stream:default", "--random-after", "0.5",
+                 "--jobs", "1", "--out-dir", str(out)]) == 0
+    meta = quality.read_results(out / "quality-results.json.gz")["meta"]
+    assert seen == [0.5] and meta["random_after"] == 0.5
+    monkeypatch.setattr(quality, "ORPHAN_BUDGET", 60)
+    seen.clear()
+    assert main(["bench-quality", "--orphans", "--seeds", "1", "--jobs", "1",
+                 "--out-dir", str(out)]) == 0
+    assert seen == [0.5] * 4  # pool runs carry it too; only the stream selector reads it

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 from service.alignment import TrainerConfig
-from service.cli import main
+from service.cli import build_parser, main
+from service.core.budget import TUNED_RANDOM_AFTER
 from service.core.pool import STRATEGIES as POOL_REGISTRY
 from service.core.pool.base import PoolState
 from service.core.pool.random import RandomStrategy
 from service.evaluation import simulator as sim_mod
 from service.evaluation.datasets import BUILTIN, load_npz, make_synthetic
 from service.evaluation.simulator import SimConfig, list_strategies, simulate
+from service.settings import Settings
 
 SMALL = dict(budget=60, round_size=20, warmup=20, retrain_every=20, test_size=50)
 CASES = [(s, m) for m in ("pool", "stream") for s in ("random", "default")]
@@ -294,13 +296,8 @@ def test_stream_default_equals_what_default_settings_build():
     # simulator sizes it to its short streams: 1024).
     from dataclasses import asdict
 
-    from service.core.budget import BudgetConfig
-    from service.settings import Settings
-
     s, sim = Settings(), SimConfig(mode="stream")
-    bench = sim_mod._stream_configs()["default"](
-        BudgetConfig(total=sim.budget, target_rate=0.13, warmup_accepts=sim.warmup,
-                     explore=sim.explore, window=1024))
+    bench = sim_mod._stream_configs()["default"](sim_mod._stream_budget(sim, rate=0.13))
     svc = s.selector_config()
     deployment = {"total", "target_rate", "window"}
     b_bench, b_svc = asdict(bench.budget), asdict(svc.budget)
@@ -314,6 +311,7 @@ def test_stream_default_equals_what_default_settings_build():
     assert s.trainer_config() == sim.trainer
     assert s.retrain_every_pairs == sim.retrain_every
     assert (s.warmup_accepts, s.explore_fraction) == (sim.warmup, sim.explore)
+    assert b_svc["random_after"] == b_bench["random_after"] == TUNED_RANDOM_AFTER
 
 
 # --- CLI ---------------------------------------------------------------------------------
@@ -575,3 +573,60 @@ def test_stream_switch_to_random_selects_until_its_share_then_spends_the_rest_at
     stop = round(cfg["budget"] * sim_mod._STREAM_SWITCH_TO_RANDOM[name])
     assert spent_at_propose and max(spent_at_propose) < stop  # no selector decision after it
     assert res["curve"][-1]["pairs"] == cfg["budget"] == len(acquired)
+
+
+def test_stream_default_decides_its_tail_at_random_after_a_third_of_the_budget(tiny, monkeypatch):
+    """The stream default is the service's: BudgetConfig.random_after = TUNED_RANDOM_AFTER. Its
+    decisions carry the utility's reasons until a third of the budget is spent and the random
+    tail's from there on; it still spends exactly the budget. ``default-no-random-tail`` and
+    ``random_after=None`` (``--random-after off``) are the same run, without a tail decision."""
+    acquired: list[int] = []
+    reasons: list[tuple[int, str]] = []  # (spent before the batch, reason) per decision
+    real_acquire, real_propose = sim_mod._Oracle.acquire, sim_mod.StreamingSelector.propose
+
+    def acquire(self, side, k):
+        acquired.append(k)
+        return real_acquire(self, side, k)
+
+    def propose(self, batch):
+        proposal = real_propose(self, batch)
+        reasons.extend((len(acquired), d.reason.code) for d in proposal.decisions)
+        return proposal
+
+    monkeypatch.setattr(sim_mod._Oracle, "acquire", acquire)
+    monkeypatch.setattr(sim_mod.StreamingSelector, "propose", propose)
+    cfg = dict(SMALL, budget=90)
+    assert SimConfig().random_after == TUNED_RANDOM_AFTER == Settings().random_after
+    res = simulate(tiny, SimConfig(strategy="default", mode="stream", **cfg))
+    start = round(cfg["budget"] * TUNED_RANDOM_AFTER)
+    tail = [code for spent, code in reasons if spent >= start]
+    assert tail and set(tail) <= {"random_tail", "pacing", "budget_exhausted"}
+    assert "random_tail" in tail
+    assert "random_tail" not in {code for spent, code in reasons if spent < start - 8}
+    assert res["curve"][-1]["pairs"] == len(acquired)
+    assert cfg["budget"] - 8 <= len(acquired) <= cfg["budget"], len(acquired)
+    runs = []
+    for kw in (dict(strategy="default-no-random-tail"),
+               dict(strategy="default", random_after=None)):
+        acquired.clear()
+        reasons.clear()
+        runs.append(simulate(tiny, SimConfig(mode="stream", **kw, **cfg))["curve"])
+        assert "random_tail" not in {code for _, code in reasons}
+        assert cfg["budget"] - 8 <= len(acquired) <= cfg["budget"], len(acquired)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("raw,want", [("off", None), ("0.5", 0.5), ("1", 1.0)])
+def test_random_after_flag_takes_a_share_or_off(raw, want):
+    args = build_parser().parse_args(["simulate", "--random-after", raw])
+    assert args.random_after == want
+    assert build_parser().parse_args(["simulate"]).random_after == TUNED_RANDOM_AFTER
+
+
+@pytest.mark.parametrize("raw", ["0", "1.5", "nan", "a third"])
+def test_random_after_flag_refuses_what_is_not_a_share(raw, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--random-after", raw])
+    assert f"expected a share in (0, 1] or 'off', got '{raw}'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="random_after must be in"):
+        SimConfig(mode="stream", random_after=0.0)

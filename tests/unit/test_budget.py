@@ -1,6 +1,7 @@
 """Budget controller: propose never mutates, commits never overspend, pacing tracks the target."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.core.budget import BudgetConfig, BudgetController
+from service.core.reasons import Reason
 from tests.support import scalar_decide_run
 
 
@@ -103,7 +105,10 @@ def test_commit_errors():
 @pytest.mark.parametrize("kw,msg", [({"target_rate": 0.0}, "target_rate"),
                                     ({"total": -1}, "budget total"),
                                     ({"explore": 2.0}, "explore"),
-                                    ({"window": 0}, "window")])
+                                    ({"window": 0}, "window"),
+                                    ({"random_after": 0.0}, r"random_after must be in \(0, 1\] "
+                                                            r"or None, got 0\.0"),
+                                    ({"random_after": 1.5}, "random_after.*1.5")])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         BudgetConfig(**kw)
@@ -165,11 +170,12 @@ def test_target_rate_one_accepts_everything_within_the_budget():
        rate=st.sampled_from([0.05, 0.2, 0.5, 1.0]), explore=st.floats(0.0, 1.0),
        warm=st.integers(0, 6), slack=st.sampled_from([0.0, 1.0, 8.0]),
        batches=st.lists(st.integers(1, 30), min_size=1, max_size=12),
-       p_block=st.sampled_from([0.0, 0.3]), drift=st.floats(-0.5, 0.5))
+       p_block=st.sampled_from([0.0, 0.3]), drift=st.floats(-0.5, 0.5),
+       tail=st.sampled_from([None, 0.2, 0.5, 1.0]))
 def test_vectorised_runs_decide_exactly_like_item_by_item(seed, total, rate, explore, warm, slack,
-                                                          batches, p_block, drift):
+                                                          batches, p_block, drift, tail):
     cfg = BudgetConfig(total=total, target_rate=rate, explore=explore, warmup_accepts=warm,
-                       min_history=4, window=16, slack=slack)
+                       min_history=4, window=16, slack=slack, random_after=tail)
     fast, slow = BudgetController(cfg, seed=seed), BudgetController(cfg, seed=seed)
     rng = np.random.default_rng(seed)
     for bi, n in enumerate(batches):
@@ -195,3 +201,82 @@ def test_decide_run_rejects_nan_and_overlong_runs():
     with pytest.raises(ValueError, match="begun for 2 items"):
         ctl.begin(2).decide_run(np.zeros(3))
     assert ctl.begin(1).decide_run(np.zeros(0))[0] == 0
+
+
+def _run_stream(ctl, utilities, batch=16):
+    """Decide ``utilities`` in batches, committing each; the decisions in order."""
+    out = []
+    for i in range(0, len(utilities), batch):
+        d = ctl.begin(len(utilities[i:i + batch]))
+        out += [d.decide(float(u)) for u in utilities[i:i + batch]]
+        ctl.commit(d)
+    return out
+
+
+def test_random_tail_ignores_the_utility_once_its_share_is_spent():
+    """Before ``random_after * total`` is spent the decisions are exactly those of the same
+    controller without a tail; from there on every decision is a random_tail one, taken at the
+    target rate whatever the utility: a stream whose utilities rise (every item would clear the
+    threshold) is accepted no faster, and one whose utilities fall (none would) no slower."""
+    total, rate = 600, 0.1  # rate * 6000 items: the budget lasts the whole stream
+    u = np.random.default_rng(7).normal(size=6000)
+    u[3000:] = np.where(np.arange(3000) % 2, 50.0, -50.0)  # far above / below any threshold
+    base = BudgetConfig(total=total, target_rate=rate, min_history=8, explore=0.05)
+    plain = _run_stream(BudgetController(base, seed=1), u)
+    tailed_ctl = BudgetController(replace(base, random_after=0.25), seed=1)
+    tailed = _run_stream(tailed_ctl, u)
+    start = base.total // 4
+    assert replace(base, random_after=0.25).random_tail_from == start == 150
+    spent = np.cumsum([d.accept for d in tailed])
+    first_tail = int(np.flatnonzero(spent >= start)[0]) + 1  # the item after the 150th accept
+    assert first_tail < 3000
+    assert repr(plain[:first_tail]) == repr(tailed[:first_tail])  # repr: NaN thresholds
+    later = tailed[first_tail:]
+    assert {d.reason.code for d in later} <= {"random_tail", "pacing", "budget_exhausted"}
+    assert {d.reason for d in later} >= {Reason.ACCEPT_RANDOM_TAIL, Reason.SKIP_RANDOM_TAIL}
+    hi = [d for d, x in zip(tailed[3000:], u[3000:], strict=True) if x > 0 and d.reason.code
+          == "random_tail"]
+    lo = [d for d, x in zip(tailed[3000:], u[3000:], strict=True) if x < 0 and d.reason.code
+          == "random_tail"]
+    # the same accept rate above and below any threshold (binomial, ~150 each: within 5 SE)
+    p_hi, p_lo = np.mean([d.accept for d in hi]), np.mean([d.accept for d in lo])
+    assert abs(p_hi - p_lo) < 5 * math.sqrt(rate * (1 - rate) * (1 / len(hi) + 1 / len(lo)))
+    assert 0.04 < p_hi < 0.2 and 0.04 < p_lo < 0.2
+    # the plain controller, by contrast, follows the utility: it takes the high ones
+    plain_hi = [d.accept for d, x in zip(plain[3000:], u[3000:], strict=True) if x > 0]
+    plain_lo = [d.accept for d, x in zip(plain[3000:], u[3000:], strict=True) if x < 0]
+    assert sum(plain_hi) > 3 * max(1, sum(plain_lo))
+    assert tailed_ctl.spent <= total
+
+
+def test_random_tail_catches_up_at_twice_the_rate_when_behind():
+    """A tail that starts behind the pacing baseline (here: the utility rule accepted nothing
+    for 1,000 items, then other workers' acquisitions reached the tail's share) accepts at
+    twice the target rate until its own spend is back within the slack, then at the rate: the
+    lag stays bounded instead of carrying to the end of the stream."""
+    rate, slack = 0.05, 4.0
+    cfg = BudgetConfig(total=1000, target_rate=rate, min_history=8, explore=0.0, slack=slack,
+                       random_after=0.02)
+    ctl = BudgetController(cfg, seed=3)
+    _run_stream(ctl, np.linspace(5, -5, 1000))  # sinking: nothing clears the threshold
+    assert ctl.spent < 10 and not ctl.spent >= cfg.random_tail_from
+    lag0 = rate * ctl.seen - ctl.spent
+    assert lag0 > 40
+    ctl.record_external(cfg.random_tail_from)  # the shared spend reaches the tail's share
+    tail = _run_stream(ctl, np.full(3000, -5.0))
+    codes = [d.reason.code for d in tail]
+    assert set(codes) <= {"random_tail", "pacing"} and set(codes[:400]) == {"random_tail"}
+    own = ctl.spent - ctl.external
+    first = sum(d.accept for d in tail[:400])  # catching up: ~2 * rate * 400 = 40, not 20
+    assert first > 30, first
+    assert rate * ctl.seen - own <= slack + 10  # caught up (a random walk around the baseline)
+
+
+def test_random_tail_needs_a_total_and_is_off_at_one():
+    assert BudgetConfig(target_rate=0.1, random_after=0.5).random_tail_from is None
+    assert BudgetConfig(total=10, random_after=None).random_tail_from is None
+    one = BudgetConfig(total=40, target_rate=0.2, min_history=4, explore=0.0, random_after=1.0)
+    assert one.random_tail_from == 40  # reached only when the budget is spent: no tail decisions
+    u = np.random.default_rng(0).normal(size=2000)
+    out = _run_stream(BudgetController(one, seed=0), u)
+    assert not {d.reason.code for d in out} & {"random_tail"}

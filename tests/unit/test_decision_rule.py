@@ -76,11 +76,12 @@ def test_docs_list_exactly_the_reason_codes():
        rate=st.floats(0.01, 1.0), explore=st.floats(0.0, 1.0), warm=st.integers(0, 6),
        slack=st.floats(0.0, 10.0), min_history=st.integers(1, 8),
        batches=st.lists(st.lists(st.floats(-5, 5), min_size=1, max_size=25),
-                        min_size=1, max_size=8))
+                        min_size=1, max_size=8),
+       tail=st.one_of(st.none(), st.floats(0.01, 1.0)))
 def test_scalar_and_vectorised_entry_points_cannot_disagree(seed, total, rate, explore, warm,
-                                                            slack, min_history, batches):
+                                                            slack, min_history, batches, tail):
     cfg = BudgetConfig(total=total, target_rate=rate, explore=explore, warmup_accepts=warm,
-                       min_history=min_history, window=16, slack=slack)
+                       min_history=min_history, window=16, slack=slack, random_after=tail)
     scalar, vector = BudgetController(cfg, seed=seed), BudgetController(cfg, seed=seed)
     for util in batches:
         util = np.asarray(util)

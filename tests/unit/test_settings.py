@@ -10,7 +10,7 @@ import pytest
 from service.alignment import TrainerConfig
 from service.cli import build_parser, main
 from service.core.acquisition import AcquisitionConfig
-from service.core.budget import TUNED_WARMUP_ACCEPTS, BudgetConfig
+from service.core.budget import TUNED_RANDOM_AFTER, TUNED_WARMUP_ACCEPTS, BudgetConfig
 from service.core.selector import SelectorConfig
 from service.settings import ACQUISITION_FIELDS, Settings, SettingsError
 
@@ -27,6 +27,7 @@ def test_engine_defaults_come_from_the_core_dataclasses():
                                                              tr.self_learning)  # pca_dim: its own
     assert s.trainer_config() == tr
     assert s.warmup_accepts == TUNED_WARMUP_ACCEPTS
+    assert s.random_after == TUNED_RANDOM_AFTER  # the simulator's default too (SimConfig)
     assert s.acquisition_config() == AcquisitionConfig()
     assert set(ACQUISITION_FIELDS) == {f.name for f in fields(AcquisitionConfig)}
     for name in ACQUISITION_FIELDS:  # every knob is a setting, its default the core's
@@ -36,8 +37,11 @@ def test_engine_defaults_come_from_the_core_dataclasses():
 def test_default_settings_build_the_default_engine_configs():
     s = Settings()
     cfg = s.selector_config()
-    assert cfg == SelectorConfig(budget=BudgetConfig(target_rate=0.05, warmup_accepts=50))
+    assert cfg == SelectorConfig(budget=BudgetConfig(target_rate=0.05, warmup_accepts=50,
+                                                     random_after=TUNED_RANDOM_AFTER))
     assert cfg.budget.total is None  # -1 = unlimited
+    assert cfg.budget.random_tail_from is None  # no total, no share to reach: no random tail
+    assert Settings(budget_total=300).budget_config().random_tail_from == 100
     assert s.trainer_config() == TrainerConfig()
     assert s.torch_device is None  # auto
 
@@ -48,12 +52,13 @@ def test_settings_reach_the_engine(monkeypatch):
     s = Settings(modalities="a:6,b:5", embedding_dim=4, index_size=16, cache_capacity=8,
                  budget_total=7, target_rate=0.2, threshold_window=99, normalization="rank",
                  uncertainty_weight=0.4, diversity_weight=0.6, coverage_weight=0.0, quotas=True,
-                 quota_min_share=0.3, device="cpu")
+                 quota_min_share=0.3, random_after=0.5, device="cpu")
     handler = build_engine(s)
     try:
         cfg = handler.selector.config
         assert cfg == s.selector_config()
         assert (cfg.budget.total, cfg.budget.target_rate, cfg.budget.window) == (7, 0.2, 99)
+        assert (cfg.budget.random_after, cfg.budget.random_tail_from) == (0.5, 4)  # round(3.5)
         assert (cfg.acquisition.normalization, cfg.acquisition.quotas,
                 cfg.acquisition.quota_min_share) == ("rank", True, 0.3)
         assert handler.trainer.config == s.trainer_config()
@@ -69,6 +74,7 @@ BAD = [
     ("metrics_port", -1, "0 (pick a free port) or 1-65535"),
     ("target_rate", 0.0, "(0, 1]"),
     ("target_rate", 1.5, "(0, 1]"),
+    ("random_after", 0.0, "(0, 1]"),
     ("explore_fraction", 2.0, "[0, 1]"),
     ("budget_total", -2, "-1 (unlimited)"),
     ("warmup_accepts", -1, ">= 0"),
