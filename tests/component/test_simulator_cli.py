@@ -578,7 +578,7 @@ def test_stream_switch_to_random_selects_until_its_share_then_spends_the_rest_at
 def test_stream_default_decides_its_tail_at_random_after_a_third_of_the_budget(tiny, monkeypatch):
     """The stream default is the service's: BudgetConfig.random_after = TUNED_RANDOM_AFTER. Its
     decisions carry the utility's reasons until a third of the budget is spent and the random
-    tail's from there on; it still spends exactly the budget. ``default-no-random-tail`` and
+    tail's from there on; it still spends the budget. ``default-no-random-tail`` and
     ``random_after=None`` (``--random-after off``) are the same run, without a tail decision."""
     acquired: list[int] = []
     reasons: list[tuple[int, str]] = []  # (spent before the batch, reason) per decision
