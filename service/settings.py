@@ -251,7 +251,8 @@ class Settings:
     random_after: float = _s(TUNED_RANDOM_AFTER,
                              "share of budget_total spent by utility; the rest is accepted at "
                              "random (the random tail: coverage pays early, costs late); 1: "
-                             "utility to the end; no effect without an item budget",
+                             "utility to the end; of the cost budget with budget unit cost; "
+                             "no effect without a budget",
                              allowed=RATE, check=_rate)
     threshold_window: int = _from(BudgetConfig, "window", "recent utilities the acceptance "
                                   "threshold (a quantile) is taken over", allowed=POS_INT,

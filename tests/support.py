@@ -26,12 +26,12 @@ def data_and_model():
     return a, b, tr.fit(a[:60], b[:60])
 
 
-def scalar_decide_run(draft, utilities, blocked=None):
+def scalar_decide_run(draft, utilities, blocked=None, tail=None):
     """Reference for BudgetDraft.decide_run: decide()/skip() one item at a time."""
     thr, why = [], []
     for i, u in enumerate(utilities):
         d = (draft.skip(float(u), "skip:quota") if blocked is not None and blocked[i]
-             else draft.decide(float(u)))
+             else draft.decide(float(u), tail))
         thr.append(d.threshold)
         why.append(d.reason)
         if d.accept:

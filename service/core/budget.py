@@ -11,7 +11,8 @@
 * **Warm-up**: until ``warmup_accepts`` items have been accepted (or fewer than ``min_history``
   utilities were seen), items are accepted at random with probability ``rate`` (cold start: the
   model's scores mean nothing before it has pairs).
-* **Random tail**: once ``random_after`` of the ``total`` budget is spent, items are accepted at
+* **Random tail**: once ``random_after`` of the ``total`` budget is spent (of a cost budget: the
+  selector's ledger says when, :meth:`BudgetDraft.decide_run`'s ``tail``), items are accepted at
   random whatever their utility (``accept:random_tail`` / ``skip:random_tail``), with probability
   ``rate``, or ``2·rate`` while the spend is behind the pacing baseline by more than ``slack``
   (the catch-up rule's counterpart). Utility-driven selection pays at low budgets and costs at
@@ -72,7 +73,8 @@ class BudgetConfig:
         Items of spend the pacing gate tolerates ahead of / behind the expected spend.
     random_after : float or None
         Share of ``total`` in (0, 1] after which accepts are random (the random tail); None: the
-        utility decides to the end. Needs ``total``: without one there is no share to reach.
+        utility decides to the end. Needs ``total`` (or a cost budget, whose selector says when
+        the share is spent: ``BudgetDraft.decide_run(tail=...)``); unlimited: no tail.
     """
 
     total: int | None = None
@@ -151,16 +153,17 @@ class BudgetDraft:
         self._thr = ctl.threshold()
         self._thr_lo = ctl.catch_up_threshold()
 
-    def decide(self, utility: float) -> BudgetDecision:
-        """Decide one item with utility ``utility`` (NaN is rejected).
+    def decide(self, utility: float, tail: bool | None = None) -> BudgetDecision:
+        """Decide one item with utility ``utility`` (NaN is rejected); ``tail`` as in
+        :meth:`decide_run`.
 
         A run of one item of :meth:`decide_run`, the one implementation of the decision rule.
         """
-        _, accepted, thr, why = self._rule(np.array([utility], dtype=np.float64), None)
+        _, accepted, thr, why = self._rule(np.array([utility], dtype=np.float64), None, tail)
         return BudgetDecision(accepted, float(thr[0]), why[0])
 
-    def decide_run(self, utilities: np.ndarray, blocked: np.ndarray | None = None
-                   ) -> tuple[int, bool, np.ndarray, list[Reason]]:
+    def decide_run(self, utilities: np.ndarray, blocked: np.ndarray | None = None,
+                   tail: bool | None = None) -> tuple[int, bool, np.ndarray, list[Reason]]:
         """Decide items in order up to and including the first accept, vectorised.
 
         The one implementation of the decision rule (:meth:`decide` is a run of one item):
@@ -175,6 +178,10 @@ class BudgetDraft:
             Utilities of the remaining items, in arrival order.
         blocked : ndarray of bool, shape (n,), optional
             Items vetoed by a rule outside the budget (a modality quota): ``skip:quota``.
+        tail : bool, optional
+            Whether the random tail applies, for a budget the controller does not hold (a cost
+            budget: the selector's ledger knows when ``random_after`` of it is spent); None:
+            the controller's own rule (``random_after · total`` acquisitions spent).
 
         Returns
         -------
@@ -182,9 +189,10 @@ class BudgetDraft:
             ``decided`` items were consumed (the accept is the last of them when ``accepted``);
             ``thresholds`` (decided,) and ``reasons`` are theirs.
         """
-        return self._rule(utilities, blocked)
+        return self._rule(utilities, blocked, tail)
 
-    def _rule(self, utilities, blocked) -> tuple[int, bool, np.ndarray, list[Reason]]:
+    def _rule(self, utilities, blocked, tail_override=None
+              ) -> tuple[int, bool, np.ndarray, list[Reason]]:
         """The decision rule (see :meth:`decide_run`); both entry points call only this."""
         util = np.asarray(utilities, dtype=np.float64)
         n = len(util)
@@ -202,7 +210,8 @@ class BudgetDraft:
         open_ = ~blocked & ((self.own_spent - expected) <= cfg.slack)  # not quota, not pacing
         if cfg.total is not None and self.spent >= cfg.total:
             open_[:] = False
-        tail = self._tail_from is not None and self.spent >= self._tail_from
+        tail = (self._tail_from is not None and self.spent >= self._tail_from
+                if tail_override is None else bool(tail_override))
         warm = self.spent < cfg.warmup_accepts or math.isnan(thr)
         behind = expected - self.own_spent > cfg.slack
         catch = behind & (not math.isnan(thr_lo))

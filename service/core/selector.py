@@ -252,6 +252,11 @@ class StreamingSelector:
         reasons: list[str] = []
         cost = np.zeros(n)  # what each accept spends in cost units (budget_unit "cost")
         pending = 0.0
+        # a cost budget's random tail: from random_after of cost_total spent (the ledger's
+        # spend, other workers' included, plus this batch's accepts so far)
+        share = self.budget.config.random_after
+        tail_from = (share * self.costs.total if by_cost and share is not None
+                     and self.costs.total is not None else None)
         i = 0
         while i < n:
             # Decide up to the next accept in one vectorised step (between two accepts nothing
@@ -263,7 +268,8 @@ class StreamingSelector:
                 fits = np.array([self.costs.affordable(m, pending) for m in self.modalities])
                 broke = ~fits[mod_idx[i:]] & ~blocked
                 blocked = blocked | broke
-            k, acc, thr, why = draft.decide_run(u_all[i:], blocked)
+            tail = None if tail_from is None else self.costs.spent + pending >= tail_from
+            k, acc, thr, why = draft.decide_run(u_all[i:], blocked, tail)
             if broke is not None and broke[:k].any():
                 why = [Reason.SKIP_BUDGET_EXHAUSTED if b else w
                        for w, b in zip(why, broke[:k].tolist(), strict=True)]

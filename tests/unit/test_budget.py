@@ -171,9 +171,10 @@ def test_target_rate_one_accepts_everything_within_the_budget():
        warm=st.integers(0, 6), slack=st.sampled_from([0.0, 1.0, 8.0]),
        batches=st.lists(st.integers(1, 30), min_size=1, max_size=12),
        p_block=st.sampled_from([0.0, 0.3]), drift=st.floats(-0.5, 0.5),
-       tail=st.sampled_from([None, 0.2, 0.5, 1.0]))
+       tail=st.sampled_from([None, 0.2, 0.5, 1.0]), forced=st.sampled_from([None, True, False]))
 def test_vectorised_runs_decide_exactly_like_item_by_item(seed, total, rate, explore, warm, slack,
-                                                          batches, p_block, drift, tail):
+                                                          batches, p_block, drift, tail, forced):
+    """``forced``: the tail as a cost budget's selector sets it (decide_run's ``tail``)."""
     cfg = BudgetConfig(total=total, target_rate=rate, explore=explore, warmup_accepts=warm,
                        min_history=4, window=16, slack=slack, random_after=tail)
     fast, slow = BudgetController(cfg, seed=seed), BudgetController(cfg, seed=seed)
@@ -182,7 +183,8 @@ def test_vectorised_runs_decide_exactly_like_item_by_item(seed, total, rate, exp
         util = rng.normal(size=n) + drift * bi  # drifting utilities exercise pacing / catch-up
         blocked = rng.random(n) < p_block
         out = []
-        for ctl, run in ((fast, lambda d, u, b: d.decide_run(u, b)), (slow, scalar_decide_run)):
+        for ctl, run in ((fast, lambda d, u, b: d.decide_run(u, b, forced)),
+                         (slow, lambda d, u, b: scalar_decide_run(d, u, b, forced))):
             draft, i, res = ctl.begin(n), 0, []
             while i < n:
                 k, acc, thr, why = run(draft, util[i:], blocked[i:])

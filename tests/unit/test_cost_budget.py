@@ -104,3 +104,38 @@ def test_budget_unit_is_checked():
         SelectorConfig(budget_unit="euros")
     with pytest.raises(ValueError, match="set budget_unit='cost'"):
         SelectorConfig(cost_total=5.0)
+
+
+def test_a_cost_budget_has_its_random_tail_from_its_share_of_the_cost():
+    """``random_after`` applies to a cost budget too: the selector's ledger says when that share
+    of ``cost_total`` is spent (this batch's accepts included), and from there on every
+    decision is the random tail's. Without the share, none is."""
+    def run(random_after):
+        _, _, model = data_and_model()
+        cfg = SelectorConfig(index_size=64, cache_capacity=64, budget_unit="cost",
+                             cost_total=40.0,
+                             budget=BudgetConfig(total=None, target_rate=0.3, warmup_accepts=0,
+                                                 explore=0.0, min_history=8, window=64,
+                                                 random_after=random_after))
+        sel = StreamingSelector(copy.deepcopy(model), cfg, seed=0, device="cpu")
+        sel.observe_cost("image", 3.0)  # expected image cost (1 + 3) / 2 = 2, text 1
+        out = []  # (cost spent before the decision, reason)
+        for lo in range(0, 400, 20):
+            p = sel.propose(_items(lo, lo + 20))
+            spent = sel.costs.spent
+            for d in p.decisions:
+                out.append((spent, d.reason.code))
+                spent += d.cost
+            sel.commit(p)
+        return out, sel.costs.spent
+
+    tailed, spent = run(0.5)
+    assert spent <= 40.0
+    before = {code for s, code in tailed if s < 20.0}
+    after = {code for s, code in tailed if s >= 20.0}
+    assert "random_tail" not in before and "utility" in before
+    assert "random_tail" in after and after <= {"random_tail", "pacing", "budget_exhausted"}
+    plain, _ = run(None)
+    assert "random_tail" not in {code for _, code in plain}
+    first = next(i for i, (_, code) in enumerate(tailed) if code == "random_tail")
+    assert first > 20 and plain[:first] == tailed[:first]  # the same until the tail begins
