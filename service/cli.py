@@ -234,14 +234,16 @@ def _deployment_arguments(p: argparse.ArgumentParser) -> None:
 
 def _share_or_off(raw: str) -> float | None:
     """``--random-after``: a share in (0, 1], or ``off`` (None: utility to the end)."""
+    from service.core.budget import check_random_after
+
     if raw.strip().lower() in ("off", "none"):
         return None
     try:
         share = float(raw)
+        check_random_after(share)
     except ValueError:
-        share = float("nan")
-    if not 0.0 < share <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or 'off', got {raw!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a share in (0, 1] or 'off', got {raw!r}") from None
     return share
 
 

@@ -51,6 +51,12 @@ TUNED_WARMUP_ACCEPTS = 50
 TUNED_RANDOM_AFTER = 1 / 3
 
 
+def check_random_after(value: float | None) -> None:
+    """Raise ``ValueError`` (echoing ``value``) unless it is a share in (0, 1] or None."""
+    if value is not None and not 0.0 < value <= 1.0:  # NaN fails too
+        raise ValueError(f"random_after must be in (0, 1] or None, got {value!r}")
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
     """Settings of :class:`BudgetController`.
@@ -97,8 +103,7 @@ class BudgetConfig:
                              f"got {self.window}, {self.min_history}")
         if self.warmup_accepts < 0 or self.slack < 0:
             raise ValueError("warmup_accepts and slack must be >= 0")
-        if self.random_after is not None and not 0.0 < self.random_after <= 1.0:
-            raise ValueError(f"random_after must be in (0, 1] or None, got {self.random_after!r}")
+        check_random_after(self.random_after)
 
     @property
     def random_tail_from(self) -> int | None:

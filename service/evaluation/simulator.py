@@ -34,7 +34,12 @@ import numpy as np
 
 from service.alignment import AlignmentTrainer, TrainerConfig, retrieval_recall
 from service.core.acquisition import AcquisitionConfig
-from service.core.budget import TUNED_RANDOM_AFTER, TUNED_WARMUP_ACCEPTS, BudgetConfig
+from service.core.budget import (
+    TUNED_RANDOM_AFTER,
+    TUNED_WARMUP_ACCEPTS,
+    BudgetConfig,
+    check_random_after,
+)
 from service.core.pool import DEFAULT_STRATEGY as POOL_DEFAULT
 from service.core.pool import STRATEGIES as POOL_BASELINES
 from service.core.pool.base import PoolState
@@ -78,6 +83,10 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
             acquisition=AcquisitionConfig(uncertainty_weight=uw, diversity_weight=dw,
                                           coverage_weight=cw, normalization=norm, quotas=quotas,
                                           typicality_weight=tw))
+
+    def no_tail(b: BudgetConfig) -> SelectorConfig:
+        return SelectorConfig(budget=replace(b, random_after=None))
+
     return {
         "random": None,
         # the service's own defaults (SelectorConfig, AcquisitionConfig), so the benchmarked
@@ -123,13 +132,12 @@ def _stream_configs() -> dict[str, Callable[[BudgetConfig], SelectorConfig] | No
             budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.3)),
         "coverage-0.6": lambda b: SelectorConfig(
             budget=b, acquisition=replace(AcquisitionConfig(), coverage_weight=0.6)),
+        # round 8: the default without its random tail (the stream default up to round 7)
+        "default-no-random-tail": no_tail,
         # round 7: the default until a share of the budget is spent, random after it
         # (_STREAM_SWITCH_TO_RANDOM, in the simulator; [TypiClust]: typical items suit low
         # budgets only). The core's own random tail is off in them, so they run as in round 7.
-        **{name: (lambda b: SelectorConfig(budget=replace(b, random_after=None)))
-           for name in _STREAM_SWITCH_TO_RANDOM},
-        # round 8: the default without its random tail (the stream default up to round 7)
-        "default-no-random-tail": lambda b: SelectorConfig(budget=replace(b, random_after=None)),
+        **{name: no_tail for name in _STREAM_SWITCH_TO_RANDOM},
     }
 
 
@@ -191,8 +199,7 @@ class SimConfig:
                              f"{self.stream_unpaired!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if self.random_after is not None and not 0.0 < self.random_after <= 1.0:
-            raise ValueError(f"random_after must be in (0, 1] or None, got {self.random_after!r}")
+        check_random_after(self.random_after)
         if self.learner not in ("pairsieve", "ridge-baseline"):
             raise ValueError(f"learner must be 'pairsieve' or 'ridge-baseline', got "
                              f"{self.learner!r}")
